@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
@@ -92,7 +93,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     try:
         dcp.load(target, checkpoint_id=str(path / "model_and_optim"))
         rng = torch.load(path / f"rng_rank{dist_info.rank}.pt", weights_only=False)
-    except Exception as err:  # DCP raises CheckpointException / RuntimeError / pickle errors on damage
+    except (Exception, CheckpointException) as err:  # CheckpointException derives from BaseException
         text = str(err).strip().splitlines()
         raise CheckpointError(f"checkpoint {path} is corrupt: {text[0] if text else type(err).__name__}") from None
     set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"])

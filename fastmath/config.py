@@ -256,13 +256,13 @@ def to_dict(config: Config) -> dict:
 def help_text() -> str:
     """Every field as `section.key (type, default): help`, for `train.py --help`."""
     lines = []
-    for section in dataclasses.fields(Config):
-        lines.append(f"{section.name}:")
-        hints = typing.get_type_hints(section.type)
-        for f in dataclasses.fields(section.type):
+    for name, section_type in typing.get_type_hints(Config).items():
+        lines.append(f"{name}:")
+        hints = typing.get_type_hints(section_type)
+        for f in dataclasses.fields(section_type):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             type_name = getattr(hints[f.name], "__name__", str(hints[f.name]))
             choices = f.metadata.get("choices")
             extra = f" one of {list(choices)}." if choices else ""
-            lines.append(f"  {section.name}.{f.name} ({type_name}, default {default!r}): {f.metadata['help']}{extra}")
+            lines.append(f"  {name}.{f.name} ({type_name}, default {default!r}): {f.metadata['help']}{extra}")
     return "\n".join(lines)

@@ -94,6 +94,26 @@ def batch_for(plan: StepPlan, row: list[int] | None, pad_id: int) -> PackedBatch
     return collate_packed([(plan.docs[i].input_ids, plan.docs[i].loss_mask) for i in row])
 
 
+def accumulate_gradients(model, batches: list[PackedBatch], global_loss_tokens: int, world_size: int,
+                         device: torch.device, autocast) -> torch.Tensor:
+    """Backward over this rank's micro-batches; returns their summed (unscaled) loss as a float64 tensor.
+
+    Each micro-batch's summed loss is scaled by world_size / global_loss_tokens: FSDP averages the
+    ranks' gradients, so the result is d(sum of all token losses of the step / their count). FSDP's
+    gradient reduction runs only after the last micro-batch.
+    """
+    fsdp = hasattr(model, "set_requires_gradient_sync")
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for micro, batch in enumerate(batches):
+        if fsdp:
+            model.set_requires_gradient_sync(micro == len(batches) - 1)
+        with autocast():
+            loss = model(batch.to(device))
+        (loss * (world_size / global_loss_tokens)).backward()
+        loss_sum += loss.detach().double()
+    return loss_sum
+
+
 @torch.no_grad()
 def validation_loss(model, docs: list[Document], budget: int, dist_info: DistInfo, pad_id: int, autocast) -> float:
     """Token-weighted mean loss over all validation documents, split across ranks."""
@@ -244,7 +264,6 @@ def run_sft(config: Config, dist_info: DistInfo) -> dict:
 
     # 6. The loop ----------------------------------------------------------------------------------------
     bar = tqdm(total=plan.total_steps, initial=start_step, desc="sft", disable=not main, dynamic_ncols=True)
-    fsdp = dist_info.world_size > 1
     last_val = before["val_loss"]
     step = start_step
     for step in range(start_step, plan.total_steps):
@@ -257,20 +276,11 @@ def run_sft(config: Config, dist_info: DistInfo) -> dict:
         started = time.perf_counter()
 
         # Micro-steps: each row's summed loss, scaled so the step's gradient is the global token mean.
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        real_tokens, used_rows, doc_lengths = 0, 0, []
-        for micro, row in enumerate(my_rows):
-            batch = batch_for(plan, row, tokenizer.pad_token_id).to(device)
-            if fsdp:
-                model.set_requires_gradient_sync(micro == len(my_rows) - 1)
-            with autocast():
-                loss = model(batch)
-            (loss * (dist_info.world_size / global_loss_tokens)).backward()
-            loss_sum += loss.detach().double()
-            if row is not None:
-                real_tokens += batch.num_tokens
-                used_rows += 1
-                doc_lengths.extend(batch.doc_lengths)
+        batches = [batch_for(plan, row, tokenizer.pad_token_id) for row in my_rows]
+        loss_sum = accumulate_gradients(model, batches, global_loss_tokens, dist_info.world_size, device, autocast)
+        real = [b for b, row in zip(batches, my_rows) if row is not None]
+        real_tokens, used_rows = sum(b.num_tokens for b in real), len(real)
+        doc_lengths = [n for b in real for n in b.doc_lengths]
 
         # Clip, step.
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.sft.grad_clip or float("inf"))

@@ -1,0 +1,81 @@
+"""Config loading: defaults, YAML, overrides, and one clear error per mistake."""
+import subprocess
+import sys
+
+import pytest
+
+from fastmath.config import Config, help_text, load_config
+from fastmath.errors import ConfigError
+from tests.conftest import REPO, subprocess_env
+
+
+def test_defaults_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run:\n  name: x\nsft:\n  lr: 1.0e-4\n  epochs: 3\n")
+    config = load_config(path, ["sft.epochs=5", "data.overlong=truncate", "run.stages=[sft]", "sft.lr=2e-5"])
+    assert isinstance(config, Config)
+    assert config.run.name == "x"
+    assert config.sft.epochs == 5
+    assert config.sft.lr == 2e-5  # YAML 1.1 reads 2e-5 as a string; it must still become a float
+    assert config.data.overlong == "truncate"
+    assert config.run.stages == ["sft"]
+    assert config.model.name_or_path == "embedded"
+
+
+@pytest.mark.parametrize("text, overrides, message", [
+    ("sft:\n  lrr: 1\n", [], "unknown config key 'sft.lrr'"),
+    ("sftt:\n  lr: 1\n", [], "unknown config key 'sftt'"),
+    ("sft:\n  epochs: three\n", [], "config key 'sft.epochs' expects int"),
+    ("sft:\n  epochs: 2.5\n", [], "config key 'sft.epochs' expects int"),
+    ("model:\n  compile: 1\n", [], "config key 'model.compile' expects bool"),
+    ("", ["data.overlong=cut"], "config key 'data.overlong': 'cut' is not one of"),
+    ("", ["sft.epochs=0"], "config key 'sft.epochs' must be > 0"),
+    ("", ["sft"], "must look like key.sub=value"),
+    ("", ["sft.lr.x=1"], "config key 'sft.lr' expects float"),
+    ("", ["run.name=y", "run.name.x=1"], "'name' is not a section"),
+    ("", ["data.max_length=9000", "sft.tokens_per_micro_batch=4096"], "exceeds 'sft.tokens_per_micro_batch'"),
+    ("sft: 3\n", [], "'sft' must be a mapping"),
+    ("[1, 2]\n", [], "must hold a mapping"),
+    ("sft: {lr: [\n", [], "is not valid YAML"),
+])
+def test_config_errors_name_the_key(tmp_path, text, overrides, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_config(path, overrides)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_help_lists_every_field():
+    text = help_text()
+    for key in ("run.output_dir", "sft.tokens_per_micro_batch", "data.overlong", "model.name_or_path",
+                "eval.num_problems"):
+        assert key in text
+
+
+def test_shipped_configs_load():
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        load_config(path)
+
+
+def test_cli_config_typo_is_one_line_error(tmp_path):
+    """The entry point turns a user mistake into one line and exit status 2, no traceback."""
+    result = subprocess.run([sys.executable, str(REPO / "fastmath" / "train.py"), "--config",
+                             str(REPO / "configs" / "demo.yaml"), "sft.epoch=3"],
+                            capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "fastmath: error: unknown config key 'sft.epoch' (known in this section: " + result.stderr.split(
+            "known in this section: ")[1].strip()]
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_help_lists_fields():
+    result = subprocess.run([sys.executable, str(REPO / "fastmath" / "train.py"), "--help"],
+                            capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert result.returncode == 0
+    assert "sft.global_batch" in result.stdout

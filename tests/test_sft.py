@@ -1,0 +1,146 @@
+"""The SFT trainer end to end on the embedded default: packing, accumulation, resume, 2 processes, errors."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastmath.config import load_config
+from fastmath.data import Formatter, load_documents
+from fastmath.errors import CheckpointError, ModelError
+from fastmath.model import CausalLMWithLinearLoss, load_causal_lm
+from fastmath.packing import collate_packed
+from fastmath.sft import accumulate_gradients, lr_at, run_sft
+from tests.conftest import REPO, subprocess_env
+
+
+def _docs(assets, tokenizer, n):
+    docs, _ = load_documents(str(assets.data_dir / "train.jsonl"), "train", Formatter(tokenizer), max_rows=n)
+    return [(d.input_ids, d.loss_mask) for d in docs]
+
+
+def _tiny_run(tmp_path, embedded_cache, name, *overrides):
+    return [f"run.output_dir={tmp_path / name}", f"run.cache_dir={embedded_cache}", "data.max_rows=96",
+            "sft.tokens_per_micro_batch=512", "data.max_length=256", "sft.global_batch=2", "sft.epochs=1",
+            "sft.lr=2e-3", "sft.warmup_ratio=0.2", "eval.num_problems=0", "sft.log_every=1", *overrides]
+
+
+def _losses(path):
+    return {r["step"]: r["loss"] for r in map(json.loads, open(path)) if "loss" in r}
+
+
+def test_packed_row_loss_and_grads_equal_documents_alone(assets, tokenizer):
+    """No token attends across documents: the packed loss equals the per-document losses (SDPA, alone)."""
+    docs = _docs(assets, tokenizer, 3)
+    torch.manual_seed(0)
+    packed_model = CausalLMWithLinearLoss(load_causal_lm(str(assets.model_dir), "fastmath_varlen"))
+    alone_model = load_causal_lm(str(assets.model_dir), "sdpa")
+    packed_loss = packed_model(collate_packed(docs))
+    packed_loss.backward()
+
+    alone_loss = 0.0
+    for ids, mask in docs:
+        logits = alone_model(input_ids=torch.tensor([ids])).logits[0, :-1]
+        targets = torch.tensor([t if m else -100 for t, m in zip(ids[1:], mask[1:])])
+        alone_loss = alone_loss + F.cross_entropy(logits.float(), targets, reduction="sum")
+    alone_loss.backward()
+    torch.testing.assert_close(packed_loss, alone_loss, rtol=1e-5, atol=1e-4)
+    packed_grads = dict(packed_model.causal_lm.named_parameters())
+    for name, param in alone_model.named_parameters():
+        torch.testing.assert_close(packed_grads[name].grad, param.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_token_normalised_accumulation(assets, tokenizer):
+    """One micro-batch of ~2k tokens gives the same gradient as the same documents in two of ~1k."""
+    docs = _docs(assets, tokenizer, 40)
+    half = len(docs) // 2
+    whole, first, second = collate_packed(docs), collate_packed(docs[:half]), collate_packed(docs[half:])
+    assert first.num_loss_tokens != second.num_loss_tokens  # otherwise mean-of-means would also pass
+    n_tokens = whole.num_loss_tokens
+
+    def grads(batches):
+        torch.manual_seed(0)
+        model = CausalLMWithLinearLoss(load_causal_lm(str(assets.model_dir), "fastmath_varlen"))
+        no_autocast = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+        loss = accumulate_gradients(model, batches, n_tokens, 1, torch.device("cpu"), no_autocast)
+        return loss, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    loss_one, grads_one = grads([whole])
+    loss_two, grads_two = grads([first, second])
+    torch.testing.assert_close(loss_one, loss_two, rtol=1e-6, atol=1e-6)
+    for name in grads_one:
+        torch.testing.assert_close(grads_one[name], grads_two[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_lr_schedule_shape():
+    lrs = [lr_at(s, 100, 1.0, 0.1, 0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, embedded_cache, dist_info):
+    full = load_config(None, _tiny_run(tmp_path, embedded_cache, "full", "sft.max_steps=6", "sft.save_every=3",
+                                       "sft.keep_checkpoints=5", "data.validation="))
+    summary = run_sft(full, dist_info)
+    assert summary["steps"] == 6
+    reference = _losses(tmp_path / "full" / "metrics.jsonl")
+    assert sorted(reference) == [1, 2, 3, 4, 5, 6]
+
+    # A run that stopped right after its step-3 checkpoint, then restarts with resume=auto.
+    crashed = tmp_path / "crashed"
+    (crashed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step_00000003", crashed / "checkpoints" / "step_00000003")
+    (crashed / "checkpoints" / "step_00000006.tmp").mkdir()  # a save that died midway is ignored
+    resumed = load_config(None, _tiny_run(tmp_path, embedded_cache, "crashed", "sft.max_steps=6",
+                                          "sft.save_every=3", "data.validation="))
+    run_sft(resumed, dist_info)
+    again = _losses(crashed / "metrics.jsonl")
+    assert sorted(again) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert again[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-7)
+
+    # A resumed run with a different data order is refused, naming the key.
+    changed = load_config(None, _tiny_run(tmp_path, embedded_cache, "crashed", "sft.max_steps=6",
+                                          "data.validation=", "run.seed=1"))
+    with pytest.raises(CheckpointError, match="run.seed"):
+        run_sft(changed, dist_info)
+
+
+def test_corrupt_checkpoint_is_one_clear_error(tmp_path, embedded_cache, dist_info):
+    config = load_config(None, _tiny_run(tmp_path, embedded_cache, "run", "sft.max_steps=2", "data.validation="))
+    run_sft(config, dist_info)
+    step_dir = tmp_path / "run" / "checkpoints" / "step_00000002"
+    for shard in (step_dir / "model_and_optim").glob("*.distcp"):
+        shard.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="is corrupt"):
+        run_sft(config, dist_info)
+
+
+def test_missing_model_path(tmp_path, embedded_cache, dist_info):
+    config = load_config(None, _tiny_run(tmp_path, embedded_cache, "run", f"model.name_or_path={tmp_path}/nope"))
+    with pytest.raises(ModelError, match="model path not found"):
+        run_sft(config, dist_info)
+
+
+def test_two_processes_match_one(tmp_path, embedded_cache):
+    """torchrun with 2 CPU processes (FSDP2, gloo) follows the 1-process loss trajectory at the same global batch."""
+    losses = {}
+    for nproc in (1, 2):
+        overrides = _tiny_run(tmp_path, embedded_cache, f"np{nproc}", "sft.max_steps=4", "data.validation=")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(REPO / "fastmath" / "train.py"), *overrides]
+        result = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        losses[nproc] = _losses(tmp_path / f"np{nproc}" / "metrics.jsonl")
+    assert sorted(losses[1]) == sorted(losses[2]) == [1, 2, 3, 4]
+    for step in losses[1]:
+        assert losses[2][step] == pytest.approx(losses[1][step], rel=1e-4)
+    # The 2-process export loads in plain transformers and gives the same weights as the 1-process one.
+    one = load_causal_lm(str(tmp_path / "np1" / "hf"), "sdpa").state_dict()
+    two = load_causal_lm(str(tmp_path / "np2" / "hf"), "sdpa").state_dict()
+    for name in one:
+        torch.testing.assert_close(one[name], two[name], rtol=1e-3, atol=1e-5, msg=name)
