@@ -1,0 +1,177 @@
+"""kernels/hf.py: a packed row through a tiny HF model equals each document run alone with SDPA."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from transformers.masking_utils import create_causal_mask  # noqa: E402
+
+import kernels.hf  # noqa: E402
+from kernels.hf import ATTENTION_NAME  # noqa: E402
+
+LENGTHS = [5, 1, 9]
+VOCAB = 128
+MODELS = {
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "llama": (LlamaConfig, LlamaForCausalLM),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    kernels.hf.register()
+    kernels.hf.register()  # idempotent
+
+
+def assert_close(actual, expected, *, atol, rtol, name):
+    """Like torch.testing.assert_close, but the message gives max / mean difference and the first bad index."""
+    actual, expected = actual.double(), expected.double()
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    diff = (actual - expected).abs()
+    bad = diff > atol + rtol * expected.abs()
+    if bad.any():
+        first = tuple(bad.nonzero()[0].tolist())
+        pytest.fail(
+            f"{name}: max diff {diff.max():.3g}, mean diff {diff.mean():.3g}, {int(bad.sum())} bad of {diff.numel()}; "
+            f"first bad index {first}: {actual[first]:.6g} vs {expected[first]:.6g}"
+        )
+
+
+def tiny_models(name):
+    """The same random weights twice: one model on packed attention, one on SDPA (separate configs)."""
+    config_cls, model_cls = MODELS[name]
+    config = config_cls(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    packed = model_cls._from_config(copy.deepcopy(config), attn_implementation=ATTENTION_NAME, dtype=torch.float32)
+    sdpa = model_cls._from_config(copy.deepcopy(config), attn_implementation="sdpa", dtype=torch.float32)
+    sdpa.load_state_dict(packed.state_dict())
+    assert packed.config._attn_implementation == ATTENTION_NAME and sdpa.config._attn_implementation == "sdpa"
+    return packed, sdpa
+
+
+def packed_batch():
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, VOCAB, (sum(LENGTHS),), generator=gen)
+    position_ids = torch.cat([torch.arange(n) for n in LENGTHS])
+    cu = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
+    return ids, position_ids, cu
+
+
+def doc_loss(logits, ids):
+    """Mean next-token loss of one document (0 for a one-token document)."""
+    if ids.shape[0] < 2:
+        return logits.sum() * 0
+    return F.cross_entropy(logits[:-1], ids[1:])
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def run_packed(model, ids, position_ids, cu, with_cu_seqlens):
+    model.zero_grad()
+    kwargs = {}
+    if with_cu_seqlens:
+        kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(LENGTHS), max_length_k=max(LENGTHS))
+    logits = model(input_ids=ids[None], position_ids=position_ids[None], **kwargs).logits[0]
+    bounds = cu.tolist()
+    sum(doc_loss(logits[s:e], ids[s:e]) for s, e in zip(bounds[:-1], bounds[1:])).backward()
+    return logits.detach(), grads(model)
+
+
+def run_alone(model, ids, cu):
+    model.zero_grad()
+    bounds, logits, total = cu.tolist(), [], 0
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        doc_logits = model(input_ids=ids[s:e][None]).logits[0]
+        total = total + doc_loss(doc_logits, ids[s:e])
+        logits.append(doc_logits.detach())
+    total.backward()
+    return torch.cat(logits), grads(model)
+
+
+@pytest.mark.parametrize("with_cu_seqlens", [True, False], ids=["cu_seq_lens", "position_ids_only"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_packed_row_equals_documents_alone(name, with_cu_seqlens):
+    packed_model, sdpa_model = tiny_models(name)
+    ids, position_ids, cu = packed_batch()
+    logits, packed_grads = run_packed(packed_model, ids, position_ids, cu, with_cu_seqlens)
+    ref_logits, ref_grads = run_alone(sdpa_model, ids, cu)
+    assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5, name="logits")
+    assert packed_grads.keys() == ref_grads.keys()
+    for param in ref_grads:
+        assert_close(packed_grads[param], ref_grads[param], atol=1e-5, rtol=1e-4, name=f"grad {param}")
+
+
+def test_position_ids_derived_once_per_forward(monkeypatch):
+    packed_model, _ = tiny_models("qwen2")
+    ids, position_ids, cu = packed_batch()
+    derived = []
+    real = kernels.hf._derive_layout
+    monkeypatch.setattr(kernels.hf, "_derive_layout", lambda *a: derived.append(real(*a)) or derived[-1])
+    packed_model(input_ids=ids[None], position_ids=position_ids[None])
+    assert len(derived) == 1  # two layers, one derivation
+    cu_q, _, max_q, _ = derived[0]
+    assert cu_q.tolist() == cu.tolist() and max_q == max(LENGTHS)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_unpacked_batch_one_document_per_row(name):
+    packed_model, sdpa_model = tiny_models(name)
+    x = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, ref = packed_model(input_ids=x).logits, sdpa_model(input_ids=x).logits
+    assert_close(ours, ref, atol=1e-5, rtol=1e-5, name="logits")
+
+
+def test_padding_mask_and_generation():
+    """Left padding takes the unpad path; greedy decoding (queries shorter than keys) matches SDPA."""
+    packed_model, sdpa_model = tiny_models("qwen2")
+    x = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        ours = packed_model(input_ids=x, attention_mask=mask).logits
+        ref = sdpa_model(input_ids=x, attention_mask=mask).logits
+    assert_close(ours[mask.bool()], ref[mask.bool()], atol=1e-5, rtol=1e-5, name="padded logits")
+    assert torch.isfinite(ours).all()  # padding rows give zeros into o_proj, no NaN
+    settings = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(packed_model.generate(x, **settings), sdpa_model.generate(x, **settings))
+
+
+def test_mask_function_builds_no_dense_mask():
+    packed_model, _ = tiny_models("qwen2")
+    _, position_ids, _ = packed_batch()
+    embeds = torch.zeros(1, position_ids.shape[0], 64)
+    config = packed_model.config
+    assert create_causal_mask(config, embeds, None, None, position_ids=position_ids[None]) is None
+    ones = torch.ones(1, position_ids.shape[0], dtype=torch.long)
+    assert create_causal_mask(config, embeds, ones, None, position_ids=position_ids[None]) is None
+    padded = ones.clone()
+    padded[0, 0] = 0
+    mask = create_causal_mask(config, embeds, padded, None, position_ids=position_ids[None])
+    assert mask.shape == (1, position_ids.shape[0])  # the 2-D padding mask, not T x T
+
+
+def test_errors():
+    packed_model, _ = tiny_models("qwen2")
+    ids, position_ids, cu = packed_batch()
+    two_rows = torch.stack([ids, ids])
+    with pytest.raises(ValueError, match="batch size must be 1"):
+        packed_model(input_ids=two_rows, position_ids=position_ids.expand(2, -1), cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+    with pytest.raises(ValueError, match="patch"):
+        kernels.hf.patch(Qwen2ForCausalLM)
+
+
+def test_patch_switches_an_instantiated_model():
+    _, sdpa_model = tiny_models("llama")
+    assert kernels.hf.patch(sdpa_model) is sdpa_model
+    assert sdpa_model.config._attn_implementation == ATTENTION_NAME
