@@ -266,3 +266,17 @@ def help_text() -> str:
             extra = f" one of {list(choices)}." if choices else ""
             lines.append(f"  {name}.{f.name} ({type_name}, default {default!r}): {f.metadata['help']}{extra}")
     return "\n".join(lines)
+
+
+def reference_markdown() -> str:
+    """The README's config reference table (a test keeps the README in step with this)."""
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for name, section_type in typing.get_type_hints(Config).items():
+        hints = typing.get_type_hints(section_type)
+        for f in dataclasses.fields(section_type):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            type_name = getattr(hints[f.name], "__name__", str(hints[f.name]))
+            choices = f.metadata.get("choices")
+            meaning = f.metadata["help"] + (f" One of: {', '.join(map(str, choices))}." if choices else "")
+            rows.append(f"| `{name}.{f.name}` | {type_name} | `{default!r}` | {meaning.replace('|', '/')} |")
+    return "\n".join(rows)

@@ -104,7 +104,7 @@ def parallelize(wrapper: CausalLMWithLinearLoss, world_size: int, device: torch.
         causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if compile_layers:
         for layer in decoder_layers(causal_lm):
-            layer.compile()
+            layer.compile(dynamic=True)  # packed rows differ in length every step
     if world_size > 1:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

@@ -9,19 +9,23 @@ Every problem comes with two complete worked solutions in the recipe's reasoning
 Each step is one elementary operation written out in full, so a 1-2 M parameter model can compute
 every token from the few tokens right before it:
 
-| family       | problem (example)                                      | concise steps -> answer                         |
-|--------------|--------------------------------------------------------|-------------------------------------------------|
-| `arithmetic` | What is 47 + 38 - 6?                                   | 7+8=15 ; 4+3+1=8 ; 47+38=85 ; 85-6=79 -> 79     |
-| `linear`     | Solve for x: 3x + 5 = 26 (or 26 = 5 + 3x, 3x - 5 = 16) | 3x=26-5=21 ; x=21/3=7 -> 7                      |
-| `word`       | Tom has 12 apples and buys 7 more, then gives ...      | 12+7=19 ; 19-5=14 -> 14                         |
-|              | Ann has 4 bags with 3 coins in each bag. ...           | 4*3=12 -> 12                                    |
-|              | A bus travels 40 km per hour for 3 hours. ...          | 4*3=12 ; 40*3=120 -> 120                        |
-|              | Mia shares 6 pizzas equally among 4 friends. ...       | 6/4 ; gcd(6,4)=2 ; 6/2=3 ; 4/2=2 -> \\frac{3}{2} |
+| family       | problem (example)                                | concise steps -> answer                         |
+|--------------|--------------------------------------------------|-------------------------------------------------|
+| `arithmetic` | What is 47 + 38 - 6?                             | 7+8=15 ; 4+3+1=8 ; 47+38=85 ; 85-6=79 -> 79     |
+| `linear`     | Solve for x: 3x + 5 = 26  (or 26 = 5 + 3x, ...)  | 3x=26-5=21 ; x=21/3=7 -> 7                      |
+| `word`       | Tom has 12 apples and buys 7 more, then ...      | 12+7=19 ; 19-5=14 -> 14                         |
+|              | Ann has 4 bags with 3 coins in each bag. ...     | 4*3=12 -> 12                                    |
+|              | A bus travels 40 km per hour for 3 hours. ...    | 4*3=12 ; 40*3=120 -> 120                        |
+|              | Mia shares 6 pizzas equally among 4 friends. ... | 6/4 ; gcd(6,4)=2 ; 6/2=3 ; 4/2=2 -> \\frac{3}{2} |
 
-Numbers stay small (operands of one or two digits, answers below 200). Only the sharing template of
+Numbers stay small (operands of one or two digits, answers below 1,000). Only the sharing template of
 `word` gives fractions, written `\\frac{p}{q}` in lowest terms (an integer when q = 1).
 Mean characters (concise / verbose): arithmetic 67 / 124, linear 48 / 102, word 49 / 91. The smallest
 space is `linear` (about 5,000 distinct texts): make_splits handles n_train up to about 12,000.
+
+Learnable by the embedded model (fastmath.embedded, 1.7 M parameters, from scratch): plain SFT with AdamW
+lr 2e-3 (cosine), batch 64, 780 steps (3.9 M tokens) gave greedy test accuracy 94% arithmetic, 96% linear,
+90% word (apples 72%, the rest >= 94%); after 445 steps it was 28% / 54% / 54%.
 
 Determinism: everything is drawn from `random.Random` instances seeded with integers and the uid is a
 sha1 of the text, so the output is identical across processes, runs and `PYTHONHASHSEED` values.
@@ -128,7 +132,8 @@ def _word_coins(rng: random.Random) -> Problem:
     name, bags, coins = rng.choice(NAMES), rng.randint(2, 9), rng.randint(2, 9)
     text = f"{name} has {bags} bags with {coins} coins in each bag. How many coins does {name} have?"
     steps = [f"{bags}*{coins}={bags * coins}"]
-    checked = [*steps, f"check: {coins}*{bags}={bags * coins} ok", f"let me verify again: {bags * coins}/{bags}={coins} ok"]
+    checked = [*steps, f"check: {coins}*{bags}={bags * coins} ok",
+               f"let me verify again: {bags * coins}/{bags}={coins} ok"]
     return _problem("word", text, str(bags * coins), steps, checked)
 
 
@@ -235,6 +240,7 @@ def write_jsonl(rows: Iterable[dict], path: str | Path) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; give it the usual mode of a data file
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

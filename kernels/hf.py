@@ -122,6 +122,9 @@ def _check_supported(module, attention_mask, dropout, kwargs):
         raise ValueError(f"{ATTENTION_NAME}: pass either cu_seq_lens_q/k or a padding attention_mask, not both")
 
 
+# Document boundaries are data (cu_seqlens values), which torch.compile would specialise on and recompile
+# for every packed row; keep the attention call itself outside compiled graphs.
+@torch.compiler.disable
 def varlen_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
