@@ -7,9 +7,10 @@ the last token of one document never learns to predict the first token of the ne
 
 Placement is best-fit decreasing (BFD): documents in decreasing length, each into the open row with
 the least room that still fits it, else into a new row. BFD uses at most 11/9 OPT + 1 rows; on
-typical length distributions it fills rows to >95%. The epoch plan is a pure function of
-(lengths, budget, seed, epoch), so every rank computes the same plan without communication and a
-resumed run replays the same order.
+typical length distributions it fills rows to >95%. BFD runs per optimizer step over a random sample
+of documents (see `plan_epoch`), so steps stay random samples of the data. The epoch plan is a pure
+function of (lengths, budget, rows per step, seed, epoch), so every rank computes the same plan
+without communication and a resumed run replays the same order.
 """
 from __future__ import annotations
 
@@ -53,14 +54,35 @@ def best_fit_decreasing(lengths: list[int], capacity: int, order: list[int] | No
     return bins
 
 
-def plan_epoch(lengths: list[int], capacity: int, seed: int, epoch: int) -> list[list[int]]:
-    """The packed rows of one epoch: shuffle documents, pack with BFD, shuffle the rows."""
+def plan_epoch(lengths: list[int], capacity: int, rows_per_step: int, seed: int, epoch: int) -> list[list[list[int]]]:
+    """One epoch as optimizer steps, each a list of at most `rows_per_step` packed rows of document indices.
+
+    Documents are shuffled, then taken in that order into one step's window (up to rows_per_step *
+    capacity tokens) and packed there with BFD; documents that do not fit the step's rows go back to the
+    front of the queue for the next step. So every step trains on a uniform random sample of the data
+    and each row is still packed tightly. Plain BFD over the whole epoch would instead group documents of
+    similar length (often the same kind of example) into the same rows and steps, biasing each step's
+    gradient; with short documents that slows learning several-fold.
+    """
     rng = random.Random(seed * 1_000_003 + epoch)
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    bins = best_fit_decreasing(lengths, capacity, order)
-    rng.shuffle(bins)
-    return bins
+    queue = list(range(len(lengths)))
+    rng.shuffle(queue)
+    queue.reverse()  # pop() from the end takes documents in shuffled order
+    budget = rows_per_step * capacity
+    steps: list[list[list[int]]] = []
+    while queue:
+        window, total = [], 0
+        while queue and total + lengths[queue[-1]] <= budget:
+            total += lengths[queue[-1]]
+            window.append(queue.pop())
+        if not window:  # a single document longer than the whole step is an error BFD reports
+            window.append(queue.pop())
+        rows = best_fit_decreasing(lengths, capacity, window)
+        rows.sort(key=lambda row: -sum(lengths[i] for i in row))  # keep the fullest rows
+        overflow = {i for row in rows[rows_per_step:] for i in row}
+        queue.extend(i for i in reversed(window) if i in overflow)  # back in front, in shuffled order
+        steps.append(rows[:rows_per_step])
+    return steps
 
 
 @dataclass

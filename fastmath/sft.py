@@ -60,9 +60,7 @@ def plan_steps(docs: list[Document], budget: int, global_batch: int, epochs: int
     lengths = [len(d.input_ids) for d in docs]
     rows, epoch_of = [], []
     for epoch in range(epochs):
-        bins = plan_epoch(lengths, budget, seed, epoch)
-        for start in range(0, len(bins), global_batch):
-            step_rows = bins[start:start + global_batch]
+        for step_rows in plan_epoch(lengths, budget, global_batch, seed, epoch):
             rows.append(step_rows + [None] * (global_batch - len(step_rows)))
             epoch_of.append(epoch)
     if max_steps:

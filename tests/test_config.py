@@ -79,3 +79,10 @@ def test_cli_help_lists_fields():
                             capture_output=True, text=True, env=subprocess_env(), timeout=120)
     assert result.returncode == 0
     assert "sft.global_batch" in result.stdout
+
+
+def test_readme_config_reference_matches_the_code():
+    from fastmath.config import reference_markdown
+
+    assert reference_markdown() in (REPO / "README.md").read_text(encoding="utf-8"), \
+        "README's config reference is stale: paste fastmath.config.reference_markdown() into it"

@@ -92,3 +92,17 @@ def test_chat_messages_mask_every_assistant_turn(tokenizer):
     assert formatter.document({"messages": [{"role": "user", "content": "hi"}]}, report) is None
     assert formatter.document({"messages": "nope"}, report) is None
     assert sum(report.skipped.values()) == 2
+
+
+def test_parquet_and_json_array_sources(tmp_path, tokenizer):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"problem": "What is 2 + 3?", "solution": "<think> 2+3=5 </think> \\boxed{5}"},
+            {"problem": "What is 1 + 1?", "solution": None}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "rows.parquet")
+    docs, report = load_documents(str(tmp_path / "rows.parquet"), "train", Formatter(tokenizer))
+    assert len(docs) == 1 and report.skipped == {"missing field 'solution'": 1}
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    docs, report = load_documents(str(tmp_path / "rows.json"), "train", Formatter(tokenizer))
+    assert len(docs) == 1 and report.rows == 2

@@ -38,13 +38,38 @@ def test_bfd_rejects_an_item_larger_than_a_bin():
         raise AssertionError("expected ValueError")
 
 
+def _flat(steps):
+    return [i for step in steps for row in step for i in row]
+
+
 def test_epoch_plan_is_deterministic_and_changes_per_epoch():
     rng = random.Random(1)
     lengths = [rng.randint(5, 60) for _ in range(300)]
-    a0, a0_again, a1 = plan_epoch(lengths, 256, 7, 0), plan_epoch(lengths, 256, 7, 0), plan_epoch(lengths, 256, 7, 1)
+    a0, a0_again, a1 = plan_epoch(lengths, 256, 2, 7, 0), plan_epoch(lengths, 256, 2, 7, 0), plan_epoch(lengths, 256, 2, 7, 1)
     assert a0 == a0_again
     assert a0 != a1
-    assert sorted(i for b in a1 for i in b) == list(range(300))
+    assert sorted(_flat(a1)) == list(range(300))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 300), min_size=1, max_size=150), st.integers(1, 4), st.integers(0, 3))
+def test_epoch_plan_places_every_document_once(lengths, rows_per_step, seed):
+    steps = plan_epoch(lengths, 300, rows_per_step, seed, 0)
+    assert sorted(_flat(steps)) == list(range(len(lengths)))
+    assert all(1 <= len(step) <= rows_per_step for step in steps)
+    assert all(sum(lengths[i] for i in row) <= 300 for step in steps for row in step)
+
+
+def test_steps_are_random_samples_and_rows_stay_full():
+    """Two kinds of documents (short and long): every step mixes both, and rows are >95% full."""
+    lengths = [30] * 1000 + [90] * 1000
+    steps = plan_epoch(lengths, 2048, 2, 0, 0)
+    for step in steps[:-1]:
+        docs = [i for row in step for i in row]
+        short = sum(lengths[i] == 30 for i in docs)
+        assert 0.25 < short / len(docs) < 0.75
+    full_rows = [row for step in steps[:-1] for row in step]
+    assert sum(lengths[i] for row in full_rows for i in row) / (len(full_rows) * 2048) > 0.95
 
 
 def test_collate_restarts_positions_and_shifts_inside_documents():
