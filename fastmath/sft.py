@@ -30,7 +30,7 @@ from fastmath import checkpoint as ckpt
 from fastmath.config import Config, to_dict
 from fastmath.data import Document, Formatter, load_documents
 from fastmath.distributed import DistInfo, all_reduce_sum, barrier
-from fastmath.errors import CheckpointError, ConfigError
+from fastmath.errors import CheckpointError, ConfigError, FastmathError
 from fastmath.metrics import MetricsWriter, attention_dims, peak_flops, peak_memory_bytes, training_flops
 from fastmath.model import (CausalLMWithLinearLoss, count_parameters, load_causal_lm, load_tokenizer, parallelize,
                             resolve_model_path)
@@ -262,7 +262,6 @@ def run_sft(config: Config, dist_info: DistInfo) -> dict:
 
     # 6. The loop ----------------------------------------------------------------------------------------
     bar = tqdm(total=plan.total_steps, initial=start_step, desc="sft", disable=not main, dynamic_ncols=True)
-    last_val = before["val_loss"]
     step = start_step
     for step in range(start_step, plan.total_steps):
         lr = lr_at(step, plan.total_steps, config.sft.lr, config.sft.warmup_ratio, config.sft.min_lr_ratio)
@@ -304,17 +303,18 @@ def run_sft(config: Config, dist_info: DistInfo) -> dict:
             "packing_efficiency": tokens / max(1, rows_total * budget),
         }
         if not math.isfinite(step_loss):
-            raise FloatingPointError(f"loss became {step_loss} at step {step + 1}")
+            raise FastmathError(f"training diverged: the loss became {step_loss} at step {step + 1}; "
+                                f"try a lower sft.lr or sft.grad_clip")
 
         # Validation and checkpoints.
         done = step + 1
         if config.sft.eval_every and done % config.sft.eval_every == 0 and done < plan.total_steps:
-            last_val = record["val/loss"] = validation_loss(model, val_docs, budget, dist_info,
-                                                            tokenizer.pad_token_id, autocast)
+            record["val/loss"] = validation_loss(model, val_docs, budget, dist_info, tokenizer.pad_token_id,
+                                                 autocast)
         if config.sft.save_every and done % config.sft.save_every == 0 and done < plan.total_steps:
             ckpt.save_checkpoint(out_dir, done, tokens_seen, model, optimizer, to_dict(config), dist_info,
                                  config.sft.keep_checkpoints)
-        if done % config.sft.log_every == 0 or done == plan.total_steps:
+        if done % config.sft.log_every == 0 or done == plan.total_steps or "val/loss" in record:
             metrics.write(record)
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
