@@ -2,39 +2,512 @@
 
 Several documents are concatenated along the token axis; `cu_seqlens` (int32, [n_docs + 1], starting
 at 0, non-decreasing, ending at the token count) marks where each document starts. Tokens attend only
-within their own document:
+within their own document. Per document and query head h (kv head g = h // (Hq // Hkv)):
 
-    out[t] = softmax(scale * q[t] @ k[doc(t)].T + mask) @ v[doc(t)]        scale = softmax_scale or D**-0.5
+    x_ij   = scale * q_i . k_j                                     scale = softmax_scale or D**-0.5
+    s_ij   = softcap * tanh(x_ij / softcap)  if softcap > 0, else x_ij
+    lse_i  = log sum_{j visible from i} exp(s_ij)
+    out_i  = sum_{j visible from i} exp(s_ij - lse_i) v_j
+
+Which keys a query sees (flash-attn's conventions, aligned bottom-right when seqlen_q != seqlen_k):
+with shift = seqlen_k - seqlen_q and window_size = (left, right), query i sees key j iff
+    j >= i + shift - left     (when left >= 0)       and      j <= i + shift + right     (when right >= 0),
+where causal=True means right = 0 (a `right` passed with causal=True is ignored, as flash-attn does).
+Query rows that see no key (seqlen_q > seqlen_k under a causal mask, seqlen_k == 0, ...) output 0 and
+have lse = +inf (flash-attn's value; it makes exp(s - lse) = 0 in the backward).
 
 Shapes and dtypes:
-    q [total_q, Hq, D], k and v [total_k, Hkv, D], one floating dtype, one device; Hq % Hkv == 0.
-    GQA: query head h reads kv head h // (Hq // Hkv) (contiguous groups, as repeat_interleave).
-    Returns [total_q, Hq, D] in q's dtype.
-
-Causal masking is aligned bottom-right, flash-attn's convention (>= 2.1) when a document has
-seqlen_q != seqlen_k: query i of a document attends key j iff j <= i + seqlen_k - seqlen_q. Query rows
-that see no key (seqlen_q > seqlen_k, or seqlen_k == 0) output 0, as flash-attn does.
+    q [total_q, Hq, D], k and v [total_k, Hkv, D]: one floating dtype, one device; Hq % Hkv == 0 (GQA with
+    contiguous head groups, as repeat_interleave). The last dim must be contiguous on the Triton path (other
+    strides are free, so HF's (B, H, T, D) -> (T, H, D) views need no copy).
+    Returns out [total_q, Hq, D] in q's dtype, and with return_lse=True also lse [Hq, total_q] (natural log;
+    fp32, fp64 for fp64 inputs on the reference). Both are differentiable in q, k, v.
 
 Backends (`backend=`):
-    "reference": per-document loop over torch.nn.functional.scaled_dot_product_attention (the spec and
-                 the CPU path; autograd through it is the CPU backward).
-    "triton":    the Triton varlen flash-attention kernel. It lands in issue #3/#4; until then forcing it
-                 raises NotImplementedError.
-    "auto":      the rule of DESIGN.md: Triton for CUDA tensors, or for CPU tensors when
-                 TRITON_INTERPRET=1, reference otherwise. Until the Triton kernel lands, "auto" always
-                 takes the reference path.
+    "reference": a loop over documents: `scaled_dot_product_attention` per document, or, for softcap / lse,
+                 the same math written out (exact; memory seqlen_q * seqlen_k per head of one document).
+                 The spec, and the CPU path; autograd through it is the CPU backward.
+    "triton":    the Triton kernels below: fp16 / bf16 / fp32 on CUDA; fp16 / fp32 on CPU in Triton's
+                 interpreter, which needs TRITON_INTERPRET=1 set before triton and this module are imported
+                 (Triton interprets a function iff it is set when the function is decorated); its bf16 tl.dot
+                 is wrong (NOTES.md). Other inputs raise ValueError, CPU without the interpreter RuntimeError.
+    "auto":      the rule of DESIGN.md: Triton for CUDA tensors, and for CPU tensors while TRITON_INTERPRET=1
+                 is set; the reference for everything else and for the inputs the kernels do not take (fp64,
+                 bf16 under the interpreter).
 
-Paper: Dao, "FlashAttention-2" (2023), whose varlen interface this mirrors.
+The Triton path (FlashAttention-2). Forward: one program per (document, q head, block of BLOCK_M queries);
+it streams the document's keys in blocks of BLOCK_N with an online softmax (running max m, running sum l,
+fp32 accumulator rescaled by exp2(m_old - m_new)) and writes out and lse. Key blocks outside a query
+block's window are never visited (loop bounds, not masks); only blocks cut by the window edge or the
+document end are masked. Backward: delta_i = rowsum(dO_i * O_i) - dlse_i; a dK/dV kernel (one program per
+key block and kv head, looping over the group's q heads and their query blocks) and a dQ kernel (one
+program per query block, looping over key blocks). Every output element has one writer: deterministic,
+no atomics. The price is computing q.k and dO.v twice (once per backward kernel).
+
+FLOPs (flash-attn's count, used by bench/bench_attention.py): forward 4 * Hq * D * sum_docs(Lq * Lk), halved
+when causal with Lq == Lk; backward 2.5x forward. This backward does 3.5x forward (7 matmuls instead of 5)
+to stay atomic-free. HBM bytes: q, k, v, dO read, out/dq/dk/dv written, O(total * H * D); K/V blocks are
+re-read once per query block, mostly from L2, so long documents are compute-bound.
+
+Paper: Dao, "FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning" (2023).
 """
+
+import math
+import weakref
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 _BACKENDS = ("auto", "triton", "reference")
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LOG2E = math.log2(math.e)
+
+# Block sizes. Under the interpreter (CPU tests) one small config: multi-config autotuning needs a GPU
+# driver there, and small blocks keep the interpreted tests fast; BLOCK_M != BLOCK_N on purpose, so that
+# the tests cover unequal blocks. On a GPU, autotuned per head dim / mask kind / dtype (not per
+# max_seqlen, which changes every packed batch); configs that do not fit shared memory are skipped.
+# The candidates are those that compiled for sm_90 (Triton 3.6 and 3.9, bf16) without register spills at
+# head dim 64 and with the fewest at 128 (cuobjdump); which one wins is measured by the autotuner.
+if triton.knobs.runtime.interpret:
+    _FWD_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32})]
+    _DKDV_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16})]
+    _DQ_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32})]
+else:
+    _FWD_CONFIGS = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [(128, 64, 8, 3), (128, 32, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)]
+    ]
+    _DKDV_CONFIGS = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [
+            (32, 64, 8, 2), (64, 64, 8, 2), (32, 128, 8, 1), (64, 128, 8, 1), (32, 32, 4, 2), (16, 32, 4, 2)
+        ]  # fmt: skip
+    ]
+    _DQ_CONFIGS = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2), (128, 16, 8, 2)]
+    ]
+_TUNING_KEY = ["HEAD_DIM", "MASK_LOWER", "MASK_UPPER", "SOFTCAP"]  # the autotuner adds the dtypes
+_DELTA_BLOCK = 32  # tokens per program of the delta preprocess (a bandwidth-bound row reduction)
 
 
 # ----------------------------------------------------------------------------------------------------
-# PyTorch reference: exact, one SDPA call per document
+# Triton kernels: helpers
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_rows(base, idx, stride, n_valid, d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    """[len(idx), BLOCK_D] tile of rows `idx` (document positions) of one head; padding reads 0.
+
+    Rows >= n_valid are padding only when CHECK_ROWS; head-dim columns >= HEAD_DIM always are. The row
+    offset is int64: position * token stride passes 2**31 for long documents of wide rows.
+    """
+    ptrs = base + idx.to(tl.int64)[:, None] * stride + d[None, :]
+    if CHECK_ROWS:
+        if HEAD_DIM == BLOCK_D:
+            tile = tl.load(ptrs, mask=idx[:, None] < n_valid, other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=(idx[:, None] < n_valid) & (d[None, :] < HEAD_DIM), other=0.0)
+    else:
+        if HEAD_DIM == BLOCK_D:
+            tile = tl.load(ptrs)
+        else:
+            tile = tl.load(ptrs, mask=d[None, :] < HEAD_DIM, other=0.0)
+    return tile
+
+
+@triton.jit
+def _store_rows(base, idx, stride, n_valid, d, tile, HEAD_DIM: tl.constexpr):
+    ptrs = base + idx.to(tl.int64)[:, None] * stride + d[None, :]
+    tl.store(ptrs, tile.to(base.dtype.element_ty), mask=(idx[:, None] < n_valid) & (d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _scores(qk, qk_scale, softcap_scale, SOFTCAP: tl.constexpr):
+    """Scores in log2 units (s * log2(e)), and t = tanh(x / softcap) for the backward (qk when no softcap).
+
+    Without softcap qk_scale = scale * log2(e). With softcap qk_scale = scale / softcap and
+    softcap_scale = softcap * log2(e). tanh is written with exp2 (libdevice is unavailable in the
+    interpreter): tanh(|x|) = (1 - e) / (1 + e) with e = exp(-2|x|) <= 1, which cannot overflow.
+    """
+    if SOFTCAP:
+        x = qk * qk_scale
+        e = tl.exp2(-2.8853900817779268 * tl.abs(x))  # 2 * log2(e)
+        t = (1.0 - e) / (1.0 + e)
+        t = tl.where(x < 0, -t, t)
+        s = t * softcap_scale
+    else:
+        t = qk
+        s = qk * qk_scale
+    return s, t
+
+
+@triton.jit
+def _visible(q_idx, k_idx, len_k, shift, window_left, window_right, MASK_LOWER: tl.constexpr, MASK_UPPER: tl.constexpr):
+    """Broadcast q_idx / k_idx (document positions) to a bool tile: key in the document and in the window."""
+    diagonal = q_idx + shift  # the key aligned with each query (bottom-right alignment)
+    ok = k_idx < len_k
+    if MASK_UPPER:
+        ok = ok & (k_idx <= diagonal + window_right)
+    if MASK_LOWER:
+        ok = ok & (k_idx >= diagonal - window_left)
+    return ok
+
+
+@triton.jit
+def _split_range(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
+    """Cut [lo, hi) into blocks of BLOCK starting at lo: [lo, a) and [b, hi) need the mask; the blocks of
+    [a, b) lie inside [full_lo, full_hi), where nothing is masked. Returns (lo, a, b, hi), with hi raised
+    to lo when the range is empty."""
+    hi = tl.maximum(hi, lo)
+    a = tl.minimum(lo + (tl.maximum(full_lo - lo, 0) + BLOCK - 1) // BLOCK * BLOCK, hi)
+    b = a + tl.maximum(full_hi - a, 0) // BLOCK * BLOCK
+    return lo, a, b, hi
+
+
+@triton.jit
+def _key_range(m0, m1, len_k, shift, window_left, window_right, MASK_LOWER: tl.constexpr, MASK_UPPER: tl.constexpr):
+    """Keys seen by query rows m0..m1 (inclusive): [lo, hi); [full_lo, full_hi) is seen by every row."""
+    lo = 0
+    hi = len_k
+    full_lo = lo
+    full_hi = len_k
+    if MASK_LOWER:
+        lo = tl.maximum(m0 + shift - window_left, 0)
+        full_lo = tl.maximum(m1 + shift - window_left, 0)
+    if MASK_UPPER:
+        hi = tl.minimum(m1 + shift + window_right + 1, len_k)
+        full_hi = tl.minimum(m0 + shift + window_right + 1, len_k)
+    return lo, hi, full_lo, full_hi
+
+
+@triton.jit
+def _query_range(n0, n1, len_q, shift, window_left, window_right, MASK_LOWER: tl.constexpr, MASK_UPPER: tl.constexpr):
+    """Queries that see key rows n0..n1 (inclusive): [lo, hi); [full_lo, full_hi) sees every key.
+
+    Key j is visible from query i iff j - shift - right <= i (upper edge) and i <= j - shift + left (lower).
+    """
+    lo = 0
+    hi = len_q
+    full_lo = lo
+    full_hi = len_q
+    if MASK_UPPER:
+        lo = tl.maximum(n0 - shift - window_right, 0)
+        full_lo = tl.maximum(n1 - shift - window_right, 0)
+    if MASK_LOWER:
+        hi = tl.minimum(n1 - shift + window_left + 1, len_q)
+        full_hi = tl.minimum(n0 - shift + window_left + 1, len_q)
+    return lo, hi, full_lo, full_hi
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton kernels: forward
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=_TUNING_KEY)
+@triton.jit
+def _varlen_fwd_kernel(
+    # pointers: q/out [total_q, Hq, D], k/v [total_k, Hkv, D], lse [Hq, total_q] fp32, cu_seqlens int32
+    Q, K, V, O, LSE, CU_Q, CU_K,
+    # strides (token, head); the head-dim stride is 1
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lse,
+    # sizes and scalars
+    n_heads_q, group, qk_scale, softcap_scale, window_left, window_right,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_LOWER: tl.constexpr, MASK_UPPER: tl.constexpr,
+    SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Grid (n_docs * Hq, cdiv(max_seqlen_q, BLOCK_M)): out and lse of one query block of one head."""
+    # 1. Which document, head and query block. Heads of a document are neighbours in the grid so that a
+    #    GQA group reads its K/V from L2; the last query blocks (the longest causal rows) start first.
+    doc = tl.program_id(0) // n_heads_q
+    head = tl.program_id(0) % n_heads_q
+    m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+    start_q = tl.load(CU_Q + doc)
+    len_q = tl.load(CU_Q + doc + 1) - start_q
+    if m0 >= len_q:
+        return
+    start_k = tl.load(CU_K + doc)
+    len_k = tl.load(CU_K + doc + 1) - start_k
+    shift = len_k - len_q
+
+    # 2. Base pointers in int64 (token offset * stride passes 2**31 at a few M tokens), then the query tile.
+    q_base = Q + start_q.to(tl.int64) * stride_qt + head.to(tl.int64) * stride_qh
+    kv_head = (head // group).to(tl.int64)
+    k_base = K + start_k.to(tl.int64) * stride_kt + kv_head * stride_kh
+    v_base = V + start_k.to(tl.int64) * stride_vt + kv_head * stride_vh
+    rows = m0 + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    q = _load_rows(q_base, rows, stride_qt, len_q, d, HEAD_DIM, BLOCK_D, True)
+
+    # 3. Online softmax over the visible key blocks (blocks outside the window are never visited). Phases
+    #    0 and 2 are the blocks cut by a window edge or the document end (masked); phase 1 the blocks that
+    #    every row of the query block sees whole (no mask).
+    m1 = tl.minimum(m0 + BLOCK_M, len_q) - 1
+    lo, hi, full_lo, full_hi = _key_range(m0, m1, len_k, shift, window_left, window_right, MASK_LOWER, MASK_UPPER)
+    lo, a, b, hi = _split_range(lo, hi, full_lo, full_hi, BLOCK_N)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for phase in tl.static_range(3):
+        if phase == 0:
+            start, end = lo, a
+        elif phase == 1:
+            start, end = a, b
+        else:
+            start, end = b, hi
+        for start_n in range(start, end, BLOCK_N):
+            cols = start_n + tl.arange(0, BLOCK_N)
+            k = _load_rows(k_base, cols, stride_kt, len_k, d, HEAD_DIM, BLOCK_D, phase != 1)
+            s, _ = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), qk_scale, softcap_scale, SOFTCAP)
+            if phase != 1:
+                visible = _visible(rows[:, None], cols[None, :], len_k, shift, window_left, window_right,
+                                   MASK_LOWER, MASK_UPPER)  # fmt: skip
+                s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            if phase != 1:
+                # A row that has seen no key yet keeps m = -inf: subtract 0 there (-inf - -inf is nan).
+                m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+            else:
+                m_sub = m_new
+            p = tl.exp2(s - m_sub[:, None])
+            alpha = tl.exp2(m_i - m_sub)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = _load_rows(v_base, cols, stride_vt, len_k, d, HEAD_DIM, BLOCK_D, phase != 1)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+            m_i = m_new
+
+    # 4. Normalise. Rows that saw no key: out 0, lse +inf (flash-attn's convention).
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(seen, (m_i + tl.log2(l_safe)) / 1.4426950408889634, float("inf"))  # log2 -> natural log
+    o_base = O + start_q.to(tl.int64) * stride_ot + head.to(tl.int64) * stride_oh
+    _store_rows(o_base, rows, stride_ot, len_q, d, out, HEAD_DIM)
+    lse_base = LSE + head.to(tl.int64) * stride_lse + start_q
+    tl.store(lse_base + rows, lse, mask=rows < len_q)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton kernels: backward
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_delta_kernel(
+    O, DO, DLSE, DELTA,
+    stride_ot, stride_oh, stride_dot, stride_doh, stride_lse, total_q,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    """Grid (cdiv(total_q, BLOCK_T), Hq): delta[h, t] = sum_d dO[t, h, d] * O[t, h, d] - dlse[h, t], fp32.
+
+    delta_i is the dot product the softmax backward needs per row: dS_ij = P_ij (dP_ij - delta_i). A
+    gradient on lse adds P_ij dlse_i to dS_ij, hence the subtraction.
+    """
+    head = tl.program_id(1).to(tl.int64)
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    d = tl.arange(0, BLOCK_D)
+    o = _load_rows(O + head * stride_oh, t, stride_ot, total_q, d, HEAD_DIM, BLOCK_D, True)
+    do = _load_rows(DO + head * stride_doh, t, stride_dot, total_q, d, HEAD_DIM, BLOCK_D, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + head * stride_lse + t, mask=t < total_q, other=0.0)
+    tl.store(DELTA + head * stride_lse + t, delta, mask=t < total_q)
+
+
+@triton.jit
+def _dkdv_one_head(
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+    lo, a, b, hi, cols, d, len_q, len_k, shift, window_left, window_right, qk_scale, softcap_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASK_LOWER: tl.constexpr,
+    MASK_UPPER: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Add one q head's query blocks [lo, hi) to dK (unscaled) and dV; [a, b) needs no mask.
+
+    Transposed tiles ([keys, queries]) so that dK and dV come out as plain dot products:
+    P^T = exp2(S^T - lse), dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q.
+    Padding query rows read lse = +inf, so their P is 0.
+    """
+    for phase in tl.static_range(3):
+        if phase == 0:
+            start, end = lo, a
+        elif phase == 1:
+            start, end = a, b
+        else:
+            start, end = b, hi
+        for start_m in range(start, end, BLOCK_M):
+            rows = start_m + tl.arange(0, BLOCK_M)
+            q = _load_rows(q_base, rows, stride_qt, len_q, d, HEAD_DIM, BLOCK_D, phase != 1)
+            do = _load_rows(do_base, rows, stride_dot, len_q, d, HEAD_DIM, BLOCK_D, phase != 1)
+            if phase != 1:
+                lse = tl.load(lse_base + rows, mask=rows < len_q, other=float("inf"))
+                delta = tl.load(delta_base + rows, mask=rows < len_q, other=0.0)
+            else:
+                lse = tl.load(lse_base + rows)
+                delta = tl.load(delta_base + rows)
+            s_t, t_t = _scores(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION), qk_scale, softcap_scale, SOFTCAP)
+            p_t = tl.exp2(s_t - lse[None, :] * 1.4426950408889634)
+            if phase != 1:
+                visible = _visible(rows[None, :], cols[:, None], len_k, shift, window_left, window_right,
+                                   MASK_LOWER, MASK_UPPER)  # fmt: skip
+                p_t = tl.where(visible, p_t, 0.0)
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            if SOFTCAP:
+                ds_t = ds_t * (1.0 - t_t * t_t)  # d(softcap * tanh(x / softcap)) / dx
+            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.autotune(configs=_DKDV_CONFIGS, key=_TUNING_KEY)
+@triton.jit
+def _varlen_bwd_dkdv_kernel(
+    # pointers: q/do [total_q, Hq, D], k/v/dk/dv [total_k, Hkv, D], lse/delta [Hq, total_q] fp32
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
+    # strides (token, head); the head-dim stride is 1
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lse,
+    # sizes and scalars
+    n_heads_kv, group, softmax_scale, qk_scale, softcap_scale, window_left, window_right,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_LOWER: tl.constexpr, MASK_UPPER: tl.constexpr,
+    SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Grid (n_docs * Hkv, cdiv(max_seqlen_k, BLOCK_N)): dK and dV of one key block of one kv head.
+
+    The program sums over all q heads of the GQA group itself, so dK/dV need no atomics.
+    """
+    # 1. Which document, kv head and key block (early key blocks are seen by the most queries: first).
+    doc = tl.program_id(0) // n_heads_kv
+    kv_head = (tl.program_id(0) % n_heads_kv).to(tl.int64)
+    n0 = tl.program_id(1) * BLOCK_N
+    start_k = tl.load(CU_K + doc)
+    len_k = tl.load(CU_K + doc + 1) - start_k
+    if n0 >= len_k:
+        return
+    start_q = tl.load(CU_Q + doc)
+    len_q = tl.load(CU_Q + doc + 1) - start_q
+    shift = len_k - len_q
+
+    # 2. The key block stays in registers; the queries that see it, as masked edges and an unmasked middle.
+    cols = n0 + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    k_base = K + start_k.to(tl.int64) * stride_kt + kv_head * stride_kh
+    v_base = V + start_k.to(tl.int64) * stride_vt + kv_head * stride_vh
+    k = _load_rows(k_base, cols, stride_kt, len_k, d, HEAD_DIM, BLOCK_D, True)
+    v = _load_rows(v_base, cols, stride_vt, len_k, d, HEAD_DIM, BLOCK_D, True)
+    n1 = tl.minimum(n0 + BLOCK_N, len_k) - 1
+    lo, hi, full_lo, full_hi = _query_range(n0, n1, len_q, shift, window_left, window_right, MASK_LOWER, MASK_UPPER)
+    lo, a, b, hi = _split_range(lo, hi, full_lo, full_hi, BLOCK_M)
+
+    # 3. Sum over the group's q heads and their query blocks.
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for i in range(group):
+        head = kv_head * group + i
+        dk, dv = _dkdv_one_head(
+            dk, dv, k, v,
+            Q + start_q.to(tl.int64) * stride_qt + head * stride_qh,
+            DO + start_q.to(tl.int64) * stride_dot + head * stride_doh,
+            LSE + head * stride_lse + start_q, DELTA + head * stride_lse + start_q, stride_qt, stride_dot,
+            lo, a, b, hi, cols, d, len_q, len_k, shift, window_left, window_right, qk_scale, softcap_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_M, MASK_LOWER, MASK_UPPER, SOFTCAP, DOT_PRECISION,
+        )  # fmt: skip
+
+    # 4. dK = softmax_scale * dS^T Q (the scale of x = scale * q.k, applied once here).
+    dk_base = DK + start_k.to(tl.int64) * stride_dkt + kv_head * stride_dkh
+    dv_base = DV + start_k.to(tl.int64) * stride_dvt + kv_head * stride_dvh
+    _store_rows(dk_base, cols, stride_dkt, len_k, d, dk * softmax_scale, HEAD_DIM)
+    _store_rows(dv_base, cols, stride_dvt, len_k, d, dv, HEAD_DIM)
+
+
+@triton.autotune(configs=_DQ_CONFIGS, key=_TUNING_KEY)
+@triton.jit
+def _varlen_bwd_dq_kernel(
+    # pointers: q/do/dq [total_q, Hq, D], k/v [total_k, Hkv, D], lse/delta [Hq, total_q] fp32
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
+    # strides (token, head); the head-dim stride is 1
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dqt, stride_dqh, stride_lse,
+    # sizes and scalars
+    n_heads_q, group, softmax_scale, qk_scale, softcap_scale, window_left, window_right,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_LOWER: tl.constexpr, MASK_UPPER: tl.constexpr,
+    SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Grid (n_docs * Hq, cdiv(max_seqlen_q, BLOCK_M)): dQ of one query block of one head.
+
+    dQ = softmax_scale * sum over key blocks of dS K, with P = exp2(S - lse), dP = dO V^T,
+    dS = P (dP - delta); the same key blocks and phases as the forward.
+    """
+    # 1. Which document, head and query block (as in the forward).
+    doc = tl.program_id(0) // n_heads_q
+    head = tl.program_id(0) % n_heads_q
+    m0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+    start_q = tl.load(CU_Q + doc)
+    len_q = tl.load(CU_Q + doc + 1) - start_q
+    if m0 >= len_q:
+        return
+    start_k = tl.load(CU_K + doc)
+    len_k = tl.load(CU_K + doc + 1) - start_k
+    shift = len_k - len_q
+
+    # 2. The query block's q, dO, lse (log2 units; padding rows +inf, so P = 0) and delta.
+    head64 = head.to(tl.int64)
+    kv_head = (head // group).to(tl.int64)
+    k_base = K + start_k.to(tl.int64) * stride_kt + kv_head * stride_kh
+    v_base = V + start_k.to(tl.int64) * stride_vt + kv_head * stride_vh
+    rows = m0 + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    q_base = Q + start_q.to(tl.int64) * stride_qt + head64 * stride_qh
+    do_base = DO + start_q.to(tl.int64) * stride_dot + head64 * stride_doh
+    q = _load_rows(q_base, rows, stride_qt, len_q, d, HEAD_DIM, BLOCK_D, True)
+    do = _load_rows(do_base, rows, stride_dot, len_q, d, HEAD_DIM, BLOCK_D, True)
+    lse = tl.load(LSE + head64 * stride_lse + start_q + rows, mask=rows < len_q, other=float("inf"))
+    lse = lse * 1.4426950408889634
+    delta = tl.load(DELTA + head64 * stride_lse + start_q + rows, mask=rows < len_q, other=0.0)
+
+    # 3. The key blocks and phases of the forward.
+    m1 = tl.minimum(m0 + BLOCK_M, len_q) - 1
+    lo, hi, full_lo, full_hi = _key_range(m0, m1, len_k, shift, window_left, window_right, MASK_LOWER, MASK_UPPER)
+    lo, a, b, hi = _split_range(lo, hi, full_lo, full_hi, BLOCK_N)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for phase in tl.static_range(3):
+        if phase == 0:
+            start, end = lo, a
+        elif phase == 1:
+            start, end = a, b
+        else:
+            start, end = b, hi
+        for start_n in range(start, end, BLOCK_N):
+            cols = start_n + tl.arange(0, BLOCK_N)
+            k = _load_rows(k_base, cols, stride_kt, len_k, d, HEAD_DIM, BLOCK_D, phase != 1)
+            v = _load_rows(v_base, cols, stride_vt, len_k, d, HEAD_DIM, BLOCK_D, phase != 1)
+            s, t = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), qk_scale, softcap_scale, SOFTCAP)
+            p = tl.exp2(s - lse[:, None])
+            if phase != 1:
+                visible = _visible(rows[:, None], cols[None, :], len_k, shift, window_left, window_right,
+                                   MASK_LOWER, MASK_UPPER)  # fmt: skip
+                p = tl.where(visible, p, 0.0)
+            ds = p * (tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION) - delta[:, None])
+            if SOFTCAP:
+                ds = ds * (1.0 - t * t)
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+
+    # 4. dQ = softmax_scale * dS K.
+    dq_base = DQ + start_q.to(tl.int64) * stride_dqt + head64 * stride_dqh
+    _store_rows(dq_base, rows, stride_dqt, len_q, d, dq * softmax_scale, HEAD_DIM)
+
+
+# triton.jit interprets a function iff TRITON_INTERPRET=1 when it decorates it: Triton's own tl.max / tl.sum
+# when triton is first imported, the kernels above when this module is. CPU tensors need all of them interpreted.
+_INTERPRETED = all(type(f).__name__ == "InterpretedFunction" for f in (_varlen_fwd_kernel.fn, tl.max, tl.sum))
+
+
+# ----------------------------------------------------------------------------------------------------
+# PyTorch reference: exact, one document at a time
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -49,47 +522,91 @@ def varlen_attention_reference(
     *,
     softmax_scale: float | None = None,
     causal: bool = True,
-) -> torch.Tensor:
-    """Exact varlen attention: a loop over documents, each one `scaled_dot_product_attention` call.
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    return_lse: bool = False,
+):
+    """Exact varlen attention: a loop over documents (see the module docstring for the math).
 
     Same arguments and result as `varlen_attention`. Memory per document is seqlen_q * seqlen_k per
-    head (SDPA's own), never total_q * total_k. Empty documents are skipped.
+    head, never total_q * total_k. Empty documents are skipped.
     """
     bounds_q, bounds_k = _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    return _reference_attention(q, k, v, bounds_q, bounds_k, softmax_scale, causal)
+    window = _check_options(window_size, softcap, causal)
+    out, lse = _reference_attention(q, k, v, bounds_q, bounds_k, softmax_scale, window, softcap, return_lse)
+    return (out, lse) if return_lse else out
 
 
-def _reference_attention(q, k, v, bounds_q, bounds_k, softmax_scale, causal):
-    outs = []
+def _reference_attention(q, k, v, bounds_q, bounds_k, softmax_scale, window, softcap, return_lse):
+    """window = (left, right) with -1 for no edge (causal is right = 0). Returns (out, lse or None)."""
+    left, right = window
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    lse_dtype = torch.promote_types(q.dtype, torch.float32)
+    outs, lses = [], []
     for (start_q, end_q), (start_k, end_k) in zip(bounds_q, bounds_k):
         len_q, len_k = end_q - start_q, end_k - start_k
         if len_q == 0:
             continue
-        # 1. Query rows that see no key output 0 (bottom-right causal with len_q > len_k, or no keys).
-        if len_k == 0:
-            n_blind = len_q
-        else:
-            n_blind = max(0, len_q - len_k) if causal else 0
+        # 1. Rows that see no key output 0 (lse +inf): they are always a prefix, the rows whose window
+        #    ends before key 0 (i + len_k - len_q + right < 0), or all rows when there is no key.
+        shift = len_k - len_q
+        n_blind = len_q if len_k == 0 else (min(len_q, max(0, -(shift + right))) if right >= 0 else 0)
         if n_blind:
             outs.append(_zeros_in_graph(q[start_q : start_q + n_blind]))
+            lses.append(torch.full((q.shape[1], n_blind), math.inf, dtype=lse_dtype, device=q.device))
         if n_blind == len_q:
             continue
-        # 2. SDPA on the rest, [1, H, L, D]; the causal mask keeps its bottom-right alignment.
-        doc_q = q[start_q + n_blind : end_q].transpose(0, 1).unsqueeze(0)
-        doc_k = k[start_k:end_k].transpose(0, 1).unsqueeze(0)
-        doc_v = v[start_k:end_k].transpose(0, 1).unsqueeze(0)
-        rows = len_q - n_blind
-        mask, is_causal = None, causal
-        if causal and rows != len_k:
-            mask = torch.ones(rows, len_k, dtype=torch.bool, device=q.device).tril(diagonal=len_k - rows)
-            is_causal = False
-        out = F.scaled_dot_product_attention(
-            doc_q, doc_k, doc_v, attn_mask=mask, is_causal=is_causal, scale=softmax_scale, enable_gqa=True
-        )
-        outs.append(out.squeeze(0).transpose(0, 1))
-    if not outs:
-        return _zeros_in_graph(q)
-    return torch.cat(outs, dim=0)
+        # 2. The rest, [H, L, D] per document.
+        doc_q = q[start_q + n_blind : end_q].transpose(0, 1)
+        doc_k, doc_v = k[start_k:end_k].transpose(0, 1), v[start_k:end_k].transpose(0, 1)
+        if softcap == 0.0 and not return_lse:
+            # SDPA; square causal documents take its fused causal path (no mask tensor, ~1.3x faster on CPU).
+            square_causal = left < 0 and right == 0 and len_q == len_k
+            mask = None if square_causal else _window_mask(n_blind, len_q, len_k, left, right, q.device)
+            out = F.scaled_dot_product_attention(
+                doc_q[None], doc_k[None], doc_v[None], attn_mask=mask, is_causal=square_causal, scale=scale,
+                enable_gqa=True,
+            )[0]  # fmt: skip
+        else:
+            mask = _window_mask(n_blind, len_q, len_k, left, right, q.device)
+            out, lse = _attention_math(doc_q, doc_k, doc_v, mask, scale, softcap)
+            lses.append(lse)
+        outs.append(out.transpose(0, 1))
+    out = torch.cat(outs, dim=0) if outs else _zeros_in_graph(q)
+    if not return_lse:
+        return out, None
+    lse = torch.cat(lses, dim=1) if lses else torch.zeros(q.shape[1], 0, dtype=lse_dtype, device=q.device)
+    return out, lse
+
+
+def _window_mask(first_row, len_q, len_k, left, right, device):
+    """[len_q - first_row, len_k] bool mask of rows first_row.. of a document, or None when all is visible."""
+    if left < 0 and right < 0:
+        return None
+    rows = torch.arange(first_row, len_q, device=device)[:, None] + (len_k - len_q)  # each query's diagonal key
+    cols = torch.arange(len_k, device=device)[None, :]
+    mask = torch.ones(len_q - first_row, len_k, dtype=torch.bool, device=device)
+    if right >= 0:
+        mask &= cols <= rows + right
+    if left >= 0:
+        mask &= cols >= rows - left
+    return mask
+
+
+def _attention_math(q, k, v, mask, scale, softcap):
+    """Attention written out, [H, L, D] per document, in fp32 (fp64 for fp64): (out in q's dtype, lse)."""
+    compute = torch.promote_types(q.dtype, torch.float32)
+    groups = q.shape[0] // k.shape[0]
+    k = k.to(compute).repeat_interleave(groups, dim=0)
+    v = v.to(compute).repeat_interleave(groups, dim=0)
+    scores = (q.to(compute) @ k.transpose(1, 2)) * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, -math.inf)
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.exp(scores - lse[..., None]) @ v
+    return out.to(q.dtype), lse
 
 
 def _zeros_in_graph(x):
@@ -101,6 +618,11 @@ def _zeros_in_graph(x):
 # Input checks (shared by every path)
 # ----------------------------------------------------------------------------------------------------
 
+# Checked cu_seqlens, newest last: [(weakref, _version, total, max_seqlen, bounds)]. Every layer of a model
+# gets the same cu_seqlens tensor, so only the first pays for reading it on the host (a device sync).
+_checked_cu_seqlens: list = []
+_CHECKED_CACHE_SIZE = 4
+
 
 def _check_cu_seqlens(name, cu_seqlens, total, max_seqlen, max_name):
     """Validate one cu_seqlens / max_seqlen pair; return the documents as [(start, end), ...]."""
@@ -108,7 +630,13 @@ def _check_cu_seqlens(name, cu_seqlens, total, max_seqlen, max_name):
         raise ValueError(f"{name} must be a 1-D tensor [n_docs + 1], got {cu_seqlens!r:.80}")
     if cu_seqlens.dtype != torch.int32:
         raise ValueError(f"{name} must be int32 (flash-attn convention), got {cu_seqlens.dtype}")
-    offsets = cu_seqlens.tolist()  # one host sync; the reference needs the boundaries on the host anyway
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
+        raise ValueError(f"{max_name} must be an int, got {max_seqlen!r}")
+    for ref, version, checked_total, checked_max, bounds in _checked_cu_seqlens:
+        same_tensor = ref() is cu_seqlens and version == cu_seqlens._version
+        if same_tensor and (checked_total, checked_max) == (total, max_seqlen):
+            return bounds
+    offsets = cu_seqlens.tolist()  # the host sync
     if offsets[0] != 0:
         raise ValueError(f"{name}[0] must be 0, got {offsets[0]}")
     bounds = list(zip(offsets[:-1], offsets[1:]))
@@ -117,11 +645,11 @@ def _check_cu_seqlens(name, cu_seqlens, total, max_seqlen, max_name):
             raise ValueError(f"{name} must be non-decreasing, but {name}[{i + 1}] = {end} < {name}[{i}] = {start}")
     if offsets[-1] != total:
         raise ValueError(f"{name}[-1] ({offsets[-1]}) must equal the number of tokens ({total})")
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
-        raise ValueError(f"{max_name} must be an int, got {max_seqlen!r}")
     longest = max((end - start for start, end in bounds), default=0)
     if max_seqlen < longest:
         raise ValueError(f"{max_name} ({max_seqlen}) is smaller than the longest document in {name} ({longest})")
+    _checked_cu_seqlens.append((weakref.ref(cu_seqlens), cu_seqlens._version, total, max_seqlen, bounds))
+    del _checked_cu_seqlens[:-_CHECKED_CACHE_SIZE]
     return bounds
 
 
@@ -153,20 +681,163 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     return bounds_q, bounds_k
 
 
+def _check_options(window_size, softcap, causal):
+    """Validate window_size / softcap; return the window as (left, right), -1 = no edge, right = 0 if causal."""
+    if (
+        not isinstance(window_size, (tuple, list))
+        or len(window_size) != 2
+        or any(isinstance(w, bool) or not isinstance(w, int) or w < -1 for w in window_size)
+    ):
+        raise ValueError(f"window_size must be a pair of ints >= -1 (-1: unbounded), got {window_size!r}")
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap >= 0:
+        raise ValueError(f"softcap must be a float >= 0 (0: off), got {softcap!r}")
+    left, right = window_size
+    return left, 0 if causal else right
+
+
 # ----------------------------------------------------------------------------------------------------
-# Public function
+# Launchers
 # ----------------------------------------------------------------------------------------------------
 
 
-def _select_backend(backend: str) -> str:
+def _kernel_options(q, k, max_seqlen_q, max_seqlen_k, softmax_scale, window, softcap):
+    """Scalars and compile-time flags shared by the three attention kernels."""
+    head_dim = q.shape[2]
+    scale = head_dim**-0.5 if softmax_scale is None else float(softmax_scale)
+    left, right = window
+    # An edge no document reaches is no edge: drop it, which also keeps i + shift +/- window in int32.
+    left = -1 if left >= max_seqlen_k else left
+    right = -1 if right >= max_seqlen_q else right
+    return dict(
+        group=q.shape[1] // k.shape[1],
+        qk_scale=scale / softcap if softcap else scale * _LOG2E,
+        softcap_scale=softcap * _LOG2E,
+        window_left=max(left, 0),
+        window_right=max(right, 0),
+        HEAD_DIM=head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        MASK_LOWER=left >= 0,
+        MASK_UPPER=right >= 0,
+        SOFTCAP=bool(softcap),
+        # fp32 inputs get true fp32 products (tests, fp32 runs); tf32 would cost ~1e-3 relative error.
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+
+
+def _last_dim_contiguous(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _forward(q, k, v, cu_q, cu_k, max_seqlen_q, options):
+    """Launch the forward: (out [total_q, Hq, D] in q's dtype, lse [Hq, total_q] fp32)."""
+    total_q, n_heads_q, _ = q.shape
+    n_docs = cu_q.numel() - 1
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(n_heads_q, total_q, dtype=torch.float32, device=q.device)
+    if total_q == 0 or n_docs == 0:
+        return out, lse
+    grid = lambda meta: (n_docs * n_heads_q, triton.cdiv(max_seqlen_q, meta["BLOCK_M"]))  # noqa: E731
+    _varlen_fwd_kernel[grid](
+        q, k, v, out, lse, cu_q, cu_k,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1), lse.stride(0),
+        n_heads_q, **options,
+    )  # fmt: skip
+    return out, lse
+
+
+def _backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, softmax_scale, options):
+    """Launch delta, dK/dV and dQ: (dq, dk, dv) in the dtypes of q, k, v."""
+    total_q, n_heads_q, head_dim = q.shape
+    n_heads_kv = k.shape[1]
+    n_docs = cu_q.numel() - 1
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if n_docs == 0 or (total_q == 0 and k.shape[0] == 0):
+        return dq, dk, dv
+    scale = head_dim**-0.5 if softmax_scale is None else float(softmax_scale)
+
+    # 1. delta = rowsum(dO * O) - dlse, fp32 [Hq, total_q].
+    delta = torch.empty_like(lse)
+    if total_q:
+        _bwd_delta_kernel[(triton.cdiv(total_q, _DELTA_BLOCK), n_heads_q)](
+            out, dout, dlse if dlse is not None else lse, delta,
+            out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), lse.stride(0), total_q,
+            HEAD_DIM=head_dim, BLOCK_D=options["BLOCK_D"], HAS_DLSE=dlse is not None, BLOCK_T=_DELTA_BLOCK,
+        )  # fmt: skip
+    common = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
+    common += (dout.stride(0), dout.stride(1))
+
+    # 2. dK, dV: one program per key block and kv head.
+    grid = lambda meta: (n_docs * n_heads_kv, triton.cdiv(max_seqlen_k, meta["BLOCK_N"]))  # noqa: E731
+    if max_seqlen_k:
+        _varlen_bwd_dkdv_kernel[grid](
+            q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k,
+            *common, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0),
+            n_heads_kv, softmax_scale=scale, **options,
+        )  # fmt: skip
+
+    # 3. dQ: one program per query block and q head.
+    grid = lambda meta: (n_docs * n_heads_q, triton.cdiv(max_seqlen_q, meta["BLOCK_M"]))  # noqa: E731
+    if max_seqlen_q:
+        _varlen_bwd_dq_kernel[grid](
+            q, k, v, dout, lse, delta, dq, cu_q, cu_k,
+            *common, dq.stride(0), dq.stride(1), lse.stride(0),
+            n_heads_q, softmax_scale=scale, **options,
+        )  # fmt: skip
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------------
+# autograd.Function and the public function
+# ----------------------------------------------------------------------------------------------------
+
+
+class _VarlenAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, softmax_scale, options):
+        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        out, lse = _forward(q, k, v, cu_q, cu_k, max_seqlen_q, options)
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+        ctx.sizes = (max_seqlen_q, max_seqlen_k, softmax_scale, options)
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        max_seqlen_q, max_seqlen_k, softmax_scale, options = ctx.sizes
+        dout = torch.zeros_like(out) if dout is None else _last_dim_contiguous(dout)
+        dlse = None if dlse is None else dlse.float().contiguous()
+        grads = _backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, softmax_scale, options)
+        return (*grads, None, None, None, None, None, None)
+
+
+def _select_backend(backend: str, q: torch.Tensor) -> str:
+    """"reference" or "triton" for this call; raises when backend="triton" cannot take q."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    if backend == "triton":
-        raise NotImplementedError(
-            "varlen_attention: the Triton path lands in issue #3/#4; use backend='auto' or 'reference'"
+    if backend == "reference":
+        return backend
+    on_cpu = q.device.type == "cpu"
+    if backend == "auto":
+        wanted = q.is_cuda or (on_cpu and triton.knobs.runtime.interpret)
+        # No fp64 kernels, and no bf16 in the interpreter (its bf16 tl.dot is wrong, NOTES.md): the exact path.
+        if not wanted or q.dtype not in _TRITON_DTYPES or (on_cpu and q.dtype == torch.bfloat16):
+            return "reference"
+    if q.dtype not in _TRITON_DTYPES:
+        raise ValueError(f"varlen_attention(backend='triton') takes fp16 / bf16 / fp32, got {q.dtype}")
+    if not (q.is_cuda or on_cpu):
+        raise ValueError(f"varlen_attention(backend='triton') runs on CUDA (or CPU, interpreted), got {q.device}")
+    if on_cpu and q.dtype == torch.bfloat16:
+        raise ValueError("varlen_attention(backend='triton'): bf16 tl.dot is wrong in Triton's interpreter")
+    if on_cpu and not _INTERPRETED:
+        raise RuntimeError(
+            "varlen_attention: the Triton path on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 "
+            "before triton and kernels are imported (or use backend='reference')"
         )
-    # "auto" would pick Triton for CUDA tensors or TRITON_INTERPRET=1; no Triton kernel exists yet.
-    return "reference"
+    return "triton"
 
 
 def varlen_attention(
@@ -180,25 +851,41 @@ def varlen_attention(
     *,
     softmax_scale: float | None = None,
     causal: bool = True,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    return_lse: bool = False,
     backend: str = "auto",
-) -> torch.Tensor:
+):
     """Attention over packed documents (flash-attn `flash_attn_varlen_func` layout; see the module docstring).
 
     Args:
         q: [total_q, Hq, D]; k, v: [total_k, Hkv, D], Hq % Hkv == 0 (GQA, contiguous head groups).
-        cu_seqlens_q, cu_seqlens_k: int32 [n_docs + 1] document offsets into q and k/v.
-        max_seqlen_q, max_seqlen_k: ints >= the longest document (flash-attn sizes its grid with them).
+        cu_seqlens_q, cu_seqlens_k: int32 [n_docs + 1] document offsets into q and k/v (copied to q's
+            device for the Triton path when they are elsewhere).
+        max_seqlen_q, max_seqlen_k: ints >= the longest document (the kernels size their grids with them).
         softmax_scale: default head_dim ** -0.5.
         causal: causal mask within each document, aligned bottom-right when seqlen_q != seqlen_k.
-        backend: "auto" | "triton" | "reference". "triton" raises NotImplementedError until the Triton
-            kernel lands (issue #3/#4); "auto" uses the reference until then.
+        window_size: (left, right) sliding window, -1 = unbounded on that side; right is 0 when causal.
+        softcap: > 0 caps the scores as softcap * tanh(scores / softcap) (Gemma 2); 0 = off.
+        return_lse: also return lse [Hq, total_q] (natural log, +inf for rows that see no key).
+        backend: "auto" | "triton" | "reference" (module docstring).
 
-    Returns [total_q, Hq, D] in q's dtype; differentiable in q, k, v.
+    Returns out [total_q, Hq, D] in q's dtype, or (out, lse); differentiable in q, k, v (through lse too).
 
     Raises ValueError for wrong ranks / shapes / dtypes, incompatible head counts, cu_seqlens that are
-    not int32, do not start at 0, decrease, or do not end at the token count, and max_seqlen smaller than
-    a real document. Validation reads cu_seqlens on the host (one sync).
+    not int32, do not start at 0, decrease, or do not end at the token count, max_seqlen smaller than
+    a real document, a bad window_size / softcap, or backend="triton" on inputs it cannot take; RuntimeError
+    for the Triton path on CPU tensors in a process that is not interpreting Triton.
+    cu_seqlens are read on the host once per tensor (a device sync; later calls with the same, unmodified
+    tensor and sizes reuse the check).
     """
     bounds_q, bounds_k = _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    _select_backend(backend)
-    return _reference_attention(q, k, v, bounds_q, bounds_k, softmax_scale, causal)
+    window = _check_options(window_size, softcap, causal)
+    if _select_backend(backend, q) == "reference":
+        out, lse = _reference_attention(q, k, v, bounds_q, bounds_k, softmax_scale, window, softcap, return_lse)
+        return (out, lse) if return_lse else out
+    cu_q = cu_seqlens_q.to(q.device)
+    cu_k = cu_seqlens_k.to(q.device)
+    options = _kernel_options(q, k, max_seqlen_q, max_seqlen_k, softmax_scale, window, float(softcap))
+    out, lse = _VarlenAttentionFunction.apply(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, softmax_scale, options)
+    return (out, lse) if return_lse else out

@@ -9,6 +9,13 @@ Usage:
     out = model(input_ids=ids[None], position_ids=pos[None],
                 cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=m, max_length_k=m)
 
+    # or, for a model already loaded (and moved to the GPU): packed attention plus Liger-Kernel's
+    # RMSNorm / SwiGLU / RoPE on CUDA
+    model = kernels.hf.patch(model)
+
+The attention runs `varlen_attention` with backend "auto": the Triton kernels on CUDA (and on CPU under
+TRITON_INTERPRET=1), the exact PyTorch reference on CPU.
+
 How transformers calls us. Every decoder attention module (Llama, Qwen2, ... written against
 `AttentionInterface`) calls `fn(module, query, key, value, attention_mask, dropout=, scaling=, **kwargs)`
 with query (B, Hq, T, D) and key/value (B, Hkv, S, D) (GQA not expanded); the kwargs are whatever the
@@ -31,10 +38,14 @@ The mask function registered under the same name in `AttentionMaskInterface` ret
 padding mask, never a dense T x T mask (the flash-attention convention). Without a mask entry,
 transformers skips mask creation entirely and padding would be silently ignored.
 
-Not supported (raise): dropout > 0, sliding windows, logit soft-capping, attention sinks, 4-D masks.
+Sliding windows (`sliding_window=W` from Qwen2 / Mistral / Gemma 2 layers) become window_size =
+(W - 1, W - 1) as in transformers' flash-attention path (a causal layer ignores the right edge), and
+logit soft-capping (`softcap`, Gemma 2) passes through.
+Not supported (raise): dropout > 0, attention sinks (s_aux), 4-D masks.
 Module-level state: the one-entry position_ids cache (a weak reference, so it never keeps a batch alive).
 """
 
+import logging
 import weakref
 
 import torch
@@ -43,6 +54,7 @@ import torch.nn.functional as F
 from kernels.attention import varlen_attention
 
 ATTENTION_NAME = "fastmath_varlen"
+logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -110,9 +122,8 @@ def _rows_layout(batch_size: int, len_q: int, len_k: int, device):
 def _check_supported(module, attention_mask, dropout, kwargs):
     if dropout:
         raise NotImplementedError(f"{ATTENTION_NAME}: attention dropout is not supported (got {dropout})")
-    for name in ("sliding_window", "softcap", "s_aux"):
-        if kwargs.get(name) is not None:
-            raise NotImplementedError(f"{ATTENTION_NAME}: {name} is not supported (module {type(module).__name__})")
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError(f"{ATTENTION_NAME}: attention sinks (s_aux) unsupported ({type(module).__name__})")
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(
             f"{ATTENTION_NAME} takes a 2-D padding mask or None, got a {attention_mask.dim()}-D mask; "
@@ -142,6 +153,14 @@ def varlen_attention_forward(
     _check_supported(module, attention_mask, dropout, kwargs)
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
+    # transformers' sliding_window counts the query itself: W tokens = W - 1 to the left (flash-attn's edges).
+    sliding_window = kwargs.get("sliding_window")
+    options = dict(
+        softmax_scale=scaling,
+        causal=causal,
+        window_size=(-1, -1) if sliding_window is None else (sliding_window - 1, sliding_window - 1),
+        softcap=kwargs.get("softcap") or 0.0,
+    )
     batch_size, n_heads_q, len_q, head_dim = query.shape
     len_k = key.shape[2]
     # (B, H, T, D) -> (B, T, H, D): the token-major layout varlen attention flattens.
@@ -160,8 +179,7 @@ def varlen_attention_forward(
         out = varlen_attention(
             q[mask_q], k[mask_k], v[mask_k],
             _cu_from_lengths(lengths_q), _cu_from_lengths(lengths_k),
-            int(lengths_q.max()), int(lengths_k.max()),
-            softmax_scale=scaling, causal=causal,
+            int(lengths_q.max()), int(lengths_k.max()), **options,
         )  # fmt: skip
         padded = out.new_zeros(batch_size, len_q, n_heads_q, head_dim)
         padded[mask_q] = out
@@ -178,8 +196,7 @@ def varlen_attention_forward(
         k.reshape(batch_size * len_k, -1, head_dim),
         v.reshape(batch_size * len_k, -1, head_dim),
         *layout,
-        softmax_scale=scaling,
-        causal=causal,
+        **options,
     )
     return out.view(batch_size, len_q, n_heads_q, head_dim), None
 
@@ -218,11 +235,16 @@ def register() -> None:
     AttentionMaskInterface.register(ATTENTION_NAME, padding_only_mask)
 
 
-def patch(model):
-    """register() and switch an instantiated model to packed attention; returns the model.
+def patch(model, *, liger: bool = True):
+    """register(), switch an instantiated model to packed attention and, on CUDA, apply Liger-Kernel.
 
-    Equivalent to loading with `attn_implementation=ATTENTION_NAME` after `register()`. Liger-Kernel
-    (RMSNorm / SwiGLU / RoPE) patching comes in a later issue and will hook in here.
+    Attention: equivalent to loading with `attn_implementation=ATTENTION_NAME` after `register()`.
+    Liger-Kernel (when `liger` and installed): its RMSNorm, SwiGLU MLP and RoPE for the model's
+    architecture (`_apply_liger_kernel_to_instance`), not its cross-entropy (fastmath's fused linear
+    cross-entropy takes the loss). Its kernels are Triton on CUDA, so a model whose parameters are not on
+    a CUDA device keeps PyTorch's modules (a logged note): move the model to the GPU before patching.
+    Liger swaps RoPE and the module classes for the whole architecture in this process, not only for
+    this model. Returns the model.
     """
     if isinstance(model, type):
         raise ValueError(
@@ -231,4 +253,24 @@ def patch(model):
         )
     register()
     model.set_attn_implementation(ATTENTION_NAME)
+    if liger:
+        _apply_liger(model)
     return model
+
+
+def _is_cuda_model(model) -> bool:
+    return any(p.is_cuda for p in model.parameters())
+
+
+def _apply_liger(model) -> None:
+    if not _is_cuda_model(model):
+        logger.info("kernels.hf.patch: model not on CUDA, Liger-Kernel skipped (RMSNorm / SwiGLU / RoPE stay PyTorch)")
+        return
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        logger.warning("kernels.hf.patch: liger-kernel is not installed; RMSNorm / SwiGLU / RoPE stay PyTorch")
+        return
+    _apply_liger_kernel_to_instance(
+        model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
+    )

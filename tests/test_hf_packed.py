@@ -1,23 +1,46 @@
-"""kernels/hf.py: a packed row through a tiny HF model equals each document run alone with SDPA."""
+"""kernels/hf.py: a packed row through a tiny HF model equals each document run alone with SDPA (eager for
+Gemma 2's soft-capping), on the reference path and, once, on the Triton path.
+
+The Triton test carries the `triton` marker: it needs Triton's interpreter on from the start (or a GPU), which
+the second pytest pass of `make test` provides (see tests/conftest.py).
+"""
 
 import copy
+import logging
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from transformers import (  # noqa: E402
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 from transformers.masking_utils import create_causal_mask  # noqa: E402
 
+import kernels.attention  # noqa: E402
 import kernels.hf  # noqa: E402
 from kernels.hf import ATTENTION_NAME  # noqa: E402
 
 LENGTHS = [5, 1, 9]
 VOCAB = 128
+# name: (config class, model class, extra config, attention of the documents-alone run)
 MODELS = {
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-    "llama": (LlamaConfig, LlamaForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}, "sdpa"),
+    "llama": (LlamaConfig, LlamaForCausalLM, {}, "sdpa"),
+    # a 4-token window (shorter than the 9-token document) on the second layer
+    "qwen2_sliding": (
+        Qwen2Config, Qwen2ForCausalLM, dict(use_sliding_window=True, sliding_window=4, max_window_layers=1), "sdpa"
+    ),
+    # soft-capped logits, a 3-token window on the first layer; SDPA has no soft-capping, eager has
+    "gemma2": (
+        Gemma2Config, Gemma2ForCausalLM, dict(head_dim=16, sliding_window=3, attn_logit_softcapping=5.0), "eager"
+    ),
 }
 
 
@@ -43,18 +66,18 @@ def assert_close(actual, expected, *, atol, rtol, name):
 
 
 def tiny_models(name):
-    """The same random weights twice: one model on packed attention, one on SDPA (separate configs)."""
-    config_cls, model_cls = MODELS[name]
+    """The same random weights twice: one model on packed attention, one on SDPA / eager (separate configs)."""
+    config_cls, model_cls, extra, alone = MODELS[name]
     config = config_cls(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **extra,
     )  # fmt: skip
     torch.manual_seed(0)
     packed = model_cls._from_config(copy.deepcopy(config), attn_implementation=ATTENTION_NAME, dtype=torch.float32)
-    sdpa = model_cls._from_config(copy.deepcopy(config), attn_implementation="sdpa", dtype=torch.float32)
-    sdpa.load_state_dict(packed.state_dict())
-    assert packed.config._attn_implementation == ATTENTION_NAME and sdpa.config._attn_implementation == "sdpa"
-    return packed, sdpa
+    reference = model_cls._from_config(copy.deepcopy(config), attn_implementation=alone, dtype=torch.float32)
+    reference.load_state_dict(packed.state_dict())
+    assert packed.config._attn_implementation == ATTENTION_NAME and reference.config._attn_implementation == alone
+    return packed, reference
 
 
 def packed_batch():
@@ -98,9 +121,7 @@ def run_alone(model, ids, cu):
     return torch.cat(logits), grads(model)
 
 
-@pytest.mark.parametrize("with_cu_seqlens", [True, False], ids=["cu_seq_lens", "position_ids_only"])
-@pytest.mark.parametrize("name", list(MODELS))
-def test_packed_row_equals_documents_alone(name, with_cu_seqlens):
+def check_packed_row_equals_documents_alone(name, with_cu_seqlens):
     packed_model, sdpa_model = tiny_models(name)
     ids, position_ids, cu = packed_batch()
     logits, packed_grads = run_packed(packed_model, ids, position_ids, cu, with_cu_seqlens)
@@ -109,6 +130,25 @@ def test_packed_row_equals_documents_alone(name, with_cu_seqlens):
     assert packed_grads.keys() == ref_grads.keys()
     for param in ref_grads:
         assert_close(packed_grads[param], ref_grads[param], atol=1e-5, rtol=1e-4, name=f"grad {param}")
+
+
+@pytest.mark.parametrize("with_cu_seqlens", [True, False], ids=["cu_seq_lens", "position_ids_only"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_packed_row_equals_documents_alone(name, with_cu_seqlens, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the reference path, even in an interpreted process
+    check_packed_row_equals_documents_alone(name, with_cu_seqlens)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("name", ["qwen2", "gemma2"])
+def test_triton_packed_row_equals_documents_alone(name, monkeypatch):
+    """The same equivalence with the attention on the Triton kernels (interpreted on CPU)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # "auto" takes the Triton path for CPU tensors
+    launches = []
+    real_forward = kernels.attention._forward
+    monkeypatch.setattr(kernels.attention, "_forward", lambda *a: launches.append(1) or real_forward(*a))
+    check_packed_row_equals_documents_alone(name, with_cu_seqlens=True)
+    assert len(launches) == 2  # one per layer: the Triton path ran
 
 
 def test_position_ids_derived_once_per_forward(monkeypatch):
@@ -171,7 +211,28 @@ def test_errors():
         kernels.hf.patch(Qwen2ForCausalLM)
 
 
-def test_patch_switches_an_instantiated_model():
+def test_patch_switches_an_instantiated_model(caplog):
     _, sdpa_model = tiny_models("llama")
-    assert kernels.hf.patch(sdpa_model) is sdpa_model
+    with caplog.at_level(logging.INFO, logger="kernels.hf"):
+        assert kernels.hf.patch(sdpa_model) is sdpa_model
     assert sdpa_model.config._attn_implementation == ATTENTION_NAME
+    # A CPU model keeps PyTorch's RMSNorm / MLP: Liger's kernels need CUDA.
+    assert sdpa_model.model.norm._get_name() == "LlamaRMSNorm" and "Liger-Kernel skipped" in caplog.text
+
+
+def test_patch_applies_liger_to_cuda_models(monkeypatch):
+    """On CUDA, patch() swaps in Liger's RMSNorm / SwiGLU / RoPE (checked on CPU by pretending; not run)."""
+    pytest.importorskip("liger_kernel")
+    from transformers.models.qwen2 import modeling_qwen2
+
+    # Liger also swaps module-level names for the whole architecture: restore them after the test.
+    original_rope = modeling_qwen2.apply_rotary_pos_emb
+    for attr in ("apply_rotary_pos_emb", "Qwen2RMSNorm", "Qwen2MLP"):
+        monkeypatch.setattr(modeling_qwen2, attr, getattr(modeling_qwen2, attr))
+    monkeypatch.setattr(kernels.hf, "_is_cuda_model", lambda model: True)
+    model, _ = tiny_models("qwen2")
+    kernels.hf.patch(model)
+    assert model.model.norm._get_name() == "LigerRMSNorm"
+    assert model.model.layers[0].mlp._get_name() == "LigerSwiGLUMLP"
+    assert modeling_qwen2.apply_rotary_pos_emb is not original_rope
+    assert type(model).forward is Qwen2ForCausalLM.forward and "forward" not in vars(model)  # no Liger loss
