@@ -57,9 +57,6 @@ def load_causal_lm(path: str, attn_implementation: str, trust_remote_code: bool 
                                                      trust_remote_code=trust_remote_code)
     except Exception as err:
         raise ModelError(f"could not load model from '{path}': {_first_line(err)}") from None
-    if getattr(model.config, "final_logit_softcapping", None):
-        raise ModelError("models with final_logit_softcapping (e.g. Gemma 2) are not supported by the "
-                         "fused loss yet")
     model.config.use_cache = False
     return model
 
@@ -76,6 +73,8 @@ class CausalLMWithLinearLoss(nn.Module):
         super().__init__()
         self.causal_lm = causal_lm
         self.loss_chunk_size = loss_chunk_size or None
+        # Gemma-2-style models cap their logits (c * tanh(z / c)); the loss applies the same cap per chunk.
+        self.softcap = getattr(causal_lm.config, "final_logit_softcapping", None) or None
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
         decoder = self.causal_lm.get_decoder()
@@ -85,7 +84,8 @@ class CausalLMWithLinearLoss(nn.Module):
                          max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen).last_hidden_state
         head = self.causal_lm.get_output_embeddings()
         return fused_linear_cross_entropy(hidden.flatten(0, 1), head.weight, batch.targets.flatten(),
-                                          bias=head.bias, reduction="sum", chunk_size=self.loss_chunk_size)
+                                          bias=head.bias, reduction="sum", chunk_size=self.loss_chunk_size,
+                                          softcap=self.softcap)
 
 
 def decoder_layers(causal_lm: nn.Module) -> list[nn.Module]:

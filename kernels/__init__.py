@@ -1,14 +1,18 @@
 """fastmath kernels: drop-in fused kernels for LLM training (torch + triton; transformers only in `kernels.hf`).
 
-Public functions:
-    fused_linear_cross_entropy  linear layer + cross-entropy without the [N, V] logits (kernels/cross_entropy.py)
-    varlen_attention            packed-sequence (varlen) causal attention, flash-attn layout (kernels/attention.py)
+Public API:
+    fused_linear_cross_entropy   linear layer + cross-entropy without the [N, V] logits (kernels/cross_entropy.py)
+    FusedLinearCrossEntropyLoss  nn.Module drop-in for Liger-Kernel's LigerFusedLinearCrossEntropyLoss
+    cross_entropy                non-fused cross-entropy for callers that already hold logits
+    varlen_attention             packed-sequence (varlen) attention, flash-attn layout (kernels/attention.py)
 
 The Hugging Face glue is imported explicitly (`import kernels.hf`) so that this package never imports
 transformers.
 """
 
 from kernels.attention import varlen_attention
-from kernels.cross_entropy import fused_linear_cross_entropy
+from kernels.cross_entropy import (CrossEntropyOutput, FusedLinearCrossEntropyLoss, cross_entropy,
+                                   fused_linear_cross_entropy)
 
-__all__ = ["fused_linear_cross_entropy", "varlen_attention"]
+__all__ = ["CrossEntropyOutput", "FusedLinearCrossEntropyLoss", "cross_entropy", "fused_linear_cross_entropy",
+           "varlen_attention"]

@@ -144,3 +144,28 @@ def test_two_processes_match_one(tmp_path, embedded_cache):
     two = load_causal_lm(str(tmp_path / "np2" / "hf"), "sdpa").state_dict()
     for name in one:
         torch.testing.assert_close(one[name], two[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_final_logit_softcap_reaches_the_fused_loss():
+    """Gemma-2-style models cap their logits; the trainer's loss must equal the model's own capped logits' loss."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from kernels.hf import ATTENTION_NAME, register
+
+    register()
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=2.0)
+    model = Gemma2ForCausalLM._from_config(config, attn_implementation=ATTENTION_NAME, dtype=torch.float32)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(30.0)  # raw logits well past the cap of 2
+    ids = list(range(3, 15))
+    batch = collate_packed([(ids, [False] * 4 + [True] * 8)])
+    wrapper = CausalLMWithLinearLoss(model)
+    ours = wrapper(batch)
+    wrapper.softcap = None  # the same loss without the cap must differ, or this test proves nothing
+    assert not torch.allclose(wrapper(batch), ours, rtol=1e-3)
+    logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+    assert logits.abs().max() <= 2.0  # the cap is active in the model's own logits
+    expected = F.cross_entropy(logits, batch.targets[0, :-1], reduction="sum")
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,355 @@
+"""Benchmark: linear layer + cross-entropy, forward+backward time and peak memory, per provider.
+
+Providers (the loss is the mean cross-entropy of hidden @ weight.T against labels; gradients for hidden and
+weight):
+    torch     eager PyTorch, HF style: F.cross_entropy((hidden @ weight.T).float(), labels): full logits
+    compile   torch.compile of the same function (first call, the compile, excluded from timings)
+    liger     Liger-Kernel's LigerFusedLinearCrossEntropyLoss (skipped when liger_kernel is missing)
+    fastmath  kernels.fused_linear_cross_entropy (Triton on CUDA; the chunked PyTorch path on CPU)
+
+What is measured (mode "full" = forward + backward, the only mode that matters for training):
+    time      CUDA: triton.testing.do_bench (min / median / max over its repetitions); CPU: perf_counter
+              over --reps runs after one warm-up run.
+    TFLOP/s   6 * N * d * V / time (logits, d hidden, d weight; elementwise work not counted).
+    floor     6 * N * d * V / the measured rate of one [4096, d] x [d, V] matmul in the same dtype: the time
+              of the three matmuls alone. x_floor = time / floor (the issue's target on an H100: <= 1.3).
+    memory    peak bytes allocated during one forward+backward beyond the inputs (CUDA: the caching
+              allocator's peak; CPU: a TorchDispatchMode that adds each new storage's bytes when an op
+              creates it and subtracts them when it is freed). extra = peak - the gradients' own bytes,
+              compared with the full logits' N * V * itemsize (the issue's target: extra < 5% of that).
+
+Presets (--sizes): "gpu" is the issue's grid, N in {4k, 16k, 32k} x d in {2048, 4096, 5120} x V in {32000,
+128256, 151936}, bf16 (long: torch.compile recompiles per shape); "gpu-quick" is N = 16k, d = 4096,
+V in {32000, 151936}; "cpu" runs the memory comparison at reduced sizes (fp32, torch vs fastmath).
+Default: "gpu" on a CUDA machine, "cpu" otherwise.
+
+Results are appended to bench/results/cross_entropy-<device>.json (a list of runs, each with the device
+name, versions, git commit, date, shapes and min / median / max), and plotted to the .png beside it.
+
+    python bench/bench_cross_entropy.py                                  # the preset for this machine
+    python bench/bench_cross_entropy.py --sizes gpu-quick --providers liger,fastmath
+    python bench/bench_cross_entropy.py --sizes 8192x4096x151936 --dtype bf16
+"""
+
+import argparse
+import datetime
+import gc
+import importlib.metadata
+import itertools
+import json
+import platform
+import re
+import statistics
+import sys
+import time
+import weakref
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from kernels.cross_entropy import fused_linear_cross_entropy  # noqa: E402
+
+PRESETS = {
+    "gpu": list(itertools.product([4096, 16384, 32768], [2048, 4096, 5120], [32000, 128256, 151936])),
+    "gpu-quick": [(16384, 4096, 32000), (16384, 4096, 151936)],
+    "cpu": [(1024, 256, 32000), (2048, 256, 151936)],
+}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PROVIDERS = ("torch", "compile", "liger", "fastmath")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Providers: each maps (hidden, weight, labels) -> scalar loss
+# ----------------------------------------------------------------------------------------------------
+
+
+def eager_loss(hidden, weight, labels):
+    return F.cross_entropy((hidden @ weight.T).float(), labels)
+
+
+def make_provider(name):
+    """The loss function of a provider, or a string saying why it cannot run here."""
+    if name == "torch":
+        return eager_loss
+    if name == "compile":
+        return torch.compile(eager_loss)
+    if name == "fastmath":
+        return fused_linear_cross_entropy
+    if name == "liger":
+        try:
+            from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+        except ImportError as err:
+            return f"liger_kernel not importable: {err}"
+        module = LigerFusedLinearCrossEntropyLoss()
+        return lambda hidden, weight, labels: module(weight, hidden, labels)
+    raise ValueError(f"unknown provider {name!r}; choose from {PROVIDERS}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Measurement
+# ----------------------------------------------------------------------------------------------------
+
+
+class PeakStorageBytes(TorchDispatchMode):
+    """CPU peak memory: bytes of the storages created by ops while active, tracked until they are freed.
+
+    Storages that existed before (the inputs) are passed in and never counted; PyTorch keeps one Python
+    object per live storage, so a finalizer on it fires exactly when the memory is released.
+    """
+
+    def __init__(self, existing):
+        super().__init__()
+        self.known = {id(t.untyped_storage()) for t in existing}
+        self.live = self.peak = 0
+
+    def _freed(self, key, nbytes):
+        self.known.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and id(storage := t.untyped_storage()) not in self.known:
+                key, nbytes = id(storage), storage.nbytes()
+                self.known.add(key)
+                self.live += nbytes
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(storage, self._freed, key, nbytes)
+        return out
+
+
+def make_inputs(n, d, v, dtype, device):
+    gen = torch.Generator(device=device).manual_seed(0)
+    hidden = (torch.randn(n, d, generator=gen, device=device) / d**0.5).to(dtype).requires_grad_()
+    weight = (torch.randn(v, d, generator=gen, device=device) / d**0.25).to(dtype).requires_grad_()
+    labels = torch.randint(0, v, (n,), generator=gen, device=device)
+    return hidden, weight, labels
+
+
+def full_step(loss_fn, hidden, weight, labels):
+    hidden.grad = weight.grad = None
+    loss_fn(hidden, weight, labels).backward()
+
+
+def time_ms(step, device, reps):
+    """(min, median, max) milliseconds of one forward+backward."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return tuple(triton.testing.do_bench(step, quantiles=[0.0, 0.5, 1.0]))
+    step()  # warm-up
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        step()
+        times.append(1e3 * (time.perf_counter() - start))
+    return min(times), statistics.median(times), max(times)
+
+
+def peak_bytes(step, device, inputs):
+    """Peak bytes allocated by one forward+backward beyond `inputs` (the gradients included)."""
+    for t in inputs:
+        t.grad = None
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    with PeakStorageBytes(inputs) as tracker:
+        step()
+    return tracker.peak
+
+
+def matmul_tflops(d, v, dtype, device, reps):
+    """Measured rate of the chunk-shaped matmul [4096, d] x [d, V] that dominates every provider."""
+    a, b = torch.randn(4096, d, device=device).to(dtype), torch.randn(d, v, device=device).to(dtype)
+    low, median, high = time_ms(lambda: a @ b, device, reps)
+    return 2 * 4096 * d * v / (median * 1e-3) / 1e12
+
+
+def bench_shape(n, d, v, dtype, device, providers, reps):
+    """One result row per provider at one shape; failures (e.g. out of memory) are recorded, not raised."""
+    hidden, weight, labels = make_inputs(n, d, v, dtype, device)
+    flops = 6 * n * d * v
+    floor_ms = flops / (matmul_tflops(d, v, dtype, device, reps) * 1e12) * 1e3
+    grads_bytes = (hidden.numel() + weight.numel()) * hidden.element_size()
+    full_logits_bytes = n * v * hidden.element_size()
+    rows = []
+    for name, loss_fn in providers.items():
+        row = dict(N=n, d=d, V=v, provider=name, floor_ms=floor_ms, full_logits_mib=full_logits_bytes / 2**20)
+        if isinstance(loss_fn, str):
+            rows.append({**row, "error": loss_fn})
+            continue
+        step = lambda: full_step(loss_fn, hidden, weight, labels)  # noqa: E731
+        try:
+            step()  # compiles (torch.compile, Triton) outside the measurements
+            peak = peak_bytes(step, device, (hidden, weight, labels))
+            low, median, high = time_ms(step, device, reps)
+        except torch.OutOfMemoryError:
+            rows.append({**row, "error": "out of memory"})
+            hidden.grad = weight.grad = None
+            torch.cuda.empty_cache()
+            continue
+        rows.append({
+            **row, "time_ms": dict(min=low, median=median, max=high), "tflops": flops / (median * 1e-3) / 1e12,
+            "x_floor": median / floor_ms, "peak_mib": peak / 2**20, "extra_mib": (peak - grads_bytes) / 2**20,
+            "extra_vs_full_logits": (peak - grads_bytes) / full_logits_bytes,
+        })
+        print(format_row(rows[-1]), flush=True)
+    return rows
+
+
+def format_row(r):
+    t = r["time_ms"]
+    return (
+        f"N={r['N']:>6} d={r['d']:>5} V={r['V']:>6} {r['provider']:>9}: {t['median']:9.2f} ms "
+        f"[{t['min']:.2f}, {t['max']:.2f}]  {r['tflops']:6.2f} TFLOP/s  {r['x_floor']:5.2f}x floor  "
+        f"peak {r['peak_mib']:9.1f} MiB  extra {r['extra_mib']:9.1f} MiB "
+        f"({100 * r['extra_vs_full_logits']:.1f}% of full logits {r['full_logits_mib']:.0f} MiB)"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Run record: device, versions, commit, date; appended to bench/results/; plot
+# ----------------------------------------------------------------------------------------------------
+
+
+def git_commit():
+    """HEAD's commit read from .git directly (no git process), or None."""
+    git = REPO / ".git"
+    try:
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref: "):
+            return head
+        ref = head[5:]
+        if (git / ref).exists():
+            return (git / ref).read_text().strip()
+        for line in (git / "packed-refs").read_text().splitlines():
+            if line.endswith(" " + ref):
+                return line.split()[0]
+    except OSError:
+        pass
+    return None
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"CPU: {line.split(':', 1)[1].strip()}"
+    except OSError:
+        pass
+    return f"CPU: {platform.processor() or platform.machine()}"
+
+
+def versions():
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for package in ("triton", "liger-kernel"):
+        try:
+            out[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            out[package] = None
+    if torch.version.cuda:
+        out["cuda"] = torch.version.cuda
+    return out
+
+
+def append_results(record, path):
+    runs = json.loads(path.read_text()) if path.exists() else []
+    runs.append(record)
+    path.write_text(json.dumps(runs, indent=1) + "\n")
+
+
+def plot(record, path):
+    """Median time and extra memory per provider and shape (one bar group per shape)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in record["results"] if "time_ms" in r]
+    shapes = list(dict.fromkeys((r["N"], r["d"], r["V"]) for r in rows))
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    fig, axes = plt.subplots(2, 1, figsize=(max(6, 1.2 * len(shapes) * len(providers) / 2), 7))
+    width = 0.8 / max(1, len(providers))
+    for k, provider in enumerate(providers):
+        by_shape = {(r["N"], r["d"], r["V"]): r for r in rows if r["provider"] == provider}
+        xs = [i + k * width for i, s in enumerate(shapes) if s in by_shape]
+        present = [s for s in shapes if s in by_shape]
+        axes[0].bar(xs, [by_shape[s]["time_ms"]["median"] for s in present], width, label=provider)
+        axes[1].bar(xs, [by_shape[s]["extra_mib"] for s in present], width, label=provider)
+    labels = [f"N={n}\nd={d}\nV={v}" for n, d, v in shapes]
+    for ax, ylabel in zip(axes, ("forward+backward, median ms", "extra memory, MiB")):
+        ax.set_xticks([i + width * (len(providers) - 1) / 2 for i in range(len(shapes))], labels, fontsize=7)
+        ax.set_ylabel(ylabel)
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    axes[0].set_title(f"linear cross-entropy, {record['dtype']}, {record['device']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def parse_sizes(text, device):
+    if text is None:
+        text = "gpu" if device.type == "cuda" else "cpu"
+    if text in PRESETS:
+        return PRESETS[text]
+    try:
+        return [tuple(int(x) for x in size.split("x")) for size in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"--sizes: a preset {sorted(PRESETS)} or NxdxV[,NxdxV...], got {text!r}") from None
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", help="preset (gpu, gpu-quick, cpu) or NxdxV[,NxdxV...]")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--providers", help=f"comma-separated subset of {PROVIDERS}; default: all on CUDA, "
+                        "torch,fastmath on CPU")
+    parser.add_argument("--reps", type=int, default=3, help="timed runs per provider on CPU")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--no-plot", action="store_true")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    names = (args.providers or (",".join(PROVIDERS) if device.type == "cuda" else "torch,fastmath")).split(",")
+    providers = {name: make_provider(name) for name in names}
+    now = datetime.datetime.now(datetime.timezone.utc)
+    record = {
+        "benchmark": "cross_entropy", "date": now.isoformat(timespec="seconds"),
+        "device": device_name(device), "versions": versions(), "git_commit": git_commit(),
+        "threads": torch.get_num_threads(), "dtype": str(dtype).removeprefix("torch."), "mode": "full",
+        "reduction": "mean", "results": [],
+    }
+    if device.type == "cpu":
+        record["note"] = (
+            "CPU: the memory comparison at reduced sizes; fastmath runs its chunked PyTorch path here, not the "
+            "Triton kernel. The GPU speed and memory of the Triton path are still to be measured."
+        )
+    print(f"{record['device']} | {record['versions']} | commit {record['git_commit']} | {record['dtype']}")
+    for n, d, v in parse_sizes(args.sizes, device):
+        record["results"] += bench_shape(n, d, v, dtype, device, providers, args.reps)
+        gc.collect()
+    args.out.mkdir(parents=True, exist_ok=True)
+    slug = "cpu" if device.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", record["device"].lower()).strip("-")
+    append_results(record, args.out / f"cross_entropy-{slug}.json")
+    if not args.no_plot:
+        plot(record, args.out / f"cross_entropy-{slug}.png")
+    print(f"appended to {args.out / f'cross_entropy-{slug}.json'}")
+
+
+if __name__ == "__main__":
+    main()
