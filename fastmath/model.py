@@ -83,9 +83,16 @@ class CausalLMWithLinearLoss(nn.Module):
                          cu_seq_lens_q=cu, cu_seq_lens_k=cu,
                          max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen).last_hidden_state
         head = self.causal_lm.get_output_embeddings()
-        return fused_linear_cross_entropy(hidden.flatten(0, 1), head.weight, batch.targets.flatten(),
-                                          bias=head.bias, reduction="sum", chunk_size=self.loss_chunk_size,
-                                          softcap=self.softcap)
+        weight, bias = head.weight, head.bias
+        device_type = hidden.device.type
+        if torch.is_autocast_enabled(device_type):
+            # The loss is a custom op that autocast does not see: run its matmuls in the autocast dtype, as
+            # the lm_head matmul would be (the residual stream, and so `hidden`, stays fp32 under autocast).
+            dtype = torch.get_autocast_dtype(device_type)
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        return fused_linear_cross_entropy(hidden.flatten(0, 1), weight, batch.targets.flatten(), bias=bias,
+                                          reduction="sum", chunk_size=self.loss_chunk_size, softcap=self.softcap)
 
 
 def decoder_layers(causal_lm: nn.Module) -> list[nn.Module]:

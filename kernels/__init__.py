@@ -3,7 +3,8 @@
 Public API:
     fused_linear_cross_entropy   linear layer + cross-entropy without the [N, V] logits (kernels/cross_entropy.py)
     FusedLinearCrossEntropyLoss  nn.Module drop-in for Liger-Kernel's LigerFusedLinearCrossEntropyLoss
-    cross_entropy                non-fused cross-entropy for callers that already hold logits
+    (kernels.cross_entropy.cross_entropy: the non-fused cross-entropy for callers that already hold logits;
+     not re-exported here, where its name would shadow the submodule `kernels.cross_entropy`)
     varlen_attention             packed-sequence (varlen) attention, flash-attn layout (kernels/attention.py)
 
 The Hugging Face glue is imported explicitly (`import kernels.hf`) so that this package never imports
@@ -11,8 +12,6 @@ transformers.
 """
 
 from kernels.attention import varlen_attention
-from kernels.cross_entropy import (CrossEntropyOutput, FusedLinearCrossEntropyLoss, cross_entropy,
-                                   fused_linear_cross_entropy)
+from kernels.cross_entropy import CrossEntropyOutput, FusedLinearCrossEntropyLoss, fused_linear_cross_entropy
 
-__all__ = ["CrossEntropyOutput", "FusedLinearCrossEntropyLoss", "cross_entropy", "fused_linear_cross_entropy",
-           "varlen_attention"]
+__all__ = ["CrossEntropyOutput", "FusedLinearCrossEntropyLoss", "fused_linear_cross_entropy", "varlen_attention"]

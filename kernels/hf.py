@@ -133,6 +133,14 @@ def _check_supported(module, attention_mask, dropout, kwargs):
         raise ValueError(f"{ATTENTION_NAME}: pass either cu_seq_lens_q/k or a padding attention_mask, not both")
 
 
+def _common_dtype(q, k, v):
+    """Under autocast, RoPE's fp32 cos/sin promote q and k to fp32 while v stays in the autocast dtype (SDPA
+    is an autocast op and casts them back itself; we are not): compute in the autocast dtype, else in v's."""
+    device_type = q.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else v.dtype
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
 # Document boundaries are data (cu_seqlens values), which torch.compile would specialise on and recompile
 # for every packed row; keep the attention call itself outside compiled graphs.
 @torch.compiler.disable
@@ -165,6 +173,7 @@ def varlen_attention_forward(
     len_k = key.shape[2]
     # (B, H, T, D) -> (B, T, H, D): the token-major layout varlen attention flattens.
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    q, k, v = _common_dtype(q, k, v)
 
     if attention_mask is not None:
         # Padding: gather the real tokens of each row (the last len_q columns are the queries).

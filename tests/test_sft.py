@@ -169,3 +169,18 @@ def test_final_logit_softcap_reaches_the_fused_loss():
     assert logits.abs().max() <= 2.0  # the cap is active in the model's own logits
     expected = F.cross_entropy(logits, batch.targets[0, :-1], reduction="sum")
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_autocast_step_runs_and_matches_fp32(assets, tokenizer):
+    """The CUDA recipe (fp32 master weights, bf16 autocast) on CPU: RoPE hands fp32 q/k and bf16 v to the
+    attention and the loss sees fp32 hidden states; both must cope and stay close to the fp32 loss."""
+    batch = collate_packed(_docs(assets, tokenizer, 6))
+    model = CausalLMWithLinearLoss(load_causal_lm(str(assets.model_dir), "fastmath_varlen"))
+    fp32 = model(batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = model(batch)
+    bf16.backward()
+    assert bf16.dtype == torch.float32
+    torch.testing.assert_close(bf16, fp32, rtol=2e-2, atol=0.0)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+               for p in model.parameters())
