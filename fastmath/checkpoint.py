@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 
 from fastmath.distributed import DistInfo, barrier
-from fastmath.errors import CheckpointError
+from fastmath.errors import CheckpointError, first_line
 
 MARKER = "COMPLETE"
 
@@ -94,8 +94,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
         dcp.load(target, checkpoint_id=str(path / "model_and_optim"))
         rng = torch.load(path / f"rng_rank{dist_info.rank}.pt", weights_only=False)
     except (Exception, CheckpointException) as err:  # CheckpointException derives from BaseException
-        text = str(err).strip().splitlines()
-        raise CheckpointError(f"checkpoint {path} is corrupt: {text[0] if text else type(err).__name__}") from None
+        raise CheckpointError(f"checkpoint {path} is corrupt: {first_line(err)}") from None
     set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"])
     _set_rng_state(rng)
     return state

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from fastmath.errors import ConfigError
+from fastmath.errors import ConfigError, first_line
 
 
 def _opt(default, help: str, choices: tuple | None = None):
@@ -120,7 +120,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {_first_line(err)}") from None
+            raise ConfigError(f"config file {path} is not valid YAML: {first_line(err)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
     for item in overrides:
@@ -131,10 +131,6 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     config = _build(Config, raw, prefix="")
     validate(config)
     return config
-
-
-def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def _set_dotted(raw: dict, dotted: str, value: Any) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from fastmath.errors import DataError
+from fastmath.errors import DataError, first_line
 
 
 @dataclass
@@ -128,8 +128,7 @@ def _read_hub(name: str, split: str, report: DataReport) -> Iterator[dict]:
     try:
         dataset = datasets.load_dataset(name, split=split)
     except Exception as err:  # network, auth, missing split: all end here with the cause
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(f"could not load dataset '{name}' (split '{split}'): {first}") from None
+        raise DataError(f"could not load dataset '{name}' (split '{split}'): {first_line(err)}") from None
     for row in dataset:
         report.rows += 1
         yield row

@@ -23,3 +23,9 @@ class ModelError(FastmathError):
 
 class CheckpointError(FastmathError):
     """A checkpoint is missing, incomplete, corrupt, or belongs to a different run."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (or its type name): the cause, without a library's traceback."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastmath.errors import ModelError
+from fastmath.errors import ModelError, first_line
 from fastmath.packing import PackedBatch
 from kernels import fused_linear_cross_entropy
 
@@ -37,7 +37,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as err:  # OSError for missing files / hub, ValueError for unknown classes
-        raise ModelError(f"could not load tokenizer from '{path}': {_first_line(err)}") from None
+        raise ModelError(f"could not load tokenizer from '{path}': {first_line(err)}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -56,14 +56,9 @@ def load_causal_lm(path: str, attn_implementation: str, trust_remote_code: bool 
                                                      attn_implementation=attn_implementation,
                                                      trust_remote_code=trust_remote_code)
     except Exception as err:
-        raise ModelError(f"could not load model from '{path}': {_first_line(err)}") from None
+        raise ModelError(f"could not load model from '{path}': {first_line(err)}") from None
     model.config.use_cache = False
     return model
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 class CausalLMWithLinearLoss(nn.Module):
