@@ -13,7 +13,12 @@ def _python(code: str) -> str:
 
 
 def test_transformers_does_not_mistake_ours_for_hf_kernels():
-    """transformers probes for HF's `kernels` hub package; our import name `kernels` must not switch it on."""
+    """transformers probes for HF's `kernels` hub package; our import name `kernels` must not switch it on.
+
+    transformers 5.19 finds the import name `kernels`, maps it to the distribution that ships it (ours,
+    `fastmath`) and compares that version with its window for HF's package (>=0.17, <0.18): today only our
+    0.x version keeps it False, so this test is the alarm for the day that stops being true.
+    """
     out = _python("from transformers.utils.import_utils import is_kernels_available; print(is_kernels_available())")
     assert out == "False"
 
