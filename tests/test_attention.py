@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 import kernels.attention as attention
 from kernels import varlen_attention
 from kernels.attention import varlen_attention_reference
+from tests.closeness import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Triton tests run where Triton can: on CUDA, or on CPU in the interpreted pytest pass of `make test`
@@ -35,21 +36,6 @@ triton_test = pytest.mark.triton
 # --------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------
-
-
-def assert_close(actual, expected, *, atol, rtol, name):
-    """Like torch.testing.assert_close, but the message gives max / mean difference and the first bad index."""
-    actual, expected = actual.double(), expected.double()
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
-    diff = (actual - expected).abs()
-    bad = diff > atol + rtol * expected.abs()
-    if bad.any():
-        first = tuple(bad.nonzero()[0].tolist())
-        pytest.fail(
-            f"{name}: max diff {diff.max():.3g}, mean diff {diff.mean():.3g}, {int(bad.sum())} bad of {diff.numel()}; "
-            f"first bad index {first}: {actual[first]:.6g} vs {expected[first]:.6g}"
-        )
 
 
 def cu_seqlens(lengths, device="cpu"):

@@ -19,6 +19,7 @@ from torch.utils._pytree import tree_leaves
 
 import kernels
 import kernels.cross_entropy as ce
+from tests.closeness import assert_close
 
 INTERPRETED = ce._KERNELS_INTERPRETED
 # Triton tests carry the `triton` marker; on CPU they run in the interpreted pytest pass of `make test`
@@ -36,21 +37,6 @@ OPTION_SETS = {
     "temperature": dict(temperature=0.6),
     "all": dict(label_smoothing=0.3, z_loss_scale=0.05, softcap=4.0, temperature=1.7),
 }
-
-
-def assert_close(actual, expected, *, atol, rtol, name):
-    """Like torch.testing.assert_close, but the message gives max / mean difference and the first bad index."""
-    actual, expected = actual.double(), expected.double()
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
-    diff = (actual - expected).abs()
-    bad = diff > atol + rtol * expected.abs()
-    if bad.any():
-        first = tuple(bad.nonzero()[0].tolist())
-        pytest.fail(
-            f"{name}: max diff {diff.max():.3g}, mean diff {diff.mean():.3g}, {int(bad.sum())} bad of {diff.numel()}; "
-            f"first bad index {first}: {actual[first]:.6g} vs {expected[first]:.6g}"
-        )
 
 
 def make_inputs(n, v, d, *, dtype=torch.float32, bias=True, ignore_frac=0.2, ignore_index=-100, scale=1.0, seed=0):

@@ -26,6 +26,7 @@ from transformers.masking_utils import create_causal_mask  # noqa: E402
 import kernels.attention  # noqa: E402
 import kernels.hf  # noqa: E402
 from kernels.hf import ATTENTION_NAME  # noqa: E402
+from tests.closeness import assert_close  # noqa: E402
 
 LENGTHS = [5, 1, 9]
 VOCAB = 128
@@ -48,21 +49,6 @@ MODELS = {
 def registered():
     kernels.hf.register()
     kernels.hf.register()  # idempotent
-
-
-def assert_close(actual, expected, *, atol, rtol, name):
-    """Like torch.testing.assert_close, but the message gives max / mean difference and the first bad index."""
-    actual, expected = actual.double(), expected.double()
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
-    diff = (actual - expected).abs()
-    bad = diff > atol + rtol * expected.abs()
-    if bad.any():
-        first = tuple(bad.nonzero()[0].tolist())
-        pytest.fail(
-            f"{name}: max diff {diff.max():.3g}, mean diff {diff.mean():.3g}, {int(bad.sum())} bad of {diff.numel()}; "
-            f"first bad index {first}: {actual[first]:.6g} vs {expected[first]:.6g}"
-        )
 
 
 def tiny_models(name):
