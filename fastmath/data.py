@@ -195,8 +195,8 @@ class Formatter:
         return Document(ids, mask)
 
     def _prompt_solution_pieces(self, row: dict, report: DataReport):
-        prompt = _text_field(row, self.prompt_field, report)
-        solution = _text_field(row, self.solution_field, report) if prompt is not None else None
+        prompt = text_field(row, self.prompt_field, report)
+        solution = text_field(row, self.solution_field, report) if prompt is not None else None
         if prompt is None or solution is None:
             return None
         completion = self.tokenizer(solution, add_special_tokens=False)["input_ids"]
@@ -235,7 +235,7 @@ class Formatter:
         return pieces
 
 
-def _text_field(row: dict, name: str, report: DataReport) -> str | None:
+def text_field(row: dict, name: str, report: DataReport) -> str | None:
     if name not in row or row[name] is None:
         report.skipped[f"missing field '{name}'"] += 1
         return None

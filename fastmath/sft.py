@@ -77,13 +77,16 @@ def lr_at(step: int, total: int, peak: float, warmup_ratio: float, min_ratio: fl
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def build_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, config: Config, lr: float | None = None,
+                    weight_decay: float | None = None) -> torch.optim.AdamW:
+    """AdamW with the sft.adam_* settings; lr / weight decay default to sft's (GRPO passes its own)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": config.sft.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.sft.lr, betas=(config.sft.adam_beta1, config.sft.adam_beta2),
-                             eps=config.sft.adam_eps, foreach=True)
+    wd = config.sft.weight_decay if weight_decay is None else weight_decay
+    groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.sft.lr if lr is None else lr,
+                             betas=(config.sft.adam_beta1, config.sft.adam_beta2), eps=config.sft.adam_eps,
+                             foreach=True)
 
 
 def batch_for(plan: StepPlan, row: list[int] | None, pad_id: int) -> PackedBatch:

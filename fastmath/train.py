@@ -42,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
                     from fastmath.sft import run_sft
 
                     run_sft(config, dist_info)
+                elif stage == "grpo":
+                    from fastmath.grpo import run_grpo
+
+                    run_grpo(config, dist_info)
         finally:
             shutdown()
     except FastmathError as err:

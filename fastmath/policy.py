@@ -1,0 +1,187 @@
+"""The GRPO policy side: sampled sequences packed padding-free, the model wrapper that turns a packed row into
+per-token log-probs or the GRPO loss (never the [tokens, vocab] logits), and the bucketed weight gather
+that feeds the generator after every optimizer step.
+
+A sampled sequence is prompt + completion. In a packed row only the completion tokens are predicted (the
+targets of prompt positions are IGNORE_INDEX), so the decoder's hidden states at the positions whose target
+is set are exactly the completion tokens, in order, sequence by sequence: the wrapper selects those rows
+(N x d, cheap) and hands them with the lm_head weight to `kernels.grpo`. Per-token side inputs (old /
+reference / sampler log-probs, the loss mask) are flat [N] tensors in the same order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fastmath.packing import IGNORE_INDEX, PackedBatch, best_fit_decreasing, collate_packed
+from kernels.grpo import fused_linear_grpo_loss, fused_linear_logprobs
+
+
+@dataclass
+class Sequence:
+    """One sampled completion with everything the update needs."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    sampler_logprobs: list[float] | None
+    advantage: float
+    counted: bool  # False: kept out of the loss (masked truncation, or an empty completion)
+
+
+@dataclass
+class UpdateBatch:
+    """One packed row of sequences plus its flat per-completion-token tensors."""
+
+    packed: PackedBatch
+    seq_ids: torch.Tensor        # [N] local sequence index 0..S-1 of each completion token
+    advantages: torch.Tensor     # [S]
+    mask: torch.Tensor           # [N] bool
+    sampler_logprobs: torch.Tensor | None  # [N] or None
+    num_sequences: int
+    old_logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+
+    def to(self, device):
+        def move(t):
+            return None if t is None else t.to(device)
+
+        return UpdateBatch(self.packed.to(device), move(self.seq_ids), move(self.advantages), move(self.mask),
+                           move(self.sampler_logprobs), self.num_sequences, move(self.old_logprobs),
+                           move(self.ref_logprobs))
+
+
+def pack_sequences(seqs: list[Sequence], budget: int) -> list[UpdateBatch]:
+    """Best-fit-decreasing into rows of `budget` tokens; each row becomes one UpdateBatch."""
+    lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in seqs]
+    batches = []
+    for row in best_fit_decreasing(lengths, budget):
+        row.sort()  # keep sampling order inside a row (deterministic, and easy to read when debugging)
+        docs, seq_ids, mask, sampler, advantages = [], [], [], [], []
+        for local, i in enumerate(row):
+            s = seqs[i]
+            docs.append((s.prompt_ids + s.completion_ids, [False] * len(s.prompt_ids) + [True] * len(s.completion_ids)))
+            seq_ids += [local] * len(s.completion_ids)
+            mask += [s.counted] * len(s.completion_ids)
+            sampler += s.sampler_logprobs if s.sampler_logprobs is not None else [0.0] * len(s.completion_ids)
+            advantages.append(s.advantage)
+        have_sampler = all(seqs[i].sampler_logprobs is not None for i in row)
+        batches.append(UpdateBatch(
+            packed=collate_packed(docs),
+            seq_ids=torch.tensor(seq_ids, dtype=torch.long),
+            advantages=torch.tensor(advantages, dtype=torch.float32),
+            mask=torch.tensor(mask, dtype=torch.bool),
+            sampler_logprobs=torch.tensor(sampler, dtype=torch.float32) if have_sampler else None,
+            num_sequences=len(row)))
+    return batches
+
+
+def empty_update_batch(pad_id: int) -> UpdateBatch:
+    """A row with one fully masked one-token completion: keeps ranks in lockstep (FSDP collectives)."""
+    (batch,) = pack_sequences([Sequence([pad_id], [pad_id], [0.0], 0.0, False)], budget=2)
+    return batch
+
+
+class PolicyWithGRPOLoss(nn.Module):
+    """Packed row -> completion-token log-probs, or the GRPO loss and its stats (the FSDP root)."""
+
+    def __init__(self, causal_lm: nn.Module, temperature: float, loss_options: dict, chunk_size: int | None = None):
+        super().__init__()
+        self.causal_lm = causal_lm
+        self.temperature = temperature
+        self.loss_options = loss_options
+        self.chunk_size = chunk_size
+
+    def _completion_hidden(self, packed: PackedBatch):
+        decoder = self.causal_lm.get_decoder()
+        cu = packed.cu_seqlens
+        hidden = decoder(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
+                         cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=packed.max_seqlen,
+                         max_length_k=packed.max_seqlen).last_hidden_state.flatten(0, 1)
+        targets = packed.targets.flatten()
+        keep = targets != IGNORE_INDEX
+        weight = self.causal_lm.get_output_embeddings().weight
+        hidden = hidden[keep]
+        device_type = hidden.device.type
+        if torch.is_autocast_enabled(device_type):  # the head matmuls in the autocast dtype, as in SFT
+            dtype = torch.get_autocast_dtype(device_type)
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+        return hidden, weight, targets[keep]
+
+    def forward(self, batch: UpdateBatch, mode: str = "loss", num_items_in_batch=None, num_sequences=None,
+                importance_weights=None):
+        hidden, weight, targets = self._completion_hidden(batch.packed)
+        if mode == "logprobs":
+            logprobs, entropy = fused_linear_logprobs(hidden, weight, targets, temperature=self.temperature,
+                                                      return_entropy=True, chunk_size=self.chunk_size)
+            return logprobs, entropy
+        return fused_linear_grpo_loss(
+            hidden, weight, targets, batch.old_logprobs, batch.advantages, batch.seq_ids, mask=batch.mask,
+            ref_logprobs=batch.ref_logprobs, importance_weights=importance_weights,
+            num_items_in_batch=num_items_in_batch, num_sequences=num_sequences, temperature=self.temperature,
+            chunk_size=self.chunk_size, **self.loss_options)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight sync: full tensors out of FSDP shards, one all-gather per bucket
+
+
+def _plain(name: str) -> str:
+    return name.removeprefix("_orig_mod.").replace("._checkpoint_wrapped_module", "").replace("._orig_mod", "")
+
+
+def gathered_weights(causal_lm: nn.Module, bucket_bytes: int, dtype: torch.dtype | None = None
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, full tensor) for every entry of the model's state dict, gathered a bucket at a time.
+
+    Under FSDP2 each parameter is a DTensor sharded on dim 0 into world_size chunks of ceil(rows / W) rows
+    (the last chunks may be short or empty). A bucket packs every rank's local chunks, each padded to the
+    full chunk size, into one flat buffer; one `all_gather_into_tensor` then gives every rank every chunk,
+    and each full tensor is the concatenation of its chunks cut to its row count. Bytes moved per rank per
+    bucket: (W - 1) / W * bucket, the minimum for an all-gather; one collective instead of one per tensor.
+    Tensors are cast to `dtype` (the generator's) before the gather, halving the traffic for bf16.
+    Every rank must iterate this to the end (it is collective).
+    """
+    state = causal_lm.state_dict()
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, tensor in state.items():
+        bucket.append((_plain(name), tensor))
+        size += tensor.numel() * (tensor.element_size() if dtype is None else torch.finfo(dtype).bits // 8)
+        if size >= bucket_bytes:
+            yield from _gather_bucket(bucket, dtype)
+            bucket, size = [], 0
+    if bucket:
+        yield from _gather_bucket(bucket, dtype)
+
+
+def _gather_bucket(bucket, dtype):
+    sharded = [(n, t) for n, t in bucket if hasattr(t, "to_local")]
+    for name, tensor in bucket:
+        if not hasattr(tensor, "to_local"):
+            yield name, tensor.detach().to(dtype or tensor.dtype)
+    if not sharded:
+        return
+    world = dist.get_world_size()
+    pieces, layout = [], []
+    for name, tensor in sharded:
+        rows = tensor.shape[0]
+        chunk_rows = -(-rows // world)
+        inner = tensor[0].numel() if tensor.dim() > 1 else 1
+        local = tensor.to_local().detach().to(dtype or tensor.dtype).reshape(-1)
+        padded = torch.zeros(chunk_rows * inner, dtype=local.dtype, device=local.device)
+        padded[:local.numel()] = local
+        pieces.append(padded)
+        layout.append((name, tuple(tensor.shape), rows * inner, chunk_rows * inner))
+    flat = torch.cat(pieces)
+    out = torch.empty(world * flat.numel(), dtype=flat.dtype, device=flat.device)
+    dist.all_gather_into_tensor(out, flat)
+    out = out.view(world, -1)
+    offset = 0
+    for name, shape, numel, chunk in layout:
+        full = out[:, offset:offset + chunk].reshape(-1)[:numel]  # rank chunks in order, padding cut
+        yield name, full.reshape(shape)
+        offset += chunk
