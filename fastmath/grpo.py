@@ -222,6 +222,114 @@ def advantages_for(groups: list[Group], config: Config, dist_info: DistInfo) -> 
 
 
 # ---------------------------------------------------------------------------------------------
+# The update
+
+
+def build_update_batches(seqs: list[Sequence], budget: int, pad_id: int, device: torch.device):
+    """Packed rows of this rank's sequences, padded with empty rows to the busiest rank's count (FSDP runs
+    collectives per forward, so every rank must run as many); returns (batches on device, real rows,
+    global counted tokens, global sequences)."""
+    batches = pack_sequences(seqs, budget) if seqs else []
+    n_real = len(batches)
+    n_micro = all_reduce_max(n_real, device)
+    batches += [empty_update_batch(pad_id) for _ in range(n_micro - n_real)]
+    local_tokens = sum(int(b.mask.sum()) for b in batches[:n_real])
+    local_seqs = sum(b.num_sequences for b in batches[:n_real])
+    global_tokens, global_seqs = all_reduce_sum([local_tokens, local_seqs], device)
+    return [b.to(device) for b in batches], n_real, global_tokens, global_seqs
+
+
+@torch.no_grad()
+def attach_logprobs(model, ref_model, batches, g, autocast) -> list[torch.Tensor | None]:
+    """Old log-probs (needed for num_iterations > 1 and for the sampler importance weights) and reference
+    log-probs (beta > 0) in no-grad passes; returns each row's truncated importance weights
+    min(exp(old - sampler), cap) (TRL's token_truncate), or None where not used."""
+    need_old = g.num_iterations > 1 or g.vllm_is_correction
+    if need_old or ref_model is not None:
+        with autocast():
+            for b in batches:
+                if need_old:
+                    b.old_logprobs = model(b, mode="logprobs")[0].float()
+                if ref_model is not None:
+                    b.ref_logprobs = ref_model(b, mode="logprobs")[0].float()
+    weights = []
+    for b in batches:
+        if g.vllm_is_correction and b.sampler_logprobs is not None and b.old_logprobs is not None:
+            weights.append(torch.exp(b.old_logprobs - b.sampler_logprobs).clamp(max=g.vllm_is_cap))
+        else:
+            weights.append(None)
+    return weights
+
+
+@dataclass
+class UpdateResult:
+    loss: float          # the step's global loss (of the last of the num_iterations updates)
+    grad_norm: float
+    lr: float
+    stats: torch.Tensor  # GRPOStats sums of the first update, stacked [6], this rank only
+    skipped: bool        # the loss was non-finite: no optimizer step was taken
+
+
+def update_policy(model, optimizer, batches, weights, global_tokens: float, global_seqs: float, g, step: int,
+                  world: int, autocast) -> UpdateResult:
+    """num_iterations optimizer steps on this rank's packed rows (every rank calls this with as many rows).
+
+    Each micro-batch's loss is its share of the global loss (global token / sequence counts); FSDP averages
+    gradients over ranks, so it is multiplied by `world` before backward. A non-finite global loss skips
+    the optimizer step (gradients dropped) and reports it; the caller counts and aborts.
+    """
+    device = batches[0].seq_ids.device
+    params = [p for p in model.parameters() if p.requires_grad]
+    fsdp = hasattr(model, "set_requires_gradient_sync")
+    total_updates = g.max_steps * g.num_iterations
+    stats_total = torch.zeros(6, dtype=torch.float64, device=device)
+    loss_value, grad_norm, lr = float("nan"), float("nan"), 0.0
+    for it in range(g.num_iterations):
+        lr = lr_at(step * g.num_iterations + it, total_updates, g.lr, g.warmup_ratio, g.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for micro, batch in enumerate(batches):
+            if fsdp:
+                model.set_requires_gradient_sync(micro == len(batches) - 1)
+            with autocast():
+                loss, stats = model(batch, num_items_in_batch=max(1.0, global_tokens),
+                                    num_sequences=max(1.0, global_seqs), importance_weights=weights[micro])
+            (loss * world).backward()
+            loss_sum += loss.detach().double()
+            if it == 0:
+                stats_total += stats.stacked().double()
+        (loss_value,) = all_reduce_sum([loss_sum.item()], device)
+        if not math.isfinite(loss_value):
+            optimizer.zero_grad(set_to_none=True)
+            return UpdateResult(loss_value, float("nan"), lr, stats_total, skipped=True)
+        norm = torch.nn.utils.clip_grad_norm_(params, g.grad_clip or float("inf"))
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return UpdateResult(loss_value, grad_norm, lr, stats_total, skipped=False)
+
+
+class NonFiniteGuard:
+    """Counts consecutive skipped (non-finite) steps; aborts the run after `limit` in a row."""
+
+    def __init__(self, limit: int, verbose: bool = True):
+        self.limit, self.verbose, self.in_a_row = limit, verbose, 0
+
+    def ok(self) -> None:
+        self.in_a_row = 0
+
+    def failed(self, step: int) -> None:
+        self.in_a_row += 1
+        if self.verbose:
+            print(f"fastmath: warning: non-finite GRPO loss at step {step}; update skipped "
+                  f"({self.in_a_row} in a row, abort at {self.limit})", flush=True)
+        if self.in_a_row >= self.limit:
+            raise FastmathError(f"GRPO loss was non-finite in {self.in_a_row} consecutive steps (last: step "
+                                f"{step}); lower grpo.lr or check the rewards and data")
+
+
+# ---------------------------------------------------------------------------------------------
 # Held-out accuracy with the generator (greedy), for the before/after table
 
 
@@ -291,16 +399,20 @@ def run_grpo(config: Config, dist_info: DistInfo) -> dict:
     tokenizer = load_tokenizer(init_path, config.model.trust_remote_code)
     formatter = Formatter(tokenizer, config.data.prompt_field, config.data.solution_field, "", config.data.system_prompt)
     checker = AnswerChecker(g.reward_workers, g.reward_timeout_s)
+    cleanup = [checker.close]  # also on errors: the worker pool and the generator must not outlive the stage
     try:
         rows, report = load_prompts(config, formatter, checker, progress=main)
         if main:
             print(report.summary(), flush=True)
-        return _train(config, dist_info, init_path, tokenizer, formatter, checker, rows, out_dir, autocast, bf16)
+        return _train(config, dist_info, init_path, tokenizer, formatter, checker, rows, out_dir, autocast, bf16,
+                      cleanup)
     finally:
-        checker.close()
+        for close in reversed(cleanup):
+            close()
 
 
-def _train(config, dist_info, init_path, tokenizer, formatter, checker, rows, out_dir, autocast, bf16) -> dict:
+def _train(config, dist_info, init_path, tokenizer, formatter, checker, rows, out_dir, autocast, bf16,
+           cleanup: list) -> dict:
     g = config.grpo
     main, device, world = dist_info.is_main, dist_info.device, dist_info.world_size
 
@@ -319,8 +431,6 @@ def _train(config, dist_info, init_path, tokenizer, formatter, checker, rows, ou
         ref_model = parallelize(PolicyWithGRPOLoss(ref_lm, g.temperature, loss_options), world, device,
                                 False, config.model.compile, bf16).eval()
     optimizer = build_optimizer(model, config, lr=g.lr, weight_decay=g.weight_decay)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    total_updates = g.max_steps * g.num_iterations
 
     # 3. Resume --------------------------------------------------------------------------------------------
     start_step = 0
@@ -344,6 +454,7 @@ def _train(config, dist_info, init_path, tokenizer, formatter, checker, rows, ou
                                gpu_memory_utilization=g.vllm_gpu_memory_utilization,
                                cpu_kv_cache_gib=g.vllm_cpu_kv_cache_gib, sleep_mode=g.vllm_sleep,
                                trust_remote_code=config.model.trust_remote_code)
+    cleanup.append(generator.close)
     sync_dtype = torch.bfloat16 if device.type == "cuda" else None
     bucket_bytes = g.sync_bucket_mib * 2**20
 
@@ -380,7 +491,7 @@ def _train(config, dist_info, init_path, tokenizer, formatter, checker, rows, ou
 
     # 6. The loop ------------------------------------------------------------------------------------------
     bar = tqdm(total=g.max_steps, initial=start_step, desc="grpo", disable=not main, dynamic_ncols=True)
-    bad_in_a_row, skipped_steps = 0, 0
+    guard, skipped_steps = NonFiniteGuard(g.max_bad_steps, main), 0
     for step in range(start_step, g.max_steps):
         record = {"step": step + 1}
         t0 = time.perf_counter()
@@ -393,77 +504,25 @@ def _train(config, dist_info, init_path, tokenizer, formatter, checker, rows, ou
         t1 = time.perf_counter()
         advantages = advantages_for(groups, config, dist_info)
         seqs = _sequences(groups, advantages, g.mask_truncated)
-        batches = pack_sequences(seqs, g.tokens_per_micro_batch) if seqs else []
-        n_micro = all_reduce_max(len(batches), device)
-        n_real = len(batches)
-        batches += [empty_update_batch(tokenizer.pad_token_id) for _ in range(n_micro - n_real)]
-        local_tokens = sum(int(b.mask.sum()) for b in batches[:n_real])
-        local_seqs = sum(b.num_sequences for b in batches[:n_real])
-        global_tokens, global_seqs = all_reduce_sum([local_tokens, local_seqs], device)
-        batches = [b.to(device) for b in batches]
+        batches, n_real, global_tokens, global_seqs = build_update_batches(seqs, g.tokens_per_micro_batch,
+                                                                           tokenizer.pad_token_id, device)
+        weights = attach_logprobs(model, ref_model, batches, g, autocast)
 
-        # Old / reference log-probs (no grad), then the sampler-vs-trainer importance weights.
-        need_old = g.num_iterations > 1 or g.vllm_is_correction
-        if need_old or ref_model is not None:
-            with torch.no_grad(), autocast():
-                for b in batches:
-                    if need_old:
-                        b.old_logprobs = model(b, mode="logprobs")[0].float()
-                    if ref_model is not None:
-                        b.ref_logprobs = ref_model(b, mode="logprobs")[0].float()
-        weights = []
-        for b in batches:
-            if g.vllm_is_correction and b.sampler_logprobs is not None and b.old_logprobs is not None:
-                weights.append(torch.exp(b.old_logprobs - b.sampler_logprobs).clamp(max=g.vllm_is_cap))
-            else:
-                weights.append(None)
-
-        # mu optimizer steps on this batch.
-        stats_total = torch.zeros(6, dtype=torch.float64, device=device)
-        loss_total, grad_norm, lr = 0.0, float("nan"), 0.0
-        fsdp = hasattr(model, "set_requires_gradient_sync")
-        for it in range(g.num_iterations):
-            update = step * g.num_iterations + it
-            lr = lr_at(update, total_updates, g.lr, g.warmup_ratio, g.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            for micro, b in enumerate(batches):
-                if fsdp:
-                    model.set_requires_gradient_sync(micro == len(batches) - 1)
-                with autocast():
-                    loss, stats = model(b, num_items_in_batch=max(1.0, global_tokens), num_sequences=max(1.0, global_seqs),
-                                        importance_weights=weights[micro])
-                (loss * world).backward()
-                loss_sum += loss.detach().double()
-                if it == 0:
-                    stats_total += stats.stacked().double()
-            (loss_value,) = all_reduce_sum([loss_sum.item()], device)
-            if not math.isfinite(loss_value):
-                optimizer.zero_grad(set_to_none=True)
-                skipped_steps += 1
-                bad_in_a_row += 1
-                if main:
-                    print(f"fastmath: warning: non-finite GRPO loss at step {step + 1}; update skipped "
-                          f"({bad_in_a_row} in a row)", flush=True)
-                if bad_in_a_row >= g.max_bad_steps:
-                    raise FastmathError(f"GRPO loss was non-finite in {bad_in_a_row} consecutive steps (last: step "
-                                        f"{step + 1}); lower grpo.lr or check the rewards / data")
-                break
-            bad_in_a_row = 0
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, g.grad_clip or float("inf"))
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss_total = loss_value
+        result = update_policy(model, optimizer, batches, weights, global_tokens, global_seqs, g, step, world,
+                               autocast)
+        if result.skipped:
+            skipped_steps += 1
+            guard.failed(step + 1)
+        else:
+            guard.ok()
         t_update = time.perf_counter() - t1
         t_sync = sync()
 
         # Metrics (one reduction for the sums).
-        record.update(_step_metrics(sampled, groups, counts, stats_total, config, dist_info, tokenizer))
+        record.update(_step_metrics(sampled, groups, counts, result.stats, config, dist_info, tokenizer))
         update_tokens = all_reduce_sum([sum(b.packed.num_tokens for b in batches[:n_real])], device)[0]
-        record.update({"loss": loss_total, "grad_norm": float(grad_norm), "lr": lr, "skipped_steps": skipped_steps,
+        record.update({"loss": result.loss, "grad_norm": result.grad_norm, "lr": result.lr,
+                       "skipped_steps": skipped_steps,
                        "time/generate_s": t_gen, "time/update_s": t_update, "time/sync_s": t_sync,
                        "generate_tokens_per_s": record["completion_tokens"] / max(t_gen, 1e-9),
                        "update_tokens_per_s": update_tokens * g.num_iterations / max(t_update, 1e-9),
@@ -486,7 +545,6 @@ def _train(config, dist_info, init_path, tokenizer, formatter, checker, rows, ou
     export_dir = ckpt.export_hf(causal_lm, tokenizer, out_dir / "hf", dist_info)
     after = heldout_with_generator(generator, formatter, heldout_rows, config.eval.max_new_tokens, dist_info,
                                    tokenizer.eos_token_id)
-    generator.close()
     summary = {"stage": "grpo", "steps": g.max_steps, "init_from": init_path, "export": str(export_dir),
                "skipped_steps": skipped_steps, "before": before, "after": after}
     if main:

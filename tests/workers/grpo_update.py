@@ -1,0 +1,82 @@
+"""One GRPO update on fixed sequences, run under torchrun by tests/test_grpo.py (1 vs 2 processes).
+
+Every rank builds the same 12 sequences and takes its share (rank r: sequences r, r + W, ...), so the
+packed rows differ between world sizes while the step's loss (normalised over the global step) must not.
+Writes <out>/result.json (loss, stats) and <out>/weights_rank<r>.pt (the weights gathered with
+`gathered_weights`, as each rank sees them after the update); with --grads-only, <out>/grads_rank<r>.pt (the
+full gradient of the step's loss, before any optimizer step) instead.
+
+    torchrun --nproc_per_node=N tests/workers/grpo_update.py <model_dir> <out_dir> [--grads-only] [grpo.key=value ...]
+"""
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+
+from fastmath.config import load_config  # noqa: E402
+from fastmath.distributed import all_reduce_sum, init_distributed, shutdown  # noqa: E402
+from fastmath.grpo import attach_logprobs, build_update_batches, update_policy  # noqa: E402
+from fastmath.model import load_causal_lm, load_tokenizer, parallelize  # noqa: E402
+from fastmath.policy import PolicyWithGRPOLoss, Sequence, gathered_weights  # noqa: E402
+from fastmath.sft import build_optimizer  # noqa: E402
+
+
+def fixed_sequences(tokenizer) -> list[Sequence]:
+    gen = torch.Generator().manual_seed(0)
+    seqs = []
+    for i in range(12):
+        prompt = tokenizer(f"Compute {i} + {2 * i}.", add_special_tokens=False)["input_ids"]
+        length = int(torch.randint(3, 20, (1,), generator=gen))
+        completion = torch.randint(3, len(tokenizer), (length,), generator=gen).tolist()
+        sampler = (-3.0 + 0.3 * torch.randn(length, generator=gen)).tolist()
+        seqs.append(Sequence(prompt, completion, sampler, float(torch.randn((), generator=gen)), counted=i != 5))
+    return seqs
+
+
+def main(model_dir: str, out_dir: str, overrides: list[str]) -> None:
+    info = init_distributed()
+    config = load_config(None, ["grpo.max_steps=1", "grpo.lr=1e-3", *[o for o in overrides if "=" in o]])
+    g = config.grpo
+    torch.manual_seed(0)
+    tok = load_tokenizer(model_dir)
+    lm = load_causal_lm(model_dir, "fastmath_varlen")
+    options = dict(beta=g.beta, epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high, loss_type=g.loss_type,
+                   importance_sampling_level=g.importance_sampling_level,
+                   max_completion_length=g.max_completion_length)
+    model = parallelize(PolicyWithGRPOLoss(lm, g.temperature, options), info.world_size, info.device,
+                        False, False, False)
+    optimizer = build_optimizer(model, config, lr=g.lr, weight_decay=0.0)
+    seqs = fixed_sequences(tok)[info.rank::info.world_size]
+    batches, _, tokens, n_seqs = build_update_batches(seqs, budget=96, pad_id=tok.pad_token_id, device=info.device)
+    weights = attach_logprobs(model, None, batches, g, lambda: torch.autocast("cpu", enabled=False))
+    if "--grads-only" in overrides:  # the raw gradient of the step (Adam would hide a wrong gradient scale)
+        for micro, b in enumerate(batches):
+            if hasattr(model, "set_requires_gradient_sync"):
+                model.set_requires_gradient_sync(micro == len(batches) - 1)
+            loss, _ = model(b, num_items_in_batch=tokens, num_sequences=n_seqs, importance_weights=weights[micro])
+            (loss * info.world_size).backward()
+        grads = {}
+        for name, p in model.named_parameters():
+            gr = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            grads[name] = gr.clone()
+        torch.save(grads, Path(out_dir) / f"grads_rank{info.rank}.pt")
+        shutdown()
+        return
+    result = update_policy(model, optimizer, batches, weights, tokens, n_seqs, g, 0, info.world_size,
+                           lambda: torch.autocast("cpu", enabled=False))
+    full = {name: t.clone() for name, t in gathered_weights(lm, bucket_bytes=32 * 1024)}
+    out = Path(out_dir)
+    torch.save(full, out / f"weights_rank{info.rank}.pt")
+    summed = all_reduce_sum(result.stats.tolist(), info.device)
+    if info.is_main:
+        (out / "result.json").write_text(json.dumps({"loss": result.loss, "grad_norm": result.grad_norm,
+                                                     "skipped": result.skipped, "stats": summed,
+                                                     "tokens": tokens, "sequences": n_seqs}))
+    shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3:])
