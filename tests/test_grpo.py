@@ -202,7 +202,10 @@ def test_grpo_stage_on_two_processes(tmp_path, embedded_cache):
     need more than the 2 cores of CI) and half of every step's prompts."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO / "fastmath" / "train.py"),
-           *_grpo_overrides(tmp_path, embedded_cache, "np2", "grpo.generator=hf", "grpo.scale_rewards=batch")]
+           *_grpo_overrides(tmp_path, embedded_cache, "np2", "grpo.generator=hf", "grpo.scale_rewards=batch",
+                            # the untrained model runs every completion to the token limit: lengths in
+                            # characters still differ, so the length rewards give the groups some variance
+                            "grpo.length_unit=chars")]
     done = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     _check_run(tmp_path / "np2", 2)
