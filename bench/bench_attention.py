@@ -23,18 +23,19 @@ sum(L_i^2) / 2 (causal), backward 2.5x forward, forward+backward 3.5x. Padded or
 counted, so a provider that does it pays for it in TFLOP/s. Timings: triton.testing.do_bench (median of
 repeated runs after warm-up, gradients reset between backward runs), reported as min / median / max ms.
 
+The floor: the same FLOPs at the matmul rate measured in the same run (bench/common.py: an 8192^3 bf16
+product on CUDA, 1024^3 fp32 on CPU); x_floor = median time / floor time (attention's softmax work and
+causal-block raggedness keep even flash-attn above 1).
+
 Results: one record per run appended to bench/results/attention-<device>.json (a JSON list): device,
-versions, git commit, date, and per (layout, provider, mode) the timings and TFLOP/s at the median;
-also the largest |out - out_sdpa| of every provider (a numerics check in the benchmark's dtype).
+versions, git commit, date, load average (bench/common.py), the floor, and per (layout, provider, mode) the
+timings, TFLOP/s at the median and x_floor; also the largest |out - out_sdpa| of every provider (a numerics
+check in the benchmark's dtype).
 """
 
 import argparse
-import datetime
-import json
 import math
-import platform
 import random
-import re
 import statistics
 import sys
 import time
@@ -45,11 +46,14 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+for path in (REPO, REPO / "bench"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
+import common  # noqa: E402
 from kernels.attention import varlen_attention  # noqa: E402
 
-RESULTS = REPO / "bench" / "results"
+RESULTS = common.RESULTS
 MODES = ("fwd", "bwd", "fwd+bwd")
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}  # flash-attn's backward = 2.5 x forward
 
@@ -203,7 +207,7 @@ def time_modes(fn, q, k, v, bench):
 # ----------------------------------------------------------------------------------------------------
 
 
-def run_layout(total, heads_q, heads_kv, head_dim, providers, dtype, device, bench, seed=0):
+def run_layout(total, heads_q, heads_kv, head_dim, providers, dtype, device, bench, floor, seed=0):
     lengths = document_lengths(total, seed, longest=min(4096, total))
     gen = torch.Generator().manual_seed(seed)
     q, k, v = (
@@ -229,7 +233,9 @@ def run_layout(total, heads_q, heads_kv, head_dim, providers, dtype, device, ben
             median = statistics.median(ms)
             tflops = FLOP_FACTOR[mode] * flops / (median * 1e-3) / 1e12
             timing = dict(min=min(ms), median=median, max=max(ms))
-            rows.append(dict(layout, provider=name, mode=mode, ms=timing, tflops=tflops))
+            floor_ms = FLOP_FACTOR[mode] * flops / (floor["matmul"]["tflops"] * 1e12) * 1e3
+            rows.append(dict(layout, provider=name, mode=mode, ms=timing, tflops=tflops, floor_ms=floor_ms,
+                             x_floor=median / floor_ms))
             print(f"  {name:12s} {mode:8s} {median:9.3f} ms  {tflops:8.3f} TFLOP/s")
         for t in (q, k, v):
             t.grad = None
@@ -240,84 +246,14 @@ def run_layout(total, heads_q, heads_kv, head_dim, providers, dtype, device, ben
     return rows
 
 
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return "CPU " + line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "CPU " + (platform.processor() or platform.machine())
-
-
-def git_commit() -> str:
-    """HEAD's commit read from .git (no git process needed); 'unknown' outside a checkout."""
-    git = REPO / ".git"
-    try:
-        head = (git / "HEAD").read_text().strip()
-        if not head.startswith("ref: "):
-            return head
-        ref = head[5:]
-        if (git / ref).exists():
-            return (git / ref).read_text().strip()
-        for line in (git / "packed-refs").read_text().splitlines():
-            if line.endswith(" " + ref):
-                return line.split()[0]
-    except OSError:
-        pass
-    return "unknown"
-
-
-def versions() -> dict:
-    found = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
-    for module in ("triton", "flash_attn", "transformers"):
-        try:
-            found[module] = __import__(module).__version__
-        except ImportError:
-            found[module] = None
-    return found
-
-
 def save(record, plot):
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", record["device"].lower()).strip("-")
-    slug = "cpu" if record["device"].startswith("CPU") else slug
-    path = RESULTS / f"attention-{slug}.json"
-    runs = json.loads(path.read_text()) if path.exists() else []
-    runs.append(record)
-    path.write_text(json.dumps(runs, indent=1) + "\n")
+    path = common.results_path("attention", record["device"])
+    common.append_record(record, path)
     print(f"appended to {path.relative_to(REPO)}")
     if plot:
-        draw(record, path.with_suffix(".png"))
+        import plot as plots
 
-
-def draw(record, path):
-    """TFLOP/s against total tokens, one panel per (head dim, GQA, mode), one line per provider."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in record["results"] if "tflops" in r]
-    panels = sorted({(r["head_dim"], r["heads_q"] // r["heads_kv"], r["mode"]) for r in rows})
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
-        head_dim, gqa, mode = panel
-        for provider in sorted({r["provider"] for r in rows}):
-            points = sorted(
-                (r["total_tokens"], r["tflops"]) for r in rows
-                if r["provider"] == provider and (r["head_dim"], r["heads_q"] // r["heads_kv"], r["mode"]) == panel
-            )  # fmt: skip
-            if points:
-                ax.plot(*zip(*points), marker="o", label=provider)
-        ax.set(title=f"hd{head_dim} GQA{gqa} {mode}", xlabel="total tokens", ylabel="TFLOP/s", xscale="log")
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"varlen causal attention, {record['device']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    print(f"plot: {path.relative_to(REPO)}")
+        plots.plot_attention(record, path.with_suffix(".png"))
 
 
 def main():
@@ -326,9 +262,8 @@ def main():
     parser.add_argument("--plot", action="store_true", help="also draw bench/results/attention-<device>.png")
     args = parser.parse_args()
 
-    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    record = dict(benchmark="varlen_attention", date=now, device=device_name(), versions=versions(),
-                  git_commit=git_commit(), causal=True)  # fmt: skip
+    record = common.new_record("varlen_attention", causal=True)
+    record.pop("results")  # re-added after the skips, keeping the key order of earlier runs
     if torch.cuda.is_available():
         providers, skipped = gpu_providers()
         totals = [16384] if args.quick else [8192, 16384, 32768, 65536]
@@ -345,15 +280,25 @@ def main():
         torch.set_num_threads(1)
         record.update(dry_run=True, threads=1)
         print(f"dry run on CPU: {reason}; timing the PyTorch reference against padded SDPA at tiny sizes")
+    record["floor"] = common.measure_floor(device, dtype)
+    print("floor: " + common.format_floor(record["floor"]))
     for name, reason in skipped.items():
         print(f"skipping {name}: {reason}")
     record.update(skipped=skipped, results=[])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for total, heads_q, heads_kv, head_dim in shapes:
-            print(f"{total} tokens, Hq={heads_q} Hkv={heads_kv} D={head_dim}, {dtype}")
-            record["results"] += run_layout(total, heads_q, heads_kv, head_dim, providers, dtype, device, bench)
-    save(record, args.plot)
+    common.exit_on_sigterm()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for total, heads_q, heads_kv, head_dim in shapes:
+                print(f"{total} tokens, Hq={heads_q} Hkv={heads_kv} D={head_dim}, {dtype}")
+                record["results"] += run_layout(total, heads_q, heads_kv, head_dim, providers, dtype, device, bench,
+                                                record["floor"])
+    finally:
+        layouts_done = len({(r["total_tokens"], r["heads_kv"], r["head_dim"]) for r in record["results"]})
+        if layouts_done < len(shapes):
+            record["interrupted"] = f"stopped after {layouts_done} of {len(shapes)} layouts"
+        if record["results"]:
+            save(record, args.plot)
 
 
 if __name__ == "__main__":

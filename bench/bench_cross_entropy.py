@@ -32,27 +32,23 @@ name, versions, git commit, date, shapes and min / median / max), and plotted to
 """
 
 import argparse
-import datetime
 import gc
-import importlib.metadata
 import itertools
-import json
-import platform
-import re
 import statistics
 import sys
 import time
-import weakref
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+for path in (REPO, REPO / "bench"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
+import common  # noqa: E402
+from common import PeakStorageBytes  # noqa: E402
 from kernels.cross_entropy import fused_linear_cross_entropy  # noqa: E402
 
 PRESETS = {
@@ -94,34 +90,6 @@ def make_provider(name):
 # ----------------------------------------------------------------------------------------------------
 # Measurement
 # ----------------------------------------------------------------------------------------------------
-
-
-class PeakStorageBytes(TorchDispatchMode):
-    """CPU peak memory: bytes of the storages created by ops while active, tracked until they are freed.
-
-    Storages that existed before (the inputs) are passed in and never counted; PyTorch keeps one Python
-    object per live storage, so a finalizer on it fires exactly when the memory is released.
-    """
-
-    def __init__(self, existing):
-        super().__init__()
-        self.known = {id(t.untyped_storage()) for t in existing}
-        self.live = self.peak = 0
-
-    def _freed(self, key, nbytes):
-        self.known.discard(key)
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and id(storage := t.untyped_storage()) not in self.known:
-                key, nbytes = id(storage), storage.nbytes()
-                self.known.add(key)
-                self.live += nbytes
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(storage, self._freed, key, nbytes)
-        return out
 
 
 def make_inputs(n, d, v, dtype, device):
@@ -220,85 +188,8 @@ def format_row(r):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Run record: device, versions, commit, date; appended to bench/results/; plot
+# Run: record (bench/common.py), results appended to bench/results/, plot (bench/plot.py)
 # ----------------------------------------------------------------------------------------------------
-
-
-def git_commit():
-    """HEAD's commit read from .git directly (no git process), or None."""
-    git = REPO / ".git"
-    try:
-        head = (git / "HEAD").read_text().strip()
-        if not head.startswith("ref: "):
-            return head
-        ref = head[5:]
-        if (git / ref).exists():
-            return (git / ref).read_text().strip()
-        for line in (git / "packed-refs").read_text().splitlines():
-            if line.endswith(" " + ref):
-                return line.split()[0]
-    except OSError:
-        pass
-    return None
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"CPU: {line.split(':', 1)[1].strip()}"
-    except OSError:
-        pass
-    return f"CPU: {platform.processor() or platform.machine()}"
-
-
-def versions():
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for package in ("triton", "liger-kernel"):
-        try:
-            out[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            out[package] = None
-    if torch.version.cuda:
-        out["cuda"] = torch.version.cuda
-    return out
-
-
-def append_results(record, path):
-    runs = json.loads(path.read_text()) if path.exists() else []
-    runs.append(record)
-    path.write_text(json.dumps(runs, indent=1) + "\n")
-
-
-def plot(record, path):
-    """Median time and extra memory per provider and shape (one bar group per shape)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in record["results"] if "time_ms" in r]
-    shapes = list(dict.fromkeys((r["N"], r["d"], r["V"]) for r in rows))
-    providers = list(dict.fromkeys(r["provider"] for r in rows))
-    fig, axes = plt.subplots(2, 1, figsize=(max(6, 1.2 * len(shapes) * len(providers) / 2), 7))
-    width = 0.8 / max(1, len(providers))
-    for k, provider in enumerate(providers):
-        by_shape = {(r["N"], r["d"], r["V"]): r for r in rows if r["provider"] == provider}
-        xs = [i + k * width for i, s in enumerate(shapes) if s in by_shape]
-        present = [s for s in shapes if s in by_shape]
-        axes[0].bar(xs, [by_shape[s]["time_ms"]["median"] for s in present], width, label=provider)
-        axes[1].bar(xs, [by_shape[s]["extra_mib"] for s in present], width, label=provider)
-    labels = [f"N={n}\nd={d}\nV={v}" for n, d, v in shapes]
-    for ax, ylabel in zip(axes, ("forward+backward, median ms", "extra memory, MiB")):
-        ax.set_xticks([i + width * (len(providers) - 1) / 2 for i in range(len(shapes))], labels, fontsize=7)
-        ax.set_ylabel(ylabel)
-        ax.set_yscale("log")
-        ax.legend(fontsize=7)
-    axes[0].set_title(f"linear cross-entropy, {record['dtype']}, {record['device']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 def parse_sizes(text, device):
@@ -327,28 +218,34 @@ def main():
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     names = (args.providers or (",".join(PROVIDERS) if device.type == "cuda" else "torch,fastmath")).split(",")
     providers = {name: make_provider(name) for name in names}
-    now = datetime.datetime.now(datetime.timezone.utc)
-    record = {
-        "benchmark": "cross_entropy", "date": now.isoformat(timespec="seconds"),
-        "device": device_name(device), "versions": versions(), "git_commit": git_commit(),
-        "threads": torch.get_num_threads(), "dtype": str(dtype).removeprefix("torch."), "mode": "full",
-        "reduction": "mean", "results": [],
-    }
+    record = common.new_record(
+        "cross_entropy", device, dtype=str(dtype).removeprefix("torch."), mode="full", reduction="mean",
+    )
     if device.type == "cpu":
         record["note"] = (
             "CPU: the memory comparison at reduced sizes; fastmath runs its chunked PyTorch path here, not the "
             "Triton kernel. The GPU speed and memory of the Triton path are still to be measured."
         )
-    print(f"{record['device']} | {record['versions']} | commit {record['git_commit']} | {record['dtype']}")
-    for n, d, v in parse_sizes(args.sizes, device):
-        record["results"] += bench_shape(n, d, v, dtype, device, providers, args.reps)
-        gc.collect()
-    args.out.mkdir(parents=True, exist_ok=True)
-    slug = "cpu" if device.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", record["device"].lower()).strip("-")
-    append_results(record, args.out / f"cross_entropy-{slug}.json")
+    print(f"{record['device']} | {record['versions']} | commit {record['git_commit']} | {record['dtype']} | "
+          f"load average {record['loadavg']['start']}")
+    path = common.results_path("cross_entropy", record["device"], args.out)
+    common.exit_on_sigterm()
+    sizes = parse_sizes(args.sizes, device)
+    try:
+        for n, d, v in sizes:
+            record["results"] += bench_shape(n, d, v, dtype, device, providers, args.reps)
+            gc.collect()
+    finally:
+        shapes_done = len({(r["N"], r["d"], r["V"]) for r in record["results"]})
+        if shapes_done < len(sizes):
+            record["interrupted"] = f"stopped after {shapes_done} of {len(sizes)} shapes"
+        if record["results"]:
+            common.append_record(record, path)
+            print(f"appended to {path}")
     if not args.no_plot:
-        plot(record, args.out / f"cross_entropy-{slug}.png")
-    print(f"appended to {args.out / f'cross_entropy-{slug}.json'}")
+        import plot
+
+        plot.plot_cross_entropy(record, path.with_suffix(".png"))
 
 
 if __name__ == "__main__":

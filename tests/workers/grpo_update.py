@@ -2,11 +2,11 @@
 
 Every rank builds the same 12 sequences and takes its share (rank r: sequences r, r + W, ...), so the
 packed rows differ between world sizes while the step's loss (normalised over the global step) must not.
-Writes <out>/result.json (loss, stats) and <out>/weights_rank<r>.pt (the weights gathered with
-`gathered_weights`, as each rank sees them after the update); with --grads-only, <out>/grads_rank<r>.pt (the
-full gradient of the step's loss, before any optimizer step) instead.
+Writes <out>/grads_rank<r>.pt (the full gradient of the step's loss, before any optimizer step),
+<out>/result.json (loss, stats) and <out>/weights_rank<r>.pt (the weights gathered with `gathered_weights`, as
+each rank sees them after the update).
 
-    torchrun --nproc_per_node=N tests/workers/grpo_update.py <model_dir> <out_dir> [--grads-only] [grpo.key=value ...]
+    torchrun --nproc_per_node=N tests/workers/grpo_update.py <model_dir> <out_dir> [grpo.key=value ...]
 """
 import json
 import sys
@@ -38,7 +38,7 @@ def fixed_sequences(tokenizer) -> list[Sequence]:
 
 def main(model_dir: str, out_dir: str, overrides: list[str]) -> None:
     info = init_distributed()
-    config = load_config(None, ["grpo.max_steps=1", "grpo.lr=1e-3", *[o for o in overrides if "=" in o]])
+    config = load_config(None, ["grpo.max_steps=1", "grpo.lr=1e-3", *overrides])
     g = config.grpo
     torch.manual_seed(0)
     tok = load_tokenizer(model_dir)
@@ -52,19 +52,16 @@ def main(model_dir: str, out_dir: str, overrides: list[str]) -> None:
     seqs = fixed_sequences(tok)[info.rank::info.world_size]
     batches, _, tokens, n_seqs = build_update_batches(seqs, budget=96, pad_id=tok.pad_token_id, device=info.device)
     weights = attach_logprobs(model, None, batches, g, lambda: torch.autocast("cpu", enabled=False))
-    if "--grads-only" in overrides:  # the raw gradient of the step (Adam would hide a wrong gradient scale)
-        for micro, b in enumerate(batches):
-            if hasattr(model, "set_requires_gradient_sync"):
-                model.set_requires_gradient_sync(micro == len(batches) - 1)
-            loss, _ = model(b, num_items_in_batch=tokens, num_sequences=n_seqs, importance_weights=weights[micro])
-            (loss * info.world_size).backward()
-        grads = {}
-        for name, p in model.named_parameters():
-            gr = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
-            grads[name] = gr.clone()
-        torch.save(grads, Path(out_dir) / f"grads_rank{info.rank}.pt")
-        shutdown()
-        return
+    # The raw gradient of the step first (Adam would hide a wrong gradient scale), then the real update.
+    for micro, b in enumerate(batches):
+        if hasattr(model, "set_requires_gradient_sync"):
+            model.set_requires_gradient_sync(micro == len(batches) - 1)
+        loss, _ = model(b, num_items_in_batch=tokens, num_sequences=n_seqs, importance_weights=weights[micro])
+        (loss * info.world_size).backward()
+    grads = {name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+             for name, p in model.named_parameters()}
+    torch.save(grads, Path(out_dir) / f"grads_rank{info.rank}.pt")
+    optimizer.zero_grad(set_to_none=True)
     result = update_policy(model, optimizer, batches, weights, tokens, n_seqs, g, 0, info.world_size,
                            lambda: torch.autocast("cpu", enabled=False))
     full = {name: t.clone() for name, t in gathered_weights(lm, bucket_bytes=32 * 1024)}
