@@ -15,3 +15,14 @@ from kernels.attention import varlen_attention
 from kernels.cross_entropy import CrossEntropyOutput, FusedLinearCrossEntropyLoss, fused_linear_cross_entropy
 
 __all__ = ["CrossEntropyOutput", "FusedLinearCrossEntropyLoss", "fused_linear_cross_entropy", "varlen_attention"]
+from kernels.grpo import (
+    GroupAdvantages,
+    GRPOStats,
+    fused_linear_grpo_loss,
+    fused_linear_logprobs,
+    group_advantages,
+    grpo_loss,
+)
+
+__all__ += ["GRPOStats", "GroupAdvantages", "fused_linear_grpo_loss", "fused_linear_logprobs", "group_advantages",
+            "grpo_loss"]
