@@ -153,6 +153,33 @@ def grpo_rows(record: dict) -> list[list[str]]:
                            (("trl", "TRL's eager loss"), ("compile", "`torch.compile` of it"), ("liger", "Liger")))
 
 
+def grpo_e2e_rows(record: dict) -> list[list[str]]:
+    by = {r["provider"]: r for r in record["results"] if "error" not in r}
+    if "fastmath-vllm" not in by and "fastmath-hf" not in by:
+        return []
+    what = (f"one GRPO step end to end ({record['prompts']} prompts x {record['generations']} completions, <= "
+            f"{record['max_tokens']} tokens, embedded tiny Qwen2): seconds per step, median (min-max) of "
+            f"{record['timed_steps']}")
+    rows = []
+    trl = by.get("trl")
+    for name, label in (("fastmath-vllm", "vLLM rollouts"), ("fastmath-hf", "HF generate rollouts")):
+        if name not in by:
+            continue
+        r = by[name]
+        ours = (f"{fmt_spread(r['step_s'], lambda x: f'{x:.2f}')} s ({label}: generate "
+                f"{r['generate_s']['median']:.2f} + update {r['update_s']['median']:.2f} + sync "
+                f"{r['sync_s']['median']:.3f} s)")
+        base = "TRL not run"
+        if trl:
+            base = (f"TRL `GRPOTrainer` (HF generate) {fmt_spread(trl['step_s'], lambda x: f'{x:.2f}')} s: fastmath "
+                    f"{trl['step_s']['median'] / r['step_s']['median']:.2f}x as fast")
+        rows.append([what, ours, base, run_cell(record)])
+    failed = [f"{r['provider']} failed ({r['error'][:100]})" for r in record["results"] if "error" in r]
+    if failed:
+        rows.append(["same: providers that failed", "", "; ".join(failed), run_cell(record)])
+    return rows
+
+
 def attention_rows(record: dict) -> list[list[str]]:
     rows = [r for r in record["results"] if r.get("mode") == "fwd+bwd" and "ms" in r]
     if not rows:
@@ -286,7 +313,7 @@ def render(results_dir: Path = common.RESULTS) -> str:
     cpu = {bench: run for (bench, slug), run in runs.items() if slug == "cpu"}
     rows = []
     for bench, to_rows in (("sft_e2e", sft_rows), ("cross_entropy", cross_entropy_rows), ("grpo", grpo_rows),
-                           ("varlen_attention", attention_rows), ("demo_sft", demo_rows)):
+                           ("grpo_e2e", grpo_e2e_rows), ("varlen_attention", attention_rows), ("demo_sft", demo_rows)):
         if bench in cpu:
             rows += to_rows(cpu[bench])
     if rows:

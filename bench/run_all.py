@@ -10,7 +10,8 @@ Stages, in order, each a separate process with its output streamed:
     attention      bench/bench_attention.py: the PyTorch reference vs SDPA on padded documents (tiny dry run)
     sft_e2e        bench/bench_sft_e2e.py: one SFT step of the demo config, our loop vs HF's attention+loss vs
                    TRL SFTTrainer: tokens/s and peak RSS
-    grpo           bench/bench_grpo.py, when that file exists (our GRPO step vs TRL GRPOTrainer)
+    grpo           bench/bench_grpo.py: the fused LM head + GRPO loss vs TRL's eager loss, compile, Liger
+    grpo_e2e       bench/bench_grpo_e2e.py: one GRPO step end to end, fastmath (vLLM / HF rollouts) vs TRL GRPOTrainer
 then bench/plot.py (every PNG) and bench/readme_performance.py --write (the README's Performance section).
 
 Threads: one per benchmark by default (OMP_NUM_THREADS=1), because on a machine whose cores are shared an
@@ -41,6 +42,7 @@ def stages(python: str) -> dict[str, list[str]]:
     }
     if (BENCH / "bench_grpo.py").exists():
         found["grpo"] = [python, str(BENCH / "bench_grpo.py"), "--no-plot"]
+    found["grpo_e2e"] = [python, str(BENCH / "bench_grpo_e2e.py")]
     return found
 
 
