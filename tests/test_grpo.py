@@ -224,3 +224,31 @@ def test_vllm_failing_to_start_names_the_cause(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(),
                           timeout=300)
     assert f"ERR vLLM could not start on {tmp_path}" in done.stdout, done.stdout + done.stderr[-2000:]
+
+
+def test_grpo_resumes_from_its_last_checkpoint(tmp_path, embedded_cache):
+    """A run stopped after step 1 continues at step 2 with the saved policy and optimizer (sampling after a
+    resume is not bit-identical: the generator's RNG is not part of the checkpoint)."""
+    import shutil
+
+    overrides = _grpo_overrides(tmp_path, embedded_cache, "resume", "grpo.generator=hf", "grpo.save_every=1",
+                                "grpo.length_unit=chars")
+    cmd = [sys.executable, str(REPO / "fastmath" / "train.py"), *overrides]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "resume" / "grpo"
+    # Simulate a crash after step 1: drop the final checkpoint, the export and step 2's metrics line.
+    shutil.rmtree(out / "checkpoints" / "step_00000002")
+    shutil.rmtree(out / "hf")
+    metrics = out / "metrics.jsonl"
+    metrics.write_text(metrics.read_text().splitlines()[0] + "\n")
+    done = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed GRPO from" in done.stdout and "at step 1" in done.stdout
+    _check_run(tmp_path / "resume", 2)
+    # A resumed run that changes what shapes the update is refused by name.
+    changed = [*overrides, "grpo.lr=5e-4"]
+    shutil.rmtree(out / "checkpoints" / "step_00000002")
+    done = subprocess.run([sys.executable, str(REPO / "fastmath" / "train.py"), *changed], capture_output=True,
+                          text=True, env=subprocess_env(), timeout=900)
+    assert done.returncode == 2 and "grpo.lr" in done.stderr

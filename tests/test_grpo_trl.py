@@ -1,0 +1,161 @@
+"""kernels.grpo against TRL 1.16 itself: `grpo_loss` on packed tokens equals `GRPOTrainer._compute_loss` on the
+same padded batch (loss, gradient and logged metrics), for every loss type both kernels share and both
+importance-sampling levels; `group_advantages` equals TRL's advantage formula.
+
+`_compute_loss` is called as the real unbound method with a stand-in `self` (the attributes it reads, an
+identity accelerator, and a `_get_per_token_logps_and_entropies` that returns the given log-probs), so what is
+compared is TRL's own loss code, not a transcription of it.
+"""
+
+import itertools
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import kernels.grpo as grpo
+from tests.closeness import assert_close
+
+pytest.importorskip("trl", reason="trl (a dev extra: pip install -e '.[dev]') is the baseline these tests compare to")
+from trl.trainer.grpo_trainer import GRPOTrainer  # noqa: E402
+from trl.trainer.utils import nanstd  # noqa: E402
+
+LENGTHS = [9, 4, 7, 1, 6, 8]  # completion lengths; row 5 is fully masked by the tool mask
+T_MAX = 12  # max_completion_length (padded width 9)
+
+
+class IdentityAccelerator:
+    """One process: reduce / gather are the identity."""
+
+    num_processes = 1
+
+    def reduce(self, tensor, reduction="sum"):
+        return tensor
+
+    def gather(self, tensor):
+        return tensor
+
+    gather_for_metrics = gather
+
+
+def padded_batch(seed=0):
+    """TRL's padded [B, T] inputs: log-probs drifted from the old ones (clipping on both sides), a tool mask that
+    hides a few tokens and all of row 5, advantages of both signs, truncated IS ratios."""
+    gen = torch.Generator().manual_seed(seed)
+    b, t = len(LENGTHS), max(LENGTHS)
+    completion_mask = (torch.arange(t) < torch.tensor(LENGTHS)[:, None]).long()
+    tool_mask = (torch.rand(b, t, generator=gen) > 0.15).long()
+    tool_mask[5] = 0
+    logps = -torch.rand(b, t, generator=gen) * 3
+    shift = torch.tensor([0.35, -0.35, 0.0, 0.0, 0.35, -0.35])[:, None]  # sequence-level clipping too
+    return dict(
+        logps=logps,
+        entropies=torch.rand(b, t, generator=gen) * 2,
+        old=logps + 0.3 * torch.randn(b, t, generator=gen) - shift,
+        ref=logps + 0.2 * torch.randn(b, t, generator=gen),
+        advantages=torch.randn(b, generator=gen).abs() * torch.tensor([1.0, -1.0] * 3),
+        iw=(0.75 + 0.5 * torch.rand(b, t, generator=gen)),
+        completion_mask=completion_mask,
+        tool_mask=tool_mask,
+    )
+
+
+def trl_loss(batch, loss_type, level, beta, with_iw, eps=(0.2, 0.28)):
+    """TRL's `_compute_loss` on the padded batch: (loss, d loss / d logps [B, T], logged metrics)."""
+    logps = batch["logps"].clone().requires_grad_()
+    b, t = logps.shape
+    stand_in = SimpleNamespace(
+        _get_per_token_logps_and_entropies=lambda *args, **kwargs: (logps, batch["entropies"], None),
+        aux_loss_enabled=False, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
+        importance_sampling_level=level, beta=beta, loss_type=loss_type, epsilon_low=eps[0], epsilon_high=eps[1],
+        args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1),
+        use_vllm=with_iw, vllm_importance_sampling_correction=with_iw, model=SimpleNamespace(training=True),
+        current_gradient_accumulation_steps=1, max_completion_length=T_MAX, accelerator=IdentityAccelerator(),
+        _metrics={"train": defaultdict(list)}, _entropy_bonus_enabled=False,
+    )
+    mask = batch["completion_mask"] * batch["tool_mask"]
+    inputs = dict(
+        prompt_ids=torch.zeros(b, 3, dtype=torch.long), prompt_mask=torch.ones(b, 3, dtype=torch.long),
+        completion_ids=torch.zeros(b, t, dtype=torch.long), completion_mask=batch["completion_mask"],
+        tool_mask=batch["tool_mask"], advantages=batch["advantages"], old_per_token_logps=batch["old"],
+        ref_per_token_logps=batch["ref"], num_items_in_batch=mask.sum().float(),
+        importance_sampling_ratio=batch["iw"],
+    )
+    loss = GRPOTrainer._compute_loss(stand_in, None, inputs)
+    loss.backward()
+    return loss.detach(), logps.grad, stand_in._metrics["train"]
+
+
+def packed(batch):
+    """The same batch packed padding-free: the completion tokens of every row, row after row."""
+    real = batch["completion_mask"].bool()
+    rows = torch.arange(real.shape[0])[:, None].expand_as(real)
+    return dict(
+        logprobs=batch["logps"][real], old_logprobs=batch["old"][real], ref_logprobs=batch["ref"][real],
+        importance_weights=batch["iw"][real], mask=batch["tool_mask"][real].bool(), seq_ids=rows[real],
+        advantages=batch["advantages"],
+    ), real
+
+
+CASES = list(itertools.product(["grpo", "bnpo", "dr_grpo", "dapo"], ["token", "sequence"], [0.0, 0.04], [False, True]))
+# The reference path (the definition) in every combination; the Triton path with every option on.
+BACKEND_CASES = [("reference", *c) for c in CASES] + [
+    pytest.param("triton", *c, marks=pytest.mark.triton) for c in CASES if c[2] and c[3]
+]
+
+
+@pytest.mark.parametrize("backend,loss_type,level,beta,with_iw", BACKEND_CASES)
+def test_grpo_loss_equals_trl(backend, loss_type, level, beta, with_iw):
+    batch = padded_batch()
+    trl_value, trl_grad, metrics = trl_loss(batch, loss_type, level, beta, with_iw)
+    p, real = packed(batch)
+    logprobs = p.pop("logprobs").clone().requires_grad_()
+    if not with_iw:
+        p.pop("importance_weights")
+    loss, stats = grpo.grpo_loss(
+        logprobs, p.pop("old_logprobs"), p.pop("advantages"), p.pop("seq_ids"), beta=beta, loss_type=loss_type,
+        importance_sampling_level=level, epsilon_low=0.2, epsilon_high=0.28, max_completion_length=T_MAX,
+        num_items_in_batch=p["mask"].sum(), backend=backend, **p,
+    )
+    loss.backward()
+    assert_close(loss.detach(), trl_value, atol=1e-7, rtol=1e-5, name=f"loss vs TRL ({loss_type}, {level})")
+    assert_close(logprobs.grad, trl_grad[real], atol=1e-8, rtol=1e-5, name="d loss / d logprobs vs TRL")
+    assert trl_grad[~real].abs().max() == 0
+    if beta:
+        assert_close(stats.kl_mean, torch.tensor(metrics["kl"][0]), atol=1e-7, rtol=1e-5, name="kl metric")
+    if level == "token":  # TRL counts sequence-level clipping per sequence, GRPOStats per token (token-weighted)
+        assert stats.low_clipped > 0 and stats.high_clipped > 0
+        for ours, key in ((stats.clip_low_fraction, "clip_ratio/low_mean"),
+                          (stats.clip_high_fraction, "clip_ratio/high_mean"),
+                          (stats.clip_region_fraction, "clip_ratio/region_mean")):
+            assert_close(ours, torch.tensor(metrics[key][0]), atol=1e-7, rtol=1e-6, name=key)
+
+
+def trl_advantages(rewards, group_size, scale):
+    """TRL 1.16 `_generate_and_score_completions` ("sum_then_normalize", one reward function), with TRL's nanstd;
+    unscorable (NaN) completions get advantage 0 afterwards, as there."""
+    mean = torch.nanmean(rewards.view(-1, group_size), dim=1).repeat_interleave(group_size, dim=0)
+    if scale in ("group", "none"):
+        std = nanstd(rewards.view(-1, group_size), dim=1).repeat_interleave(group_size, dim=0) if group_size > 1 \
+            else torch.zeros_like(rewards)
+    else:
+        std = nanstd(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
+    advantages = rewards - mean
+    if scale != "none":
+        advantages = advantages / (std + 1e-4)
+    return torch.where(rewards.isnan(), 0.0, advantages)
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.triton)])
+def test_group_advantages_equal_trl(backend, scale):
+    gen = torch.Generator().manual_seed(1)
+    for rewards, group_size in (
+        (torch.randn(6 * 8, generator=gen), 8),
+        ((torch.rand(16 * 4, generator=gen) > 0.5).float(), 4),  # 0 / 1 accuracy: all-equal groups
+        (torch.tensor([1.0, float("nan"), 0.0, 2.0, 0.5, 0.5, float("nan"), 1.5]), 4),
+    ):
+        ours = grpo.group_advantages(rewards, group_size, scale=scale, backend=backend)
+        assert_close(ours.advantages, trl_advantages(rewards, group_size, scale), atol=1e-6, rtol=1e-5,
+                     name=f"advantages vs TRL ({scale}, G={group_size})")
