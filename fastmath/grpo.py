@@ -458,11 +458,19 @@ def _train(config, dist_info, init_path, tokenizer, formatter, checker, rows, ou
     sync_dtype = torch.bfloat16 if device.type == "cuda" else None
     bucket_bytes = g.sync_bucket_mib * 2**20
 
+    synced_bytes = [0]
+
+    def counted(weights):
+        for name, tensor in weights:
+            synced_bytes[0] += tensor.numel() * tensor.element_size()
+            yield name, tensor
+
     def sync() -> float:
         started = time.perf_counter()
         generator.wake()
+        synced_bytes[0] = 0
         with torch.no_grad():
-            generator.load_weights(gathered_weights(causal_lm, bucket_bytes, sync_dtype))
+            generator.load_weights(counted(gathered_weights(causal_lm, bucket_bytes, sync_dtype)))
         return time.perf_counter() - started
 
     if start_step:
@@ -526,6 +534,7 @@ def _train(config, dist_info, init_path, tokenizer, formatter, checker, rows, ou
                        "time/generate_s": t_gen, "time/update_s": t_update, "time/sync_s": t_sync,
                        "generate_tokens_per_s": record["completion_tokens"] / max(t_gen, 1e-9),
                        "update_tokens_per_s": update_tokens * g.num_iterations / max(t_update, 1e-9),
+                       "sync_gb_per_s": synced_bytes[0] / 1e9 / max(t_sync, 1e-9),
                        "answer_timeouts": checker.counts["timeout"], "checker_restarts": checker.restarts})
         done = step + 1
         if g.save_every and done % g.save_every == 0 and done < g.max_steps:
