@@ -703,6 +703,114 @@ def test_property_triton_path(case):
 
 
 # --------------------------------------------------------------------------------------------------
+# The compiled kernels: built for an H100 without one (the launches of kernels/grpo.py, case by case)
+# --------------------------------------------------------------------------------------------------
+
+
+def _sm90(kernel_name, args, constexprs, *, num_warps=4, aligned=True, name):
+    """One launch of the kernel `kernel_name` as the JIT would specialise it: `args` maps each runtime argument to
+    its Triton type; `constexprs` holds the tl.constexpr parameters and any int argument equal to 1 (which the
+    launcher turns into a compile-time 1). aligned: the pointers are 16-byte aligned, as fresh torch allocations are
+    (the launcher then specialises them); the cases with a constexpr 1 take the unaligned form (sliced rows)."""
+    return pytest.param(kernel_name, args, constexprs, num_warps, aligned, id=name)
+
+
+def _advantage_launch(rewards_dtype, n_groups, group_size, scale):
+    """`group_advantages`' launch of _group_advantages_kernel (its tile arithmetic, copied)."""
+    block_g = min(grpo.triton.next_power_of_2(group_size), grpo._ADVANTAGE_TILE)
+    block_b = max(1, min(grpo.triton.next_power_of_2(n_groups), grpo._ADVANTAGE_TILE // block_g))
+    ints = dict(n_rewards=n_groups * group_size, n_groups=n_groups, group_size=group_size)
+    args = dict(rewards_ptr=f"*{rewards_dtype}", adv_ptr="*fp32", mean_ptr="*fp32", std_ptr="*fp32",
+                zero_var_ptr="*i8", eps="fp32", **{k: "i32" for k, v in ints.items() if v != 1})
+    constexprs = dict(SCALE=grpo._SCALES.index(scale), BLOCK_B=block_b, BLOCK_G=block_g,
+                      **{k: 1 for k, v in ints.items() if v == 1})
+    return _sm90("_group_advantages_kernel", args, constexprs, aligned=1 not in ints.values(),
+                 name=f"advantages-{rewards_dtype}-B{n_groups}-G{group_size}-{scale}")
+
+
+def _token_launch(logp="fp32", old="fp32", ref="fp32", iw="fp32", *, has_old, has_ref, kl, has_iw, seq, grad,
+                  n=1000):
+    """`_launch_token_terms`' launch of _grpo_token_kernel: a pointer whose flag is off is the fp32 mask."""
+    args = dict(
+        logp_ptr=f"*{logp}", old_ptr=f"*{old}" if has_old else "*fp32", ref_ptr=f"*{ref}" if has_ref else "*fp32",
+        iw_ptr=f"*{iw}" if has_iw else "*fp32", mask_ptr="*fp32", seq_ptr="*i64", adv_ptr="*fp32", coef_ptr="*fp32",
+        seq_lr_ptr="*fp32", seq_w_ptr="*fp32", dlogp_ptr="*fp32", terms_ptr="*fp32", beta="fp32", clip_low="fp32",
+        clip_high="fp32", **({} if n == 1 else dict(n_tokens="i32", terms_stride="i32")),
+    )
+    switches = dict(HAS_OLD=has_old, HAS_REF=has_ref, KL_IN_LOSS=kl, HAS_IW=has_iw, SEQ_LEVEL=seq, WRITE_GRAD=grad)
+    constexprs = dict(**switches, BLOCK=grpo._TOKEN_BLOCK, **(dict(n_tokens=1, terms_stride=1) if n == 1 else {}))
+    flags = "-".join(k.lower() for k, on in switches.items() if on) or "none"
+    dtypes = logp if len({logp, old, ref, iw}) == 1 else f"{logp}-{old}-{ref}-{iw}"
+    return _sm90("_grpo_token_kernel", args, constexprs, aligned=n != 1, name=f"token-{dtypes}-{flags}-n{n}")
+
+
+def _row_launch(kernel, logits_dtype, v, entropy=None):
+    """`_row_logprobs` / `_row_dlogits`' launches: n_cols = V and the row stride = V (a [c, V] buffer)."""
+    block_v, warps = grpo._block_v(v)
+    ints = {} if v == 1 else dict(n_cols="i32", logits_row_stride="i32")
+    common = dict(logits_ptr=f"*{logits_dtype}", targets_ptr="*i64", scale="fp32", **ints)
+    constexprs = dict(BLOCK_V=block_v, **({} if v != 1 else dict(n_cols=1, logits_row_stride=1)))
+    if kernel == "_logprob_rows_kernel":
+        args = dict(common, logp_ptr="*fp32", m2_ptr="*fp32", log2_s_ptr="*fp32", entropy_ptr="*fp32")
+        constexprs["ENTROPY"] = entropy
+        name = f"rows-{logits_dtype}-V{v}-{'entropy' if entropy else 'no_entropy'}"
+    else:
+        args = dict(common, m2_ptr="*fp32", log2_s_ptr="*fp32", coef_ptr="*fp32", inv_temperature="fp32")
+        name = f"grad_rows-{logits_dtype}-V{v}"
+    return _sm90(kernel, args, constexprs, num_warps=warps, aligned=v != 1, name=name)
+
+
+_FLOAT_TYPES = ("fp32", "fp16", "bf16", "fp64")
+SM90_LAUNCHES = [
+    # group_advantages: rewards of any float dtype, the three scales, tiles from one reward to 4096-wide.
+    *(_advantage_launch("fp32", 5, 8, scale) for scale in grpo._SCALES),
+    *(_advantage_launch(dtype, 5, 8, "batch") for dtype in _FLOAT_TYPES[1:]),
+    *(_advantage_launch("fp32", 3, 1, scale) for scale in grpo._SCALES),  # group_size == 1: a constexpr
+    _advantage_launch("fp32", 1, 1, "batch"),  # every size a constexpr 1, 1 x 1 tiles
+    _advantage_launch("bf16", 1, 5, "group"),
+    _advantage_launch("fp32", 2, 5000, "batch"),  # BLOCK_G = 4096, BLOCK_B = 1
+    _advantage_launch("fp16", 10000, 8, "batch"),  # BLOCK_B = 512
+    # grpo_loss / fused_linear_grpo_loss: every switch combination (KL_IN_LOSS only with HAS_REF), fp32
+    # (the fused path's log-probs), then 16-bit and fp64 inputs of grpo_loss and mixed ones.
+    *(_token_launch(has_old=o, has_ref=r, kl=k, has_iw=w, seq=s, grad=g)
+      for o, (r, k), w, s, g in itertools.product((False, True), ((False, False), (True, False), (True, True)),
+                                                  (False, True), (False, True), (False, True))),
+    *(_token_launch(dtype, dtype, dtype, dtype, has_old=True, has_ref=True, kl=True, has_iw=True, seq=s, grad=True)
+      for dtype in _FLOAT_TYPES[1:] for s in (False, True)),
+    _token_launch("fp32", "bf16", "fp16", "fp64", has_old=True, has_ref=True, kl=True, has_iw=True, seq=False,
+                  grad=True),
+    _token_launch("bf16", "fp32", "fp32", "fp32", has_old=True, has_ref=True, kl=False, has_iw=True, seq=True,
+                  grad=False),
+    _token_launch(has_old=True, has_ref=True, kl=True, has_iw=True, seq=False, grad=True, n=1),
+    # fused_linear_logprobs / the fused losses: logits in the input dtype, each BLOCK_V / num_warps step, V = 1.
+    *(_row_launch("_logprob_rows_kernel", dtype, 53, entropy) for dtype in _FLOAT_TYPES for entropy in (False, True)),
+    *(_row_launch("_logprob_rows_kernel", "bf16", v, True) for v in (3000, 152064, 1)),
+    *(_row_launch("_logprob_grad_rows_kernel", dtype, 53) for dtype in _FLOAT_TYPES),
+    *(_row_launch("_logprob_grad_rows_kernel", "bf16", v) for v in (3000, 152064, 1)),
+]
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the interpreter stands in for the compiler in this process")
+@pytest.mark.parametrize("kernel_name,args,constexprs,num_warps,aligned", SM90_LAUNCHES)
+def test_grpo_kernels_compile_for_sm90(kernel_name, args, constexprs, num_warps, aligned):
+    """Triton's compiler, down to an sm_90 cubin, on CPU: types, loop-carried values, constexpr branches and
+    the specialisation of ints equal to 1, which the interpreter never checks."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = getattr(grpo, kernel_name)
+    assert set(args).isdisjoint(constexprs) and set(args) | set(constexprs) == set(kernel.arg_names), (
+        f"the case does not name every argument of {kernel_name} once")
+    signature = {name: "constexpr" if name in constexprs else args[name] for name in kernel.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+             if aligned and signature[name].startswith("*")}
+    source = ASTSource(kernel, signature, {(kernel.arg_names.index(k),): v for k, v in constexprs.items()}, attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    assert compiled.asm["cubin"]
+
+
+# --------------------------------------------------------------------------------------------------
 # CUDA: compiled kernels, bf16 (wrong tl.dot in the interpreter, so only here)
 # --------------------------------------------------------------------------------------------------
 
