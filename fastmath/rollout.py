@@ -85,7 +85,8 @@ def vllm_available() -> bool:
 
 class VLLMGenerator(Generator):
     def __init__(self, model_path: str, *, max_model_len: int, seed: int, gpu_memory_utilization: float,
-                 cpu_kv_cache_gib: float, dtype: str | None = None, sleep_mode: bool = False, tokenizer=None):
+                 cpu_kv_cache_gib: float, dtype: str | None = None, sleep_mode: bool = False, tokenizer=None,
+                 tensor_parallel_size: int = 1):
         # Both variables are read when vLLM is imported / the engine starts: set them first.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":
@@ -105,7 +106,8 @@ class VLLMGenerator(Generator):
         try:
             self.llm = LLM(model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
                            gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True,
-                           logprobs_mode="processed_logprobs", enable_sleep_mode=sleep_mode and on_cuda)
+                           logprobs_mode="processed_logprobs", enable_sleep_mode=sleep_mode and on_cuda,
+                           tensor_parallel_size=tensor_parallel_size)
         except Exception as err:
             text = first_line(err)
             hint = ""

@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
                     from fastmath.grpo import run_grpo
 
                     run_grpo(config, dist_info)
+                elif stage == "eval":
+                    from fastmath.eval import run_eval
+
+                    run_eval(config, dist_info)
         finally:
             shutdown()
     except FastmathError as err:
