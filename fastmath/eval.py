@@ -234,7 +234,7 @@ def _make_generator(config: Config, model_path: str, tokenizer, dist_info: DistI
         return VLLMGenerator(model_path, max_model_len=max_model_len, seed=config.run.seed + dist_info.rank,
                              gpu_memory_utilization=e.vllm_gpu_memory_utilization,
                              cpu_kv_cache_gib=e.vllm_cpu_kv_cache_gib, tokenizer=tokenizer,
-                             tensor_parallel_size=e.tensor_parallel_size)
+                             tensor_parallel_size=e.tensor_parallel_size, enforce_eager=e.vllm_enforce_eager)
     return HFGenerator(model_path, tokenizer, dist_info.device, config.model.trust_remote_code, e.batch_size)
 
 

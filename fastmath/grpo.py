@@ -453,7 +453,8 @@ def _train(config, dist_info, init_path, tokenizer, formatter, checker, rows, ou
                                max_model_len=g.max_prompt_length + g.max_completion_length, seed=config.run.seed + dist_info.rank,
                                gpu_memory_utilization=g.vllm_gpu_memory_utilization,
                                cpu_kv_cache_gib=g.vllm_cpu_kv_cache_gib, sleep_mode=g.vllm_sleep,
-                               trust_remote_code=config.model.trust_remote_code)
+                               trust_remote_code=config.model.trust_remote_code,
+                               enforce_eager=g.vllm_enforce_eager)
     cleanup.append(generator.close)
     sync_dtype = torch.bfloat16 if device.type == "cuda" else None
     bucket_bytes = g.sync_bucket_mib * 2**20

