@@ -117,10 +117,12 @@ class GRPOConfig:
                               choices=("accuracy", "format", "cosine", "length", "overlong"))
     reward_weights: list[float] = _opt([], "One weight per reward (empty = all 1.0).")
     length_unit: str = _opt("tokens", "Unit of completion length for the length rewards.", choices=("tokens", "chars"))
-    cosine_max_length: int = _opt(0, "Length at which the cosine reward reaches its end values (0 = max_completion_length; in length_unit).")
+    cosine_max_length: int = _opt(0, "Length at which the cosine reward reaches its end values, in length_unit "
+                                  "(0 = max_completion_length, times 4 for chars).")
     cosine_correct: list[float] = _opt([1.0, 0.1], "Cosine reward of a correct answer at length 0 and at cosine_max_length.")
     cosine_wrong: list[float] = _opt([-1.0, -0.1], "Cosine reward of a wrong answer at length 0 and at cosine_max_length.")
-    overlong_buffer: int = _opt(64, "DAPO soft overlong punishment: the last N units before the limit ramp to -1.")
+    overlong_buffer: int = _opt(64, "DAPO soft overlong punishment: the last N tokens before the generation "
+                                "limit ramp the reward to -1.")
     mask_truncated: bool = _opt(False, "Exclude completions cut at max_completion_length from the loss.")
     reward_workers: int = _opt(2, "Processes checking answers with math-verify.")
     reward_timeout_s: float = _opt(5.0, "Time limit per answer check; a timeout scores 0 and is counted.")
@@ -371,6 +373,9 @@ def _validate_grpo(config: Config) -> None:
         raise ConfigError(f"'grpo.max_prompt_length' + 'grpo.max_completion_length' ({g.max_prompt_length} + "
                           f"{g.max_completion_length}) exceeds 'grpo.tokens_per_micro_batch' "
                           f"({g.tokens_per_micro_batch}): a sampled sequence must fit in one packed row")
+    if "overlong" in g.rewards and not 0 < g.overlong_buffer <= g.max_completion_length:
+        raise ConfigError(f"config key 'grpo.overlong_buffer' must be in (0, grpo.max_completion_length] for the "
+                          f"overlong reward, got {g.overlong_buffer}")
     if g.vllm_is_cap < 1.0:
         raise ConfigError(f"config key 'grpo.vllm_is_cap' must be >= 1, got {g.vllm_is_cap}")
 

@@ -142,14 +142,15 @@ def sample_groups(generator, rows: list[PromptRow], sampling: Sampling, config: 
     golds = [r.answer for r in rows for _ in range(G)]
     verdicts = checker.check(texts, golds)
     correct = [v.correct for v in verdicts]
-    length = [len(c.token_ids) if g.length_unit == "tokens" else len(c.text) for c in flat]
-    max_len = g.max_completion_length if g.length_unit == "tokens" else _chars_limit(g.max_completion_length)
-    columns = {"correct": [bool(c) for c in correct], "length": length,
+    tokens = [len(c.token_ids) for c in flat]
+    length = tokens if g.length_unit == "tokens" else [len(c.text) for c in flat]
+    # Characters have no hard limit; 4 per token is the usual rule of thumb for the cosine's default scale.
+    unit_limit = g.max_completion_length * (1 if g.length_unit == "tokens" else 4)
+    columns = {"correct": [bool(c) for c in correct], "length": length, "tokens": tokens,
                "group": [i // G for i in range(len(flat))], "truncated": [c.truncated for c in flat]}
-    settings = {"max_length": g.cosine_max_length or max_len, "overlong_buffer": g.overlong_buffer,
-                "cosine_correct": tuple(g.cosine_correct), "cosine_wrong": tuple(g.cosine_wrong)}
-    if "overlong" in g.rewards:
-        settings["max_length"] = g.cosine_max_length or max_len
+    settings = {"max_length": g.cosine_max_length or unit_limit, "limit": g.max_completion_length,
+                "overlong_buffer": g.overlong_buffer, "cosine_correct": tuple(g.cosine_correct),
+                "cosine_wrong": tuple(g.cosine_wrong)}
     weights = g.reward_weights or [1.0] * len(g.rewards)
     prompts = [r.text for r in rows for _ in range(G)]
     table = compute_rewards(g.rewards, weights, prompts, texts, golds, columns, settings)
@@ -161,11 +162,6 @@ def sample_groups(generator, rows: list[PromptRow], sampling: Sampling, config: 
         groups.append(Group(row, completions[i], table.total[span],
                             {k: v[span] for k, v in table.components.items()}, correct[span]))
     return groups
-
-
-def _chars_limit(tokens: int) -> int:
-    # Character lengths have no hard limit; 4 characters per token is the usual rule of thumb for the scale.
-    return 4 * tokens
 
 
 def rollout_step(generator, rows: list[PromptRow], step: int, config: Config, tokenizer, checker: AnswerChecker,

@@ -4,9 +4,11 @@ Every reward is a plain function `(prompts, completions, answers, **columns) -> 
 completion. The trainer calls them with these columns (all lists, one entry per completion):
     correct     True / False from the shared answer check (None when the check timed out or failed)
     length      completion length in the configured unit (tokens by default, or characters)
+    tokens      completion length in tokens (whatever the unit)
     group       index of the prompt group the completion belongs to (G completions per prompt)
     truncated   True when generation stopped at max_completion_length rather than at eos / a stop string
-and keyword settings from `grpo.*` (`max_length`, the cosine end points, the overlong buffer). A user
+and keyword settings from `grpo.*` (`max_length` of the cosine reward in the length unit, the cosine end points,
+`limit` = the generation limit in tokens, the overlong buffer). A user
 reward can ignore what it does not need (`**columns`). Weighted sum: `grpo.reward_weights`.
 
 Answer check (`AnswerChecker`): the content of the last balanced `\\boxed{...}` of the completion is parsed
@@ -253,15 +255,15 @@ def kimi_length_reward(prompts, completions, answers, *, correct, length, group,
     return out
 
 
-def overlong_reward(prompts, completions, answers, *, length, max_length, overlong_buffer, **columns) -> list[float]:
-    """DAPO's soft overlong punishment: 0 up to max_length - buffer, then falling linearly to -1 at max_length
-    (and -1 beyond). Length in the same unit as max_length."""
+def overlong_reward(prompts, completions, answers, *, tokens, limit, overlong_buffer, **columns) -> list[float]:
+    """DAPO's soft overlong punishment, in tokens against the generation limit: 0 up to limit - buffer, then
+    falling linearly to -1 at the limit (and -1 beyond)."""
     out = []
-    for n in length:
-        threshold = max_length - overlong_buffer
+    threshold = limit - overlong_buffer
+    for n in tokens:
         if n <= threshold:
             out.append(0.0)
-        elif n <= max_length:
+        elif n <= limit:
             out.append((threshold - n) / overlong_buffer)
         else:
             out.append(-1.0)

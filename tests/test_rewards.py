@@ -127,7 +127,7 @@ def test_kimi_length_reward_by_hand():
 
 
 def test_overlong_shaping():
-    got = overlong_reward(None, None, None, length=[50, 80, 90, 100, 120], max_length=100, overlong_buffer=20)
+    got = overlong_reward(None, None, None, tokens=[50, 80, 90, 100, 120], limit=100, overlong_buffer=20)
     assert got == pytest.approx([0.0, 0.0, -0.5, -1.0, -1.0])
 
 
