@@ -21,6 +21,7 @@ table printed at the end (the README shows it).
 
     .venv/bin/python bench/replicate_toy.py                  # the full experiment (keeps its runs in runs/replication)
     .venv/bin/python bench/replicate_toy.py --quick          # a smoke run: tiny schedules, a few problems
+    .venv/bin/python bench/replicate_toy.py --replot         # redraw the plot and table of the newest record
 """
 from __future__ import annotations
 
@@ -153,11 +154,11 @@ def plot(record: dict, path: Path) -> None:
 
     budget = record["budgets"][-1]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for row in record["results"]:
+    for i, row in enumerate(record["results"]):
         m = next(x for x in row["metrics"] if x["budget"] == budget)
         ax.errorbar(m["mean_tokens"], 100 * m["pass_at_1"], yerr=100 * (m["pass_at_1_se"] or 0), fmt="o", capsize=3)
         ax.annotate(row["stage"], (m["mean_tokens"], 100 * m["pass_at_1"]), textcoords="offset points",
-                    xytext=(5, 5), fontsize=8)
+                    xytext=(6, -12 if i % 2 else 5), fontsize=8)  # alternate sides: neighbours do not overlap
     ax.set_xlabel(f"mean output tokens (budget {budget})")
     ax.set_ylabel("pass@1 (%)")
     ax.set_title(f"Toy replication, {record['device']}, {record['date'][:10]}", fontsize=9)
@@ -167,5 +168,17 @@ def plot(record: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def replot(path: Path) -> None:
+    """Redraw the PNG and print the table of the newest record in `path` (no runs)."""
+    import json
+
+    record = json.loads(Path(path).read_text())[-1]
+    print(format_table(record))
+    plot(record, Path(path).with_suffix(".png"))
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--replot"]:
+        replot(Path(sys.argv[2]) if len(sys.argv) > 2 else REPO / "bench" / "results" / "replication-cpu.json")
+    else:
+        main()
