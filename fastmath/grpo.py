@@ -274,6 +274,8 @@ def update_policy(model, optimizer, batches, weights, global_tokens: float, glob
     gradients over ranks, so it is multiplied by `world` before backward. A non-finite global loss skips
     the optimizer step (gradients dropped) and reports it; the caller counts and aborts.
     """
+    if not batches:  # dynamic sampling dropped every group of the step on every rank: nothing to learn from
+        return UpdateResult(0.0, 0.0, 0.0, torch.zeros(6, dtype=torch.float64), skipped=False)
     device = batches[0].seq_ids.device
     params = [p for p in model.parameters() if p.requires_grad]
     fsdp = hasattr(model, "set_requires_gradient_sync")

@@ -130,6 +130,10 @@ def test_a_nan_loss_skips_the_step_and_aborts_after_k(assets):
     assert result.skipped and not math.isfinite(result.loss)
     for k, v in policy.state_dict().items():
         assert torch.equal(v, before[k]), k  # no update happened
+    # A step with no rows at all (every group dropped by dynamic sampling) is a no-op, not a crash.
+    empty = update_policy(policy, optimizer, [], [], 0.0, 0.0, config.grpo, 0, 1,
+                          lambda: torch.autocast("cpu", enabled=False))
+    assert not empty.skipped and empty.stats.tolist() == [0.0] * 6
     guard = NonFiniteGuard(limit=2, verbose=False)
     guard.failed(1)
     guard.ok()
