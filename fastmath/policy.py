@@ -10,6 +10,7 @@ reference / sampler log-probs, the loss mask) are flat [N] tensors in the same o
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -170,7 +171,7 @@ def _gather_bucket(bucket, dtype):
     for name, tensor in sharded:
         rows = tensor.shape[0]
         chunk_rows = -(-rows // world)
-        inner = tensor[0].numel() if tensor.dim() > 1 else 1
+        inner = math.prod(tensor.shape[1:])  # from the global shape: indexing a DTensor would communicate
         local = tensor.to_local().detach().to(dtype or tensor.dtype).reshape(-1)
         padded = torch.zeros(chunk_rows * inner, dtype=local.dtype, device=local.device)
         padded[:local.numel()] = local
