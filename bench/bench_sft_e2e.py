@@ -255,6 +255,7 @@ def wrap(provider: str, causal_lm: nn.Module) -> nn.Module:
 def our_loop_steps(provider: str, causal_lm: nn.Module, steps_rows, device: torch.device) -> list[dict]:
     """Run the trainer's step over each entry of `steps_rows`; per step: seconds, tokens, doc lengths, loss."""
     from fastmath.config import Config
+    from fastmath.model import mixed_precision
     from fastmath.packing import collate_packed
     from fastmath.sft import accumulate_gradients, build_optimizer
 
@@ -264,10 +265,7 @@ def our_loop_steps(provider: str, causal_lm: nn.Module, steps_rows, device: torc
     config.sft.lr = LR
     optimizer = build_optimizer(model, config)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    bf16 = device.type == "cuda"
-
-    def autocast():
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+    _, autocast = mixed_precision(config.model.precision, device)  # the trainer's rule: bf16 on CUDA
 
     out = []
     for rows in steps_rows:

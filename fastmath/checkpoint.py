@@ -100,6 +100,13 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     return state
 
 
+def seed_all(seed: int) -> None:
+    """Seed every RNG a run draws from (python, numpy, torch); a resume then restores their saved states."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def _rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():

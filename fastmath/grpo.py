@@ -26,7 +26,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -35,7 +34,7 @@ from fastmath.config import Config, to_dict
 from fastmath.data import DataReport, Formatter, text_field, read_rows
 from fastmath.distributed import DistInfo, all_reduce_max, all_reduce_sum
 from fastmath.errors import CheckpointError, ConfigError, DataError, FastmathError
-from fastmath.model import load_causal_lm, load_tokenizer, parallelize, resolve_model_path
+from fastmath.model import load_causal_lm, load_tokenizer, mixed_precision, parallelize, resolve_model_path
 from fastmath.policy import PolicyWithGRPOLoss, Sequence, empty_update_batch, gathered_weights, pack_sequences
 from fastmath.rewards import AnswerChecker, compute_rewards
 from fastmath.rollout import Completion, Sampling, make_generator
@@ -383,14 +382,9 @@ def run_grpo(config: Config, dist_info: DistInfo) -> dict:
     if g.prompts_per_step % world:
         raise ConfigError(f"grpo.prompts_per_step ({g.prompts_per_step}) must be a multiple of the number of "
                           f"processes ({world})")
-    bf16 = config.model.precision == "bf16" or (config.model.precision == "auto" and device.type == "cuda")
+    bf16, autocast = mixed_precision(config.model.precision, device)
 
-    def autocast():
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
-
-    random.seed(config.run.seed)
-    np.random.seed(config.run.seed)
-    torch.manual_seed(config.run.seed)
+    ckpt.seed_all(config.run.seed)
 
     # 1. Policy path, tokenizer, prompts -------------------------------------------------------------------
     init_path = _init_path(config)

@@ -90,6 +90,17 @@ class CausalLMWithLinearLoss(nn.Module):
                                           reduction="sum", chunk_size=self.loss_chunk_size, softcap=self.softcap)
 
 
+def mixed_precision(precision: str, device: torch.device):
+    """(bf16, autocast): whether `model.precision` means bf16 autocast here ('auto' = on CUDA only), and a
+    zero-argument factory of the matching autocast context (disabled, so fp32, otherwise)."""
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+    def autocast():
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    return bf16, autocast
+
+
 def decoder_layers(causal_lm: nn.Module) -> list[nn.Module]:
     """The repeated transformer blocks (FSDP and checkpointing units)."""
     layers = getattr(causal_lm.get_decoder(), "layers", None)

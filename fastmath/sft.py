@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -32,8 +30,8 @@ from fastmath.data import Document, Formatter, load_documents
 from fastmath.distributed import DistInfo, all_reduce_sum, barrier
 from fastmath.errors import CheckpointError, ConfigError, FastmathError
 from fastmath.metrics import MetricsWriter, attention_dims, peak_flops, peak_memory_bytes, training_flops
-from fastmath.model import (CausalLMWithLinearLoss, count_parameters, load_causal_lm, load_tokenizer, parallelize,
-                            resolve_model_path)
+from fastmath.model import (CausalLMWithLinearLoss, count_parameters, load_causal_lm, load_tokenizer, mixed_precision,
+                            parallelize, resolve_model_path)
 from fastmath.packing import PackedBatch, collate_packed, count_loss_tokens, empty_batch, plan_epoch
 
 # Config keys that shape the data order or the update; a resumed run must not change them.
@@ -188,15 +186,10 @@ def run_sft(config: Config, dist_info: DistInfo) -> dict:
     out_dir = Path(config.run.output_dir)
     main = dist_info.is_main
     device = dist_info.device
-    bf16 = config.model.precision == "bf16" or (config.model.precision == "auto" and device.type == "cuda")
-
-    def autocast():
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+    bf16, autocast = mixed_precision(config.model.precision, device)
 
     # 1. Seeds, model path, tokenizer, data -------------------------------------------------------------
-    random.seed(config.run.seed)
-    np.random.seed(config.run.seed)
-    torch.manual_seed(config.run.seed)
+    ckpt.seed_all(config.run.seed)
     model_path = resolve_model_path(config.model.name_or_path, config.run.cache_dir)
     tokenizer = load_tokenizer(model_path, config.model.trust_remote_code)
     formatter = Formatter(tokenizer, config.data.prompt_field, config.data.solution_field, config.data.messages_field,

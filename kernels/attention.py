@@ -60,7 +60,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-_BACKENDS = ("auto", "triton", "reference")
+from kernels.dispatch import BACKENDS as _BACKENDS, all_interpreted
+
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = math.log2(math.e)
 
@@ -503,7 +504,7 @@ def _varlen_bwd_dq_kernel(
 
 # triton.jit interprets a function iff TRITON_INTERPRET=1 when it decorates it: Triton's own tl.max / tl.sum
 # when triton is first imported, the kernels above when this module is. CPU tensors need all of them interpreted.
-_INTERPRETED = all(type(f).__name__ == "InterpretedFunction" for f in (_varlen_fwd_kernel.fn, tl.max, tl.sum))
+_INTERPRETED = all_interpreted(_varlen_fwd_kernel.fn)
 
 
 # ----------------------------------------------------------------------------------------------------

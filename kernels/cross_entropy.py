@@ -76,7 +76,6 @@ Chowdhery et al., 2022); label smoothing (Szegedy et al., 2016).
 """
 
 import math
-import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -85,8 +84,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.dispatch import all_interpreted, use_triton
+
 _REDUCTIONS = ("mean", "sum", "none")
-_BACKENDS = ("auto", "triton", "reference")
 _INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 # Default chunks: rows whose logits fit in this many bytes (fp32 on the PyTorch path, input dtype on Triton).
 _CHUNK_LOGITS_BYTES = 64 * 2**20
@@ -667,27 +667,12 @@ class _TritonCrossEntropy(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------
 
 
-def _interpret_env() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-
-
-# Triton chooses between compiling and interpreting when it decorates a function, i.e. at import: for the
-# interpreter, both this kernel and triton.language's own jit functions (tl.max, tl.sum) must be interpreted.
-_KERNELS_INTERPRETED = all(type(f).__name__ == "InterpretedFunction" for f in (_cross_entropy_kernel, tl.max, tl.sum))
+# Interpreted or compiled is fixed at import (kernels.dispatch): this module's kernels and tl.max / tl.sum.
+_KERNELS_INTERPRETED = all_interpreted(_cross_entropy_kernel)
 
 
 def _use_triton(backend: str, device: torch.device) -> bool:
-    """The dispatch rule of DESIGN.md; raises when the Triton path cannot run on these tensors."""
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    if backend == "reference" or (backend == "auto" and device.type != "cuda" and not _interpret_env()):
-        return False
-    if device.type != "cuda" and not _KERNELS_INTERPRETED:
-        raise RuntimeError(
-            f"the Triton path on {device.type} tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
-            "before triton and kernels.cross_entropy are imported (or use backend='reference')"
-        )
-    return True
+    return use_triton(backend, device, _KERNELS_INTERPRETED, "kernels.cross_entropy")
 
 
 def fused_linear_cross_entropy(

@@ -91,7 +91,6 @@ GPU speed and memory of the Triton path are still to be measured (bench/bench_gr
 """
 
 import math
-import os
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -99,7 +98,8 @@ import torch
 import triton
 import triton.language as tl
 
-_BACKENDS = ("auto", "triton", "reference")
+from kernels.dispatch import all_interpreted, use_triton
+
 _LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 _LEVELS = ("token", "sequence")
 _SCALES = ("group", "batch", "none")
@@ -1125,27 +1125,12 @@ class _GRPOLoss(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------
 
 
-def _interpret_env() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-
-
-# Triton chooses between compiling and interpreting when it decorates a function, i.e. at import: for the
-# interpreter, both these kernels and triton.language's own jit functions (tl.max, tl.sum) must be interpreted.
-_KERNELS_INTERPRETED = all(type(f).__name__ == "InterpretedFunction" for f in (_grpo_token_kernel, tl.max, tl.sum))
+# Interpreted or compiled is fixed at import (kernels.dispatch): this module's kernels and tl.max / tl.sum.
+_KERNELS_INTERPRETED = all_interpreted(_grpo_token_kernel)
 
 
 def _use_triton(backend: str, device: torch.device) -> bool:
-    """The dispatch rule of DESIGN.md; raises when the Triton path cannot run on these tensors."""
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    if backend == "reference" or (backend == "auto" and device.type != "cuda" and not _interpret_env()):
-        return False
-    if device.type != "cuda" and not _KERNELS_INTERPRETED:
-        raise RuntimeError(
-            f"the Triton path on {device.type} tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
-            "before triton and kernels.grpo are imported (or use backend='reference')"
-        )
-    return True
+    return use_triton(backend, device, _KERNELS_INTERPRETED, "kernels.grpo")
 
 
 def group_advantages(rewards, group_size, *, scale="group", eps=1e-4, backend="auto") -> GroupAdvantages:

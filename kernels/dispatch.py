@@ -1,0 +1,42 @@
+"""The backend rule of DESIGN.md, shared by every kernel module.
+
+Triton decides between compiling and interpreting a function when `triton.jit` decorates it: Triton's own jit
+helpers (tl.max, tl.sum) when triton is first imported, a module's kernels when that module is. CPU tensors can
+take the Triton path only if all of them were interpreted, i.e. TRITON_INTERPRET=1 was set before both imports.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton.language as tl
+
+BACKENDS = ("auto", "triton", "reference")
+
+
+def interpret_env() -> bool:
+    """TRITON_INTERPRET is set now (what `backend="auto"` follows for CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def all_interpreted(*kernels) -> bool:
+    """These jit functions, and Triton's own tl.max / tl.sum, run in the interpreter."""
+    return all(type(f).__name__ == "InterpretedFunction" for f in (*kernels, tl.max, tl.sum))
+
+
+def use_triton(backend: str, device: torch.device, interpreted: bool, module: str) -> bool:
+    """Triton for CUDA tensors, or for CPU tensors when TRITON_INTERPRET=1; the reference otherwise.
+
+    `interpreted` is the calling module's `all_interpreted(...)` flag, `module` its import name (for the error).
+    Raises when the Triton path is asked for but cannot run on these tensors.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference" or (backend == "auto" and device.type != "cuda" and not interpret_env()):
+        return False
+    if device.type != "cuda" and not interpreted:
+        raise RuntimeError(
+            f"the Triton path on {device.type} tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
+            f"before triton and {module} are imported (or use backend='reference')"
+        )
+    return True
