@@ -48,7 +48,7 @@ for path in (REPO, REPO / "bench"):
         sys.path.insert(0, str(path))
 
 import common  # noqa: E402
-from common import PeakStorageBytes  # noqa: E402
+from common import peak_bytes  # noqa: E402
 from kernels.cross_entropy import fused_linear_cross_entropy  # noqa: E402
 
 PRESETS = {
@@ -118,24 +118,6 @@ def time_ms(step, device, reps):
         step()
         times.append(1e3 * (time.perf_counter() - start))
     return min(times), statistics.median(times), max(times)
-
-
-def peak_bytes(step, device, inputs):
-    """Peak bytes allocated by one forward+backward beyond `inputs` (the gradients included)."""
-    for t in inputs:
-        t.grad = None
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    with PeakStorageBytes(inputs) as tracker:
-        step()
-    return tracker.peak
 
 
 def matmul_tflops(d, v, dtype, device, reps):

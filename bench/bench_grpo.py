@@ -52,7 +52,7 @@ for path in (REPO, REPO / "bench"):
         sys.path.insert(0, str(path))
 
 import common  # noqa: E402
-from common import PeakStorageBytes  # noqa: E402
+from common import peak_bytes  # noqa: E402
 from kernels.grpo import fused_linear_grpo_loss  # noqa: E402
 
 PRESETS = {
@@ -167,23 +167,6 @@ def time_ms(step, device, reps):
     return common.summarize(common.time_ms(step, device, reps=reps, warmup=0))  # the caller warmed up
 
 
-def peak_bytes(step, device, batch):
-    """Peak bytes allocated by one forward+backward beyond the inputs (the gradients included)."""
-    batch["hidden"].grad = batch["weight"].grad = None
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    with PeakStorageBytes(batch.values()) as tracker:
-        step()
-    return tracker.peak
-
-
 def matmul_tflops(rows, d, v, dtype, device, reps):
     """Measured rate of the chunk-shaped matmul [rows, d] x [d, V] that dominates every provider."""
     a, b = torch.randn(rows, d, device=device).to(dtype), torch.randn(d, v, device=device).to(dtype)
@@ -210,7 +193,7 @@ def bench_shape(n, d, v, seq_len, dtype, device, providers, reps):
         step = lambda: full_step(loss_fn, batch)  # noqa: E731
         try:
             step()  # compiles (torch.compile, Triton) outside the measurements
-            peak = peak_bytes(step, device, batch)  # also the CPU timings' warm-up
+            peak = peak_bytes(step, device, batch.values())  # also the CPU timings' warm-up
             timing = time_ms(step, device, reps)
         except torch.OutOfMemoryError:
             rows.append({**row, "error": "out of memory"})

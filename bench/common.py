@@ -303,6 +303,27 @@ class PeakStorageBytes(TorchDispatchMode):
         return out
 
 
+def peak_bytes(step, device: torch.device, inputs) -> int:
+    """Peak bytes allocated by one call of `step` (a forward+backward) beyond the tensors `inputs`, the
+    gradients included (their old gradients are dropped first). CUDA: the caching allocator's peak; CPU:
+    PeakStorageBytes."""
+    inputs = list(inputs)
+    for t in inputs:
+        t.grad = None
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    with PeakStorageBytes(inputs) as tracker:
+        step()
+    return tracker.peak
+
+
 def peak_rss_bytes() -> int:
     """The process's peak resident set size so far (a high-water mark: it never goes down)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
