@@ -84,17 +84,14 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.chunking import add_weight_grad
+from kernels.chunking import default_chunk_size as _default_chunk_size
 from kernels.dispatch import all_interpreted, use_triton
 
 _REDUCTIONS = ("mean", "sum", "none")
 _INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
-# Default chunks: rows whose logits fit in this many bytes (fp32 on the PyTorch path, input dtype on Triton).
-_CHUNK_LOGITS_BYTES = 64 * 2**20
-_TRITON_CHUNK_LOGITS_BYTES = 512 * 2**20
 # Vocabulary tile of the kernel (a power of two). Untuned: no GPU has run it yet.
 _MAX_BLOCK_V = 8192
-# addmm(..., out_dtype=float32) multiplies 16-bit operands into an fp32 accumulator on CUDA from torch 2.8.
-_ADDMM_OUT_DTYPE = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 8)
 # exp(x) = exp2(x * log2 e): exp2 / log2 are the hardware instructions.
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -503,14 +500,6 @@ def _launch_cross_entropy(logits, labels, bias, opts, grad_scale):
 # ----------------------------------------------------------------------------------------------------
 
 
-def _default_chunk_size(n: int, v: int, use_triton: bool, itemsize: int) -> int:
-    if not use_triton:
-        return max(1, min(n, _CHUNK_LOGITS_BYTES // (4 * v)))
-    rows = _TRITON_CHUNK_LOGITS_BYTES // (itemsize * v)
-    rows = rows - rows % 128 if rows >= 128 else max(rows, 1)  # whole tensor-core tiles
-    return max(1, min(n, rows))
-
-
 def _fp32_accumulator(param, needed):
     return torch.zeros(param.shape, dtype=torch.float32, device=param.device) if needed else None
 
@@ -520,13 +509,7 @@ def _accumulate_grads(dlogits, h, weight, rows, grad_hidden, grad_weight32, grad
     if grad_hidden is not None:
         grad_hidden[rows] = dlogits @ weight
     if grad_weight32 is not None:
-        if dlogits.dtype == torch.float32:
-            grad_weight32.addmm_(dlogits.T, h.float())
-        elif dlogits.is_cuda and _ADDMM_OUT_DTYPE and torch.cuda.get_device_capability(dlogits.device)[0] >= 8:
-            # 16-bit tensor-core matmul straight into the fp32 accumulator: no [V, d] temporary.
-            torch.addmm(grad_weight32, dlogits.T, h, out_dtype=torch.float32, out=grad_weight32)
-        else:
-            grad_weight32.addmm_(dlogits.T.float(), h.float())
+        add_weight_grad(grad_weight32, dlogits, h)
     if grad_bias32 is not None:
         grad_bias32 += dlogits.sum(0, dtype=torch.float32)
 

@@ -98,21 +98,18 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.chunking import add_weight_grad
+from kernels.chunking import default_chunk_size as _default_chunk_size
 from kernels.dispatch import all_interpreted, use_triton
 
 _LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 _LEVELS = ("token", "sequence")
 _SCALES = ("group", "batch", "none")
 _INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
-# Default chunks: rows whose logits fit in this many bytes (fp32 on the PyTorch path, input dtype on Triton).
-_CHUNK_LOGITS_BYTES = 64 * 2**20
-_TRITON_CHUNK_LOGITS_BYTES = 512 * 2**20
 # Tiles (powers of two). Untuned: no GPU has run these kernels yet.
 _MAX_BLOCK_V = 8192
 _TOKEN_BLOCK = 1024
 _ADVANTAGE_TILE = 4096
-# addmm(..., out_dtype=float32) multiplies 16-bit operands into an fp32 accumulator on CUDA from torch 2.8.
-_ADDMM_OUT_DTYPE = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 8)
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 # The per-token terms buffer [5, N] holds, by row: 0 the loss term m c l, then what GRPOStats sums:
@@ -935,28 +932,13 @@ def _accumulate_grads(dlogits, h, w, rows, grad_hidden, grad_weight32):
     """One chunk's rows of d hidden, and its share of d weight added into the fp32 accumulator."""
     if grad_hidden is not None:
         grad_hidden[rows] = dlogits @ w
-    if grad_weight32 is None:
-        return
-    if dlogits.dtype == torch.float32:
-        grad_weight32.addmm_(dlogits.T, h.float())
-    elif dlogits.is_cuda and _ADDMM_OUT_DTYPE and torch.cuda.get_device_capability(dlogits.device)[0] >= 8:
-        # 16-bit tensor-core matmul straight into the fp32 accumulator: no [V, d] temporary.
-        torch.addmm(grad_weight32, dlogits.T, h, out_dtype=torch.float32, out=grad_weight32)
-    else:
-        grad_weight32.addmm_(dlogits.T.float(), h.float())
+    if grad_weight32 is not None:
+        add_weight_grad(grad_weight32, dlogits, h)
 
 
 # ----------------------------------------------------------------------------------------------------
 # The chunk loops (both paths)
 # ----------------------------------------------------------------------------------------------------
-
-
-def _default_chunk_size(n: int, v: int, use_triton: bool, itemsize: int) -> int:
-    if not use_triton:
-        return max(1, min(n, _CHUNK_LOGITS_BYTES // (4 * v)))
-    rows = _TRITON_CHUNK_LOGITS_BYTES // (itemsize * v)
-    rows = rows - rows % 128 if rows >= 128 else max(rows, 1)  # whole tensor-core tiles
-    return max(1, min(n, rows))
 
 
 class _ChunkLoop:
