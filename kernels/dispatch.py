@@ -40,3 +40,27 @@ def use_triton(backend: str, device: torch.device, interpreted: bool, module: st
             f"before triton and {module} are imported (or use backend='reference')"
         )
     return True
+
+
+# The dtype policy of every public kernel function (README "Kernels", each docstring):
+# - fp16, bf16 and fp32 inputs run on both paths and are computed with fp32 accumulation; outputs come back in
+#   the input dtype (losses and statistics in fp32).
+# - float64 inputs run on the reference path only, computed in float64 end to end: that is what gradcheck and
+#   the suite's exact-identity tests use. The Triton path refuses them (GPUs' fp64 tensor-core support varies,
+#   and the kernels' accumulators are fp32, so a float64 answer would be silently no better than fp32).
+# - anything else (integers where floats are expected, complex, fp8) is refused.
+TRITON_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+REFERENCE_FLOAT_DTYPES = TRITON_FLOAT_DTYPES + (torch.float64,)
+
+
+def check_float_dtype(function: str, name: str, tensor: torch.Tensor, triton: bool) -> None:
+    """Raise one ValueError naming the function, the argument and the way out when `tensor`'s dtype is outside
+    the dtype policy of the chosen path."""
+    allowed = TRITON_FLOAT_DTYPES if triton else REFERENCE_FLOAT_DTYPES
+    if tensor.dtype in allowed:
+        return
+    names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+    hint = " (float64 runs on backend='reference')" if triton and tensor.dtype == torch.float64 else ""
+    path = "Triton" if triton else "reference"
+    raise ValueError(f"{function}: {name} has dtype {str(tensor.dtype).removeprefix('torch.')}; the {path} path "
+                     f"accepts {names}{hint}")
