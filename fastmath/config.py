@@ -1,6 +1,7 @@
 """Run configuration: documented dataclasses, loaded from YAML, overridden with `key.sub=value`.
 
-One `Config` per run, nested by concern (`run`, `model`, `data`, `sft`, `eval`). Every field carries a
+One `Config` per run, nested by concern: `run`, `model`, `data`, the settings every training stage shares
+(`optim`, `checkpoint`, `heldout`), then one section per stage (`sft`, `grpo`, `eval`). Every field carries a
 one-line `help` that feeds `train.py --help`. Loading is strict: an unknown key, a value of the wrong
 type or a value outside a field's `choices` raises `ConfigError` naming the dotted key, so a typo in a
 YAML file or on the command line stops the run before any work is done.
@@ -36,6 +37,9 @@ class RunConfig:
     resume: str = _opt("auto", "'auto' resumes from the newest complete checkpoint in output_dir, "
                        "'never' starts fresh (refuses a non-empty checkpoint folder), or a checkpoint path.")
     cache_dir: str = _opt("", "Where the embedded default is built (default: $FASTMATH_CACHE or ~/.cache/fastmath).")
+    report_to: list[str] = _opt(["jsonl"], "Where each stage's metrics go: metrics.jsonl always, plus TensorBoard "
+                                "event files (<stage folder>/tensorboard) and/or wandb (offline unless WANDB_MODE "
+                                "says otherwise); both optional packages.", choices=("jsonl", "tensorboard", "wandb"))
 
 
 @dataclass
@@ -67,6 +71,36 @@ class DataConfig:
 
 
 @dataclass
+class OptimConfig:
+    """AdamW settings shared by the SFT and GRPO stages; a stage may override weight_decay and grad_clip."""
+
+    adam_beta1: float = _opt(0.9, "AdamW beta1.")
+    adam_beta2: float = _opt(0.95, "AdamW beta2.")
+    adam_eps: float = _opt(1e-8, "AdamW epsilon.")
+    weight_decay: float = _opt(0.0, "AdamW weight decay (never on biases and norms); sft/grpo.weight_decay override it.")
+    grad_clip: float = _opt(1.0, "Clip the global gradient norm to this (0 = off); sft/grpo.grad_clip override it.")
+
+
+@dataclass
+class CheckpointConfig:
+    save_every: int = _opt(0, "Checkpoint every N steps (0 = only at the end); sft/grpo.save_every override it.")
+    keep: int = _opt(2, "Checkpoints of this run kept per stage: the newest N (a run never deletes one it did "
+                     "not write).")
+
+
+@dataclass
+class HeldoutConfig:
+    """The quick greedy check of every training stage: the same measurement before and after each stage."""
+
+    split: str = _opt("test", "Split of the embedded data the held-out problems come from.",
+                      choices=("test", "validation"))
+    num_problems: int = _opt(200, "Held-out problems (embedded data only) decoded greedily before and after each "
+                             "training stage (0 = skip).")
+    max_new_tokens: int = _opt(256, "Generation limit of the held-out check.")
+    batch_size: int = _opt(64, "Prompts per generation call of the held-out check.")
+
+
+@dataclass
 class SFTConfig:
     epochs: int = _opt(10, "Passes over the training data (the recipe uses ~10).")
     max_steps: int = _opt(0, "Stop after this many optimizer steps (0 = run all epochs).")
@@ -76,16 +110,12 @@ class SFTConfig:
     lr: float = _opt(1e-5, "Peak learning rate (AdamW).")
     min_lr_ratio: float = _opt(0.0, "Cosine floor as a fraction of lr.")
     warmup_ratio: float = _opt(0.05, "Fraction of all steps spent in linear warmup.")
-    weight_decay: float = _opt(0.0, "AdamW weight decay (not applied to biases and norms).")
-    adam_beta1: float = _opt(0.9, "AdamW beta1 (also used by GRPO).")
-    adam_beta2: float = _opt(0.95, "AdamW beta2 (also used by GRPO).")
-    adam_eps: float = _opt(1e-8, "AdamW epsilon (also used by GRPO).")
-    grad_clip: float = _opt(1.0, "Clip the global gradient norm to this (0 = off).")
+    weight_decay: float | None = _opt(None, "SFT's AdamW weight decay (null = optim.weight_decay).")
+    grad_clip: float | None = _opt(None, "SFT's gradient-norm clip (null = optim.grad_clip).")
     loss_chunk_size: int = _opt(0, "Rows per chunk in the linear cross-entropy (0 = automatic).")
     log_every: int = _opt(1, "Write a metrics line every N steps.")
     eval_every: int = _opt(0, "Validation loss every N steps (0 = only before and after training).")
-    save_every: int = _opt(0, "Checkpoint every N steps (0 = only at the end).")
-    keep_checkpoints: int = _opt(2, "Keep the newest N checkpoints.")
+    save_every: int | None = _opt(None, "SFT checkpoint interval in steps (null = checkpoint.save_every).")
 
 
 @dataclass
@@ -143,29 +173,24 @@ class GRPOConfig:
     lr: float = _opt(1e-6, "Peak learning rate (AdamW).")
     min_lr_ratio: float = _opt(0.0, "Cosine floor as a fraction of lr.")
     warmup_ratio: float = _opt(0.0, "Fraction of steps in linear warmup.")
-    weight_decay: float = _opt(0.0, "AdamW weight decay.")
-    grad_clip: float = _opt(1.0, "Clip the global gradient norm to this (0 = off).")
+    weight_decay: float | None = _opt(None, "GRPO's AdamW weight decay (null = optim.weight_decay).")
+    grad_clip: float | None = _opt(None, "GRPO's gradient-norm clip (null = optim.grad_clip).")
     max_bad_steps: int = _opt(3, "Abort after this many consecutive steps with a non-finite loss (each is skipped).")
     log_every: int = _opt(1, "Write a metrics line every N steps.")
-    save_every: int = _opt(0, "Checkpoint every N steps (0 = only at the end).")
-    eval_num_problems: int = _opt(200, "Held-out problems (embedded data) decoded greedily before and after GRPO (0 = skip).")
+    save_every: int | None = _opt(None, "GRPO checkpoint interval in steps (null = checkpoint.save_every).")
 
 
 @dataclass
 class EvalConfig:
-    split: str = _opt("test", "Held-out split of the embedded data used for greedy accuracy.",
-                      choices=("test", "validation"))
-    num_problems: int = _opt(200, "Held-out problems decoded greedily before and after SFT (0 = skip).")
-    max_new_tokens: int = _opt(256, "Generation limit for the held-out accuracy check.")
-    batch_size: int = _opt(64, "Prompts per generate() call.")
-    # The `eval` stage (fastmath/eval.py): pass@1 over k samples at token budgets, as the seed paper reports it.
+    """The `eval` stage (fastmath/eval.py): pass@1 over k samples at token budgets, as the seed paper reports it."""
+
     model: str = _opt("auto", "Model the eval stage samples from: 'auto' = this run's latest export "
                       "(run.output_dir/grpo/hf, else run.output_dir/hf, else model.name_or_path); or an HF id / "
                       "local path / 'embedded'.")
     label: str = _opt("", "Name of the model in the table and plot ('' = the model path as given).")
-    benchmark: str = _opt("embedded", "Eval problems: 'embedded' (the embedded data's eval.split), a "
+    benchmark: str = _opt("embedded", "Eval problems: 'embedded' (the embedded data's benchmark_split file), a "
                           ".jsonl/.json/.parquet file, or an HF dataset id.")
-    benchmark_split: str = _opt("test", "Split name when `benchmark` is an HF dataset id.")
+    benchmark_split: str = _opt("test", "Split name of `benchmark` (for 'embedded': test or validation).")
     problem_field: str = _opt("problem", "Benchmark row field holding the problem text.")
     answer_field: str = _opt("answer", "Benchmark row field holding the gold final answer.")
     id_field: str = _opt("", "Benchmark row field naming each problem in samples.jsonl ('' = its row number).")
@@ -179,6 +204,7 @@ class EvalConfig:
     stop: list[str] = _opt([], "Stop strings (eos always stops); the answer is the last \\boxed{} of the text.")
     generator: str = _opt("auto", "Sampling engine: vLLM, or HF generate (slow; where vLLM is not installed).",
                           choices=("auto", "vllm", "hf"))
+    batch_size: int = _opt(64, "Prompts per HF generate() call (the HF generator only; vLLM batches by itself).")
     tensor_parallel_size: int = _opt(1, "vLLM tensor parallel size (GPUs per model); > 1 needs a single "
                                      "process (python, not torchrun with several ranks). Untested beyond 1.")
     vllm_gpu_memory_utilization: float = _opt(0.9, "Fraction of GPU memory vLLM may take (CUDA).")
@@ -195,9 +221,25 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    heldout: HeldoutConfig = field(default_factory=HeldoutConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# Keys that moved to another section: a run that still uses one gets an error naming the new key.
+RENAMED = {
+    "sft.adam_beta1": "optim.adam_beta1",
+    "sft.adam_beta2": "optim.adam_beta2",
+    "sft.adam_eps": "optim.adam_eps",
+    "sft.keep_checkpoints": "checkpoint.keep",
+    "grpo.eval_num_problems": "heldout.num_problems",
+    "eval.num_problems": "heldout.num_problems",
+    "eval.max_new_tokens": "heldout.max_new_tokens",
+    "eval.split": "heldout.split",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,6 +286,9 @@ def _build(cls, raw: Any, prefix: str):
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
+    for name in unknown:
+        if prefix + name in RENAMED:
+            raise ConfigError(f"config key '{prefix + name}' was renamed to '{RENAMED[prefix + name]}'")
     if unknown:
         key = prefix + unknown[0]
         known = ", ".join(sorted(fields))
@@ -309,9 +354,9 @@ def validate(config: Config) -> None:
         "sft.global_batch": config.sft.global_batch,
         "sft.log_every": config.sft.log_every,
         "data.max_length": config.data.max_length,
-        "eval.batch_size": config.eval.batch_size,
-        "eval.max_new_tokens": config.eval.max_new_tokens,
-        "sft.keep_checkpoints": config.sft.keep_checkpoints,
+        "heldout.batch_size": config.heldout.batch_size,
+        "heldout.max_new_tokens": config.heldout.max_new_tokens,
+        "checkpoint.keep": config.checkpoint.keep,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -320,10 +365,14 @@ def validate(config: Config) -> None:
         "sft.max_steps": config.sft.max_steps, "sft.eval_every": config.sft.eval_every,
         "sft.save_every": config.sft.save_every, "sft.grad_clip": config.sft.grad_clip,
         "sft.weight_decay": config.sft.weight_decay, "sft.loss_chunk_size": config.sft.loss_chunk_size,
-        "eval.num_problems": config.eval.num_problems, "data.max_rows": config.data.max_rows,
+        "heldout.num_problems": config.heldout.num_problems, "data.max_rows": config.data.max_rows,
+        "grpo.save_every": config.grpo.save_every, "grpo.grad_clip": config.grpo.grad_clip,
+        "grpo.weight_decay": config.grpo.weight_decay, "optim.weight_decay": config.optim.weight_decay,
+        "optim.grad_clip": config.optim.grad_clip, "optim.adam_eps": config.optim.adam_eps,
+        "checkpoint.save_every": config.checkpoint.save_every,
     }
     for key, value in non_negative.items():
-        if value < 0:
+        if value is not None and value < 0:  # None: a stage setting that takes the shared section's value
             raise ConfigError(f"config key '{key}' must be >= 0, got {value}")
     if not 0.0 < config.sft.lr < 1.0:
         raise ConfigError(f"config key 'sft.lr' must be in (0, 1), got {config.sft.lr}")
@@ -348,8 +397,8 @@ def _validate_grpo(config: Config) -> None:
                 "max_bad_steps"):
         if getattr(g, key) <= 0:
             raise ConfigError(f"config key 'grpo.{key}' must be > 0, got {getattr(g, key)}")
-    for key in ("max_rows", "save_every", "eval_num_problems", "cosine_max_length", "overlong_buffer",
-                "max_resample_rounds", "beta", "min_p", "warmup_ratio", "weight_decay", "grad_clip"):
+    for key in ("max_rows", "cosine_max_length", "overlong_buffer", "max_resample_rounds", "beta", "min_p",
+                "warmup_ratio"):
         if getattr(g, key) < 0:
             raise ConfigError(f"config key 'grpo.{key}' must be >= 0, got {getattr(g, key)}")
     if not 0.0 < g.lr < 1.0:
@@ -382,7 +431,7 @@ def _validate_grpo(config: Config) -> None:
 
 def _validate_eval(config: Config) -> None:
     e = config.eval
-    for key in ("samples", "tensor_parallel_size", "answer_workers"):
+    for key in ("samples", "tensor_parallel_size", "answer_workers", "batch_size"):
         if getattr(e, key) <= 0:
             raise ConfigError(f"config key 'eval.{key}' must be > 0, got {getattr(e, key)}")
     if e.max_problems < 0:

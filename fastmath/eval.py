@@ -85,13 +85,13 @@ def resolve_eval_model(config: Config) -> str:
 
 
 def benchmark_source(config: Config) -> tuple[str, str]:
-    """(source, split) of the benchmark; 'embedded' is the embedded data's eval.split file."""
+    """(source, split) of the benchmark; 'embedded' is the embedded data's eval.benchmark_split file."""
     e = config.eval
     if e.benchmark == "embedded":
         from fastmath.embedded import ensure_embedded_assets
 
         data_dir = ensure_embedded_assets(config.run.cache_dir or None).data_dir
-        return str(data_dir / f"{e.split}.jsonl"), e.split
+        return str(data_dir / f"{e.benchmark_split}.jsonl"), e.benchmark_split
     return e.benchmark, e.benchmark_split
 
 
@@ -335,7 +335,7 @@ def build_results(config: Config, model_path: str, problems: list[EvalProblem], 
             checks[status] = checks.get(status, 0) + n
     results = {
         "stage": "eval", "label": e.label or (e.model if e.model != "auto" else model_path),
-        "model": model_path, "benchmark": f"embedded {e.split}" if e.benchmark == "embedded" else e.benchmark,
+        "model": model_path, "benchmark": f"embedded {e.benchmark_split}" if e.benchmark == "embedded" else e.benchmark,
         "benchmark_source": report.source, "problems": len(problems), "samples_per_problem": e.samples,
         "budgets": sorted(e.budgets), "sampled_at_budget": max(e.budgets),
         "sampling": {"temperature": e.temperature, "top_p": e.top_p, "min_p": e.min_p, "stop": list(e.stop),

@@ -19,6 +19,7 @@ and final policy, side by side).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -406,6 +407,8 @@ def run_grpo(config: Config, dist_info: DistInfo) -> dict:
 def _train(config, dist_info, init_path, tokenizer, formatter, checker, rows, out_dir, autocast, bf16,
            cleanup: list) -> dict:
     g = config.grpo
+    if g.grad_clip is None:
+        g = dataclasses.replace(g, grad_clip=config.optim.grad_clip)
     main, device, world = dist_info.is_main, dist_info.device, dist_info.world_size
 
     # 2. Policy (FSDP), optional frozen reference, optimizer ------------------------------------------------
@@ -422,7 +425,8 @@ def _train(config, dist_info, init_path, tokenizer, formatter, checker, rows, ou
         ref_lm.requires_grad_(False)
         ref_model = parallelize(PolicyWithGRPOLoss(ref_lm, g.temperature, loss_options), world, device,
                                 False, config.model.compile, bf16).eval()
-    optimizer = build_optimizer(model, config, lr=g.lr, weight_decay=g.weight_decay)
+    optimizer = build_optimizer(model, config, lr=g.lr,
+                                weight_decay=config.optim.weight_decay if g.weight_decay is None else g.weight_decay)
 
     # 3. Resume --------------------------------------------------------------------------------------------
     start_step = 0
@@ -483,7 +487,7 @@ def _train(config, dist_info, init_path, tokenizer, formatter, checker, rows, ou
     heldout_rows = _heldout_rows(config)
     before_path = out_dir / "before_training.json"
     if start_step == 0:
-        before = heldout_with_generator(generator, formatter, heldout_rows, config.eval.max_new_tokens, dist_info,
+        before = heldout_with_generator(generator, formatter, heldout_rows, config.heldout.max_new_tokens, dist_info,
                                         tokenizer.eos_token_id)
         if main:
             before_path.write_text(json.dumps(before, indent=2))
@@ -530,8 +534,9 @@ def _train(config, dist_info, init_path, tokenizer, formatter, checker, rows, ou
                        "sync_gb_per_s": synced_bytes[0] / 1e9 / max(t_sync, 1e-9),
                        "answer_timeouts": checker.counts["timeout"], "checker_restarts": checker.restarts})
         done = step + 1
-        if g.save_every and done % g.save_every == 0 and done < g.max_steps:
-            ckpt.save_checkpoint(out_dir, done, 0, model, optimizer, to_dict(config), dist_info, config.sft.keep_checkpoints)
+        save_every = config.checkpoint.save_every if g.save_every is None else g.save_every
+        if save_every and done % save_every == 0 and done < g.max_steps:
+            ckpt.save_checkpoint(out_dir, done, 0, model, optimizer, to_dict(config), dist_info, config.checkpoint.keep)
         if done % g.log_every == 0 or done == g.max_steps:
             metrics.write(record)
         bar.update(1)
@@ -543,9 +548,9 @@ def _train(config, dist_info, init_path, tokenizer, formatter, checker, rows, ou
     # 7. Final checkpoint, export, held-out after, summary ---------------------------------------------------
     if start_step < g.max_steps:
         ckpt.save_checkpoint(out_dir, g.max_steps, 0, model, optimizer, to_dict(config), dist_info,
-                             config.sft.keep_checkpoints)
+                             config.checkpoint.keep)
     export_dir = ckpt.export_hf(causal_lm, tokenizer, out_dir / "hf", dist_info)
-    after = heldout_with_generator(generator, formatter, heldout_rows, config.eval.max_new_tokens, dist_info,
+    after = heldout_with_generator(generator, formatter, heldout_rows, config.heldout.max_new_tokens, dist_info,
                                    tokenizer.eos_token_id)
     summary = {"stage": "grpo", "steps": g.max_steps, "init_from": init_path, "export": str(export_dir),
                "skipped_steps": skipped_steps, "before": before, "after": after}
@@ -556,14 +561,14 @@ def _train(config, dist_info, init_path, tokenizer, formatter, checker, rows, ou
 
 
 def _heldout_rows(config: Config) -> list[dict]:
-    if config.grpo.prompts != "embedded" or not config.grpo.eval_num_problems:
+    if config.grpo.prompts != "embedded" or not config.heldout.num_problems:
         return []
     from fastmath.embedded import ensure_embedded_assets
 
     data_dir = ensure_embedded_assets(config.run.cache_dir or None).data_dir
-    with open(data_dir / f"{config.eval.split}.jsonl", encoding="utf-8") as handle:
+    with open(data_dir / f"{config.heldout.split}.jsonl", encoding="utf-8") as handle:
         rows = [json.loads(line) for line in handle]
-    return rows[: config.grpo.eval_num_problems]
+    return rows[: config.heldout.num_problems]
 
 
 def _step_metrics(sampled: list[Group], groups: list[Group], counts: dict, stats_total: torch.Tensor,

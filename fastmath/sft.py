@@ -77,13 +77,14 @@ def lr_at(step: int, total: int, peak: float, warmup_ratio: float, min_ratio: fl
 
 def build_optimizer(model: torch.nn.Module, config: Config, lr: float | None = None,
                     weight_decay: float | None = None) -> torch.optim.AdamW:
-    """AdamW with the sft.adam_* settings; lr / weight decay default to sft's (GRPO passes its own)."""
+    """AdamW with the optim.* settings; lr / weight decay default to sft's (GRPO passes its own)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    wd = config.sft.weight_decay if weight_decay is None else weight_decay
+    wd = config.optim.weight_decay if config.sft.weight_decay is None else config.sft.weight_decay
+    wd = wd if weight_decay is None else weight_decay
     groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=config.sft.lr if lr is None else lr,
-                             betas=(config.sft.adam_beta1, config.sft.adam_beta2), eps=config.sft.adam_eps,
+                             betas=(config.optim.adam_beta1, config.optim.adam_beta2), eps=config.optim.adam_eps,
                              foreach=True)
 
 
@@ -135,9 +136,9 @@ def _embedded_heldout_rows(config: Config) -> list[dict]:
     from fastmath.embedded import ensure_embedded_assets
 
     data_dir = ensure_embedded_assets(config.run.cache_dir or None).data_dir
-    with open(data_dir / f"{config.eval.split}.jsonl", encoding="utf-8") as handle:
+    with open(data_dir / f"{config.heldout.split}.jsonl", encoding="utf-8") as handle:
         rows = [json.loads(line) for line in handle]
-    return rows[: config.eval.num_problems]
+    return rows[: config.heldout.num_problems]
 
 
 def heldout_accuracy(model_path: str, tokenizer, formatter: Formatter, rows: list[dict], config: Config,
@@ -148,8 +149,8 @@ def heldout_accuracy(model_path: str, tokenizer, formatter: Formatter, rows: lis
     result = None
     if dist_info.is_main and rows:
         model = load_causal_lm(model_path, "sdpa", config.model.trust_remote_code).to(dist_info.device)
-        result = greedy_accuracy(model, tokenizer, formatter, rows, config.eval.max_new_tokens,
-                                 config.eval.batch_size, dist_info.device, progress=True)
+        result = greedy_accuracy(model, tokenizer, formatter, rows, config.heldout.max_new_tokens,
+                                 config.heldout.batch_size, dist_info.device, progress=True)
         del model
     barrier()
     return result
@@ -245,7 +246,7 @@ def run_sft(config: Config, dist_info: DistInfo) -> dict:
               flush=True)
 
     # 5. Before training: validation loss and held-out greedy accuracy ----------------------------------
-    heldout_rows = _embedded_heldout_rows(config) if config.data.train == "embedded" and config.eval.num_problems else []
+    heldout_rows = _embedded_heldout_rows(config) if config.data.train == "embedded" and config.heldout.num_problems else []
     before_path = out_dir / "before_training.json"
     if start_step == 0:
         before = {"val_loss": validation_loss(model, val_docs, budget, dist_info, tokenizer.pad_token_id, autocast),
@@ -276,7 +277,7 @@ def run_sft(config: Config, dist_info: DistInfo) -> dict:
         doc_lengths = [n for b in real for n in b.doc_lengths]
 
         # Clip, step.
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.sft.grad_clip or float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, (config.optim.grad_clip if config.sft.grad_clip is None else config.sft.grad_clip) or float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # DTensor under FSDP2
             grad_norm = grad_norm.full_tensor()
         optimizer.step()
@@ -307,9 +308,10 @@ def run_sft(config: Config, dist_info: DistInfo) -> dict:
         if config.sft.eval_every and done % config.sft.eval_every == 0 and done < plan.total_steps:
             record["val/loss"] = validation_loss(model, val_docs, budget, dist_info, tokenizer.pad_token_id,
                                                  autocast)
-        if config.sft.save_every and done % config.sft.save_every == 0 and done < plan.total_steps:
+        save_every = config.checkpoint.save_every if config.sft.save_every is None else config.sft.save_every
+        if save_every and done % save_every == 0 and done < plan.total_steps:
             ckpt.save_checkpoint(out_dir, done, tokens_seen, model, optimizer, to_dict(config), dist_info,
-                                 config.sft.keep_checkpoints)
+                                 config.checkpoint.keep)
         if done % config.sft.log_every == 0 or done == plan.total_steps or "val/loss" in record:
             metrics.write(record)
         bar.update(1)
@@ -321,7 +323,7 @@ def run_sft(config: Config, dist_info: DistInfo) -> dict:
     final_step = plan.total_steps
     if start_step < final_step:
         ckpt.save_checkpoint(out_dir, final_step, tokens_seen, model, optimizer, to_dict(config), dist_info,
-                             config.sft.keep_checkpoints)
+                             config.checkpoint.keep)
     export_dir = ckpt.export_hf(causal_lm, tokenizer, out_dir / "hf", dist_info)
     after_val = validation_loss(model, val_docs, budget, dist_info, tokenizer.pad_token_id, autocast)
     if main:

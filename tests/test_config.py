@@ -53,7 +53,7 @@ def test_missing_config_file(tmp_path):
 def test_help_lists_every_field():
     text = help_text()
     for key in ("run.output_dir", "sft.tokens_per_micro_batch", "data.overlong", "model.name_or_path",
-                "eval.num_problems"):
+                "heldout.num_problems", "optim.grad_clip", "checkpoint.keep"):
         assert key in text
 
 
@@ -86,3 +86,21 @@ def test_readme_config_reference_matches_the_code():
 
     assert reference_markdown() in (REPO / "README.md").read_text(encoding="utf-8"), \
         "README's config reference is stale: paste fastmath.config.reference_markdown() into it"
+
+
+@pytest.mark.parametrize("old, new", [("sft.keep_checkpoints", "checkpoint.keep"), ("sft.adam_beta2", "optim.adam_beta2"),
+                                      ("grpo.eval_num_problems", "heldout.num_problems"),
+                                      ("eval.max_new_tokens", "heldout.max_new_tokens")])
+def test_old_key_names_its_new_key(tmp_path, old, new):
+    section, name = old.split(".")
+    path = tmp_path / "c.yaml"
+    path.write_text(f"{section}:\n  {name}: 1\n")
+    for source, overrides in ((path, []), (None, [f"{old}=1"])):
+        with pytest.raises(ConfigError, match=f"config key '{old}' was renamed to '{new}'"):
+            load_config(source, overrides)
+
+
+def test_stage_overrides_of_shared_settings_are_optional():
+    config = load_config(None, ["optim.grad_clip=0.5", "grpo.grad_clip=2.0", "checkpoint.save_every=7"])
+    assert (config.sft.grad_clip, config.grpo.grad_clip, config.optim.grad_clip) == (None, 2.0, 0.5)
+    assert config.sft.save_every is None and config.checkpoint.save_every == 7

@@ -169,7 +169,7 @@ def _grpo_overrides(tmp_path, embedded_cache, name, *extra):
     return [f"run.output_dir={tmp_path / name}", f"run.cache_dir={embedded_cache}", "run.stages=[grpo]",
             "grpo.max_steps=2", "grpo.prompts_per_step=4", "grpo.num_generations=4",
             "grpo.max_prompt_length=96", "grpo.max_completion_length=24", "grpo.tokens_per_micro_batch=256",
-            "grpo.lr=1e-3", "grpo.eval_num_problems=8", "eval.max_new_tokens=24", "grpo.reward_workers=1",
+            "grpo.lr=1e-3", "heldout.num_problems=8", "heldout.max_new_tokens=24", "grpo.reward_workers=1",
             "grpo.rewards=[accuracy,format,cosine,length,overlong]", "grpo.overlong_buffer=8", *extra]
 
 

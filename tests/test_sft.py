@@ -25,7 +25,7 @@ def _docs(assets, tokenizer, n):
 def _tiny_run(tmp_path, embedded_cache, name, *overrides):
     return [f"run.output_dir={tmp_path / name}", f"run.cache_dir={embedded_cache}", "data.max_rows=96",
             "sft.tokens_per_micro_batch=512", "data.max_length=256", "sft.global_batch=2", "sft.epochs=1",
-            "sft.lr=2e-3", "sft.warmup_ratio=0.2", "eval.num_problems=0", "sft.log_every=1", *overrides]
+            "sft.lr=2e-3", "sft.warmup_ratio=0.2", "heldout.num_problems=0", "sft.log_every=1", *overrides]
 
 
 def _losses(path):
@@ -84,7 +84,7 @@ def test_lr_schedule_shape():
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, embedded_cache, dist_info):
     full = load_config(None, _tiny_run(tmp_path, embedded_cache, "full", "sft.max_steps=6", "sft.save_every=3",
-                                       "sft.keep_checkpoints=5", "data.validation="))
+                                       "checkpoint.keep=5", "data.validation="))
     summary = run_sft(full, dist_info)
     assert summary["steps"] == 6
     reference = _losses(tmp_path / "full" / "metrics.jsonl")
