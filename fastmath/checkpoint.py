@@ -4,32 +4,53 @@ Layout of `<output_dir>/checkpoints/step_00000120/`:
   model_and_optim/    DCP shards of the model and AdamW state (each rank writes its own shard)
   rng_rank{r}.pt      python / numpy / torch (and CUDA) RNG states of rank r
   trainer_state.json  step, tokens seen, the resolved config
+  MANIFEST.sha256     the SHA-256 of every file above (`sha256sum -c` reads it)
   COMPLETE            written last
 
-Atomicity: every rank writes into `step_N.tmp/`; after a barrier rank 0 writes COMPLETE and renames
-the folder to `step_N/`. A crash mid-save leaves only a `.tmp` folder (ignored and later removed), so
-a folder that looks complete is complete. The data order and learning rate are pure functions of the
-step and the config, so (model, optimizer, RNG, step) is the whole state of a run.
+Durability (see fastmath/durable.py): every rank writes into `step_N.tmp/`; every file and folder is
+fsynced, the manifest is written, then COMPLETE, and only then is the folder renamed to `step_N/` (an
+older `step_N/` is renamed aside first and deleted last). A crash, or a power cut, at any moment leaves
+the previous complete checkpoints intact and at most one unfinished `.tmp` folder, removed on resume.
+
+Loading checks the manifest: with run.resume=auto a checkpoint that fails falls back to the previous one
+(saying which file failed); a checkpoint named by path stops the run with a `CheckpointError` naming the file.
+The data order and learning rate are pure functions of the step and the config, so (model, optimizer, RNG,
+step) is the whole state of a run.
+
+Pruning: a process deletes only checkpoints of its own run, that is those it wrote and those at or below the
+step it resumed from, and never the newest of them. Checkpoints above the resume step (an older run's, or
+ones that failed their check) are left alone, apart from a `step_N` this run writes again.
 """
 from __future__ import annotations
 
 import json
-import os
 import random
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
-from fastmath.distributed import DistInfo, barrier
-from fastmath.errors import CheckpointError, first_line
+from fastmath.distributed import DistInfo, all_reduce_sum, barrier
+from fastmath.durable import (MANIFEST, files_under, fsync_tree, manifest_problem, read_manifest,
+                              replace_dir_durably, settle_replacement, sha256_file, write_file_durably,
+                              write_manifest)
+from fastmath.errors import CheckpointError, ConfigError, first_line
 
 MARKER = "COMPLETE"
+_STEP_NAME = re.compile(r"step_(\d+)")
+_DCP_METADATA = "model_and_optim/.metadata"
+
+# Per checkpoint root: the checkpoint folders this process's run may prune (see the module docstring).
+_OWNED: dict[Path, set[Path]] = {}
+# Checkpoints find_resume_point has just checked, so that load_checkpoint reads them once, not twice.
+_VERIFIED: set[Path] = set()
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -40,15 +61,25 @@ def step_dir(output_dir: str | Path, step: int) -> Path:
     return checkpoint_root(output_dir) / f"step_{step:08d}"
 
 
-def complete_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoint folders, oldest first."""
+def _step_folders(output_dir: str | Path) -> list[Path]:
+    """Every `step_N` folder (finished or not, `.tmp` / `.old` left out), oldest first."""
     root = checkpoint_root(output_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")
-             and not p.name.endswith(".tmp") and (p / MARKER).is_file()]
-    return sorted(found, key=lambda p: p.name)
+    return sorted((p for p in root.iterdir() if p.is_dir() and _STEP_NAME.fullmatch(p.name)),
+                  key=lambda p: p.name)
 
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoint folders, oldest first."""
+    return [p for p in _step_folders(output_dir) if (p / MARKER).is_file()]
+
+
+def _step_of(path: Path) -> int:
+    return int(_STEP_NAME.fullmatch(path.name).group(1))
+
+
+# ---- save ----------------------------------------------------------------------------------------------
 
 def save_checkpoint(output_dir: str | Path, step: int, tokens_seen: int, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, config: dict, dist_info: DistInfo, keep: int) -> Path:
@@ -61,26 +92,148 @@ def save_checkpoint(output_dir: str | Path, step: int, tokens_seen: int, model: 
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / "model_and_optim"))
     torch.save(_rng_state(), tmp / f"rng_rank{dist_info.rank}.pt")
-    barrier()
     if dist_info.is_main:
         state = {"step": step, "tokens_seen": tokens_seen, "world_size": dist_info.world_size, "config": config}
-        _write_json_atomic(tmp / "trainer_state.json", state)
-        (tmp / MARKER).write_text("ok\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in complete_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2, default=str))
+    barrier()
+    fsync_tree(tmp)  # every rank: on a multi-node file system each flushes what it wrote
+    digests = _hash_shared(tmp, files_under(tmp), dist_info)
+    if dist_info.is_main:
+        write_manifest(tmp, digests)
+        write_file_durably(tmp / MARKER, "ok\n")
+        replace_dir_durably(tmp, final)
+        owned = _OWNED.setdefault(checkpoint_root(output_dir).resolve(), set())
+        owned.add(final.resolve())
+        _prune(output_dir, owned, keep)
     barrier()
     return final
 
+
+def _prune(output_dir: str | Path, owned: set[Path], keep: int) -> None:
+    mine = [p for p in complete_checkpoints(output_dir) if p.resolve() in owned]
+    for old in mine[:-max(1, keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+        owned.discard(old.resolve())
+
+
+def _hash_shared(root: Path, names: list[str], dist_info: DistInfo) -> dict[str, str]:
+    """SHA-256 of `names` under root; rank r hashes every world_size-th file, and every rank gets the whole map."""
+    mine = {name: sha256_file(root / name) for name in names[dist_info.rank::dist_info.world_size]}
+    if not (dist.is_initialized() and dist_info.world_size > 1):
+        return mine
+    parts: list[dict | None] = [None] * dist_info.world_size
+    dist.all_gather_object(parts, mine)
+    return {name: digest for part in parts for name, digest in part.items()}
+
+
+# ---- verify and choose ---------------------------------------------------------------------------------
+
+def checkpoint_problem(path: str | Path, dist_info: DistInfo) -> str | None:
+    """Why the checkpoint at `path` cannot be used (the file named), or None if every file matches its manifest.
+
+    Every rank must call this; the files are split across ranks and the answer is the same on all.
+    """
+    path = Path(path)
+    if not (path / MARKER).is_file():
+        return f"it is incomplete or not a checkpoint (no {MARKER} marker)"
+    digests = read_manifest(path)
+    if digests is None:
+        return f"{MANIFEST} is missing or unreadable (written by an older fastmath, or damaged)"
+    names = sorted(digests)
+    mine = manifest_problem(path, digests, names[dist_info.rank::dist_info.world_size])
+    problems = [mine]
+    if dist.is_initialized() and dist_info.world_size > 1:
+        problems = [None] * dist_info.world_size
+        dist.all_gather_object(problems, mine)
+    return next((p for p in problems if p), None)
+
+
+def find_resume_point(output_dir: str | Path, mode: str, dist_info: DistInfo) -> Path | None:
+    """The checkpoint a run starts from: None (a fresh start) or a folder whose files match its manifest.
+
+    mode: 'never' (refuse if checkpoints exist), 'auto' (the newest usable one, falling back past any that
+    fail their check, saying so), or a checkpoint path (used as given, or the run stops naming the bad file).
+    """
+    root = checkpoint_root(output_dir)
+    if dist_info.is_main and root.is_dir():
+        _clean_interrupted_saves(root)
+    barrier()
+    folders = _step_folders(output_dir)
+    if mode == "never":
+        if folders:
+            raise ConfigError(f"run.resume=never but {output_dir} already holds checkpoints; "
+                              f"use run.resume=auto or another run.output_dir")
+        return None
+    if mode != "auto":
+        path = Path(mode)
+        if not path.is_dir():
+            raise CheckpointError(f"checkpoint not found: {path}")
+        problem = checkpoint_problem(path, dist_info)
+        if problem:
+            raise CheckpointError(f"checkpoint {path} is corrupt: {problem}")
+        return _claim_run(output_dir, path)
+    return _newest_usable(output_dir, folders, dist_info)
+
+
+def _newest_usable(output_dir: str | Path, folders: list[Path], dist_info: DistInfo) -> Path | None:
+    complete = [p for p in folders if (p / MARKER).is_file()]
+    unfinished = [p.name for p in folders if p not in complete]
+    if unfinished and not complete:
+        raise CheckpointError(
+            f"{checkpoint_root(output_dir)} holds checkpoint folders without a {MARKER} marker "
+            f"({', '.join(unfinished)}) and no complete checkpoint; a fresh start would overwrite them: restore "
+            f"the marker of one you trust, or start over with run.resume=never and a new run.output_dir")
+    say = print if dist_info.is_main else (lambda *a, **k: None)
+    for name in unfinished:
+        say(f"fastmath: warning: {name} has no {MARKER} marker and is ignored", flush=True)
+    failures = []
+    for path in reversed(complete):
+        problem = checkpoint_problem(path, dist_info)
+        if problem is None:
+            return _claim_run(output_dir, path)
+        failures.append(f"{path.name}: {problem}")
+        say(f"fastmath: warning: checkpoint {path} is corrupt: {problem}; "
+            f"falling back to the previous complete checkpoint", flush=True)
+    if failures:
+        raise CheckpointError(f"checkpoint {complete[-1]} is corrupt and no older checkpoint in "
+                              f"{checkpoint_root(output_dir)} passes its check either ({'; '.join(failures)}); "
+                              f"restore one, or start over with run.resume=never and a new run.output_dir")
+    return None
+
+
+def _claim_run(output_dir: str | Path, resumed: Path) -> Path:
+    """Note the checkpoint as checked (load_checkpoint need not hash it again) and mark it and the complete
+    ones below it as this run's (prunable) history."""
+    _VERIFIED.add(resumed.resolve())
+    root = checkpoint_root(output_dir).resolve()
+    owned = _OWNED.setdefault(root, set())
+    if resumed.resolve().parent == root:
+        step = _step_of(resumed)
+        owned.update(p.resolve() for p in complete_checkpoints(output_dir) if _step_of(p) <= step)
+    return resumed
+
+
+def _clean_interrupted_saves(root: Path) -> None:
+    """Settle replacements a crash interrupted, then drop the unfinished `.tmp` folders."""
+    for aside in root.glob("step_*.old"):
+        settle_replacement(aside.with_suffix(""), lambda tmp: (tmp / MARKER).is_file())
+    for tmp in root.glob("step_*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---- load ----------------------------------------------------------------------------------------------
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     dist_info: DistInfo) -> dict:
     """Restore model, optimizer and this rank's RNG; returns trainer_state.json."""
     path = Path(path)
-    if not (path / MARKER).is_file():
-        raise CheckpointError(f"checkpoint {path} is incomplete or not a checkpoint (no {MARKER} marker)")
+    checked = path.resolve() in _VERIFIED
+    _VERIFIED.discard(path.resolve())
+    problem = None if checked else checkpoint_problem(path, dist_info)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} is corrupt: {problem}")
+    if not (path / _DCP_METADATA).is_file():
+        raise CheckpointError(f"checkpoint {path} is corrupt: {_DCP_METADATA} is missing")
     try:
         state = json.loads((path / "trainer_state.json").read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -122,25 +275,25 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def export_hf(causal_lm: torch.nn.Module, tokenizer, export_dir: str | Path, dist_info: DistInfo) -> Path:
     """Write a safetensors HF checkpoint (+ tokenizer) that transformers and vLLM load directly.
 
-    Gathers full (unsharded) weights to rank 0's CPU; every rank must call this.
+    Gathers full (unsharded) weights to rank 0's CPU; every rank must call this. Weights holding NaN or inf
+    are refused before anything is written, so a good earlier export is never replaced by a broken one.
     """
     export_dir = Path(export_dir)
     full = get_model_state_dict(causal_lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    bad = [name for name, t in full.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    (n_bad,) = all_reduce_sum([len(bad)], dist_info.device)  # rank 0 holds the weights; all ranks must agree
+    if n_bad:
+        where = f" ({bad[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''})" if bad else ""
+        raise CheckpointError(f"refusing to export non-finite weights{where} to {export_dir}; "
+                              f"any earlier export there is left as it was")
     if dist_info.is_main:
         tmp = export_dir.with_name(export_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         causal_lm.save_pretrained(tmp, state_dict=full, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        shutil.rmtree(export_dir, ignore_errors=True)
-        os.replace(tmp, export_dir)
+        replace_dir_durably(tmp, export_dir)
     barrier()
     return export_dir

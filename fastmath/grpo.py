@@ -430,7 +430,8 @@ def _train(config, dist_info, init_path, tokenizer, formatter, checker, rows, ou
 
     # 3. Resume --------------------------------------------------------------------------------------------
     start_step = 0
-    found = ckpt.complete_checkpoints(out_dir) if config.run.resume != "never" else []
+    resume_from = ckpt.find_resume_point(out_dir, "never" if config.run.resume == "never" else "auto", dist_info)
+    found = [resume_from] if resume_from else []
     if found:
         state = ckpt.load_checkpoint(found[-1], model, optimizer, dist_info)
         saved = state["config"]
@@ -476,7 +477,7 @@ def _train(config, dist_info, init_path, tokenizer, formatter, checker, rows, ou
     metrics_path = out_dir / "metrics.jsonl"
     from fastmath.metrics import MetricsWriter
 
-    metrics = MetricsWriter(metrics_path, enabled=main)
+    metrics = MetricsWriter(metrics_path, enabled=main, resume_step=start_step)
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))
@@ -534,11 +535,11 @@ def _train(config, dist_info, init_path, tokenizer, formatter, checker, rows, ou
                        "sync_gb_per_s": synced_bytes[0] / 1e9 / max(t_sync, 1e-9),
                        "answer_timeouts": checker.counts["timeout"], "checker_restarts": checker.restarts})
         done = step + 1
+        if done % g.log_every == 0 or done == g.max_steps:
+            metrics.write(record)  # before the checkpoint that makes this step done
         save_every = config.checkpoint.save_every if g.save_every is None else g.save_every
         if save_every and done % save_every == 0 and done < g.max_steps:
             ckpt.save_checkpoint(out_dir, done, 0, model, optimizer, to_dict(config), dist_info, config.checkpoint.keep)
-        if done % g.log_every == 0 or done == g.max_steps:
-            metrics.write(record)
         bar.update(1)
         bar.set_postfix(reward=f"{record['reward/mean']:.3f}", acc=f"{record['accuracy']:.2f}",
                         len=f"{record['completion_tokens_mean']:.0f}", kl=f"{record['kl']:.4f}",

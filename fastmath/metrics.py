@@ -11,11 +11,15 @@ an unknown device (including every CPU) has no peak, and MFU is reported as None
 from __future__ import annotations
 
 import json
+import math
+import os
 import resource
 import sys
 from pathlib import Path
 
 import torch
+
+from fastmath.durable import write_file_durably
 
 # Dense bf16 peak FLOP/s (no sparsity), from the vendors' data sheets.
 PEAK_BF16_FLOPS = {
@@ -62,15 +66,79 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 class MetricsWriter:
-    """Appends one JSON object per line; only rank 0 writes."""
+    """The JSONL metrics file: one JSON object per line; only rank 0 writes.
 
-    def __init__(self, path: str | Path, enabled: bool):
+    resume_step: the step the run starts from (0 for a fresh start). The file is first cut back, atomically,
+    to the records of steps <= resume_step, so steps that a killed run logged after its last checkpoint, and
+    that the resumed run does again, appear once. A record whose step and keys equal those of a kept record
+    replaces it (a run resumed at its last step writes its final validation record again). None: append only.
+    Each line is fsynced: a step's line reaches the disk before that step's checkpoint declares it done.
+    Non-finite numbers are written as null (JSON has no NaN or Infinity).
+    """
+
+    def __init__(self, path: str | Path, enabled: bool, resume_step: int | None = None):
         self.path = Path(path)
         self.enabled = enabled
+        self._kept: set[tuple] = set()
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if resume_step is not None:
+                self._cut_back(resume_step)
 
     def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record, default=float) + "\n")
+        if not self.enabled:
+            return
+        line = json.dumps(_json_safe(record), allow_nan=False) + "\n"
+        key = _signature(record)
+        if key in self._kept:
+            self._kept.discard(key)
+            self._rewrite([line if _signature(json.loads(old)) == key else old for old in self._lines()])
+            return
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def _lines(self) -> list[str]:
+        """The file's complete JSON lines (a line cut short by a killed write is dropped)."""
+        if not self.path.is_file():
+            return []
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            kept.append(line + "\n")
+        return kept
+
+    def _cut_back(self, resume_step: int) -> None:
+        lines = [line for line in self._lines() if _step(json.loads(line)) <= resume_step]
+        self._kept = {_signature(json.loads(line)) for line in lines}
+        if self.path.is_file():
+            self._rewrite(lines)
+
+    def _rewrite(self, lines: list[str]) -> None:
+        write_file_durably(self.path, "".join(lines))
+
+
+def _step(record) -> float:
+    """A record's step; records without one (or not objects) are kept on a cut-back."""
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, (int, float)) else float("-inf")
+
+
+def _signature(record) -> tuple:
+    return (_step(record), tuple(sorted(record))) if isinstance(record, dict) else (None,)
+
+
+def _json_safe(value):
+    """`value` with every non-finite float as None and numbers of other types (numpy, 0-d tensors) as float."""
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    number = float(value)
+    return number if math.isfinite(number) else None

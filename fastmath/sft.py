@@ -166,22 +166,6 @@ def _check_resume_compatible(saved: dict, config: Config, path: Path) -> None:
                                   f"resume with the same value or use a fresh run.output_dir")
 
 
-def _find_resume_point(config: Config) -> Path | None:
-    mode = config.run.resume
-    found = ckpt.complete_checkpoints(config.run.output_dir)
-    if mode == "never":
-        if found:
-            raise ConfigError(f"run.resume=never but {config.run.output_dir} already holds checkpoints; "
-                              f"use run.resume=auto or another run.output_dir")
-        return None
-    if mode == "auto":
-        return found[-1] if found else None
-    path = Path(mode)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    return path
-
-
 def run_sft(config: Config, dist_info: DistInfo) -> dict:
     """Train, checkpoint, export; returns the summary (validation loss / accuracy before and after)."""
     out_dir = Path(config.run.output_dir)
@@ -230,14 +214,14 @@ def run_sft(config: Config, dist_info: DistInfo) -> dict:
 
     # 4. Resume ------------------------------------------------------------------------------------------
     start_step, tokens_seen = 0, 0
-    resume_from = _find_resume_point(config)
+    resume_from = ckpt.find_resume_point(config.run.output_dir, config.run.resume, dist_info)
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from, model, optimizer, dist_info)
         _check_resume_compatible(state["config"], config, resume_from)
         start_step, tokens_seen = state["step"], state["tokens_seen"]
         if main:
             print(f"resumed from {resume_from} at step {start_step}", flush=True)
-    metrics = MetricsWriter(out_dir / "metrics.jsonl", enabled=main)
+    metrics = MetricsWriter(out_dir / "metrics.jsonl", enabled=main, resume_step=start_step)
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))
@@ -308,12 +292,12 @@ def run_sft(config: Config, dist_info: DistInfo) -> dict:
         if config.sft.eval_every and done % config.sft.eval_every == 0 and done < plan.total_steps:
             record["val/loss"] = validation_loss(model, val_docs, budget, dist_info, tokenizer.pad_token_id,
                                                  autocast)
+        if done % config.sft.log_every == 0 or done == plan.total_steps or "val/loss" in record:
+            metrics.write(record)  # before the checkpoint that makes this step done
         save_every = config.checkpoint.save_every if config.sft.save_every is None else config.sft.save_every
         if save_every and done % save_every == 0 and done < plan.total_steps:
             ckpt.save_checkpoint(out_dir, done, tokens_seen, model, optimizer, to_dict(config), dist_info,
                                  config.checkpoint.keep)
-        if done % config.sft.log_every == 0 or done == plan.total_steps or "val/loss" in record:
-            metrics.write(record)
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
                         refresh=False)
