@@ -9,6 +9,8 @@ YAML file or on the command line stops the run before any work is done.
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from fastmath.config_ranges import check_ranges
 from fastmath.errors import ConfigError, first_line
 
 
@@ -248,25 +251,79 @@ RENAMED = {
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Build a Config from a YAML file (or defaults when `path` is None) plus `key.sub=value` overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {first_line(err)}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+    raw = _read_config_file(Path(path)) if path is not None else {}
     for item in overrides:
         key, sep, text = item.partition("=")
+        key = key.strip()
         if not sep or not key:
-            raise ConfigError(f"override {item!r} must look like key.sub=value")
-        _set_dotted(raw, key.strip(), yaml.safe_load(text) if text.strip() else "")
+            hint = "; pass a config file with --config" if item.endswith((".yaml", ".yml")) else ""
+            raise ConfigError(f"override {item!r} must look like key.sub=value{hint}")
+        if not all(key.split(".")):
+            raise ConfigError(f"override {item!r}: '{key}' is not a dotted key such as sft.lr")
+        _set_dotted(raw, key, _Override(item, text))
     config = _build(Config, raw, prefix="")
     validate(config)
     return config
+
+
+def _read_config_file(path: Path) -> dict:
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; pass a YAML file such as configs/demo.yaml")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(err)}") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    if raw is None:  # an empty file (or only comments): the defaults
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """What PyYAML found and where, on one line (its own message spreads over several)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None)
+    if problem and mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return first_line(err)
+
+
+@dataclass
+class _Override:
+    """The text of one `key=value` override, read as YAML once the field's type is known.
+
+    A str field takes the text as written (YAML quotes removed), so `run.name=007` stays '007' and
+    `data.system_prompt=Answer: briefly` is not read as a mapping; other fields take the YAML value.
+    """
+
+    item: str
+    text: str
+
+    def __repr__(self) -> str:  # as the value appears in an error message
+        return repr(self.text)
+
+    def parse(self) -> Any:
+        if not self.text.strip():
+            return ""
+        try:
+            return yaml.safe_load(self.text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {self.item!r}: the value is not valid YAML: {_yaml_problem(err)} "
+                              f"(a list is written [a, b])") from None
+
+    def as_text(self) -> str:
+        try:
+            value = yaml.safe_load(self.text)
+        except yaml.YAMLError:
+            return self.text
+        return value if isinstance(value, str) else self.text
 
 
 def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
@@ -274,6 +331,8 @@ def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
     node = raw
     for part in parts[:-1]:
         child = node.setdefault(part, {})
+        if isinstance(child, _Override):  # `sft={lr: 1}` followed by `sft.epochs=2`
+            child = node[part] = child.parse()
         if not isinstance(child, dict):
             raise ConfigError(f"override {dotted}: '{part}' is not a section")
         node = child
@@ -281,18 +340,24 @@ def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
 
 
 def _build(cls, raw: Any, prefix: str):
+    if isinstance(raw, _Override):
+        raw = raw.parse()
+    if raw is None and prefix:  # a section whose keys are all commented out: its defaults
+        raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted((str(name) for name in set(raw) - set(fields)))
     for name in unknown:
         if prefix + name in RENAMED:
             raise ConfigError(f"config key '{prefix + name}' was renamed to '{RENAMED[prefix + name]}'")
     if unknown:
         key = prefix + unknown[0]
+        close = difflib.get_close_matches(unknown[0], fields, n=1)
+        guess = f"; did you mean '{prefix}{close[0]}'?" if close else ""
         known = ", ".join(sorted(fields))
-        raise ConfigError(f"unknown config key '{key}' (known in this section: {known})")
+        raise ConfigError(f"unknown config key '{key}'{guess} (known in this section: {known})")
     values = {}
     for name, value in raw.items():
         key = prefix + name
@@ -311,10 +376,13 @@ def _check_choices(value: Any, choices: tuple | None, key: str) -> None:
         return
     for item in value if isinstance(value, list) else [value]:
         if item not in choices:
-            raise ConfigError(f"config key '{key}': {item!r} is not one of {list(choices)}")
+            hint = " (a list is written [a, b])" if isinstance(value, list) and "," in str(item) else ""
+            raise ConfigError(f"config key '{key}': {item!r} is not one of {list(choices)}{hint}")
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
+    if isinstance(value, _Override):
+        value = value.as_text() if hint is str else value.parse()
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         options = [h for h in typing.get_args(hint) if h is not type(None)]
@@ -341,80 +409,54 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             except ValueError:
                 pass
     elif hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, (str, int, float, datetime.date)) and not isinstance(value, bool):
             return str(value)
     raise ConfigError(f"config key '{key}' expects {getattr(hint, '__name__', hint)}, got {value!r}")
 
 
+# Text settings that mean nothing when empty ('' would name the current folder or no field at all).
+NON_EMPTY = ("run.output_dir", "run.resume", "model.name_or_path", "data.train", "data.prompt_field",
+             "data.solution_field", "grpo.init_from", "grpo.prompts", "grpo.answer_field", "eval.model",
+             "eval.benchmark", "eval.problem_field", "eval.answer_field")
+
+
 def validate(config: Config) -> None:
-    """Cross-field checks that a single field's type cannot express."""
-    positive = {
-        "sft.epochs": config.sft.epochs,
-        "sft.tokens_per_micro_batch": config.sft.tokens_per_micro_batch,
-        "sft.global_batch": config.sft.global_batch,
-        "sft.log_every": config.sft.log_every,
-        "data.max_length": config.data.max_length,
-        "heldout.batch_size": config.heldout.batch_size,
-        "heldout.max_new_tokens": config.heldout.max_new_tokens,
-        "checkpoint.keep": config.checkpoint.keep,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"config key '{key}' must be > 0, got {value}")
-    non_negative = {
-        "sft.max_steps": config.sft.max_steps, "sft.eval_every": config.sft.eval_every,
-        "sft.save_every": config.sft.save_every, "sft.grad_clip": config.sft.grad_clip,
-        "sft.weight_decay": config.sft.weight_decay, "sft.loss_chunk_size": config.sft.loss_chunk_size,
-        "heldout.num_problems": config.heldout.num_problems, "data.max_rows": config.data.max_rows,
-        "grpo.save_every": config.grpo.save_every, "grpo.grad_clip": config.grpo.grad_clip,
-        "grpo.weight_decay": config.grpo.weight_decay, "optim.weight_decay": config.optim.weight_decay,
-        "optim.grad_clip": config.optim.grad_clip, "optim.adam_eps": config.optim.adam_eps,
-        "checkpoint.save_every": config.checkpoint.save_every,
-    }
-    for key, value in non_negative.items():
-        if value is not None and value < 0:  # None: a stage setting that takes the shared section's value
-            raise ConfigError(f"config key '{key}' must be >= 0, got {value}")
-    if not 0.0 < config.sft.lr < 1.0:
-        raise ConfigError(f"config key 'sft.lr' must be in (0, 1), got {config.sft.lr}")
-    if not 0.0 <= config.sft.warmup_ratio < 1.0:
-        raise ConfigError(f"config key 'sft.warmup_ratio' must be in [0, 1), got {config.sft.warmup_ratio}")
-    if not 0.0 <= config.sft.min_lr_ratio <= 1.0:
-        raise ConfigError(f"config key 'sft.min_lr_ratio' must be in [0, 1], got {config.sft.min_lr_ratio}")
+    """Every numeric field against its range (fastmath/config_ranges.py), then what one field cannot express."""
+    check_ranges(config)
+    for key in NON_EMPTY:
+        section, name = key.split(".")
+        if not getattr(getattr(config, section), name).strip():
+            raise ConfigError(f"config key '{key}' must not be empty")
+    if not config.run.stages:
+        raise ConfigError("config key 'run.stages' must name at least one stage")
+    _check_distinct(config.run.stages, "run.stages")
     if config.data.max_length > config.sft.tokens_per_micro_batch:
         raise ConfigError(
             f"config key 'data.max_length' ({config.data.max_length}) exceeds 'sft.tokens_per_micro_batch' "
             f"({config.sft.tokens_per_micro_batch}): a kept example must fit in one packed row")
     _validate_grpo(config)
     _validate_eval(config)
-    if not config.run.stages:
-        raise ConfigError("config key 'run.stages' must name at least one stage")
+
+
+def _check_distinct(items: list, key: str) -> None:
+    repeated = [item for item in items if items.count(item) > 1]
+    if repeated:
+        raise ConfigError(f"config key '{key}' names {repeated[0]!r} more than once")
+
+
+def _check_stop_strings(stop: list[str], key: str) -> None:
+    if any(not text for text in stop):
+        raise ConfigError(f"config key '{key}' holds an empty stop string (it would stop every generation at once)")
 
 
 def _validate_grpo(config: Config) -> None:
     g = config.grpo
-    for key in ("max_steps", "prompts_per_step", "num_generations", "max_prompt_length", "max_completion_length",
-                "tokens_per_micro_batch", "reward_workers", "num_iterations", "log_every", "sync_bucket_mib",
-                "max_bad_steps"):
-        if getattr(g, key) <= 0:
-            raise ConfigError(f"config key 'grpo.{key}' must be > 0, got {getattr(g, key)}")
-    for key in ("max_rows", "cosine_max_length", "overlong_buffer", "max_resample_rounds", "beta", "min_p",
-                "warmup_ratio"):
-        if getattr(g, key) < 0:
-            raise ConfigError(f"config key 'grpo.{key}' must be >= 0, got {getattr(g, key)}")
-    if not 0.0 < g.lr < 1.0:
-        raise ConfigError(f"config key 'grpo.lr' must be in (0, 1), got {g.lr}")
-    if g.temperature <= 0:
-        raise ConfigError(f"config key 'grpo.temperature' must be > 0 (sampling), got {g.temperature}")
-    if not 0.0 < g.top_p <= 1.0:
-        raise ConfigError(f"config key 'grpo.top_p' must be in (0, 1], got {g.top_p}")
-    if not 0.0 <= g.epsilon_low < 1.0 or g.epsilon_high < 0:
-        raise ConfigError(f"config keys 'grpo.epsilon_low' / 'grpo.epsilon_high' must be in [0, 1) / >= 0, got "
-                          f"{g.epsilon_low} / {g.epsilon_high}")
+    if not g.rewards:
+        raise ConfigError("config key 'grpo.rewards' must name at least one reward")
+    _check_distinct(g.rewards, "grpo.rewards")
     if g.reward_weights and len(g.reward_weights) != len(g.rewards):
         raise ConfigError(f"config key 'grpo.reward_weights' has {len(g.reward_weights)} entries for "
                           f"{len(g.rewards)} rewards {g.rewards}")
-    if not g.rewards:
-        raise ConfigError("config key 'grpo.rewards' must name at least one reward")
     for key in ("cosine_correct", "cosine_wrong"):
         if len(getattr(g, key)) != 2:
             raise ConfigError(f"config key 'grpo.{key}' must be [value at length 0, value at the max length]")
@@ -425,39 +467,17 @@ def _validate_grpo(config: Config) -> None:
     if "overlong" in g.rewards and not 0 < g.overlong_buffer <= g.max_completion_length:
         raise ConfigError(f"config key 'grpo.overlong_buffer' must be in (0, grpo.max_completion_length] for the "
                           f"overlong reward, got {g.overlong_buffer}")
-    if g.vllm_is_cap < 1.0:
-        raise ConfigError(f"config key 'grpo.vllm_is_cap' must be >= 1, got {g.vllm_is_cap}")
+    _check_stop_strings(g.stop, "grpo.stop")
 
 
 def _validate_eval(config: Config) -> None:
     e = config.eval
-    for key in ("samples", "tensor_parallel_size", "answer_workers", "batch_size"):
-        if getattr(e, key) <= 0:
-            raise ConfigError(f"config key 'eval.{key}' must be > 0, got {getattr(e, key)}")
-    if e.max_problems < 0:
-        raise ConfigError(f"config key 'eval.max_problems' must be >= 0, got {e.max_problems}")
     if not e.budgets:
         raise ConfigError("config key 'eval.budgets' must name at least one token budget")
-    if any(b <= 0 for b in e.budgets) or len(set(e.budgets)) != len(e.budgets):
-        raise ConfigError(f"config key 'eval.budgets' must hold distinct budgets > 0, got {e.budgets}")
-    if e.temperature < 0:
-        raise ConfigError(f"config key 'eval.temperature' must be >= 0 (0 = greedy), got {e.temperature}")
-    if not 0.0 < e.top_p <= 1.0:
-        raise ConfigError(f"config key 'eval.top_p' must be in (0, 1], got {e.top_p}")
-    if not 0.0 <= e.min_p < 1.0:
-        raise ConfigError(f"config key 'eval.min_p' must be in [0, 1), got {e.min_p}")
-    if e.answer_timeout_s <= 0:
-        raise ConfigError(f"config key 'eval.answer_timeout_s' must be > 0, got {e.answer_timeout_s}")
-    if not 0.0 < e.vllm_gpu_memory_utilization <= 1.0:
-        raise ConfigError(f"config key 'eval.vllm_gpu_memory_utilization' must be in (0, 1], got "
-                          f"{e.vllm_gpu_memory_utilization}")
-    if e.vllm_cpu_kv_cache_gib <= 0:
-        raise ConfigError(f"config key 'eval.vllm_cpu_kv_cache_gib' must be > 0, got {e.vllm_cpu_kv_cache_gib}")
+    _check_distinct(e.budgets, "eval.budgets")
     if not e.output.strip() or Path(e.output).is_absolute() or ".." in Path(e.output).parts:
         raise ConfigError(f"config key 'eval.output' must be a folder name inside run.output_dir, got {e.output!r}")
-    for key in ("model", "benchmark", "problem_field", "answer_field"):
-        if not getattr(e, key).strip():
-            raise ConfigError(f"config key 'eval.{key}' must not be empty")
+    _check_stop_strings(e.stop, "eval.stop")
 
 
 def to_dict(config: Config) -> dict:

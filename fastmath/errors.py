@@ -29,3 +29,14 @@ def first_line(err: BaseException) -> str:
     """The first line of an exception's message (or its type name): the cause, without a library's traceback."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """An exception's whole message on one line, cut at a sentence end near `limit` characters.
+
+    For libraries whose messages run over several lines, where the first line alone stops mid-sentence."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    if len(text) <= limit:
+        return text
+    cut = text.rfind(". ", 0, limit)
+    return text[:cut + 1] if cut > 0 else text[:limit] + "..."

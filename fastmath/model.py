@@ -14,21 +14,57 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastmath.errors import ModelError, first_line
+from fastmath.errors import ModelError, one_line
 from fastmath.packing import PackedBatch
 from kernels import fused_linear_cross_entropy
 
 
-def resolve_model_path(name_or_path: str, cache_dir: str) -> str:
-    """'embedded' -> the locally built tiny model; anything else is passed to transformers as is."""
+# Files that mark a folder as an HF model: its config, some tokenizer file, and the weights.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+
+
+def looks_local(name_or_path: str) -> bool:
+    """A path rather than a hub id: it starts with '.', '/' or '~', or it exists here."""
+    return name_or_path.startswith((".", "/", "~")) or Path(name_or_path).expanduser().exists()
+
+
+def model_folder_problem(path: Path) -> str | None:
+    """Why a local path is not a loadable HF model folder (as the end of a sentence), or None."""
+    if not path.exists():
+        return "was not found"
+    if not path.is_dir():
+        return "is a file, not a model folder (an HF model folder holds config.json, the weights and the tokenizer files)"
+    missing = []
+    if not (path / "config.json").is_file():
+        missing.append("config.json")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        missing.append("tokenizer files (tokenizer.json / tokenizer_config.json)")
+    if not any(next(path.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
+        missing.append("weights (*.safetensors / *.bin)")
+    if not missing:
+        return None
+    what = "an empty folder" if next(path.iterdir(), None) is None else "a folder"
+    return f"is {what} without {', '.join(missing)}: not an HF model folder"
+
+
+def resolve_model_path(name_or_path: str, cache_dir: str, key: str = "model path") -> str:
+    """'embedded' -> the locally built tiny model; a local path must be a model folder; a hub id passes as is.
+
+    `key` names the setting in the error (for example 'model.name_or_path')."""
     if name_or_path == "embedded":
         from fastmath.embedded import ensure_embedded_assets
 
         return str(ensure_embedded_assets(cache_dir or None).model_dir)
-    looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).expanduser().exists()
-    if looks_local and not Path(name_or_path).expanduser().is_dir():
-        raise ModelError(f"model path not found: {name_or_path}")
-    return str(Path(name_or_path).expanduser()) if looks_local else name_or_path
+    if not looks_local(name_or_path):
+        return name_or_path
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        raise ModelError(f"{key} not found: {name_or_path}")
+    problem = model_folder_problem(path)
+    if problem:
+        raise ModelError(f"{key} {name_or_path} {problem}")
+    return str(path)
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
@@ -37,10 +73,19 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as err:  # OSError for missing files / hub, ValueError for unknown classes
-        raise ModelError(f"could not load tokenizer from '{path}': {first_line(err)}") from None
+        raise ModelError(f"could not load tokenizer from '{path}': {_load_problem(path, err)}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _load_problem(path: str, err: Exception) -> str:
+    """The cause of a failed load: what a local folder lacks, else transformers' message on one line."""
+    if looks_local(path):
+        problem = model_folder_problem(Path(path).expanduser())
+        if problem:
+            return f"the folder {problem}"
+    return one_line(err)
 
 
 def load_causal_lm(path: str, attn_implementation: str, trust_remote_code: bool = False) -> nn.Module:
@@ -56,7 +101,7 @@ def load_causal_lm(path: str, attn_implementation: str, trust_remote_code: bool 
                                                      attn_implementation=attn_implementation,
                                                      trust_remote_code=trust_remote_code)
     except Exception as err:
-        raise ModelError(f"could not load model from '{path}': {first_line(err)}") from None
+        raise ModelError(f"could not load model from '{path}': {_load_problem(path, err)}") from None
     model.config.use_cache = False
     return model
 

@@ -1,4 +1,5 @@
 """Config loading: defaults, YAML, overrides, and one clear error per mistake."""
+import re
 import subprocess
 import sys
 
@@ -69,8 +70,8 @@ def test_cli_config_typo_is_one_line_error(tmp_path):
                             capture_output=True, text=True, env=subprocess_env(), timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "fastmath: error: unknown config key 'sft.epoch' (known in this section: " + result.stderr.split(
-            "known in this section: ")[1].strip()]
+        "fastmath: error: unknown config key 'sft.epoch'; did you mean 'sft.epochs'? (known in this section: "
+        + result.stderr.split("known in this section: ")[1].strip()]
     assert "Traceback" not in result.stderr
 
 
@@ -104,3 +105,74 @@ def test_stage_overrides_of_shared_settings_are_optional():
     config = load_config(None, ["optim.grad_clip=0.5", "grpo.grad_clip=2.0", "checkpoint.save_every=7"])
     assert (config.sft.grad_clip, config.grpo.grad_clip, config.optim.grad_clip) == (None, 2.0, 0.5)
     assert config.sft.save_every is None and config.checkpoint.save_every == 7
+
+
+def _numeric_keys() -> set[str]:
+    """Every config field whose type is int or float, alone, optional, or as the items of a list."""
+    import dataclasses
+    import typing
+
+    keys = set()
+    for section, section_type in typing.get_type_hints(Config).items():
+        for name, hint in typing.get_type_hints(section_type).items():
+            inner = {hint} | set(typing.get_args(hint))
+            if inner & {int, float}:
+                keys.add(f"{section}.{name}")
+    return keys
+
+
+def test_every_numeric_field_has_a_range():
+    """The range table covers every numeric field and names only real ones, so it cannot drift from Config."""
+    from fastmath.config_ranges import ANY_FINITE, RANGES, REASONS
+
+    numeric = _numeric_keys()
+    assert numeric - set(RANGES) - ANY_FINITE == set(), "numeric fields without a range in config_ranges.RANGES"
+    assert (set(RANGES) | ANY_FINITE | set(REASONS)) - numeric == set(), "ranges for fields that do not exist"
+    assert not set(RANGES) & ANY_FINITE
+
+
+@pytest.mark.parametrize("text, inside, outside", [
+    ("[0, 1)", [0.0, 0.5, 0.999], [-1e-9, 1.0, float("nan")]),
+    ("(0, 1]", [1e-9, 1.0], [0.0, 1.0001]),
+    ("> 0", [1e-300, 5.0], [0.0, -1.0, float("inf")]),
+    (">= 2", [2, 3], [1, 1.999]),
+])
+def test_interval_bounds(text, inside, outside):
+    from fastmath.config_ranges import Interval
+
+    interval = Interval.parse(text)
+    assert all(v in interval for v in inside)
+    assert not any(v in interval for v in outside)
+
+
+def _outside(interval, is_int: bool) -> list:
+    """Values just outside an interval's finite ends (the end itself where it is open)."""
+    step = 1 if is_int else 0.5
+    values = [interval.low - step if interval.low_closed else interval.low]
+    if interval.high != float("inf"):
+        values.append(interval.high + step if interval.high_closed else interval.high)
+    return [int(v) if is_int else v for v in values]
+
+
+def test_every_range_is_enforced_at_its_bounds():
+    """Each range in the table refuses the values just outside it, naming the key and the range."""
+    import typing
+
+    from fastmath.config_ranges import INTERVALS
+
+    for key, interval in INTERVALS.items():
+        section, name = key.split(".")
+        hint = typing.get_type_hints(type(getattr(Config(), section)))[name]
+        is_int = int in ({hint} | set(typing.get_args(hint)))
+        for value in _outside(interval, is_int):
+            text = f"[{value}]" if typing.get_origin(hint) is list else str(value)
+            with pytest.raises(ConfigError, match=rf"config key '{key}(\[0\])?' must be .*{re.escape(interval.text)}"):
+                load_config(None, [f"{key}={text}"])
+
+
+def test_str_fields_take_the_override_text_as_written():
+    config = load_config(None, ["run.name=007", "data.system_prompt=Answer: briefly", "run.output_dir='x y'"])
+    assert config.run.name == "007"
+    assert config.data.system_prompt == "Answer: briefly"
+    assert config.run.output_dir == "x y"
+    assert load_config(None, ["run.stages=[sft, eval]"]).run.stages == ["sft", "eval"]

@@ -146,8 +146,8 @@ def test_bad_rows_are_counted_and_no_usable_problem_is_an_error(tmp_path, tokeni
 
 @pytest.mark.parametrize("override, message", [
     ("eval.budgets=[]", "at least one token budget"),
-    ("eval.budgets=[64,64]", "distinct budgets > 0"),
-    ("eval.budgets=[0]", "distinct budgets > 0"),
+    ("eval.budgets=[64,64]", "'eval.budgets' names 64 more than once"),
+    ("eval.budgets=[0]", "'eval.budgets[0]' must be > 0"),
     ("eval.samples=0", "'eval.samples' must be > 0"),
     ("eval.top_p=0", "'eval.top_p' must be in"),
     ("eval.output=/abs", "folder name inside run.output_dir"),

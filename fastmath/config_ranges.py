@@ -1,0 +1,158 @@
+"""The allowed range of every numeric config field, as one table, and the one check that applies it.
+
+A value outside its natural domain (a beta of 1.5, a timeout of 0, a group of one completion) is refused
+when the config loads, with the key and the allowed range named, instead of failing in torch or in a
+worker pool minutes later, or training on nothing. Every int and float field (and each item of a list
+of numbers) must also be finite. `tests/test_config.py` checks that every numeric field of `Config` has a
+row here (or is listed in `ANY_FINITE`) and that every row names a real field, so the table cannot drift
+from the dataclasses.
+
+Ranges are written as intervals, `[0, 1)`, or as one-sided bounds, `>= 1`, `> 0`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from fastmath.errors import ConfigError
+
+RANGES = {
+    "run.seed": "[0, 4294967296)",  # numpy's seed must fit in 32 bits
+    "data.max_length": "> 0",
+    "data.max_rows": ">= 0",
+    "optim.adam_beta1": "[0, 1)",
+    "optim.adam_beta2": "[0, 1)",
+    "optim.adam_eps": "> 0",
+    "optim.weight_decay": ">= 0",
+    "optim.grad_clip": ">= 0",
+    "checkpoint.save_every": ">= 0",
+    "checkpoint.keep": "> 0",
+    "heldout.num_problems": ">= 0",
+    "heldout.max_new_tokens": "> 0",
+    "heldout.batch_size": "> 0",
+    "sft.epochs": "> 0",
+    "sft.max_steps": ">= 0",
+    "sft.tokens_per_micro_batch": "> 0",
+    "sft.global_batch": "> 0",
+    "sft.lr": "(0, 1)",
+    "sft.min_lr_ratio": "[0, 1]",
+    "sft.warmup_ratio": "[0, 1)",
+    "sft.weight_decay": ">= 0",
+    "sft.grad_clip": ">= 0",
+    "sft.loss_chunk_size": ">= 0",
+    "sft.log_every": "> 0",
+    "sft.eval_every": ">= 0",
+    "sft.save_every": ">= 0",
+    "grpo.max_rows": ">= 0",
+    "grpo.max_steps": "> 0",
+    "grpo.prompts_per_step": "> 0",
+    "grpo.num_generations": ">= 2",
+    "grpo.max_prompt_length": "> 0",
+    "grpo.max_completion_length": "> 0",
+    "grpo.temperature": "> 0",
+    "grpo.top_p": "(0, 1]",
+    "grpo.min_p": "[0, 1)",
+    "grpo.vllm_gpu_memory_utilization": "(0, 1]",
+    "grpo.vllm_cpu_kv_cache_gib": "> 0",
+    "grpo.sync_bucket_mib": "> 0",
+    "grpo.cosine_max_length": ">= 0",
+    "grpo.overlong_buffer": ">= 0",
+    "grpo.reward_workers": "> 0",
+    "grpo.reward_timeout_s": "> 0",
+    "grpo.epsilon_low": "[0, 1)",
+    "grpo.epsilon_high": ">= 0",
+    "grpo.beta": ">= 0",
+    "grpo.num_iterations": "> 0",
+    "grpo.vllm_is_cap": ">= 1",
+    "grpo.max_resample_rounds": ">= 0",
+    "grpo.tokens_per_micro_batch": "> 0",
+    "grpo.lr": "(0, 1)",
+    "grpo.min_lr_ratio": "[0, 1]",
+    "grpo.warmup_ratio": "[0, 1)",
+    "grpo.weight_decay": ">= 0",
+    "grpo.grad_clip": ">= 0",
+    "grpo.max_bad_steps": "> 0",
+    "grpo.log_every": "> 0",
+    "grpo.save_every": ">= 0",
+    "eval.max_problems": ">= 0",
+    "eval.samples": "> 0",
+    "eval.batch_size": "> 0",
+    "eval.budgets": "> 0",
+    "eval.temperature": ">= 0",
+    "eval.top_p": "(0, 1]",
+    "eval.min_p": "[0, 1)",
+    "eval.tensor_parallel_size": "> 0",
+    "eval.vllm_gpu_memory_utilization": "(0, 1]",
+    "eval.vllm_cpu_kv_cache_gib": "> 0",
+    "eval.answer_workers": "> 0",
+    "eval.answer_timeout_s": "> 0",
+}
+
+# Why a bound is where it is, where the range alone does not say it.
+REASONS = {
+    "grpo.num_generations": "a group of one completion has advantage 0, so GRPO would train on nothing",
+    "grpo.temperature": "it divides the logits; for greedy decoding use the eval stage's temperature 0",
+    "grpo.vllm_is_cap": "it caps an importance weight whose unclipped value is 1 when sampler and trainer agree",
+    "sft.lr": "0 trains nothing",
+    "grpo.lr": "0 trains nothing",
+}
+
+# Numeric fields whose every finite value means something (signed reward values and weights).
+ANY_FINITE = {"grpo.reward_weights", "grpo.cosine_correct", "grpo.cosine_wrong"}
+
+
+@dataclass(frozen=True)
+class Interval:
+    low: float
+    high: float
+    low_closed: bool
+    high_closed: bool
+    text: str
+
+    @classmethod
+    def parse(cls, text: str) -> "Interval":
+        one_sided = re.fullmatch(r"(>=|>)\s*(\S+)", text)
+        if one_sided:
+            return cls(float(one_sided[2]), math.inf, one_sided[1] == ">=", False, text)
+        both = re.fullmatch(r"([\[(])\s*([^,]+),\s*([^\])]+)([\])])", text)
+        if not both:
+            raise ValueError(f"not a range: {text!r}")
+        return cls(float(both[2]), float(both[3]), both[1] == "[", both[4] == "]", text)
+
+    def __contains__(self, value: float) -> bool:
+        above = value >= self.low if self.low_closed else value > self.low
+        below = value <= self.high if self.high_closed else value < self.high
+        return above and below
+
+    def describe(self) -> str:
+        return self.text if self.high == math.inf else f"in {self.text}"
+
+
+INTERVALS = {key: Interval.parse(text) for key, text in RANGES.items()}
+
+
+def numeric_values(config: Any) -> Iterator[tuple[str, str, Any]]:
+    """(dotted key, shown key, value) for every int/float in the config, one per item of a list of numbers."""
+    for section in dataclasses.fields(config):
+        values = getattr(config, section.name)
+        for f in dataclasses.fields(values):
+            key = f"{section.name}.{f.name}"
+            value = getattr(values, f.name)
+            items = list(enumerate(value)) if isinstance(value, list) else [(None, value)]
+            for i, item in items:
+                if isinstance(item, (int, float)) and not isinstance(item, bool):
+                    yield key, key if i is None else f"{key}[{i}]", item
+
+
+def check_ranges(config: Any) -> None:
+    """Raise ConfigError naming the first numeric value that is not finite or outside its range."""
+    for key, shown, value in numeric_values(config):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key '{shown}' must be a finite number, got {value}")
+        interval = INTERVALS.get(key)
+        if interval is not None and value not in interval:
+            reason = f" ({REASONS[key]})" if key in REASONS else ""
+            raise ConfigError(f"config key '{shown}' must be {interval.describe()}, got {value}{reason}")
