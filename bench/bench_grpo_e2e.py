@@ -80,8 +80,8 @@ args = json.loads(sys.argv[2])
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
-from fastmath.rewards import AnswerChecker, format_ok
-from fastmath.synthetic import extract_boxed
+from fastmath.answers import AnswerChecker
+from fastmath.rewards import format_ok
 
 rows = [json.loads(line) for line in open(args["data"])][: args["prompts"] * (args["steps"] + 1)]
 data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["problem"]}], "answer": r["answer"]} for r in rows])

@@ -10,8 +10,8 @@ What it does, in order:
     1. Model: `eval.model` ('auto' = this run's latest export: run.output_dir/grpo/hf, else run.output_dir/hf,
        else model.name_or_path).
     2. Problems: rows of `eval.benchmark` with `eval.problem_field` and `eval.answer_field`. A row missing
-       either, or whose gold answer math-verify cannot parse (`AnswerChecker.gold_parses`), is skipped and
-       counted; no usable problem is a DataError. The first `eval.max_problems` usable ones are kept.
+       either, or whose gold answer is not a mathematical value (`AnswerChecker.gold_answers`: prose,
+       placeholders, lists, booleans, text math-verify cannot parse), is skipped and counted by reason; no usable problem is a DataError. The first `eval.max_problems` usable ones are kept.
     3. Sampling: k = `eval.samples` completions per problem with vLLM (or HF generate), temperature / top_p /
        min_p / stop from `eval.*`, ONCE, at the largest budget. Each rank of a torchrun job samples its share
        of the problems (problem i goes to rank i mod world_size) with its own engine (seed run.seed + rank).
@@ -53,9 +53,8 @@ from fastmath.data import DataReport, Formatter, read_rows, text_field
 from fastmath.distributed import DistInfo
 from fastmath.errors import ConfigError, DataError, FastmathError, first_line
 from fastmath.eval_metrics import BudgetMetrics, SampleResult, budget_metrics
-from fastmath.rewards import AnswerChecker
+from fastmath.answers import AnswerChecker, extract_boxed
 from fastmath.rollout import Completion, Generator, Sampling
-from fastmath.synthetic import extract_boxed
 
 
 @dataclass
@@ -100,25 +99,25 @@ def load_problems(config: Config, formatter: Formatter, checker: AnswerChecker) 
     e = config.eval
     source, split = benchmark_source(config)
     report = DataReport(source=source)
-    candidates: list[tuple[str | int, str, str]] = []
+    candidates: list[tuple[str | int, str, object]] = []
     for row_number, row in enumerate(read_rows(source, split, report)):
         text = text_field(row, e.problem_field, report)
         if text is None:
             continue
         answer = row.get(e.answer_field)
-        if answer is None or not str(answer).strip():
+        if answer is None or (isinstance(answer, str) and not answer.strip()):
             report.skipped[f"missing answer field '{e.answer_field}'"] += 1
             continue
         ident = row.get(e.id_field, row_number) if e.id_field else row_number
-        candidates.append((ident if isinstance(ident, (int, str)) else str(ident), text, str(answer)))
+        candidates.append((ident if isinstance(ident, (int, str)) else str(ident), text, answer))
     problems: list[EvalProblem] = []
     # Gold answers are parsed in chunks, so that max_problems of a large source parses little more than needed.
     chunk = max(64, e.max_problems)
     for start in range(0, len(candidates), chunk):
         part = candidates[start:start + chunk]
-        for (ident, text, answer), ok in zip(part, checker.gold_parses([a for _, _, a in part])):
-            if not ok:
-                report.skipped["gold answer math-verify cannot parse"] += 1
+        for (ident, text, _), (answer, problem) in zip(part, checker.gold_answers([a for _, _, a in part])):
+            if problem is not None:
+                report.skipped[problem] += 1
                 continue
             if e.max_problems and len(problems) >= e.max_problems:
                 break

@@ -1,4 +1,4 @@
-"""GRPO rewards: answer checking with math-verify in a worker pool, format, length (cosine, Kimi), overlong.
+"""GRPO rewards: accuracy, format, length (cosine, Kimi), overlong; their weighted sum.
 
 Every reward is a plain function `(prompts, completions, answers, **columns) -> list[float]`, one value per
 completion. The trainer calls them with these columns (all lists, one entry per completion):
@@ -11,191 +11,16 @@ and keyword settings from `grpo.*` (`max_length` of the cosine reward in the len
 `limit` = the generation limit in tokens, the overlong buffer). A user
 reward can ignore what it does not need (`**columns`). Weighted sum: `grpo.reward_weights`.
 
-Answer check (`AnswerChecker`): the content of the last balanced `\\boxed{...}` of the completion is parsed
-by math-verify and compared with the parsed gold answer (fractions, decimals, LaTeX, intervals, sets all
-go through sympy). It runs in worker processes because parsing adversarial text can take unbounded time:
-each item has a time limit inside the worker (SIGALRM) and the whole batch a watchdog (a worker stuck in C
-code is killed and the pool restarted). A timeout scores 0 and is counted, never raised. A gold answer that
-math-verify cannot parse is a data error for that row: rows are checked when the prompts are loaded, and
-the bad ones are counted and dropped (scoring every completion as correct against an unparseable gold
-answer would reward anything).
+The `correct` column comes from `fastmath.answers.AnswerChecker` (math-verify in a worker pool with a time
+limit per item), the same check the held-out check and the eval stage use.
 """
 from __future__ import annotations
 
 import math
-import multiprocessing
-import re
-import signal
-import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
-from fastmath.errors import ConfigError
-from fastmath.synthetic import extract_boxed
-
-# ---------------------------------------------------------------------------------------------
-# Answer checking (math-verify, in worker processes)
-
-
-@dataclass
-class Verdict:
-    correct: bool | None  # None: not decided (timeout or checker error) -> scores as wrong, counted
-    status: str           # "correct", "wrong", "no_answer", "timeout", "error"
-
-
-class _ItemTimeout(Exception):
-    pass
-
-
-def _on_alarm(signum, frame):  # pragma: no cover - runs in the worker
-    raise _ItemTimeout()
-
-
-def _worker_init():  # pragma: no cover - runs in the worker
-    import logging
-
-    signal.signal(signal.SIGALRM, _on_alarm)
-    # math-verify warns on every call that its own (signal-based) timeout is off: ours replaces it, since
-    # both would share the one ITIMER_REAL of the process.
-    logging.getLogger("math_verify").setLevel(logging.ERROR)
-    import math_verify  # noqa: F401  (import once per worker, not per item)
-
-
-def _parse(text: str):
-    from math_verify import parse
-
-    # math-verify's own timeout uses signals too; ours (the caller's alarm) bounds the whole item.
-    return parse("\\boxed{" + text + "}", parsing_timeout=None)
-
-
-def _under_alarm(limit: float, fn: Callable, *args):
-    """fn(*args) with SIGALRM armed `limit` seconds ahead (worker main thread): raises _ItemTimeout if late."""
-    signal.setitimer(signal.ITIMER_REAL, limit)
-    try:
-        return fn(*args)
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-
-
-def _timed_call(item: tuple[float, Callable, object]):
-    """(limit, fn, arg) -> fn(arg), or the string "timeout". Runs inside a worker process."""
-    limit, fn, arg = item
-    try:
-        return _under_alarm(limit, fn, arg)
-    except _ItemTimeout:
-        return "timeout"
-
-
-def _parsed_gold(gold: str):
-    """math-verify's parse of a gold answer, or None when it found no mathematical object (only its raw-string
-    fallback, e.g. for `\\frac{`): such a gold answer cannot be compared to anything meaningfully."""
-    parsed = _parse(gold)
-    return parsed if any(not isinstance(x, str) for x in parsed) else None
-
-
-def _verify(boxed: str, gold: str) -> bool | None:
-    from math_verify import verify
-
-    gold_parsed = _parsed_gold(gold)
-    if gold_parsed is None:
-        return None
-    return bool(verify(gold_parsed, _parse(boxed), timeout_seconds=None))
-
-
-def _check_one(item: tuple[str | None, str, float]) -> tuple[str, bool | None]:
-    """(boxed content or None, gold, seconds) -> (status, correct). Runs inside a worker process."""
-    boxed, gold, limit = item
-    if boxed is None or not boxed.strip():
-        return "no_answer", False
-    try:
-        ok = _under_alarm(limit, _verify, boxed, gold)
-    except _ItemTimeout:
-        return "timeout", None
-    except Exception:  # sympy can raise almost anything on hostile input; it is a wrong answer, counted
-        return "error", None
-    if ok is None:
-        return "error", None
-    return ("correct" if ok else "wrong"), ok
-
-
-def _gold_parses(item: tuple[str, float]) -> bool:
-    gold, limit = item
-    try:
-        return _under_alarm(limit, _parsed_gold, gold) is not None
-    except BaseException:
-        return False
-
-
-class AnswerChecker:
-    """A pool of `workers` processes checking answers, each item limited to `timeout_s` seconds.
-
-    The pool starts with the "spawn" method: forking a process that holds OpenMP threads (torch) or a vLLM
-    engine can deadlock the child. Use as a context manager or call `close()`.
-    """
-
-    def __init__(self, workers: int = 2, timeout_s: float = 5.0):
-        if workers < 1 or timeout_s <= 0:
-            raise ConfigError(f"answer checker needs workers >= 1 and timeout > 0, got {workers}, {timeout_s}")
-        self.workers, self.timeout_s = workers, timeout_s
-        self.counts: Counter = Counter()  # cumulative statuses, for the run's metrics
-        self.restarts = 0
-        self._pool = None
-
-    def _start(self):
-        ctx = multiprocessing.get_context("spawn")
-        self._pool = ctx.Pool(self.workers, initializer=_worker_init)
-
-    def _map(self, fn: Callable, items: list, on_timeout):
-        """fn over items in the pool; items not back by the watchdog deadline get `on_timeout`."""
-        if not items:
-            return []
-        if self._pool is None:
-            self._start()
-        pending = [self._pool.apply_async(fn, (item,)) for item in items]
-        # Each worker takes items one after another, so the last one may start late; allow for that.
-        deadline = time.monotonic() + self.timeout_s * (math.ceil(len(items) / self.workers) + 1) + 2
-        results, stuck = [], False
-        for job in pending:
-            try:
-                results.append(job.get(timeout=max(0.0, deadline - time.monotonic())))
-            except multiprocessing.TimeoutError:
-                results.append(on_timeout)
-                stuck = True
-        if stuck:  # a worker is hung in C code where the alarm cannot reach it: replace the pool
-            self._pool.terminate()
-            self._pool = None
-            self.restarts += 1
-        return results
-
-    def check(self, completions: list[str], golds: list[str]) -> list[Verdict]:
-        if len(completions) != len(golds):
-            raise ValueError(f"{len(completions)} completions but {len(golds)} gold answers")
-        items = [(extract_boxed(text), gold, self.timeout_s) for text, gold in zip(completions, golds)]
-        out = []
-        for status, correct in self._map(_check_one, items, ("timeout", None)):
-            self.counts[status] += 1
-            out.append(Verdict(correct, status))
-        return out
-
-    def gold_parses(self, golds: list[str]) -> list[bool]:
-        return self._map(_gold_parses, [(g, self.timeout_s) for g in golds], False)
-
-    def close(self):
-        if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
-            self._pool = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-# ---------------------------------------------------------------------------------------------
-# Reward functions
+from fastmath.answers import extract_boxed
 
 
 def accuracy_reward(prompts, completions, answers, *, correct, **columns) -> list[float]:
@@ -203,12 +28,10 @@ def accuracy_reward(prompts, completions, answers, *, correct, **columns) -> lis
     return [1.0 if c else 0.0 for c in correct]
 
 
-_THINK_FORMAT = re.compile(r"\A\s*<think>(?:(?!<think>|</think>).)*</think>(?:(?!<think>|</think>).)*\Z", re.S)
-
-
 def format_ok(text: str) -> bool:
-    """Exactly one `<think>...</think>` block at the start, then a balanced `\\boxed{...}` after it."""
-    if not _THINK_FORMAT.match(text):
+    """Exactly one `<think>...</think>` block at the start (after whitespace), then a balanced `\\boxed{...}`
+    after it. Substring counts and one extraction: linear in the length of the text."""
+    if not text.lstrip().startswith("<think>") or text.count("<think>") != 1 or text.count("</think>") != 1:
         return False
     return extract_boxed(text.split("</think>", 1)[1]) is not None
 

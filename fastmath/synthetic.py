@@ -38,10 +38,8 @@ import json
 import math
 import os
 import random
-import re
 import tempfile
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -246,49 +244,3 @@ def write_jsonl(rows: Iterable[dict], path: str | Path) -> None:
         os.unlink(tmp)
         raise
 
-
-def extract_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` whose braces balance (nested braces allowed), else None.
-
-    A trailing box that never closes (a truncated generation) is skipped in favour of the one before it.
-    """
-    starts = [m.end() for m in re.finditer(r"\\boxed\{", text)]
-    for start in reversed(starts):
-        depth = 1
-        for i in range(start, len(text)):
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            if depth == 0:
-                return text[start:i]
-    return None
-
-
-_FRAC = re.compile(r"^(-?)\\[dt]?frac\{(-?\d+)\}\{(-?\d+)\}$")
-
-
-def _as_fraction(answer: str) -> Fraction | None:
-    """Value of an integer, decimal, `a/b` or `\\frac{a}{b}` (optionally negated); None otherwise."""
-    m = _FRAC.match(answer)
-    if m:
-        sign, num, den = m.groups()
-        value = Fraction(int(num), int(den))
-        return -value if sign else value
-    if not re.fullmatch(r"-?\d+(\.\d+)?(/-?\d+)?", answer):
-        return None
-    return Fraction(answer)
-
-
-def answers_match(predicted: str | None, gold: str) -> bool:
-    """True when `predicted` equals `gold` up to whitespace, or both parse to the same rational number.
-
-    Accepted number forms: `-3`, `3.5`, `7/2`, `\\frac{7}{2}` (also `\\dfrac`, `\\tfrac`). Never raises.
-    """
-    if predicted is None or gold is None:
-        return False
-    try:
-        p, g = re.sub(r"\s+", "", predicted), re.sub(r"\s+", "", gold)
-        if p == g:
-            return True
-        p_value, g_value = _as_fraction(p), _as_fraction(g)
-        return p_value is not None and p_value == g_value
-    except (ValueError, ZeroDivisionError, TypeError, OverflowError):
-        return False

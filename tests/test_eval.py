@@ -12,7 +12,7 @@ from fastmath.errors import ConfigError, DataError
 from fastmath.eval import (EvalProblem, at_budgets, build_results, evaluate, load_problems, load_results,
                            main as eval_main, metrics_from_records, write_outputs)
 from fastmath.eval_metrics import budget_metrics
-from fastmath.rewards import AnswerChecker
+from fastmath.answers import AnswerChecker
 from fastmath.rollout import Completion, Generator
 from tests.conftest import REPO, subprocess_env
 

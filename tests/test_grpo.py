@@ -12,7 +12,7 @@ from fastmath.errors import DataError, FastmathError
 from fastmath.grpo import NonFiniteGuard, load_prompts, prompt_indices, update_policy
 from fastmath.model import load_causal_lm
 from fastmath.policy import PolicyWithGRPOLoss, Sequence, pack_sequences
-from fastmath.rewards import AnswerChecker
+from fastmath.answers import AnswerChecker
 from kernels.grpo import group_advantages
 from tests.conftest import REPO, subprocess_env
 

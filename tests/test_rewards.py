@@ -1,92 +1,11 @@
-"""Rewards: the answer check (math-verify in a worker pool, timeouts), format, cosine, Kimi length, overlong."""
+"""Rewards: format, cosine, Kimi length, overlong, and their weighted sum (the answer check: test_answers.py)."""
 import math
-import signal
 import time
 
 import pytest
 
-from fastmath.rewards import (AnswerChecker, compute_rewards, cosine_reward, cosine_value, format_ok,
-                              kimi_length_reward, overlong_reward)
-
-
-@pytest.fixture(scope="module")
-def checker():
-    with AnswerChecker(workers=2, timeout_s=3.0) as c:
-        yield c
-
-
-# Real answer formats: (completion, gold, expected correctness).
-CASES = [
-    ("<think> 3/4 </think> \\boxed{\\frac{3}{4}}", "3/4", True),
-    ("<think> x </think> \\boxed{0.75}", "\\frac{3}{4}", True),
-    ("\\boxed{\\dfrac{6}{8}}", "3/4", True),
-    ("\\boxed{-\\frac{1}{2}}", "-1/2", True),
-    ("\\boxed{1/2}", "-1/2", False),
-    ("\\boxed{[1, 2)}", "[1,2)", True),
-    ("\\boxed{(1, 2)}", "[1,2)", False),
-    ("\\boxed{\\{1, 2, 3\\}}", "\\{3,2,1\\}", True),
-    ("\\boxed{2\\sqrt{2}}", "\\sqrt{8}", True),
-    ("\\boxed{x^2 + 2x + 1}", "(x+1)^2", True),
-    ("first \\boxed{5} then \\boxed{7}", "7", True),   # the last box counts
-    ("first \\boxed{7} then \\boxed{5}", "7", False),
-    ("\\boxed{1000}", "1,000", True),
-    ("\\boxed{12}", "13", False),
-]
-
-
-def test_answer_formats(checker):
-    verdicts = checker.check([c for c, _, _ in CASES], [g for _, g, _ in CASES])
-    got = [v.correct for v in verdicts]
-    assert got == [e for _, _, e in CASES], [(c, g, v) for (c, g, _), v in zip(CASES, verdicts)]
-
-
-def test_adversarial_completions_do_not_hang(checker):
-    hostile = [
-        "no box at all",
-        "\\boxed{",                                  # never closes
-        "\\boxed{}",
-        "\\boxed{" + "{" * 5000 + "}",               # unbalanced nesting
-        "\\boxed{" + "(" * 3000 + "1" + ")" * 3000 + "}",
-        "\\boxed{\\frac{\\frac{\\frac{1}{2}}{3}}{" + "x" * 2000 + "}}",
-        "\\boxed{9^{9^{9^{9^{9}}}}}",               # a number too big to evaluate
-        "\\boxed{" + "1+" * 4000 + "1}",
-    ]
-    started = time.monotonic()
-    verdicts = checker.check(hostile, ["1"] * len(hostile))
-    assert time.monotonic() - started < 60
-    assert [v.correct for v in verdicts[:3]] == [False, False, False]
-    assert all(v.correct is not True for v in verdicts[3:])
-    assert {v.status for v in verdicts} <= {"no_answer", "wrong", "timeout", "error"}
-
-
-def _spin(item):  # pure Python: the in-worker alarm interrupts it
-    while True:
-        pass
-
-
-def _blocked(item):  # signals blocked, sleeping: only the watchdog can end this one
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
-    time.sleep(3600)
-
-
-def test_item_timeout_counts_and_watchdog_restarts_the_pool():
-    with AnswerChecker(workers=1, timeout_s=0.5) as c:
-        c._start()
-        # Our alarm handler is installed by the worker initializer: a spinning item ends as a timeout.
-        from fastmath import rewards
-
-        assert c._map(rewards._timed_call, [(0.5, _spin, 1)], None) == ["timeout"]
-        assert c.restarts == 0
-        started = time.monotonic()
-        out = c._map(_blocked, [1], "gave up")
-        assert out == ["gave up"] and c.restarts == 1
-        assert time.monotonic() - started < 10
-        # The pool was replaced and still works.
-        assert c.check(["\\boxed{2}"], ["2"])[0].correct is True
-
-
-def test_gold_answers_that_do_not_parse_are_flagged(checker):
-    assert checker.gold_parses(["3/4", "[1,2)", "", "\\frac{1}{2}"]) == [True, True, False, True]
+from fastmath.rewards import (compute_rewards, cosine_reward, cosine_value, format_ok, kimi_length_reward,
+                              overlong_reward)
 
 
 def test_format():
@@ -99,6 +18,17 @@ def test_format():
     assert not format_ok("<think> a <think> b </think> \\boxed{3}")
     assert not format_ok("x <think> a </think> \\boxed{3}")             # text before the think block
     assert not format_ok("<think> a </think> \\boxed{3")                # unbalanced box
+
+
+@pytest.mark.parametrize("n", [100_000, 1_000_000])
+def test_format_check_of_hostile_text_does_not_hang(n):
+    # As for extraction (test_answers.py): the old check took minutes at 100k characters and grew as n^2;
+    # a linear one needs well under a second at 1M, and the loose bound only catches a hang.
+    hostile = ["<think> x </think> " + "\\boxed{" * (n // 7), "<think>" * (n // 7), "<think> " + "{" * n,
+               "<think> x </think>" + "}" * n]
+    started = time.monotonic()
+    assert not any(format_ok(text) for text in hostile)
+    assert time.monotonic() - started < 10 * len(hostile) * n / 1_000_000
 
 
 def test_cosine_end_points_and_monotonicity():
