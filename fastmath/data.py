@@ -8,7 +8,12 @@ Row formats:
     intact: some templates (DeepSeek-R1-Distill's) strip everything before `</think>` from assistant
     turns, which would silently delete the very traces SFT is meant to teach.
   * chat: `{messages_field: [{"role": ..., "content": ...}, ...]}`; every assistant turn carries loss,
-    located by templating each prefix (the template must render prefixes as prefixes; checked).
+    located by templating each prefix (the template must render prefixes as prefixes; checked). A
+    conversation is usable when it is a non-empty list of objects with string `role` and `content`, the
+    roles are system / user / assistant (system only first), a user turn comes before the first assistant
+    turn, no assistant turn is empty, and the last turn is the assistant's (nothing after it to learn).
+    A row the chat template refuses (its own checks, e.g. roles that must alternate) is skipped with the
+    template's message as the reason.
 
 Bad rows are skipped and counted by reason (never silently); a source with zero usable rows, or a
 missing file, raises `DataError` naming it.
@@ -54,10 +59,21 @@ class DataReport:
 # Reading rows
 
 
-def read_rows(source: str, split: str, report: DataReport) -> Iterator[dict]:
-    """Yield raw rows; unreadable lines are counted in `report.skipped`, not raised."""
+def local_data_path(source: str) -> Path | None:
+    """The local file a data setting names (by its suffix, a leading '.', '/' or '~', or because it exists),
+    or None for an HF dataset id. Also used by the early path check (fastmath/preflight.py)."""
     path = Path(source).expanduser()
     if path.suffix in (".jsonl", ".json", ".parquet") or path.exists() or source.startswith((".", "/", "~")):
+        return path
+    return None
+
+
+def read_rows(source: str, split: str, report: DataReport) -> Iterator[dict]:
+    """Yield raw rows; unreadable lines are counted in `report.skipped`, not raised."""
+    path = local_data_path(source)
+    if path is not None:
+        if path.is_dir():
+            raise DataError(f"data source {path} is a folder, not a data file (.jsonl, .json or .parquet)")
         if not path.is_file():
             raise DataError(f"data file not found: {path}")
         if path.suffix == ".parquet":
@@ -70,8 +86,15 @@ def read_rows(source: str, split: str, report: DataReport) -> Iterator[dict]:
         yield from _read_hub(source, split, report)
 
 
+def _open(path: Path):
+    try:
+        return open(path, "rb")
+    except OSError as err:  # permission denied, a broken link, a device that went away
+        raise DataError(f"data file {path} cannot be read: {err.strerror or first_line(err)}") from None
+
+
 def _read_jsonl(path: Path, report: DataReport) -> Iterator[dict]:
-    with open(path, "rb") as handle:
+    with _open(path) as handle:
         for line_no, raw in enumerate(handle, start=1):
             if not raw.strip():
                 continue
@@ -93,13 +116,15 @@ def _read_jsonl(path: Path, report: DataReport) -> Iterator[dict]:
 
 
 def _looks_like_json_array(path: Path) -> bool:
-    with open(path, "rb") as handle:
+    with _open(path) as handle:
         return handle.read(64).lstrip().startswith(b"[")
 
 
 def _read_json_array(path: Path, report: DataReport) -> Iterator[dict]:
+    with _open(path) as handle:
+        raw = handle.read()
     try:
-        rows = json.loads(path.read_bytes().decode("utf-8"))
+        rows = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DataError(f"data file {path} is not a readable JSON array: {err}") from None
     for row in rows:
@@ -138,6 +163,42 @@ def _read_hub(name: str, split: str, report: DataReport) -> Iterator[dict]:
 # Rows to documents
 
 
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+class TemplateRefused(DataError):
+    """The tokenizer's chat template raised on a conversation (its own checks, or transformers'). Counted as
+    a skip where rows are templated; an error naming the cause where a single prompt is."""
+
+    def __init__(self, detail: str):
+        super().__init__(f"the chat template refused a conversation: {detail}")
+        self.detail = detail
+
+
+def conversation_problem(messages: object, field_name: str) -> str | None:
+    """Why a chat row cannot be trained on (the skip reason), or None when it can (rules: module doc)."""
+    if not isinstance(messages, list) or not messages:
+        return f"field '{field_name}' is not a non-empty list of messages"
+    if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+               for m in messages):
+        return f"a message in '{field_name}' is not an object with string 'role' and 'content'"
+    roles = [m["role"] for m in messages]
+    unknown = [r for r in roles if r not in CHAT_ROLES]
+    if unknown:
+        return f"unknown role '{unknown[0][:20]}' in '{field_name}' (expected {', '.join(CHAT_ROLES)})"
+    if "system" in roles[1:]:
+        return "a system message after the first turn"
+    if "assistant" not in roles:
+        return "no assistant message"
+    if "user" not in roles[:roles.index("assistant")]:
+        return "no user message before the first assistant message"
+    if any(m["role"] == "assistant" and not m["content"].strip() for m in messages):
+        return "an empty assistant message"
+    if roles[-1] != "assistant":
+        return "the last message is not the assistant's"
+    return None
+
+
 @dataclass
 class Formatter:
     """Turns validated rows into token ids and loss masks with one tokenizer and one policy."""
@@ -166,16 +227,23 @@ class Formatter:
 
     def _template(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
         # transformers 5 returns a BatchEncoding for tokenize=True; render text and tokenise it ourselves.
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+        except Exception as err:  # jinja's TemplateError from the template's own checks, and kin
+            raise TemplateRefused(first_line(err)[:120]) from None
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def document(self, row: dict, report: DataReport) -> Document | None:
         """One row -> Document, or None with the reason counted in `report`."""
-        if self.messages_field:
-            pieces = self._chat_pieces(row, report)
-        else:
-            pieces = self._prompt_solution_pieces(row, report)
+        try:
+            if self.messages_field:
+                pieces = self._chat_pieces(row, report)
+            else:
+                pieces = self._prompt_solution_pieces(row, report)
+        except TemplateRefused as err:
+            report.skipped[f"chat template refused the row: {err.detail}"] += 1
+            return None
         if pieces is None:
             return None
         ids: list[int] = []
@@ -207,14 +275,9 @@ class Formatter:
         if messages is None:
             report.skipped[f"missing field '{self.messages_field}'"] += 1
             return None
-        valid = isinstance(messages, list) and messages and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages)
-        if not valid:
-            report.skipped[f"field '{self.messages_field}' is not a list of {{role, content}} strings"] += 1
-            return None
-        if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
-            report.skipped["no non-empty assistant message"] += 1
+        problem = conversation_problem(messages, self.messages_field)
+        if problem is not None:
+            report.skipped[problem] += 1
             return None
         if self.system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": self.system_prompt}] + messages

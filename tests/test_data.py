@@ -106,3 +106,81 @@ def test_parquet_and_json_array_sources(tmp_path, tokenizer):
     (tmp_path / "rows.json").write_text(json.dumps(rows))
     docs, report = load_documents(str(tmp_path / "rows.json"), "train", Formatter(tokenizer))
     assert len(docs) == 1 and report.rows == 2
+
+
+GOOD_CHAT = [{"role": "user", "content": "What is 1 + 2?"},
+             {"role": "assistant", "content": "<think> 1+2=3 </think> \\boxed{3}"}]
+
+
+@pytest.mark.parametrize("messages, reason", [
+    ("nope", "field 'messages' is not a non-empty list of messages"),
+    ([], "field 'messages' is not a non-empty list of messages"),
+    (["hi", "there"], "a message in 'messages' is not an object with string 'role' and 'content'"),
+    ([{"role": "user", "content": 3}], "a message in 'messages' is not an object with string 'role' and 'content'"),
+    ([{"role": "user"}], "a message in 'messages' is not an object with string 'role' and 'content'"),
+    ([GOOD_CHAT[0], {"role": "bot", "content": "3"}], "unknown role 'bot' in 'messages'"),
+    ([GOOD_CHAT[0], {"role": "tool", "content": "3"}, GOOD_CHAT[1]], "unknown role 'tool' in 'messages'"),
+    ([GOOD_CHAT[0], {"role": "system", "content": "be brief"}, GOOD_CHAT[1]], "a system message after the first"),
+    ([GOOD_CHAT[0]], "no assistant message"),
+    # The reported crash: a conversation that opens with the assistant ("Cannot apply chat template to an
+    # empty conversation" from transformers, ending the run).
+    ([GOOD_CHAT[1], GOOD_CHAT[0], GOOD_CHAT[1]], "no user message before the first assistant message"),
+    ([{"role": "system", "content": "be brief"}, GOOD_CHAT[1]], "no user message before the first assistant"),
+    ([GOOD_CHAT[0], {"role": "assistant", "content": "  "}], "an empty assistant message"),
+    (GOOD_CHAT + [{"role": "user", "content": "thanks"}], "the last message is not the assistant's"),
+])
+def test_bad_conversations_are_counted_by_reason(tokenizer, messages, reason):
+    formatter = Formatter(tokenizer, messages_field="messages")
+    report = DataReport("t")
+    assert formatter.document({"messages": messages}, report) is None
+    [(got, count)] = report.skipped.items()
+    assert got.startswith(reason) and count == 1
+
+
+def test_one_bad_conversation_does_not_stop_the_others(tmp_path, tokenizer):
+    path = tmp_path / "chat.jsonl"
+    _write_jsonl(path, [{"messages": GOOD_CHAT}, {"messages": [GOOD_CHAT[1], GOOD_CHAT[0]]},
+                        {"messages": [GOOD_CHAT[0], {"role": "robot", "content": "3"}]}, {"messages": GOOD_CHAT}])
+    docs, report = load_documents(str(path), "train", Formatter(tokenizer, messages_field="messages"))
+    assert len(docs) == report.used == 2 and sum(report.skipped.values()) == 2, report.summary()
+
+
+def test_a_row_the_chat_template_refuses_is_a_counted_skip(assets):
+    # Gemma's template as TRL ships it: it raises on a system turn and on roles that do not alternate.
+    from pathlib import Path
+
+    import trl
+
+    from fastmath.model import load_tokenizer
+
+    tokenizer = load_tokenizer(str(assets.model_dir))
+    tokenizer.chat_template = (Path(trl.__file__).parent / "chat_templates" / "gemma.jinja").read_text()
+    formatter = Formatter(tokenizer, messages_field="messages")
+    report = DataReport("t")
+    assert formatter.document({"messages": GOOD_CHAT}, report) is not None
+    two_users = [GOOD_CHAT[0], {"role": "user", "content": "Quick!"}, GOOD_CHAT[1]]
+    assert formatter.document({"messages": two_users}, report) is None
+    assert formatter.document({"messages": [{"role": "system", "content": "x"}, *GOOD_CHAT]}, report) is None
+    assert report.skipped == {
+        "chat template refused the row: Conversation roles must alternate user/assistant/user/assistant/...": 1,
+        "chat template refused the row: System role not supported": 1}
+    # Where a single prompt is templated (GRPO, eval), the refusal is an error that names its cause.
+    with pytest.raises(DataError, match="the chat template refused a conversation: System role not supported"):
+        Formatter(tokenizer, system_prompt="be brief").prompt_ids("What is 1 + 2?")
+
+
+def test_a_folder_or_an_unreadable_file_is_named(tmp_path, tokenizer, monkeypatch):
+    folder = tmp_path / "train.jsonl"
+    folder.mkdir()
+    with pytest.raises(DataError, match=f"data source {folder} is a folder, not a data file"):
+        load_documents(str(folder), "train", Formatter(tokenizer))
+    path = tmp_path / "rows.jsonl"
+    _write_jsonl(path, [{"problem": "p", "solution": "s"}])
+    from fastmath import data
+
+    def refuse(*args, **kwargs):  # the suite may run as root, which no file mode stops: refuse the open itself
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(data, "open", refuse, raising=False)
+    with pytest.raises(DataError, match=f"data file {path} cannot be read: Permission denied"):
+        load_documents(str(path), "train", Formatter(tokenizer))
