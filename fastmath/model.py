@@ -35,6 +35,9 @@ def model_folder_problem(path: Path) -> str | None:
         return "was not found"
     if not path.is_dir():
         return "is a file, not a model folder (an HF model folder holds config.json, the weights and the tokenizer files)"
+    if next(path.iterdir(), None) is None:
+        return ("is an empty folder, not an HF model folder (which holds config.json, tokenizer files such as "
+                "tokenizer.json, and the weights, *.safetensors or *.bin)")
     missing = []
     if not (path / "config.json").is_file():
         missing.append("config.json")
@@ -42,10 +45,7 @@ def model_folder_problem(path: Path) -> str | None:
         missing.append("tokenizer files (tokenizer.json / tokenizer_config.json)")
     if not any(next(path.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
         missing.append("weights (*.safetensors / *.bin)")
-    if not missing:
-        return None
-    what = "an empty folder" if next(path.iterdir(), None) is None else "a folder"
-    return f"is {what} without {', '.join(missing)}: not an HF model folder"
+    return f"is not an HF model folder: it has no {', no '.join(missing)}" if missing else None
 
 
 def resolve_model_path(name_or_path: str, cache_dir: str, key: str = "model path") -> str:

@@ -15,12 +15,23 @@ _REPO = Path(__file__).resolve().parent.parent
 if str(_REPO) not in sys.path:
     sys.path.insert(1, str(_REPO))
 
+import yaml  # noqa: E402
+
 from fastmath.config import help_text, load_config  # noqa: E402
-from fastmath.errors import FastmathError  # noqa: E402
+from fastmath.errors import FastmathError, one_line  # noqa: E402
+from fastmath.preflight import preflight  # noqa: E402
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, with its usage errors in the same one-line form as every other user mistake."""
+
+    def error(self, message: str):
+        print(f"fastmath: error: {message} (see --help)", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="fastmath/train.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="fastmath trainer (SFT, then GRPO). Overrides: key.sub=value, e.g. sft.lr=2e-5.",
         epilog="config fields:\n" + help_text())
@@ -29,33 +40,52 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def run_stages(config) -> None:
+    """Run the stages of `run.stages` in order, in one process group."""
+    from fastmath.distributed import init_distributed, shutdown
+
+    dist_info = init_distributed()
+    try:
+        for stage in config.run.stages:
+            if stage == "sft":
+                from fastmath.sft import run_sft
+
+                run_sft(config, dist_info)
+            elif stage == "grpo":
+                from fastmath.grpo import run_grpo
+
+                run_grpo(config, dist_info)
+            elif stage == "eval":
+                from fastmath.eval import run_eval
+
+                run_eval(config, dist_info)
+    finally:
+        shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 2 a user mistake (one line on stderr), 130 interrupted."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         config = load_config(args.config, args.overrides)
-        from fastmath.distributed import init_distributed, shutdown
-
-        dist_info = init_distributed()
-        try:
-            for stage in config.run.stages:
-                if stage == "sft":
-                    from fastmath.sft import run_sft
-
-                    run_sft(config, dist_info)
-                elif stage == "grpo":
-                    from fastmath.grpo import run_grpo
-
-                    run_grpo(config, dist_info)
-                elif stage == "eval":
-                    from fastmath.eval import run_eval
-
-                    run_eval(config, dist_info)
-        finally:
-            shutdown()
+        preflight(config)  # paths, before seconds to minutes of loading
+        run_stages(config)
     except FastmathError as err:
-        print(f"fastmath: error: {err}", file=sys.stderr, flush=True)
-        return 2
+        return _fail(str(err))
+    except yaml.YAMLError as err:
+        return _fail(f"invalid YAML: {one_line(err)}")
+    except OSError as err:  # a full disk, a permission, a file removed under the run: the cause and the file
+        where = f": {err.filename}" if err.filename else ""
+        return _fail(f"{err.strerror or one_line(err)}{where}")
+    except KeyboardInterrupt:
+        print("fastmath: interrupted", file=sys.stderr, flush=True)
+        return 130
     return 0
+
+
+def _fail(message: str) -> int:
+    print(f"fastmath: error: {message}", file=sys.stderr, flush=True)
+    return 2
 
 
 if __name__ == "__main__":
