@@ -257,13 +257,14 @@ def our_loop_steps(provider: str, causal_lm: nn.Module, steps_rows, device: torc
     from fastmath.config import Config
     from fastmath.model import mixed_precision
     from fastmath.packing import collate_packed
-    from fastmath.sft import accumulate_gradients, build_optimizer
+    from fastmath.sft import accumulate_gradients
+    from fastmath.stage import build_optimizer, optim_settings
 
     model = wrap(provider, causal_lm).to(device)
     model.train()
     config = Config()
     config.sft.lr = LR
-    optimizer = build_optimizer(model, config)
+    optimizer = build_optimizer(model, optim_settings(config, "sft"))
     trainable = [p for p in model.parameters() if p.requires_grad]
     _, autocast = mixed_precision(config.model.precision, device)  # the trainer's rule: bf16 on CUDA
 

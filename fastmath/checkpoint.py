@@ -155,6 +155,7 @@ def find_resume_point(output_dir: str | Path, mode: str, dist_info: DistInfo) ->
     fail their check, saying so), or a checkpoint path (used as given, or the run stops naming the bad file).
     """
     root = checkpoint_root(output_dir)
+    _OWNED.pop(root.resolve(), None)  # a run starting here owns nothing yet, even after another in this process
     if dist_info.is_main and root.is_dir():
         _clean_interrupted_saves(root)
     barrier()

@@ -80,7 +80,8 @@ class OptimConfig:
     adam_beta1: float = _opt(0.9, "AdamW beta1.")
     adam_beta2: float = _opt(0.95, "AdamW beta2.")
     adam_eps: float = _opt(1e-8, "AdamW epsilon.")
-    weight_decay: float = _opt(0.0, "AdamW weight decay (never on biases and norms); sft/grpo.weight_decay override it.")
+    weight_decay: float = _opt(0.0, "AdamW weight decay (never on biases and norms); sft/grpo.weight_decay "
+                               "override it.")
     grad_clip: float = _opt(1.0, "Clip the global gradient norm to this (0 = off); sft/grpo.grad_clip override it.")
 
 

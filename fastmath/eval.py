@@ -55,6 +55,7 @@ from fastmath.errors import ConfigError, DataError, FastmathError, first_line
 from fastmath.eval_metrics import BudgetMetrics, SampleResult, budget_metrics
 from fastmath.answers import AnswerChecker, extract_boxed
 from fastmath.rollout import Completion, Generator, Sampling
+from fastmath.stage import data_source, start_model
 
 
 @dataclass
@@ -70,28 +71,10 @@ class EvalProblem:
 # Model and problems
 
 
-def resolve_eval_model(config: Config) -> str:
-    """eval.model, with 'auto' = the newest export of this run (GRPO's, then SFT's), else model.name_or_path."""
-    from fastmath.model import resolve_model_path
-
-    if config.eval.model != "auto":
-        return resolve_model_path(config.eval.model, config.run.cache_dir)
-    out = Path(config.run.output_dir)
-    for export in (out / "grpo" / "hf", out / "hf"):
-        if (export / "config.json").is_file():
-            return str(export)
-    return resolve_model_path(config.model.name_or_path, config.run.cache_dir)
-
-
 def benchmark_source(config: Config) -> tuple[str, str]:
     """(source, split) of the benchmark; 'embedded' is the embedded data's eval.benchmark_split file."""
     e = config.eval
-    if e.benchmark == "embedded":
-        from fastmath.embedded import ensure_embedded_assets
-
-        data_dir = ensure_embedded_assets(config.run.cache_dir or None).data_dir
-        return str(data_dir / f"{e.benchmark_split}.jsonl"), e.benchmark_split
-    return e.benchmark, e.benchmark_split
+    return data_source(config, e.benchmark, e.benchmark_split), e.benchmark_split
 
 
 def load_problems(config: Config, formatter: Formatter, checker: AnswerChecker) -> tuple[list[EvalProblem], DataReport]:
@@ -279,7 +262,7 @@ def run_eval(config: Config, dist_info: DistInfo) -> dict | None:
     from fastmath.model import load_tokenizer
 
     # 1. Model, problems ------------------------------------------------------------------------------------
-    model_path = resolve_eval_model(config)
+    model_path = start_model(config, "eval")
     tokenizer = load_tokenizer(model_path, config.model.trust_remote_code)
     formatter = Formatter(tokenizer, e.problem_field, "", "", config.data.system_prompt)
     checker = AnswerChecker(e.answer_workers, e.answer_timeout_s)

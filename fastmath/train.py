@@ -52,7 +52,7 @@ def run_stages(config) -> None:
 
                 run_sft(config, dist_info)
             elif stage == "grpo":
-                from fastmath.grpo import run_grpo
+                from fastmath.grpo_stage import run_grpo
 
                 run_grpo(config, dist_info)
             elif stage == "eval":

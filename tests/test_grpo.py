@@ -9,10 +9,11 @@ import torch
 
 from fastmath.config import load_config
 from fastmath.errors import DataError, FastmathError
-from fastmath.grpo import NonFiniteGuard, load_prompts, prompt_indices, update_policy
+from fastmath.grpo_stage import NonFiniteGuard, load_prompts, prompt_indices, update_policy
 from fastmath.model import load_causal_lm
 from fastmath.policy import PolicyWithGRPOLoss, Sequence, pack_sequences
 from fastmath.answers import AnswerChecker
+from fastmath.stage import optim_settings
 from kernels.grpo import group_advantages
 from tests.conftest import REPO, subprocess_env
 
@@ -125,13 +126,14 @@ def test_a_nan_loss_skips_the_step_and_aborts_after_k(assets):
     before = {k: v.clone() for k, v in policy.state_dict().items()}
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
     (batch,) = pack_sequences([Sequence([5, 6, 7], [8, 9], None, float("nan"), True)], 64)
-    result = update_policy(policy, optimizer, [batch], [None], 2.0, 1.0, config.grpo, 0, 1,
+    optim = optim_settings(config, "grpo")
+    result = update_policy(policy, optimizer, [batch], [None], 2.0, 1.0, config.grpo, optim, 0, 1,
                            lambda: torch.autocast("cpu", enabled=False))
     assert result.skipped and not math.isfinite(result.loss)
     for k, v in policy.state_dict().items():
         assert torch.equal(v, before[k]), k  # no update happened
     # A step with no rows at all (every group dropped by dynamic sampling) is a no-op, not a crash.
-    empty = update_policy(policy, optimizer, [], [], 0.0, 0.0, config.grpo, 0, 1,
+    empty = update_policy(policy, optimizer, [], [], 0.0, 0.0, config.grpo, optim, 0, 1,
                           lambda: torch.autocast("cpu", enabled=False))
     assert not empty.skipped and empty.stats.tolist() == [0.0] * 6
     guard = NonFiniteGuard(limit=2, verbose=False)
@@ -188,8 +190,9 @@ def _check_run(out, steps, dynamic=False):
         else:
             assert r["groups_sampled"] == 4 and r["groups_dropped"] == 0
     summary = json.loads((out / "grpo" / "summary.json").read_text())
-    assert summary["before"]["n"] == summary["after"]["n"] == 8
-    start = load_causal_lm(summary["init_from"], "sdpa").state_dict()
+    assert summary["before"]["heldout"]["n"] == summary["after"]["heldout"]["n"] == 8
+    assert summary["tokens_seen"] == sum(r["tokens"] for r in lines) == lines[-1]["tokens_seen"] > 0
+    start = load_causal_lm(summary["start"], "sdpa").state_dict()
     end = load_causal_lm(str(out / "grpo" / "hf"), "sdpa").state_dict()
     assert any(not torch.equal(start[k], end[k]) for k in start)  # the policy moved
     return lines, summary

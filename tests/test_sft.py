@@ -13,7 +13,8 @@ from fastmath.data import Formatter, load_documents
 from fastmath.errors import CheckpointError, ModelError
 from fastmath.model import CausalLMWithLinearLoss, load_causal_lm
 from fastmath.packing import collate_packed
-from fastmath.sft import accumulate_gradients, lr_at, run_sft
+from fastmath.sft import accumulate_gradients, run_sft
+from fastmath.stage import lr_at
 from tests.conftest import REPO, subprocess_env
 
 

@@ -18,10 +18,10 @@ import torch  # noqa: E402
 
 from fastmath.config import load_config  # noqa: E402
 from fastmath.distributed import all_reduce_sum, init_distributed, shutdown  # noqa: E402
-from fastmath.grpo import attach_logprobs, build_update_batches, update_policy  # noqa: E402
+from fastmath.grpo_stage import attach_logprobs, build_update_batches, update_policy  # noqa: E402
 from fastmath.model import load_causal_lm, load_tokenizer, parallelize  # noqa: E402
 from fastmath.policy import PolicyWithGRPOLoss, Sequence, gathered_weights  # noqa: E402
-from fastmath.sft import build_optimizer  # noqa: E402
+from fastmath.stage import build_optimizer, optim_settings  # noqa: E402
 
 
 def fixed_sequences(tokenizer) -> list[Sequence]:
@@ -48,7 +48,7 @@ def main(model_dir: str, out_dir: str, overrides: list[str]) -> None:
                    max_completion_length=g.max_completion_length)
     model = parallelize(PolicyWithGRPOLoss(lm, g.temperature, options), info.world_size, info.device,
                         False, False, False)
-    optimizer = build_optimizer(model, config, lr=g.lr, weight_decay=0.0)
+    optimizer = build_optimizer(model, optim_settings(config, "grpo"))
     seqs = fixed_sequences(tok)[info.rank::info.world_size]
     batches, _, tokens, n_seqs = build_update_batches(seqs, budget=96, pad_id=tok.pad_token_id, device=info.device)
     weights = attach_logprobs(model, None, batches, g, lambda: torch.autocast("cpu", enabled=False))
@@ -62,14 +62,15 @@ def main(model_dir: str, out_dir: str, overrides: list[str]) -> None:
              for name, p in model.named_parameters()}
     torch.save(grads, Path(out_dir) / f"grads_rank{info.rank}.pt")
     optimizer.zero_grad(set_to_none=True)
-    result = update_policy(model, optimizer, batches, weights, tokens, n_seqs, g, 0, info.world_size,
+    result = update_policy(model, optimizer, batches, weights, tokens, n_seqs, g, optim_settings(config, "grpo"),
+                           0, info.world_size,
                            lambda: torch.autocast("cpu", enabled=False))
     full = {name: t.clone() for name, t in gathered_weights(lm, bucket_bytes=32 * 1024)}
     out = Path(out_dir)
     torch.save(full, out / f"weights_rank{info.rank}.pt")
     summed = all_reduce_sum(result.stats.tolist(), info.device)
     if info.is_main:
-        (out / "result.json").write_text(json.dumps({"loss": result.loss, "grad_norm": result.grad_norm,
+        (out / "result.json").write_text(json.dumps({"loss": result.loss, "grad_norm": float(result.grad_norm),
                                                      "skipped": result.skipped, "stats": summed,
                                                      "tokens": tokens, "sequences": n_seqs}))
     shutdown()

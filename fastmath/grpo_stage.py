@@ -14,34 +14,37 @@ FSDP averages gradients over ranks, so each rank's loss is multiplied by the wor
 
 Outputs in run.output_dir/grpo/: metrics.jsonl (one line per step: rewards per component, accuracy,
 completion lengths, truncation, clip fractions, KL, entropy, time and tokens/s of generation, update and
-sync), checkpoints/, hf/ (the final policy), summary.json (held-out accuracy and mean tokens of the initial
-and final policy, side by side).
+sync), checkpoints/, hf/ (the final policy), summary.json (the held-out check of the initial and the final
+policy, side by side: `fastmath.heldout`, the same measurement as the SFT stage's "after").
+
+Everything around the loop (resume, checkpoints, optimizer and schedule, metrics writers, the held-out check)
+is the scaffold's, `fastmath/stage.py`.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
 
 from fastmath import checkpoint as ckpt
-from fastmath.config import Config, to_dict
+from fastmath.config import Config
 from fastmath.data import DataReport, Formatter, text_field, read_rows
 from fastmath.distributed import DistInfo, all_reduce_max, all_reduce_sum
-from fastmath.errors import CheckpointError, ConfigError, DataError, FastmathError
-from fastmath.model import load_causal_lm, load_tokenizer, mixed_precision, parallelize, resolve_model_path
+from fastmath.errors import ConfigError, DataError, FastmathError
+from fastmath.model import load_causal_lm, load_tokenizer, mixed_precision, parallelize
 from fastmath.policy import PolicyWithGRPOLoss, Sequence, empty_update_batch, gathered_weights, pack_sequences
-from fastmath.rewards import AnswerChecker, compute_rewards
+from fastmath.answers import AnswerChecker
+from fastmath.rewards import compute_rewards
 from fastmath.rollout import Completion, Sampling, make_generator
-from fastmath.sft import build_optimizer, lr_at
-from fastmath.synthetic import answers_match, extract_boxed
-from kernels.grpo import group_advantages
+from fastmath.stage import (OptimSettings, Stage, build_optimizer, clip_gradients, data_source, optim_settings,
+                            reduce_and_read, set_lr, start_model)
+from kernels.grpo import group_advantages, reward_sums
 
 # Config keys a resumed GRPO run must not change (they shape the data order or the update).
 _RESUME_INVARIANT = ("run.seed", "grpo.init_from", "grpo.prompts", "grpo.max_steps", "grpo.prompts_per_step",
@@ -76,15 +79,11 @@ class Group:
 
 def load_prompts(config: Config, formatter: Formatter, checker: AnswerChecker, progress: bool
                  ) -> tuple[list[PromptRow], DataReport]:
-    """Rows with a prompt and a gold answer that math-verify parses, prompts within max_prompt_length."""
+    """Rows with a prompt and a usable gold answer (`fastmath.answers`' rule), prompts within max_prompt_length."""
     g = config.grpo
-    source = g.prompts
-    if source == "embedded":
-        from fastmath.embedded import ensure_embedded_assets
-
-        source = str(ensure_embedded_assets(config.run.cache_dir or None).data_dir / "train.jsonl")
+    source = data_source(config, g.prompts, "train")
     report = DataReport(source=source)
-    candidates: list[tuple[str, str]] = []
+    candidates: list[tuple[str, object]] = []
     for row in read_rows(source, g.split, report):
         text = text_field(row, config.data.prompt_field, report)
         answer = row.get(g.answer_field)
@@ -93,15 +92,15 @@ def load_prompts(config: Config, formatter: Formatter, checker: AnswerChecker, p
         if answer is None or (isinstance(answer, str) and not answer.strip()):
             report.skipped[f"missing answer field '{g.answer_field}'"] += 1
             continue
-        candidates.append((text, str(answer)))
+        candidates.append((text, answer))
         if g.max_rows and len(candidates) >= g.max_rows:
             break
-    parses = checker.gold_parses([a for _, a in candidates])
+    golds = checker.gold_answers([a for _, a in candidates])
     rows = []
-    for (text, answer), ok in tqdm(list(zip(candidates, parses)), desc="tokenising prompts", disable=not progress,
-                                   leave=False):
-        if not ok:
-            report.skipped["gold answer math-verify cannot parse"] += 1
+    for (text, _), (answer, problem) in tqdm(list(zip(candidates, golds)), desc="tokenising prompts",
+                                             disable=not progress, leave=False):
+        if problem is not None:
+            report.skipped[problem] += 1
             continue
         ids = formatter.prompt_ids(text)
         if len(ids) > g.max_prompt_length:
@@ -197,23 +196,20 @@ def rollout_step(generator, rows: list[PromptRow], step: int, config: Config, to
 
 
 def advantages_for(groups: list[Group], config: Config, dist_info: DistInfo) -> list[list[float]]:
-    """Per-completion advantages; 'batch' scaling divides by the std of every reward of the step (all ranks)."""
+    """Per-completion advantages, computed on the training device (the Triton kernel on GPUs); 'batch' scaling
+    divides by the std of every reward of the step: each rank's reward sums, all-reduced once on the device."""
     g = config.grpo
-    if not groups:
-        if g.scale_rewards == "batch":
-            all_reduce_sum([0.0, 0.0, 0.0], dist_info.device)  # stay in step with the other ranks
-        return []
     G = g.num_generations
-    rewards = torch.tensor([r for grp in groups for r in grp.rewards], dtype=torch.float32)
+    rewards = torch.tensor([r for grp in groups for r in grp.rewards], dtype=torch.float32, device=dist_info.device)
+    batch_sums = None
     if g.scale_rewards == "batch":
-        centred = group_advantages(rewards, G, scale="none").advantages
-        n, s, ss = all_reduce_sum([rewards.numel(), float(rewards.sum()), float((rewards.double() ** 2).sum())],
-                                  dist_info.device)
-        var = max(0.0, (ss - s * s / n) / max(1.0, n - 1))
-        adv = centred / (math.sqrt(var) + 1e-4)
-    else:
-        adv = group_advantages(rewards, G, scale=g.scale_rewards).advantages
-    adv = adv.tolist()
+        batch_sums = reward_sums(rewards)  # zeros on a rank without groups, which stays in step with the others
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(batch_sums)
+    if not groups:
+        return []
+    adv = group_advantages(rewards, G, scale=g.scale_rewards, batch_sums=batch_sums).advantages
+    adv = adv.tolist()  # a host sync, once per step: the sequences carry their advantage as a float
     return [adv[i * G:(i + 1) * G] for i in range(len(groups))]
 
 
@@ -260,32 +256,31 @@ def attach_logprobs(model, ref_model, batches, g, autocast) -> list[torch.Tensor
 @dataclass
 class UpdateResult:
     loss: float          # the step's global loss (of the last of the num_iterations updates)
-    grad_norm: float
+    grad_norm: torch.Tensor  # a device scalar, read with the step's metrics
     lr: float
     stats: torch.Tensor  # GRPOStats sums of the first update, stacked [6], this rank only
     skipped: bool        # the loss was non-finite: no optimizer step was taken
 
 
-def update_policy(model, optimizer, batches, weights, global_tokens: float, global_seqs: float, g, step: int,
-                  world: int, autocast) -> UpdateResult:
+def update_policy(model, optimizer, batches, weights, global_tokens: float, global_seqs: float, g,
+                  optim: OptimSettings, step: int, world: int, autocast) -> UpdateResult:
     """num_iterations optimizer steps on this rank's packed rows (every rank calls this with as many rows).
 
     Each micro-batch's loss is its share of the global loss (global token / sequence counts); FSDP averages
     gradients over ranks, so it is multiplied by `world` before backward. A non-finite global loss skips
     the optimizer step (gradients dropped) and reports it; the caller counts and aborts.
     """
+    nan = torch.tensor(float("nan"))
     if not batches:  # dynamic sampling dropped every group of the step on every rank: nothing to learn from
-        return UpdateResult(0.0, 0.0, 0.0, torch.zeros(6, dtype=torch.float64), skipped=False)
+        return UpdateResult(0.0, torch.tensor(0.0), 0.0, torch.zeros(6, dtype=torch.float64), skipped=False)
     device = batches[0].seq_ids.device
     params = [p for p in model.parameters() if p.requires_grad]
     fsdp = hasattr(model, "set_requires_gradient_sync")
     total_updates = g.max_steps * g.num_iterations
     stats_total = torch.zeros(6, dtype=torch.float64, device=device)
-    loss_value, grad_norm, lr = float("nan"), float("nan"), 0.0
+    loss_value, grad_norm, lr = float("nan"), nan, 0.0
     for it in range(g.num_iterations):
-        lr = lr_at(step * g.num_iterations + it, total_updates, g.lr, g.warmup_ratio, g.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_lr(optimizer, optim, step * g.num_iterations + it, total_updates)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for micro, batch in enumerate(batches):
             if fsdp:
@@ -297,12 +292,12 @@ def update_policy(model, optimizer, batches, weights, global_tokens: float, glob
             loss_sum += loss.detach().double()
             if it == 0:
                 stats_total += stats.stacked().double()
+        # Host sync + collective, once per update: whether to step depends on the global loss being finite.
         (loss_value,) = all_reduce_sum([loss_sum.item()], device)
         if not math.isfinite(loss_value):
             optimizer.zero_grad(set_to_none=True)
-            return UpdateResult(loss_value, float("nan"), lr, stats_total, skipped=True)
-        norm = torch.nn.utils.clip_grad_norm_(params, g.grad_clip or float("inf"))
-        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            return UpdateResult(loss_value, nan, lr, stats_total, skipped=True)
+        grad_norm = clip_gradients(params, optim)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return UpdateResult(loss_value, grad_norm, lr, stats_total, skipped=False)
@@ -328,41 +323,65 @@ class NonFiniteGuard:
 
 
 # ---------------------------------------------------------------------------------------------
-# Held-out accuracy with the generator (greedy), for the before/after table
-
-
-def heldout_with_generator(generator, formatter: Formatter, rows: list[dict], max_tokens: int,
-                           dist_info: DistInfo, eos_id: int) -> dict | None:
-    if not rows:
-        return None
-    mine = rows[dist_info.rank::dist_info.world_size]
-    correct = tokens = truncated = 0
-    if mine:
-        outs = generator.generate([formatter.prompt_ids(r["problem"]) for r in mine],
-                                  Sampling(temperature=0.0, max_tokens=max_tokens), 1)
-        for row, (c,) in zip(mine, outs):
-            ids = c.token_ids[:-1] if c.token_ids and c.token_ids[-1] == eos_id else c.token_ids
-            tokens += len(ids)
-            truncated += c.truncated
-            correct += answers_match(extract_boxed(c.text), row["answer"])
-    n, correct, tokens, truncated = all_reduce_sum([len(mine), correct, tokens, truncated], dist_info.device)
-    return {"accuracy": correct / n, "mean_tokens": tokens / n, "truncated": int(truncated), "n": int(n)}
-
-
-# ---------------------------------------------------------------------------------------------
 # The stage
 
 
-def _init_path(config: Config) -> str:
-    g = config.grpo
-    if g.init_from != "auto":
-        return resolve_model_path(g.init_from, config.run.cache_dir)
-    if "sft" in config.run.stages:
-        export = Path(config.run.output_dir) / "hf"
-        if not export.is_dir():
-            raise CheckpointError(f"grpo.init_from=auto expects the SFT export at {export}, which is missing")
-        return str(export)
-    return resolve_model_path(config.model.name_or_path, config.run.cache_dir)
+@dataclass
+class Policy:
+    """The trained policy and what updates it."""
+
+    causal_lm: torch.nn.Module      # the HF model (FSDP-sharded in place): exported and synced to the generator
+    model: torch.nn.Module          # the GRPO-loss wrapper around it
+    ref_model: torch.nn.Module | None  # the frozen initial policy, when beta > 0
+    optimizer: torch.optim.Optimizer
+    optim: OptimSettings
+    autocast: Callable
+
+
+def build_policy(config: Config, init_path: str, dist_info: DistInfo) -> Policy:
+    """Policy (FSDP), optional frozen reference, AdamW."""
+    g, m = config.grpo, config.model
+    bf16, autocast = mixed_precision(m.precision, dist_info.device)
+    loss_options = dict(beta=g.beta, epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high, loss_type=g.loss_type,
+                        importance_sampling_level=g.importance_sampling_level,
+                        max_completion_length=g.max_completion_length)
+    causal_lm = load_causal_lm(init_path, m.attn_implementation, m.trust_remote_code)
+    model = parallelize(PolicyWithGRPOLoss(causal_lm, g.temperature, loss_options), dist_info.world_size,
+                        dist_info.device, m.activation_checkpointing, m.compile, bf16)
+    model.train()
+    ref_model = None
+    if g.beta > 0:
+        ref_lm = load_causal_lm(init_path, m.attn_implementation, m.trust_remote_code)
+        ref_lm.requires_grad_(False)
+        ref_model = parallelize(PolicyWithGRPOLoss(ref_lm, g.temperature, loss_options), dist_info.world_size,
+                                dist_info.device, False, m.compile, bf16).eval()
+    optim = optim_settings(config, "grpo")
+    return Policy(causal_lm, model, ref_model, build_optimizer(model, optim), optim, autocast)
+
+
+class WeightSync:
+    """Copies the policy's weights into the generator in place, a bucket of gathered parameters at a time."""
+
+    def __init__(self, generator, causal_lm: torch.nn.Module, bucket_mib: int, device: torch.device):
+        self.generator, self.causal_lm = generator, causal_lm
+        self.bucket_bytes = bucket_mib * 2**20
+        self.dtype = torch.bfloat16 if device.type == "cuda" else None
+        self.bytes = 0  # of the last sync
+
+    def _counted(self, weights):
+        for name, tensor in weights:
+            self.bytes += tensor.numel() * tensor.element_size()
+            yield name, tensor
+
+    def __call__(self) -> float:
+        """Sync; returns the seconds it took."""
+        started = time.perf_counter()
+        self.generator.wake()
+        self.bytes = 0
+        with torch.no_grad():
+            self.generator.load_weights(self._counted(gathered_weights(self.causal_lm, self.bucket_bytes,
+                                                                       self.dtype)))
+        return time.perf_counter() - started
 
 
 def _sequences(groups: list[Group], advantages: list[list[float]], mask_truncated: bool) -> list[Sequence]:
@@ -378,128 +397,78 @@ def _sequences(groups: list[Group], advantages: list[list[float]], mask_truncate
 
 def run_grpo(config: Config, dist_info: DistInfo) -> dict:
     g = config.grpo
-    out_dir = Path(config.run.output_dir) / "grpo"
-    main, device, world = dist_info.is_main, dist_info.device, dist_info.world_size
-    if g.prompts_per_step % world:
+    if g.prompts_per_step % dist_info.world_size:
         raise ConfigError(f"grpo.prompts_per_step ({g.prompts_per_step}) must be a multiple of the number of "
-                          f"processes ({world})")
-    bf16, autocast = mixed_precision(config.model.precision, device)
-
+                          f"processes ({dist_info.world_size})")
+    stage = Stage("grpo", config, dist_info, Path(config.run.output_dir) / "grpo", _RESUME_INVARIANT,
+                  heldout=g.prompts == "embedded")
     ckpt.seed_all(config.run.seed)
 
     # 1. Policy path, tokenizer, prompts -------------------------------------------------------------------
-    init_path = _init_path(config)
+    init_path = start_model(config, "grpo")
     tokenizer = load_tokenizer(init_path, config.model.trust_remote_code)
-    formatter = Formatter(tokenizer, config.data.prompt_field, config.data.solution_field, "", config.data.system_prompt)
+    formatter = Formatter(tokenizer, config.data.prompt_field, config.data.solution_field, "",
+                          config.data.system_prompt)
     checker = AnswerChecker(g.reward_workers, g.reward_timeout_s)
     cleanup = [checker.close]  # also on errors: the worker pool and the generator must not outlive the stage
     try:
-        rows, report = load_prompts(config, formatter, checker, progress=main)
-        if main:
+        rows, report = load_prompts(config, formatter, checker, progress=dist_info.is_main)
+        if dist_info.is_main:
             print(report.summary(), flush=True)
-        return _train(config, dist_info, init_path, tokenizer, formatter, checker, rows, out_dir, autocast, bf16,
-                      cleanup)
+        return _train(stage, config, dist_info, init_path, tokenizer, checker, rows, cleanup)
     finally:
         for close in reversed(cleanup):
             close()
 
 
-def _train(config, dist_info, init_path, tokenizer, formatter, checker, rows, out_dir, autocast, bf16,
-           cleanup: list) -> dict:
+def _train(stage: Stage, config: Config, dist_info: DistInfo, init_path: str, tokenizer, checker: AnswerChecker,
+           rows: list[PromptRow], cleanup: list) -> dict:
     g = config.grpo
-    if g.grad_clip is None:
-        g = dataclasses.replace(g, grad_clip=config.optim.grad_clip)
-    main, device, world = dist_info.is_main, dist_info.device, dist_info.world_size
+    # 2. Policy, optimizer, resume point, the held-out check of the initial policy ----------------------------
+    policy = build_policy(config, init_path, dist_info)
+    resume = stage.resume(policy.model, policy.optimizer)
+    tracker = stage.open_outputs(resume.step)
+    before = stage.before(resume, lambda: {"heldout": stage.heldout(init_path)})
 
-    # 2. Policy (FSDP), optional frozen reference, optimizer ------------------------------------------------
-    loss_options = dict(beta=g.beta, epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high, loss_type=g.loss_type,
-                        importance_sampling_level=g.importance_sampling_level,
-                        max_completion_length=g.max_completion_length)
-    causal_lm = load_causal_lm(init_path, config.model.attn_implementation, config.model.trust_remote_code)
-    model = parallelize(PolicyWithGRPOLoss(causal_lm, g.temperature, loss_options), world, device,
-                        config.model.activation_checkpointing, config.model.compile, bf16)
-    model.train()
-    ref_model = None
-    if g.beta > 0:
-        ref_lm = load_causal_lm(init_path, config.model.attn_implementation, config.model.trust_remote_code)
-        ref_lm.requires_grad_(False)
-        ref_model = parallelize(PolicyWithGRPOLoss(ref_lm, g.temperature, loss_options), world, device,
-                                False, config.model.compile, bf16).eval()
-    optimizer = build_optimizer(model, config, lr=g.lr,
-                                weight_decay=config.optim.weight_decay if g.weight_decay is None else g.weight_decay)
-
-    # 3. Resume --------------------------------------------------------------------------------------------
-    start_step = 0
-    resume_from = ckpt.find_resume_point(out_dir, "never" if config.run.resume == "never" else "auto", dist_info)
-    found = [resume_from] if resume_from else []
-    if found:
-        state = ckpt.load_checkpoint(found[-1], model, optimizer, dist_info)
-        saved = state["config"]
-        current = to_dict(config)
-        for key in _RESUME_INVARIANT:
-            section, name = key.split(".")
-            if saved.get(section, {}).get(name) != current[section][name]:
-                raise CheckpointError(f"GRPO checkpoint {found[-1]} was made with {key}="
-                                      f"{saved.get(section, {}).get(name)!r}, this run has {current[section][name]!r}")
-        start_step = state["step"]
-        if main:
-            print(f"resumed GRPO from {found[-1]} at step {start_step}", flush=True)
-
-    # 4. Generator (starts from the initial weights; a resumed run pushes the checkpoint's in) ---------------
-    generator = make_generator(g.generator, init_path, tokenizer, device,
-                               max_model_len=g.max_prompt_length + g.max_completion_length, seed=config.run.seed + dist_info.rank,
+    # 3. Generator (starts from the initial weights; a resumed run pushes the checkpoint's in) ---------------
+    generator = make_generator(g.generator, init_path, tokenizer, dist_info.device,
+                               max_model_len=g.max_prompt_length + g.max_completion_length,
+                               seed=config.run.seed + dist_info.rank,
                                gpu_memory_utilization=g.vllm_gpu_memory_utilization,
                                cpu_kv_cache_gib=g.vllm_cpu_kv_cache_gib, sleep_mode=g.vllm_sleep,
                                trust_remote_code=config.model.trust_remote_code,
                                enforce_eager=g.vllm_enforce_eager)
     cleanup.append(generator.close)
-    sync_dtype = torch.bfloat16 if device.type == "cuda" else None
-    bucket_bytes = g.sync_bucket_mib * 2**20
-
-    synced_bytes = [0]
-
-    def counted(weights):
-        for name, tensor in weights:
-            synced_bytes[0] += tensor.numel() * tensor.element_size()
-            yield name, tensor
-
-    def sync() -> float:
-        started = time.perf_counter()
-        generator.wake()
-        synced_bytes[0] = 0
-        with torch.no_grad():
-            generator.load_weights(counted(gathered_weights(causal_lm, bucket_bytes, sync_dtype)))
-        return time.perf_counter() - started
-
-    if start_step:
+    sync = WeightSync(generator, policy.causal_lm, g.sync_bucket_mib, dist_info.device)
+    if resume.step:
         sync()
-
-    metrics_path = out_dir / "metrics.jsonl"
-    from fastmath.metrics import MetricsWriter
-
-    metrics = MetricsWriter(metrics_path, enabled=main, resume_step=start_step)
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(to_dict(config), indent=2))
+    if dist_info.is_main:
         print(f"GRPO from {init_path}: {g.max_steps} steps x {g.prompts_per_step} prompts x {g.num_generations} "
-              f"completions on {world} process(es); generator: {type(generator).__name__}", flush=True)
+              f"completions on {dist_info.world_size} process(es); generator: {type(generator).__name__}",
+              flush=True)
 
-    # 5. Before: held-out greedy accuracy of the initial policy ---------------------------------------------
-    heldout_rows = _heldout_rows(config)
-    before_path = out_dir / "before_training.json"
-    if start_step == 0:
-        before = heldout_with_generator(generator, formatter, heldout_rows, config.heldout.max_new_tokens, dist_info,
-                                        tokenizer.eos_token_id)
-        if main:
-            before_path.write_text(json.dumps(before, indent=2))
-    else:
-        before = json.loads(before_path.read_text()) if before_path.is_file() else None
+    # 4. The loop; then the final checkpoint, the export and the held-out check of the final policy ----------
+    tokens_seen, skipped_steps = train(stage, config, dist_info, policy, generator, sync, tokenizer, checker,
+                                       rows, resume.step, resume.tokens_seen)
+    if resume.step < g.max_steps:
+        stage.save(g.max_steps, tokens_seen, policy.model, policy.optimizer)
+    export_dir = ckpt.export_hf(policy.causal_lm, tokenizer, stage.out_dir / "hf", dist_info)
+    after = {"heldout": stage.heldout(str(export_dir))}
+    return stage.finish({"stage": "grpo", "steps": g.max_steps, "tokens_seen": tokens_seen, "start": init_path,
+                         "export": str(export_dir), "skipped_steps": skipped_steps, "before": before,
+                         "after": after})
 
-    # 6. The loop ------------------------------------------------------------------------------------------
+
+def train(stage: Stage, config: Config, dist_info: DistInfo, policy: Policy, generator, sync: WeightSync,
+          tokenizer, checker: AnswerChecker, rows: list[PromptRow], start_step: int,
+          tokens_seen: int) -> tuple[int, int]:
+    """The loop: rollouts, advantages, packed update, weight sync, metrics, checkpoint; returns
+    (tokens seen, skipped steps). tokens seen counts the packed update rows' tokens (prompt + completion)."""
+    g = config.grpo
+    main, device, world = dist_info.is_main, dist_info.device, dist_info.world_size
     bar = tqdm(total=g.max_steps, initial=start_step, desc="grpo", disable=not main, dynamic_ncols=True)
     guard, skipped_steps = NonFiniteGuard(g.max_bad_steps, main), 0
     for step in range(start_step, g.max_steps):
-        record = {"step": step + 1}
         t0 = time.perf_counter()
         groups, counts = rollout_step(generator, rows, step, config, tokenizer, checker, dist_info)
         t_gen = time.perf_counter() - t0
@@ -512,10 +481,9 @@ def _train(config, dist_info, init_path, tokenizer, formatter, checker, rows, ou
         seqs = _sequences(groups, advantages, g.mask_truncated)
         batches, n_real, global_tokens, global_seqs = build_update_batches(seqs, g.tokens_per_micro_batch,
                                                                            tokenizer.pad_token_id, device)
-        weights = attach_logprobs(model, ref_model, batches, g, autocast)
-
-        result = update_policy(model, optimizer, batches, weights, global_tokens, global_seqs, g, step, world,
-                               autocast)
+        weights = attach_logprobs(policy.model, policy.ref_model, batches, g, policy.autocast)
+        result = update_policy(policy.model, policy.optimizer, batches, weights, global_tokens, global_seqs, g,
+                               policy.optim, step, world, policy.autocast)
         if result.skipped:
             skipped_steps += 1
             guard.failed(step + 1)
@@ -524,57 +492,36 @@ def _train(config, dist_info, init_path, tokenizer, formatter, checker, rows, ou
         t_update = time.perf_counter() - t1
         t_sync = sync()
 
-        # Metrics (one reduction for the sums).
-        record.update(_step_metrics(sampled, groups, counts, result.stats, config, dist_info, tokenizer))
-        update_tokens = all_reduce_sum([sum(b.packed.num_tokens for b in batches[:n_real])], device)[0]
-        record.update({"loss": result.loss, "grad_norm": result.grad_norm, "lr": result.lr,
-                       "skipped_steps": skipped_steps,
-                       "time/generate_s": t_gen, "time/update_s": t_update, "time/sync_s": t_sync,
-                       "generate_tokens_per_s": record["completion_tokens"] / max(t_gen, 1e-9),
-                       "update_tokens_per_s": update_tokens * g.num_iterations / max(t_update, 1e-9),
-                       "sync_gb_per_s": synced_bytes[0] / 1e9 / max(t_sync, 1e-9),
+        # Metrics: one reduction (and host sync) for the step's sums, one for the longest completion.
+        local_tokens = sum(b.packed.num_tokens for b in batches[:n_real])
+        record = {"step": step + 1}
+        record.update(_step_metrics(sampled, counts, result, local_tokens, config, dist_info))
+        tokens_seen += int(record.pop("update_tokens"))
+        record.update({"loss": result.loss, "lr": result.lr, "skipped_steps": skipped_steps,
+                       "tokens_seen": tokens_seen, "time/generate_s": t_gen, "time/update_s": t_update,
+                       "time/sync_s": t_sync, "generate_tokens_per_s": record["completion_tokens"] / max(t_gen, 1e-9),
+                       "sync_gb_per_s": sync.bytes / 1e9 / max(t_sync, 1e-9),
                        "answer_timeouts": checker.counts["timeout"], "checker_restarts": checker.restarts})
+        record["update_tokens_per_s"] = record["tokens"] * g.num_iterations / max(t_update, 1e-9)
+
+        # Metrics line, then the checkpoint that makes this step done.
         done = step + 1
         if done % g.log_every == 0 or done == g.max_steps:
-            metrics.write(record)  # before the checkpoint that makes this step done
-        save_every = config.checkpoint.save_every if g.save_every is None else g.save_every
-        if save_every and done % save_every == 0 and done < g.max_steps:
-            ckpt.save_checkpoint(out_dir, done, 0, model, optimizer, to_dict(config), dist_info, config.checkpoint.keep)
+            stage.tracker.write(record)
+        if stage.save_due(done, g.max_steps):
+            stage.save(done, tokens_seen, policy.model, policy.optimizer)
         bar.update(1)
         bar.set_postfix(reward=f"{record['reward/mean']:.3f}", acc=f"{record['accuracy']:.2f}",
                         len=f"{record['completion_tokens_mean']:.0f}", kl=f"{record['kl']:.4f}",
                         gen_s=f"{t_gen:.1f}", upd_s=f"{t_update:.1f}", refresh=False)
     bar.close()
-
-    # 7. Final checkpoint, export, held-out after, summary ---------------------------------------------------
-    if start_step < g.max_steps:
-        ckpt.save_checkpoint(out_dir, g.max_steps, 0, model, optimizer, to_dict(config), dist_info,
-                             config.checkpoint.keep)
-    export_dir = ckpt.export_hf(causal_lm, tokenizer, out_dir / "hf", dist_info)
-    after = heldout_with_generator(generator, formatter, heldout_rows, config.heldout.max_new_tokens, dist_info,
-                                   tokenizer.eos_token_id)
-    summary = {"stage": "grpo", "steps": g.max_steps, "init_from": init_path, "export": str(export_dir),
-               "skipped_steps": skipped_steps, "before": before, "after": after}
-    if main:
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(format_grpo_summary(summary), flush=True)
-    return summary
+    return tokens_seen, skipped_steps
 
 
-def _heldout_rows(config: Config) -> list[dict]:
-    if config.grpo.prompts != "embedded" or not config.heldout.num_problems:
-        return []
-    from fastmath.embedded import ensure_embedded_assets
-
-    data_dir = ensure_embedded_assets(config.run.cache_dir or None).data_dir
-    with open(data_dir / f"{config.heldout.split}.jsonl", encoding="utf-8") as handle:
-        rows = [json.loads(line) for line in handle]
-    return rows[: config.heldout.num_problems]
-
-
-def _step_metrics(sampled: list[Group], groups: list[Group], counts: dict, stats_total: torch.Tensor,
-                  config: Config, dist_info: DistInfo, tokenizer) -> dict:
-    """Everything a person watching an RL run needs, summed over ranks once."""
+def _step_metrics(sampled: list[Group], counts: dict, result: UpdateResult, update_tokens: int, config: Config,
+                  dist_info: DistInfo) -> dict:
+    """Everything a person watching an RL run needs, summed over ranks once; `update_tokens` (this rank's packed
+    update tokens) comes back summed as "update_tokens" and as "tokens"."""
     names = config.grpo.rewards
     flat = [(grp, i) for grp in sampled for i in range(len(grp.completions))]
     lengths = [len(grp.completions[i].token_ids) for grp, i in flat]
@@ -588,9 +535,12 @@ def _step_metrics(sampled: list[Group], groups: list[Group], counts: dict, stats
     for name in names:
         values = [grp.components[name][i] for grp, i in flat]
         sums += [sum(values), sum(v * v for v in values)]
-    sums += stats_total.tolist()
-    reduced = all_reduce_sum(sums, dist_info.device)
-    max_len = all_reduce_max(max(lengths, default=0), dist_info.device)
+    sums.append(update_tokens)
+    # The step's host sync: these sums and the GRPO statistics in one collective, read with the grad norm.
+    summed, (grad_norm,) = reduce_and_read(list(result.stats.to(dist_info.device).unbind()), sums,
+                                           [result.grad_norm.to(dist_info.device)], dist_info.device)
+    stats, reduced = summed[:6], summed[6:]
+    max_len = all_reduce_max(max(lengths, default=0), dist_info.device)  # a second small collective and sync
     n = max(1.0, reduced[0])
 
     def std(total, squares):
@@ -606,26 +556,11 @@ def _step_metrics(sampled: list[Group], groups: list[Group], counts: dict, stats
         out[f"reward/{name}/mean"] = reduced[at] / n
         out[f"reward/{name}/std"] = std(reduced[at], reduced[at + 1])
         at += 2
-    tokens, low, high, kl, ratio, entropy = reduced[at:at + 6]
+    out["update_tokens"] = out["tokens"] = int(reduced[at])
+    out["grad_norm"] = grad_norm
+    tokens, low, high, kl, ratio, entropy = stats
     tokens = max(1.0, tokens)
     out.update({"clip_low_fraction": low / tokens, "clip_high_fraction": high / tokens,
                 "clip_region_fraction": (low + high) / tokens, "kl": kl / tokens, "ratio_mean": ratio / tokens,
                 "entropy": entropy / tokens})
     return out
-
-
-def format_grpo_summary(summary: dict) -> str:
-    def cell(section, key):
-        if not section:
-            return "n/a"
-        return f"{100 * section['accuracy']:.1f}%" if key == "accuracy" else f"{section['mean_tokens']:.1f}"
-
-    lines = [f"GRPO summary ({summary['steps']} steps; start: {summary['init_from']})",
-             f"| {'metric':<28} | {'before GRPO':>11} | {'after GRPO':>11} |",
-             f"|{'-' * 30}|{'-' * 13}|{'-' * 13}|"]
-    for label, key in (("held-out greedy accuracy", "accuracy"), ("mean completion tokens", "mean_tokens")):
-        lines.append(f"| {label:<28} | {cell(summary['before'], key):>11} | {cell(summary['after'], key):>11} |")
-    n = (summary.get("after") or {}).get("n")
-    if n:
-        lines.append(f"(held-out: {n} problems, greedy decoding with the rollout engine; export: {summary['export']})")
-    return "\n".join(lines)

@@ -1,0 +1,286 @@
+"""The scaffold every stage stands on: what a stage does around its loop, written once.
+
+A stage file (`sft.py`, `grpo_stage.py`, `eval.py`) holds its loop and imports no other stage. What they share
+lives here, so a fix lands once:
+    - sources: the model a stage starts from and where 'embedded' data lives;
+    - the optimizer (AdamW, no decay on biases and norms) and the learning-rate schedule, from the shared
+      `optim` section with the stage's own lr, schedule and overrides;
+    - `Stage`: the stage's output folder (config.json, metrics writers), the resume point and its
+      compatibility check (`run.resume` = auto | never | <path>, the same in every stage), checkpoint saves
+      and pruning through `checkpoint.py`, the held-out check before and after, and the summary table.
+
+`run.resume=<path>`: in a run with one training stage the path is that stage's; in a run with several, the
+stage whose checkpoint folder holds the path resumes from it and the others resume as with 'auto'.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from fastmath import checkpoint as ckpt
+from fastmath.config import Config, to_dict
+from fastmath.distributed import DistInfo
+from fastmath.errors import CheckpointError
+from fastmath.metrics import MetricsWriter
+from fastmath.model import resolve_model_path
+from fastmath.tracking import Tracker
+
+TRAINING_STAGES = ("sft", "grpo")
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+
+
+def embedded_data_file(config: Config, split: str) -> str:
+    """The embedded data's `<split>.jsonl` (built on first use)."""
+    from fastmath.embedded import ensure_embedded_assets
+
+    return str(ensure_embedded_assets(config.run.cache_dir or None).data_dir / f"{split}.jsonl")
+
+
+def data_source(config: Config, source: str, split: str) -> str:
+    """A data setting as a path or HF id: 'embedded' becomes the embedded data's `split` file."""
+    return embedded_data_file(config, split) if source == "embedded" else source
+
+
+def start_model(config: Config, stage: str) -> str:
+    """The model a stage starts from (a local folder or an HF id).
+
+    sft: model.name_or_path. grpo: grpo.init_from, where 'auto' is this run's SFT export when the sft stage is in
+    run.stages, else model.name_or_path. eval: eval.model, where 'auto' is the newest export of this run (GRPO's,
+    then SFT's), else model.name_or_path.
+    """
+    chosen = {"sft": "auto", "grpo": config.grpo.init_from, "eval": config.eval.model}[stage]
+    if chosen != "auto":
+        return resolve_model_path(chosen, config.run.cache_dir)
+    out = Path(config.run.output_dir)
+    if stage == "grpo" and "sft" in config.run.stages:
+        if not (out / "hf").is_dir():
+            raise CheckpointError(f"grpo.init_from=auto expects the SFT export at {out / 'hf'}, which is missing")
+        return str(out / "hf")
+    if stage == "eval":
+        for export in (out / "grpo" / "hf", out / "hf"):
+            if (export / "config.json").is_file():
+                return str(export)
+    return resolve_model_path(config.model.name_or_path, config.run.cache_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer and schedule
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """One stage's AdamW and schedule: its own lr and schedule, the shared rest unless it overrides it."""
+
+    lr: float
+    warmup_ratio: float
+    min_lr_ratio: float
+    weight_decay: float
+    grad_clip: float  # 0 = no clipping
+    betas: tuple[float, float]
+    eps: float
+
+
+def optim_settings(config: Config, stage: str) -> OptimSettings:
+    section, shared = getattr(config, stage), config.optim
+    return OptimSettings(
+        lr=section.lr, warmup_ratio=section.warmup_ratio, min_lr_ratio=section.min_lr_ratio,
+        weight_decay=shared.weight_decay if section.weight_decay is None else section.weight_decay,
+        grad_clip=shared.grad_clip if section.grad_clip is None else section.grad_clip,
+        betas=(shared.adam_beta1, shared.adam_beta2), eps=shared.adam_eps)
+
+
+def build_optimizer(model: torch.nn.Module, settings: OptimSettings) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (biases and norm scales are vectors and are not decayed)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas, eps=settings.eps, foreach=True)
+
+
+def lr_at(step: int, total: int, peak: float, warmup_ratio: float, min_ratio: float) -> float:
+    """Linear warmup over round(warmup_ratio * total) steps, then cosine down to min_ratio * peak."""
+    warmup = round(warmup_ratio * total)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, settings: OptimSettings, step: int, total: int) -> float:
+    lr = lr_at(step, total, settings.lr, settings.warmup_ratio, settings.min_lr_ratio)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def clip_gradients(params: list[torch.Tensor], settings: OptimSettings) -> torch.Tensor:
+    """Clip the global gradient norm (no-op bound when grad_clip is 0); returns the norm as a device tensor
+    (no host sync here: the caller reads it with the step's other numbers)."""
+    norm = torch.nn.utils.clip_grad_norm_(params, settings.grad_clip or float("inf"))
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP2
+
+
+def reduce_and_read(device_sums: list[torch.Tensor], host_sums: list[float], device_values: list[torch.Tensor],
+                    device: torch.device) -> tuple[list[float], list[float]]:
+    """A step's numbers on the host with one collective and one host sync: `device_sums` and `host_sums` summed
+    over ranks (in that order), then `device_values` (already global, e.g. the clipped gradient norm) as they are."""
+    summed = torch.cat([torch.stack([t.double() for t in device_sums]),
+                        torch.tensor(host_sums, dtype=torch.float64).to(device)])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(summed)
+    values = torch.cat([summed, torch.stack([t.double() for t in device_values])]).tolist()  # the host sync
+    return values[:len(summed)], values[len(summed):]
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def check_resume_compatible(saved: dict, config: Config, path: Path, invariant: tuple[str, ...]) -> None:
+    """A resumed stage must not change what shapes its data order or update; the first change is named."""
+    current = to_dict(config)
+    for key in invariant:
+        section, name = key.split(".")
+        old, new = saved.get(section, {}).get(name), current[section][name]
+        if old != new:
+            raise CheckpointError(f"checkpoint {path} was made with {key}={old!r}, this run has {new!r}; "
+                                  f"resume with the same value or use a fresh run.output_dir")
+
+
+@dataclass
+class ResumePoint:
+    step: int = 0
+    tokens_seen: int = 0
+    path: Path | None = None
+
+
+class Stage:
+    """One stage's folder, resume point, checkpoints, metrics writers and held-out check.
+
+    out_dir: the stage's folder (run.output_dir for sft, run.output_dir/grpo for grpo). invariant: the config
+    keys a resumed stage must keep. heldout: whether the held-out check applies (the embedded data only).
+    """
+
+    def __init__(self, name: str, config: Config, dist_info: DistInfo, out_dir: Path,
+                 invariant: tuple[str, ...], heldout: bool):
+        self.name, self.config, self.dist_info, self.out_dir = name, config, dist_info, Path(out_dir)
+        self.invariant = invariant
+        self.heldout_on = heldout and config.heldout.num_problems > 0
+        section = getattr(config, name)
+        self.save_every = config.checkpoint.save_every if section.save_every is None else section.save_every
+        self.tracker: Tracker | None = None
+
+    # -- resume -------------------------------------------------------------------------------------------
+
+    def _resume_mode(self) -> str:
+        mode = self.config.run.resume
+        if mode in ("auto", "never"):
+            return mode
+        training = [s for s in self.config.run.stages if s in TRAINING_STAGES]
+        own_root = ckpt.checkpoint_root(self.out_dir).resolve()
+        if len(training) > 1 and Path(mode).resolve().parent != own_root:
+            return "auto"  # the path belongs to another stage of this run
+        return mode
+
+    def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> ResumePoint:
+        """Load the checkpoint run.resume picks (none for a fresh start) and check it fits this config."""
+        path = ckpt.find_resume_point(self.out_dir, self._resume_mode(), self.dist_info)
+        if path is None:
+            return ResumePoint()
+        state = ckpt.load_checkpoint(path, model, optimizer, self.dist_info)
+        check_resume_compatible(state["config"], self.config, path, self.invariant)
+        if self.dist_info.is_main:
+            print(f"resumed {self.name.upper()} from {path} at step {state['step']}", flush=True)
+        return ResumePoint(state["step"], state.get("tokens_seen", 0), path)
+
+    # -- outputs ------------------------------------------------------------------------------------------
+
+    def open_outputs(self, resume_step: int) -> Tracker:
+        """The folder with config.json, and the metrics writers (metrics.jsonl cut back to the resume step)."""
+        main = self.dist_info.is_main
+        if main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.json").write_text(json.dumps(to_dict(self.config), indent=2))
+        jsonl = MetricsWriter(self.out_dir / "metrics.jsonl", enabled=main, resume_step=resume_step)
+        self.tracker = Tracker(jsonl, self.out_dir, self.config.run.report_to, self.config.run.name, self.name,
+                               to_dict(self.config), resume_step, enabled=main)
+        return self.tracker
+
+    def save_due(self, done: int, total: int) -> bool:
+        """A periodic checkpoint after step `done` (the final one is saved by `save` after the loop)."""
+        return bool(self.save_every) and done % self.save_every == 0 and done < total
+
+    def save(self, step: int, tokens_seen: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Path:
+        """Checkpoint; checkpoint.py prunes to checkpoint.keep of this run's own, never its newest."""
+        return ckpt.save_checkpoint(self.out_dir, step, tokens_seen, model, optimizer, to_dict(self.config),
+                                    self.dist_info, self.config.checkpoint.keep)
+
+    # -- held-out check -----------------------------------------------------------------------------------
+
+    def heldout(self, model_path: str) -> dict | None:
+        """The held-out greedy check of the model saved at `model_path` (None when the check is off)."""
+        if not self.heldout_on:
+            return None
+        from fastmath.heldout import heldout_accuracy
+
+        return heldout_accuracy(model_path, self.config, self.dist_info)
+
+    def before(self, resume: ResumePoint, measure) -> dict:
+        """The 'before' column: measured at a fresh start (measure() -> dict) and kept in before_training.json,
+        read back when the stage resumes."""
+        path = self.out_dir / "before_training.json"
+        if resume.step == 0:
+            before = measure()
+            if self.dist_info.is_main:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(before, indent=2))
+            return before
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def finish(self, summary: dict) -> dict:
+        """Write summary.json, print the before/after table, close the metrics writers."""
+        if self.dist_info.is_main:
+            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            print(format_summary(summary), flush=True)
+        if self.tracker is not None:
+            self.tracker.close()
+        return summary
+
+
+def format_summary(summary: dict) -> str:
+    """The before/after table of a training stage, for the console."""
+    stage = summary["stage"].upper()
+
+    def cell(column: dict | None, key: str) -> str:
+        column = column or {}
+        if key == "val_loss":
+            value = column.get("val_loss")
+            return "n/a" if value is None or value != value else f"{value:.4f}"
+        heldout = column.get("heldout")
+        if not heldout:
+            return "n/a"
+        return f"{100 * heldout['accuracy']:.1f}%" if key == "accuracy" else f"{heldout['mean_tokens']:.1f}"
+
+    before, after = f"before {stage}", f"after {stage}"
+    width = max(len(before), len(after), 10)
+    lines = [f"{stage} summary ({summary['steps']} steps, {summary['tokens_seen']} tokens; "
+             f"start: {summary['start']})",
+             f"| {'metric':<28} | {before:>{width}} | {after:>{width}} |",
+             f"|{'-' * 30}|{'-' * (width + 2)}|{'-' * (width + 2)}|"]
+    rows = [("held-out greedy accuracy", "accuracy"), ("mean completion tokens", "mean_tokens")]
+    if "val_loss" in (summary.get("after") or {}):
+        rows.insert(0, ("validation loss", "val_loss"))
+    for label, key in rows:
+        lines.append(f"| {label:<28} | {cell(summary['before'], key):>{width}} | "
+                     f"{cell(summary['after'], key):>{width}} |")
+    n = ((summary.get("after") or {}).get("heldout") or {}).get("n")
+    if n:
+        lines.append(f"(held-out: {n} problems, greedy decoding; export: {summary['export']})")
+    return "\n".join(lines)

@@ -1,0 +1,123 @@
+"""The stage scaffold: run.resume honoured the same way in every stage, pruning that keeps this run's newest
+checkpoint, one held-out measurement shared by SFT and GRPO, and the metrics trackers."""
+import json
+import sys
+
+import pytest
+
+from fastmath import checkpoint as ckpt
+from fastmath.config import load_config
+from fastmath.errors import ConfigError
+from fastmath.grpo_stage import run_grpo
+from fastmath.metrics import MetricsWriter
+from fastmath.sft import run_sft
+from fastmath.stage import Stage
+from fastmath.tracking import Tracker
+
+
+def _grpo(tmp_path, embedded_cache, *extra):
+    return load_config(None, [
+        f"run.output_dir={tmp_path / 'run'}", f"run.cache_dir={embedded_cache}", "run.stages=[grpo]",
+        "grpo.generator=hf", "grpo.max_steps=3", "grpo.prompts_per_step=2", "grpo.num_generations=2",
+        "grpo.max_prompt_length=96", "grpo.max_completion_length=16", "grpo.tokens_per_micro_batch=256",
+        "grpo.lr=1e-3", "grpo.reward_workers=1", "grpo.rewards=[format,length]", "grpo.length_unit=chars",
+        "grpo.vllm_is_correction=false", "heldout.num_problems=0", "checkpoint.save_every=1", *extra])
+
+
+def _steps(root):
+    return [p.name for p in ckpt.complete_checkpoints(root)]
+
+
+def test_grpo_honours_resume_never_and_path_and_prunes_only_its_own(tmp_path, embedded_cache, dist_info,
+                                                                     monkeypatch, capsys):
+    """The GRPO stage used to ignore run.resume=never / <path> and to prune by step number, deleting the
+    checkpoint it had just written when an older run had reached higher steps."""
+    out = tmp_path / "run" / "grpo"
+    run_grpo(_grpo(tmp_path, embedded_cache, "checkpoint.keep=5"), dist_info)
+    assert _steps(out) == ["step_00000001", "step_00000002", "step_00000003"]
+    state = json.loads((out / "checkpoints" / "step_00000003" / "trainer_state.json").read_text())
+    assert state["tokens_seen"] > 0  # real tokens, not a placeholder 0
+
+    # never, beside existing checkpoints: refused by name, and nothing is touched.
+    with pytest.raises(ConfigError, match="run.resume=never"):
+        run_grpo(_grpo(tmp_path, embedded_cache, "run.resume=never"), dist_info)
+    assert _steps(out) == ["step_00000001", "step_00000002", "step_00000003"]
+
+    # <path>: resume from step 1 although auto would pick step 3; keep=1. After each save, this run's newest
+    # checkpoint must exist; the older run's step 3 is not this run's to delete until this run rewrites it.
+    seen = []
+    save = ckpt.save_checkpoint
+
+    def save_and_look(*args, **kwargs):
+        path = save(*args, **kwargs)
+        seen.append((path.name, _steps(out)))
+        return path
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_and_look)
+    capsys.readouterr()
+    first = out / "checkpoints" / "step_00000001"
+    first_tokens = json.loads((first / "trainer_state.json").read_text())["tokens_seen"]
+    summary = run_grpo(_grpo(tmp_path, embedded_cache, f"run.resume={first}", "checkpoint.keep=1"), dist_info)
+    assert f"resumed GRPO from {first} at step 1" in capsys.readouterr().out
+    assert seen == [("step_00000002", ["step_00000002", "step_00000003"]),
+                    ("step_00000003", ["step_00000003"])]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in metrics] == [1, 2, 3]
+    assert summary["tokens_seen"] == first_tokens + metrics[1]["tokens"] + metrics[2]["tokens"]
+
+
+def test_resume_path_belongs_to_the_stage_that_holds_it(tmp_path, dist_info):
+    config = load_config(None, [f"run.output_dir={tmp_path}", "run.stages=[sft,grpo]",
+                                f"run.resume={tmp_path}/grpo/checkpoints/step_00000004"])
+    sft = Stage("sft", config, dist_info, tmp_path, (), heldout=False)
+    grpo = Stage("grpo", config, dist_info, tmp_path / "grpo", (), heldout=False)
+    assert sft._resume_mode() == "auto"
+    assert grpo._resume_mode() == config.run.resume
+    alone = load_config(None, [f"run.output_dir={tmp_path}", "run.stages=[sft]", f"run.resume={tmp_path}/x"])
+    assert Stage("sft", alone, dist_info, tmp_path, (), heldout=False)._resume_mode() == f"{tmp_path}/x"
+
+
+def test_sft_after_equals_grpo_before(tmp_path, embedded_cache, dist_info):
+    """The demo's two middle columns are one measurement of one model: they must agree exactly."""
+    config = load_config(None, [
+        f"run.output_dir={tmp_path / 'demo'}", f"run.cache_dir={embedded_cache}", "run.stages=[sft,grpo]",
+        "data.max_rows=64", "data.max_length=256", "data.validation=", "sft.tokens_per_micro_batch=512",
+        "sft.global_batch=2", "sft.max_steps=3", "sft.lr=2e-3", "heldout.num_problems=12",
+        "heldout.max_new_tokens=24", "heldout.batch_size=5", "grpo.generator=hf", "grpo.max_steps=1",
+        "grpo.prompts_per_step=2", "grpo.num_generations=2", "grpo.max_prompt_length=96",
+        "grpo.max_completion_length=16", "grpo.tokens_per_micro_batch=256", "grpo.reward_workers=1",
+        "grpo.rewards=[format,length]", "grpo.length_unit=chars"])
+    sft = run_sft(config, dist_info)
+    grpo = run_grpo(config, dist_info)
+    assert sft["after"]["heldout"]["n"] == 12
+    assert sft["after"]["heldout"] == grpo["before"]["heldout"]
+    assert grpo["start"] == sft["export"]
+
+
+def test_tensorboard_events_hold_the_jsonl_metrics(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is an optional dependency (pip install tensorboard)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    records = [{"step": 1, "loss": 2.5, "lr": 1e-3, "mfu": None, "epoch": 0},
+               {"step": 2, "loss": 1.25, "lr": 5e-4, "mfu": None, "epoch": 0, "val/loss": 1.5}]
+    tracker = Tracker(MetricsWriter(tmp_path / "metrics.jsonl", enabled=True), tmp_path, ["jsonl", "tensorboard"],
+                      "t", "sft", {}, resume_step=0, enabled=True)
+    for record in records:
+        tracker.write(record)
+    tracker.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == ["epoch", "loss", "lr", "val/loss"]  # None is not a number
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for tag in ("loss", "lr", "val/loss"):
+        got = [(e.step, e.value) for e in events.Scalars(tag)]
+        want = [(r["step"], pytest.approx(r[tag], rel=1e-7)) for r in lines if tag in r]  # events hold fp32
+        assert got == want, tag
+
+
+@pytest.mark.parametrize("backend, module", [("tensorboard", "torch.utils.tensorboard"), ("wandb", "wandb")])
+def test_missing_tracker_package_is_named(tmp_path, monkeypatch, backend, module):
+    monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
+    with pytest.raises(ConfigError, match=f"names '{backend}' but the {backend} package is not installed"):
+        Tracker(MetricsWriter(tmp_path / "m.jsonl", enabled=True), tmp_path, ["jsonl", backend], "t", "sft", {},
+                resume_step=0, enabled=True)
