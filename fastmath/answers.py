@@ -217,8 +217,9 @@ def _worker_main(conn) -> None:  # pragma: no cover - runs in the worker
     # math-verify warns on every call that its own (signal-based) timeout is off: ours replaces it, since
     # both would share the one ITIMER_REAL of the process.
     logging.getLogger("math_verify").setLevel(logging.ERROR)
-    import math_verify  # noqa: F401  (imported once per worker, before it reports ready)
-
+    # One check before reporting ready: the first parse builds math-verify's grammar and imports the rest of
+    # sympy (about a second), a one-time cost that must not count against the first item's limit.
+    _check_one(("\\frac{1}{2}", "0.5"))
     conn.send(_READY)
     while True:
         try:
@@ -299,28 +300,40 @@ class AnswerChecker:
 
     def _map(self, fn: Callable, items: list) -> list:
         """fn over items in the workers: each result, or _TIMEOUT / _ERROR for an item that overran or crashed."""
+        if not items:
+            return []
         results: list = [None] * len(items)
         todo = deque(range(len(items)))
         try:
             while len(self._pool) < self.workers:
                 self._pool.append(_Worker(self._ctx))
             while todo or any(w.index is not None for w in self._pool):
-                for w in self._pool:
+                for w in list(self._pool):
                     if w.ready and w.index is None and todo:
-                        w.index = todo.popleft()
-                        w.conn.send((fn, items[w.index], self.timeout_s))
-                        w.deadline = time.monotonic() + self.timeout_s + KILL_GRACE_S
+                        self._dispatch(w, fn, items, todo)
                 self._collect(results)
         except BaseException:  # an interrupted batch leaves workers mid-item: start clean next time
             self.close()
             raise
         return results
 
+    def _dispatch(self, w: _Worker, fn: Callable, items: list, todo: deque) -> None:
+        """Hand the next item to an idle worker; one that died while idle is replaced and the item waits."""
+        index = todo.popleft()
+        try:
+            w.conn.send((fn, items[index], self.timeout_s))
+        except OSError:
+            todo.appendleft(index)
+            self._replace(w)
+            return
+        w.index, w.deadline = index, time.monotonic() + self.timeout_s + KILL_GRACE_S
+
     def _collect(self, results: list) -> None:
         """Wait for the next message or deadline; store finished items; replace dead and overrunning workers."""
-        limits = [w.deadline if w.ready else w.started + WORKER_START_LIMIT_S for w in self._pool]
+        limits = [w.deadline if w.index is not None else w.started + WORKER_START_LIMIT_S
+                  for w in self._pool if w.index is not None or not w.ready]  # idle workers have no deadline
         by_conn = {w.conn: w for w in self._pool}
-        for conn in wait(list(by_conn), max(0.0, min(limits) - time.monotonic())):
+        for conn in wait(list(by_conn), max(0.0, min(limits, default=time.monotonic()) - time.monotonic())):
             w = by_conn[conn]
             try:
                 message = conn.recv()
@@ -328,7 +341,8 @@ class AnswerChecker:
                 if not w.ready:
                     raise RuntimeError(f"an answer-checker worker exited while starting (exit code "
                                        f"{w.process.exitcode}); check that math-verify imports") from None
-                results[w.index] = _ERROR
+                if w.index is not None:
+                    results[w.index] = _ERROR
                 self._replace(w)
                 continue
             if w.ready:
