@@ -223,9 +223,11 @@ def build_update_batches(seqs: list[Sequence], budget: int, pad_id: int, device:
     global counted tokens, global sequences)."""
     batches = pack_sequences(seqs, budget) if seqs else []
     n_real = len(batches)
+    # Two small collectives (each a host sync), once per step: the rank's row count and the step's global
+    # counts are needed on the host, to run as many micro-batches and to normalise the loss.
     n_micro = all_reduce_max(n_real, device)
     batches += [empty_update_batch(pad_id) for _ in range(n_micro - n_real)]
-    local_tokens = sum(int(b.mask.sum()) for b in batches[:n_real])
+    local_tokens = sum(int(b.mask.sum()) for b in batches[:n_real])  # host tensors, still on the CPU: no sync
     local_seqs = sum(b.num_sequences for b in batches[:n_real])
     global_tokens, global_seqs = all_reduce_sum([local_tokens, local_seqs], device)
     return [b.to(device) for b in batches], n_real, global_tokens, global_seqs
