@@ -50,6 +50,15 @@ def subprocess_env() -> dict:
     return env
 
 
+def pytest_report_header(config):
+    """Which fp32 kernels PyTorch picked (AVX512 / AVX2 / DEFAULT): failures in numerics depend on it."""
+    import torch
+
+    forced = os.environ.get("ATEN_CPU_CAPABILITY")
+    return f"torch CPU capability: {torch.backends.cpu.get_cpu_capability()}" + (
+        f" (ATEN_CPU_CAPABILITY={forced})" if forced else "")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "triton: runs a Triton kernel (needs a GPU, or TRITON_INTERPRET=1 set "
                                        "before triton is imported: the second pytest pass of `make test`)")

@@ -60,3 +60,11 @@ def dot_magnitude(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     which is what `reduction_atol` needs as its magnitude for a matmul a @ b."""
     return a.detach().double().abs() @ b.detach().double().abs()
 
+
+
+def linear_grad_magnitudes(hidden: torch.Tensor, weight: torch.Tensor, dlogits: torch.Tensor):
+    """Per-element sums of |terms| of the two gradient matmuls behind an LM head, logits = hidden @ weight^T:
+    d hidden = dlogits @ weight (V terms each) and d weight = dlogits^T @ hidden (N terms each). dlogits sums to
+    about zero over a row (softmax minus one-hot), so these sums are far larger than the gradients themselves,
+    and they, not the gradients, set how far two summation orders can drift apart."""
+    return dot_magnitude(dlogits, weight), dot_magnitude(dlogits.T, hidden)
