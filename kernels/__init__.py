@@ -6,6 +6,8 @@ Public API:
     (kernels.cross_entropy.cross_entropy: the non-fused cross-entropy for callers that already hold logits;
      not re-exported here, where its name would shadow the submodule `kernels.cross_entropy`)
     varlen_attention             packed-sequence (varlen) attention, flash-attn layout (kernels/attention.py)
+    group_advantages, reward_sums, fused_linear_logprobs, grpo_loss, fused_linear_grpo_loss, GRPOStats,
+    GroupAdvantages              GRPO: advantages, log-probs and the policy loss (kernels/grpo.py lists the files)
 
 The Hugging Face glue is imported explicitly (`import kernels.hf`) so that this package never imports
 transformers.
@@ -22,7 +24,8 @@ from kernels.grpo import (
     fused_linear_logprobs,
     group_advantages,
     grpo_loss,
+    reward_sums,
 )
 
 __all__ += ["GRPOStats", "GroupAdvantages", "fused_linear_grpo_loss", "fused_linear_logprobs", "group_advantages",
-            "grpo_loss"]
+            "grpo_loss", "reward_sums"]

@@ -356,8 +356,10 @@ def _check_labels(labels, n, v, ignore_index):
         raise ValueError(f"labels must be 1-D with N = {n} entries (one per row), got shape {tuple(labels.shape)}")
     if labels.dtype not in _INTEGER_DTYPES:
         raise ValueError(f"labels must have an integer dtype (int64 preferred), got {labels.dtype}")
-    # One host sync: an out-of-range label would otherwise index garbage (or crash a kernel).
-    if n > 0:
+    # Checked on CPU tensors only, where reading the flag waits for no device: on an accelerator it would be a
+    # host sync on every SFT micro-batch. There an out-of-range label is not detected here: the reference path's
+    # cross_entropy raises a device-side assert, the Triton kernel reads a logit outside the row.
+    if n > 0 and labels.device.type == "cpu":
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= v))
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
@@ -699,7 +701,8 @@ def fused_linear_cross_entropy(
         own dtype, accumulated in fp32.
 
     Raises ValueError naming the argument for shape / dtype / device mismatches, non-integer labels,
-    labels outside [0, V) other than ignore_index (checked with one host sync), a bad option or chunk_size;
+    labels outside [0, V) other than ignore_index (checked on CPU tensors only: no host sync on an
+    accelerator), a bad option or chunk_size;
     RuntimeError for backend="triton" on CPU tensors without the Triton interpreter.
     """
     opts = _check_options(ignore_index, label_smoothing, z_loss_scale, softcap, temperature, reduction)

@@ -20,10 +20,12 @@ from hypothesis import strategies as st
 
 import kernels
 import kernels.grpo as grpo
+from kernels import grpo_advantages, grpo_fused_loss, grpo_logprobs, grpo_policy_loss
 from tests.closeness import assert_close
+from tests.tolerances import reduction_atol, reduction_rtol
 from tests.conftest import REPO
 
-INTERPRETED = grpo._KERNELS_INTERPRETED
+INTERPRETED = grpo_advantages.KERNELS_INTERPRETED and grpo_fused_loss.KERNELS_INTERPRETED
 TRITON = pytest.param("triton", marks=pytest.mark.triton)
 BACKENDS = ("reference", TRITON)
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -190,7 +192,7 @@ def test_group_advantages_match_formula(backend, n_groups, group_size, scale):
 @pytest.mark.parametrize("scale", ["group", "batch"])
 def test_group_advantages_tiles(scale, monkeypatch):
     """Groups longer than one tile (the tile shrunk to 16 rewards), many groups per tile, partial tiles."""
-    monkeypatch.setattr(grpo, "_ADVANTAGE_TILE", 16)
+    monkeypatch.setattr(grpo_advantages, "_ADVANTAGE_TILE", 16)
     for n_groups, group_size in ((3, 41), (37, 3)):
         rewards = torch.rand(n_groups * group_size, generator=torch.Generator().manual_seed(n_groups))
         check_advantages(grpo.group_advantages(rewards, group_size, scale=scale, backend="triton"),
@@ -304,7 +306,7 @@ def test_fused_linear_logprobs_match_truth(backend, n, v, d, chunk_size, tempera
 def test_triton_vocab_tiles(v, monkeypatch):
     """V below, equal to and above one kernel tile (64 here), the last tile partial: the online pass (max,
     sum and entropy rescaled) across tiles, and the loss on top."""
-    monkeypatch.setattr(grpo, "_MAX_BLOCK_V", 64)
+    monkeypatch.setattr(grpo_logprobs, "_MAX_BLOCK_V", 64)
     batch = make_batch(19, v, 8, s=3, seed=v)
     batch["targets"][-1] = v - 1  # the last column, in the partial tile
     kw = loss_kwargs(batch, beta=0.05)
@@ -594,11 +596,11 @@ def test_public_exports():
 def test_backend_dispatch(monkeypatch):
     batch = make_batch(8, 11, 4, s=2)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert not grpo._use_triton("auto", batch["hidden"].device)
-    assert grpo._use_triton("triton", batch["hidden"].device)
+    assert not grpo_fused_loss._use_triton("auto", batch["hidden"].device)
+    assert grpo_fused_loss._use_triton("triton", batch["hidden"].device)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert grpo._use_triton("auto", batch["hidden"].device)
-    assert not grpo._use_triton("reference", batch["hidden"].device)
+    assert grpo_fused_loss._use_triton("auto", batch["hidden"].device)
+    assert not grpo_fused_loss._use_triton("reference", batch["hidden"].device)
 
 
 @pytest.mark.skipif(INTERPRETED, reason="kernels were imported under TRITON_INTERPRET=1")
@@ -607,7 +609,7 @@ def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         grpo.group_advantages(torch.ones(4), 2, backend="triton")
-    with pytest.raises(RuntimeError, match="before triton and kernels.grpo are imported"):
+    with pytest.raises(RuntimeError, match="before triton and kernels.grpo_logprobs are imported"):
         grpo.fused_linear_logprobs(batch["hidden"], batch["weight"], batch["targets"], backend="triton")
 
 
@@ -715,17 +717,18 @@ def _sm90(kernel_name, args, constexprs, *, num_warps=4, aligned=True, name):
     return pytest.param(kernel_name, args, constexprs, num_warps, aligned, id=name)
 
 
-def _advantage_launch(rewards_dtype, n_groups, group_size, scale):
+def _advantage_launch(rewards_dtype, n_groups, group_size, scale, std_given=False):
     """`group_advantages`' launch of _group_advantages_kernel (its tile arithmetic, copied)."""
-    block_g = min(grpo.triton.next_power_of_2(group_size), grpo._ADVANTAGE_TILE)
-    block_b = max(1, min(grpo.triton.next_power_of_2(n_groups), grpo._ADVANTAGE_TILE // block_g))
+    tile, next_power_of_2 = grpo_advantages._ADVANTAGE_TILE, grpo_advantages.triton.next_power_of_2
+    block_g = min(next_power_of_2(group_size), tile)
+    block_b = max(1, min(next_power_of_2(n_groups), tile // block_g))
     ints = dict(n_rewards=n_groups * group_size, n_groups=n_groups, group_size=group_size)
-    args = dict(rewards_ptr=f"*{rewards_dtype}", adv_ptr="*fp32", mean_ptr="*fp32", std_ptr="*fp32",
-                zero_var_ptr="*i8", eps="fp32", **{k: "i32" for k, v in ints.items() if v != 1})
-    constexprs = dict(SCALE=grpo._SCALES.index(scale), BLOCK_B=block_b, BLOCK_G=block_g,
-                      **{k: 1 for k, v in ints.items() if v == 1})
+    args = dict(rewards_ptr=f"*{rewards_dtype}", batch_std_ptr="*fp32", adv_ptr="*fp32", mean_ptr="*fp32",
+                std_ptr="*fp32", zero_var_ptr="*i8", eps="fp32", **{k: "i32" for k, v in ints.items() if v != 1})
+    constexprs = dict(SCALE=grpo_advantages.SCALES.index(scale), BATCH_STD_GIVEN=std_given, BLOCK_B=block_b,
+                      BLOCK_G=block_g, **{k: 1 for k, v in ints.items() if v == 1})
     return _sm90("_group_advantages_kernel", args, constexprs, aligned=1 not in ints.values(),
-                 name=f"advantages-{rewards_dtype}-B{n_groups}-G{group_size}-{scale}")
+                 name=f"advantages-{rewards_dtype}-B{n_groups}-G{group_size}-{scale}{'-given' * std_given}")
 
 
 def _token_launch(logp="fp32", old="fp32", ref="fp32", iw="fp32", *, has_old, has_ref, kl, has_iw, seq, grad,
@@ -738,7 +741,8 @@ def _token_launch(logp="fp32", old="fp32", ref="fp32", iw="fp32", *, has_old, ha
         clip_high="fp32", **({} if n == 1 else dict(n_tokens="i32", terms_stride="i32")),
     )
     switches = dict(HAS_OLD=has_old, HAS_REF=has_ref, KL_IN_LOSS=kl, HAS_IW=has_iw, SEQ_LEVEL=seq, WRITE_GRAD=grad)
-    constexprs = dict(**switches, BLOCK=grpo._TOKEN_BLOCK, **(dict(n_tokens=1, terms_stride=1) if n == 1 else {}))
+    constexprs = dict(**switches, BLOCK=grpo_policy_loss._TOKEN_BLOCK,
+                      **(dict(n_tokens=1, terms_stride=1) if n == 1 else {}))
     flags = "-".join(k.lower() for k, on in switches.items() if on) or "none"
     dtypes = logp if len({logp, old, ref, iw}) == 1 else f"{logp}-{old}-{ref}-{iw}"
     return _sm90("_grpo_token_kernel", args, constexprs, aligned=n != 1, name=f"token-{dtypes}-{flags}-n{n}")
@@ -746,7 +750,7 @@ def _token_launch(logp="fp32", old="fp32", ref="fp32", iw="fp32", *, has_old, ha
 
 def _row_launch(kernel, logits_dtype, v, entropy=None):
     """`_row_logprobs` / `_row_dlogits`' launches: n_cols = V and the row stride = V (a [c, V] buffer)."""
-    block_v, warps = grpo._block_v(v)
+    block_v, warps = grpo_logprobs.block_v(v)
     ints = {} if v == 1 else dict(n_cols="i32", logits_row_stride="i32")
     common = dict(logits_ptr=f"*{logits_dtype}", targets_ptr="*i64", scale="fp32", **ints)
     constexprs = dict(BLOCK_V=block_v, **({} if v != 1 else dict(n_cols=1, logits_row_stride=1)))
@@ -760,24 +764,25 @@ def _row_launch(kernel, logits_dtype, v, entropy=None):
     return _sm90(kernel, args, constexprs, num_warps=warps, aligned=v != 1, name=name)
 
 
-_FLOAT_TYPES = ("fp32", "fp16", "bf16", "fp64")
+_FLOAT_TYPES = ("fp32", "fp16", "bf16")  # float64: the reference path only
 SM90_LAUNCHES = [
     # group_advantages: rewards of any float dtype, the three scales, tiles from one reward to 4096-wide.
-    *(_advantage_launch("fp32", 5, 8, scale) for scale in grpo._SCALES),
+    *(_advantage_launch("fp32", 5, 8, scale) for scale in grpo_advantages.SCALES),
+    _advantage_launch("fp32", 5, 8, "batch", std_given=True),  # the step's std from all-reduced sums
     *(_advantage_launch(dtype, 5, 8, "batch") for dtype in _FLOAT_TYPES[1:]),
-    *(_advantage_launch("fp32", 3, 1, scale) for scale in grpo._SCALES),  # group_size == 1: a constexpr
+    *(_advantage_launch("fp32", 3, 1, scale) for scale in grpo_advantages.SCALES),  # group_size == 1: a constexpr
     _advantage_launch("fp32", 1, 1, "batch"),  # every size a constexpr 1, 1 x 1 tiles
     _advantage_launch("bf16", 1, 5, "group"),
     _advantage_launch("fp32", 2, 5000, "batch"),  # BLOCK_G = 4096, BLOCK_B = 1
     _advantage_launch("fp16", 10000, 8, "batch"),  # BLOCK_B = 512
     # grpo_loss / fused_linear_grpo_loss: every switch combination (KL_IN_LOSS only with HAS_REF), fp32
-    # (the fused path's log-probs), then 16-bit and fp64 inputs of grpo_loss and mixed ones.
+    # (the fused path's log-probs), then 16-bit inputs of grpo_loss and mixed ones.
     *(_token_launch(has_old=o, has_ref=r, kl=k, has_iw=w, seq=s, grad=g)
       for o, (r, k), w, s, g in itertools.product((False, True), ((False, False), (True, False), (True, True)),
                                                   (False, True), (False, True), (False, True))),
     *(_token_launch(dtype, dtype, dtype, dtype, has_old=True, has_ref=True, kl=True, has_iw=True, seq=s, grad=True)
       for dtype in _FLOAT_TYPES[1:] for s in (False, True)),
-    _token_launch("fp32", "bf16", "fp16", "fp64", has_old=True, has_ref=True, kl=True, has_iw=True, seq=False,
+    _token_launch("fp32", "bf16", "fp16", "bf16", has_old=True, has_ref=True, kl=True, has_iw=True, seq=False,
                   grad=True),
     _token_launch("bf16", "fp32", "fp32", "fp32", has_old=True, has_ref=True, kl=False, has_iw=True, seq=True,
                   grad=False),
@@ -799,7 +804,8 @@ def test_grpo_kernels_compile_for_sm90(kernel_name, args, constexprs, num_warps,
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    kernel = getattr(grpo, kernel_name)
+    kernel = next(getattr(m, kernel_name) for m in (grpo_advantages, grpo_logprobs, grpo_policy_loss)
+                  if hasattr(m, kernel_name))
     assert set(args).isdisjoint(constexprs) and set(args) | set(constexprs) == set(kernel.arg_names), (
         f"the case does not name every argument of {kernel_name} once")
     signature = {name: "constexpr" if name in constexprs else args[name] for name in kernel.arg_names}
@@ -843,3 +849,211 @@ def test_cuda_group_advantages_and_logprobs_bf16():
     eager = logprobs_and_grads(eager_logprobs, *(t.detach().requires_grad_() for t in (h, w)), y)
     for name, o, t, e in zip(("logprobs", "entropy", "grad hidden", "grad weight"), ours, truth, eager):
         assert_error_bounded(name, o, t, e, torch.bfloat16)
+
+# --------------------------------------------------------------------------------------------------
+# The dtype policy (kernels/dispatch.py), the step's batch std from all-reduced sums, value checks off the CPU
+# --------------------------------------------------------------------------------------------------
+
+
+def float64_batch(n=13, v=7, d=3, s=4, seed=3):
+    """make_batch with every floating tensor float64 (hidden and weight requiring grad)."""
+    batch = {k: t.detach().double() if t.is_floating_point() else t.detach()
+             for k, t in make_batch(n, v, d, s=s, seed=seed).items()}
+    batch["hidden"].requires_grad_()
+    batch["weight"].requires_grad_()
+    return batch
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_float64_grpo_loss_reference(loss_type, level):
+    """float64 on the reference path, every side input float64 too (at sequence level this crashed in
+    index_add_): computed in float64, and its gradient is the derivative of its value (gradcheck)."""
+    b = float64_batch()
+    with torch.no_grad():
+        logp = grpo.linear_logprobs_reference(b["hidden"], b["weight"], b["targets"])
+    kw = loss_kwargs(b, loss_type, level, beta=0.1)
+
+    def loss_of(lp):
+        return grpo.grpo_loss(lp, b["old_logprobs"], b["advantages"], b["seq_ids"], backend="reference", **kw)[0]
+
+    loss, stats = grpo.grpo_loss(logp, b["old_logprobs"], b["advantages"], b["seq_ids"], backend="reference", **kw)
+    assert loss.dtype == torch.float64 and all(t.dtype == torch.float64 for t in stats)
+    assert torch.autograd.gradcheck(loss_of, (logp.requires_grad_(),))
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_float64_fused_linear_grpo_loss_reference(loss_type, level):
+    """The chunked reference path in float64 end to end: equal to the unchunked definition up to float64
+    rounding, and its forward-computed gradients are the derivative of its value (gradcheck)."""
+    b = float64_batch(seed=5)
+    kw = dict(loss_kwargs(b, loss_type, level, beta=0.1), temperature=0.7)
+    args = (b["targets"], b["old_logprobs"], b["advantages"], b["seq_ids"])
+
+    def loss_of(h, w):
+        return grpo.fused_linear_grpo_loss(h, w, *args, chunk_size=4, backend="reference", **kw)[0]
+
+    loss, stats = grpo.fused_linear_grpo_loss(b["hidden"], b["weight"], *args, chunk_size=4, backend="reference",
+                                              **kw)
+    truth, t_stats = grpo.linear_grpo_loss_reference(b["hidden"], b["weight"], *args, **kw)
+    assert loss.dtype == torch.float64 and all(t.dtype == torch.float64 for t in stats)
+    # Four chained reductions (logits over d, log-sum-exp over V, per-sequence and loss sums over N) of terms
+    # bounded by 10 here (|A| r w + beta kl with ratios near 1): float64 leaves ~1e-13; a wrong term ~1e-2.
+    length = max(b["hidden"].shape[0], b["weight"].shape[0])
+    tol = reduction_atol(torch.float64, length, 10.0 * length, chain=4)
+    for name, o, t in zip(("loss",) + STAT_NAMES, (loss, *stats), (truth, *t_stats)):
+        assert_close(o.detach(), t.detach(), atol=tol, rtol=0.0, name=name)
+    assert torch.autograd.gradcheck(loss_of, (b["hidden"], b["weight"]))
+
+
+def test_float64_fused_linear_logprobs_reference():
+    b = float64_batch(seed=7)
+
+    def logprobs_of(h, w):
+        return grpo.fused_linear_logprobs(h, w, b["targets"], temperature=0.7, chunk_size=5, backend="reference")
+
+    logp, entropy = grpo.fused_linear_logprobs(b["hidden"], b["weight"], b["targets"], return_entropy=True,
+                                               backend="reference")
+    assert logp.dtype == entropy.dtype == torch.float64
+    truth, t_entropy = grpo.linear_logprobs_reference(b["hidden"], b["weight"], b["targets"], return_entropy=True)
+    # Two chained reductions (logits over d, log-sum-exp / entropy over V) of terms of size <= 10.
+    tol = reduction_atol(torch.float64, 7, 10.0 * 7, chain=2)
+    assert_close(logp.detach(), truth.detach(), atol=tol, rtol=0.0, name="logprobs")
+    assert_close(entropy, t_entropy.detach(), atol=tol, rtol=0.0, name="entropy")
+    assert torch.autograd.gradcheck(logprobs_of, (b["hidden"], b["weight"]))
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_float64_group_advantages_reference(scale):
+    rewards = torch.randn(5 * 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 3 + 1
+    out = grpo.group_advantages(rewards, 6, scale=scale, backend="reference")
+    assert all(t.dtype == torch.float64 for t in out[:3])
+    adv, mean, std, _ = advantages_formula(rewards, 6, scale)
+    # float64 sums of at most 30 rewards of size <= 10 (mean, std, advantage: three chained reductions).
+    tol = reduction_atol(torch.float64, 30, 10.0 * 30, chain=3)
+    assert_close(out.mean, mean, atol=tol, rtol=0.0, name="mean")
+    assert_close(out.std, std, atol=tol, rtol=0.0, name="std")
+    denom = {"group": std.min().item() + 1e-4, "batch": rewards.std().item() + 1e-4, "none": 1.0}[scale]
+    assert_close(out.advantages, adv, atol=tol / denom, rtol=0.0, name="advantages")
+
+
+@pytest.mark.triton
+def test_float64_refused_by_the_triton_path():
+    """One ValueError at the API boundary naming the function and the argument, for every GRPO function, the
+    primary input or any side input."""
+    b = float64_batch(9, 7, 3, s=3)
+    f32 = {k: t.detach().float() if t.is_floating_point() else t for k, t in b.items()}
+    logp32 = torch.zeros(9)
+    cases = [
+        ("group_advantages", "rewards", lambda: grpo.group_advantages(torch.ones(4, dtype=torch.float64), 2,
+                                                                      backend="triton")),
+        ("fused_linear_logprobs", "hidden",
+         lambda: grpo.fused_linear_logprobs(b["hidden"], b["weight"], b["targets"], backend="triton")),
+        ("grpo_loss", "logprobs", lambda: grpo.grpo_loss(logp32.double(), None, b["advantages"], b["seq_ids"],
+                                                         backend="triton")),
+        ("grpo_loss", "old_logprobs", lambda: grpo.grpo_loss(logp32, b["old_logprobs"], f32["advantages"],
+                                                             b["seq_ids"], backend="triton")),
+        ("grpo_loss", "advantages", lambda: grpo.grpo_loss(logp32, None, b["advantages"], b["seq_ids"],
+                                                           backend="triton")),
+        ("fused_linear_grpo_loss", "hidden", lambda: grpo.fused_linear_grpo_loss(
+            b["hidden"], b["weight"], b["targets"], None, f32["advantages"], b["seq_ids"], backend="triton")),
+        ("fused_linear_grpo_loss", "importance_weights", lambda: grpo.fused_linear_grpo_loss(
+            f32["hidden"], f32["weight"], b["targets"], None, f32["advantages"], b["seq_ids"],
+            importance_weights=b["importance_weights"], importance_sampling_level="sequence", backend="triton")),
+    ]
+    for function, argument, call in cases:
+        with pytest.raises(ValueError, match=rf"^{function}: {argument} has dtype float64; the Triton path accepts "
+                                             r".*\(float64 runs on backend='reference'\)$"):
+            call()
+
+
+def split_rewards_with_nan():
+    """Rewards of 6 groups of 5 with NaN (unscorable) rewards and one all-equal group, as two ranks' halves."""
+    rewards = torch.randn(30, generator=torch.Generator().manual_seed(11)) * 2 + 1
+    rewards[[3, 17]] = float("nan")
+    rewards[10:15] = 0.5
+    return rewards, (rewards[:15], rewards[15:])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_scaled_advantages_from_rank_sums(backend):
+    """Each rank's reward_sums, summed (the all-reduce), give every rank the advantages of the whole step's
+    batch std: the kernel with the sums equals the reference on the whole batch, and the reference with the same
+    sums."""
+    rewards, ranks = split_rewards_with_nan()
+    sums = grpo.reward_sums(ranks[0]) + grpo.reward_sums(ranks[1])
+    assert sums.dtype == torch.float64 and sums[0].item() == 28  # the two NaN rewards left out
+    parts = [grpo.group_advantages(r, 5, scale="batch", batch_sums=sums, backend=backend) for r in ranks]
+    whole = grpo_advantages.group_advantages_reference(rewards, 5, scale="batch")
+    # fp32 reductions over the batch (28 rewards of size <= 6: mean, std, advantage), divided by std + eps.
+    scale_r = rewards.nan_to_num().abs().max().item()
+    denom = whole.advantages.new_tensor(rewards[~rewards.isnan()].double().std().item() + 1e-4)
+    atol = reduction_atol(torch.float32, 30, 2 * scale_r, chain=3) / denom.item()
+    rtol = reduction_rtol(torch.float32, 30, chain=3)
+    got = torch.cat([p.advantages for p in parts])
+    assert_close(got, whole.advantages, atol=atol, rtol=rtol, name="advantages vs the whole batch")
+    assert torch.equal(torch.cat([p.zero_variance for p in parts]), whole.zero_variance)
+    for r, p in zip(ranks, parts):
+        same = grpo_advantages.group_advantages_reference(r, 5, scale="batch", batch_sums=sums)
+        assert_close(p.advantages, same.advantages, atol=atol, rtol=rtol, name="advantages vs the reference")
+        assert_close(p.mean, same.mean, atol=reduction_atol(torch.float32, 5, scale_r), rtol=0.0, name="mean")
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(scale="group", batch_sums=torch.ones(3)), "needs scale='batch'"),
+        (dict(scale="batch", batch_sums=torch.ones(2)), r"batch_sums must be reward_sums\(rewards\)"),
+        (dict(scale="batch", batch_sums=torch.ones(3, dtype=torch.int64)), r"batch_sums must be reward_sums"),
+        (dict(scale="batch", batch_sums=torch.ones(3, device="meta")), "batch_sums must be on the rewards' device"),
+    ],
+)
+def test_group_advantages_bad_batch_sums_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        grpo.group_advantages(torch.ones(6), 3, **kwargs)
+
+
+def test_value_checks_read_only_cpu_tensors():
+    """Value checks read values on the host, so they run only on CPU tensors (no device to wait for); for a
+    tensor elsewhere the check is never evaluated (no host sync per micro-batch)."""
+    from kernels.grpo_inputs import check_values
+
+    def never():
+        raise AssertionError("a value check was evaluated for a tensor off the CPU")
+
+    check_values([("seq_ids", torch.empty(3, device="meta"), never, "must lie in [0, S)")])
+    with pytest.raises(ValueError, match=r"^seq_ids must lie in \[0, S\); seq_ids\[1\] = 5$"):
+        check_values([("seq_ids", torch.tensor([0, 5]), lambda: torch.tensor([False, True]), "must lie in [0, S)")])
+
+
+@pytest.mark.triton
+def test_out_of_range_target_gives_nan_logprob_in_the_kernel():
+    """Off the CPU targets are not value-checked; the row kernel then reads nothing outside the row and gives a
+    NaN log-prob, which reaches the loss (tested on the row kernel directly: on CPU the check runs first)."""
+    logits = torch.randn(3, 11)
+    targets = torch.tensor([2, 11, -1])
+    logp, *_ = grpo_logprobs.row_logprobs(logits.clone(), targets, 1.0, True, use_triton=True)
+    assert torch.isfinite(logp[0]) and torch.isnan(logp[1:]).all()
+    assert_close(logp[:1], torch.log_softmax(logits[:1], 1)[:, 2], atol=reduction_atol(torch.float32, 11, 10.0),
+                 rtol=0.0, name="logp of the valid row")
+
+
+@cuda_only
+def test_cuda_grpo_paths_do_not_sync_the_host():
+    """No hidden host synchronisation in the kernels' input paths on a GPU: advantages with the step's sums,
+    and the fused loss forward and backward (CUDA's sync debug mode raises on any synchronising call)."""
+    batch = make_batch(64, 300, 32, s=6, device="cuda")
+    kw = loss_kwargs(batch, "grpo", "sequence", 0.04)
+    rewards = torch.randn(40, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        grpo.group_advantages(rewards, 8, scale="batch", batch_sums=grpo.reward_sums(rewards))
+        loss, _ = grpo.fused_linear_grpo_loss(batch["hidden"], batch["weight"], batch["targets"],
+                                              batch["old_logprobs"], batch["advantages"], batch["seq_ids"],
+                                              chunk_size=16, num_items_in_batch=torch.tensor(50.0, device="cuda"),
+                                              num_sequences=torch.tensor(6.0, device="cuda"), **kw)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
