@@ -121,3 +121,15 @@ def test_missing_tracker_package_is_named(tmp_path, monkeypatch, backend, module
     with pytest.raises(ConfigError, match=f"names '{backend}' but the {backend} package is not installed"):
         Tracker(MetricsWriter(tmp_path / "m.jsonl", enabled=True), tmp_path, ["jsonl", backend], "t", "sft", {},
                 resume_step=0, enabled=True)
+
+
+def test_wandb_runs_offline_without_a_network(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="wandb is an optional dependency (pip install wandb)")
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # the default must be offline: this machine has no network
+    tracker = Tracker(MetricsWriter(tmp_path / "metrics.jsonl", enabled=True), tmp_path, ["jsonl", "wandb"],
+                      "t", "sft", {"lr": 1e-3}, resume_step=0, enabled=True)
+    tracker.write({"step": 1, "loss": 2.5})
+    tracker.close()
+    (run,) = (tmp_path / "wandb").glob("offline-run-*")
+    (events,) = run.glob("run-*.wandb")
+    assert events.stat().st_size > 0
