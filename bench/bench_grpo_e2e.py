@@ -54,7 +54,7 @@ def run_fastmath(args, generator: str, workdir: Path) -> dict:
                  f"grpo.num_generations={args.generations}", f"grpo.max_completion_length={args.max_tokens}",
                  "grpo.max_prompt_length=128", f"grpo.tokens_per_micro_batch={max(4096, 128 + args.max_tokens)}",
                  f"grpo.generator={generator}", "grpo.rewards=[accuracy,format]", "grpo.loss_type=dapo",
-                 "grpo.lr=1e-5", "grpo.eval_num_problems=0", "grpo.reward_workers=1",
+                 "grpo.lr=1e-5", "heldout.num_problems=0", "grpo.reward_workers=1",
                  f"grpo.vllm_is_correction={'true' if generator == 'vllm' else 'false'}"]
     started = time.perf_counter()
     done = subprocess.run([sys.executable, str(REPO / "fastmath" / "train.py"), *overrides], capture_output=True,

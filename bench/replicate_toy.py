@@ -71,7 +71,7 @@ def main():
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     # Eager vLLM: 8 engine starts of ~3 s instead of ~40 s each on CPU, for ~30% slower sampling of this tiny model.
-    common = [f"run.seed={args.seed}", "run.resume=never", "eval.num_problems=0", "grpo.eval_num_problems=0",
+    common = [f"run.seed={args.seed}", "run.resume=never", "heldout.num_problems=0",
               "grpo.vllm_enforce_eager=true", "eval.vllm_enforce_eager=true"]
     runs, seconds, commands = {}, {}, {}
 
