@@ -12,6 +12,9 @@ so a step's gradient does not depend on how its tokens are split into micro-batc
 (the token-normalised accumulation the recipe needs when rows hold very different numbers of
 completion tokens). Each micro-batch's summed loss is scaled by world_size / global_tokens before
 backward, because FSDP averages gradients over ranks.
+
+This file is the loop; what every stage does around it (resume, checkpoints, optimizer and schedule, metrics
+writers, the held-out check, the summary) is the scaffold's, `fastmath/stage.py`.
 """
 from __future__ import annotations
 
