@@ -43,6 +43,27 @@ _ADVANTAGE_TILE = 4096
 
 
 @triton.jit
+def _batch_std(rewards_ptr, n, BLOCK: tl.constexpr):
+    """Unbiased std of the non-NaN rewards[0:n] (0 for fewer than two) in two passes over the batch: the mean,
+    then squared deviations (no E[x^2] - E[x]^2 cancellation)."""
+    total = 0.0
+    count = 0.0
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        r = tl.load(rewards_ptr + offs, mask=offs < n, other=float("nan")).to(tl.float32)
+        total += tl.sum(tl.where(r == r, r, 0.0), axis=0)
+        count += tl.sum((r == r).to(tl.float32), axis=0)
+    mean = total / tl.maximum(count, 1.0)
+    m2 = 0.0
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        r = tl.load(rewards_ptr + offs, mask=offs < n, other=float("nan")).to(tl.float32)
+        dev = tl.where(r == r, r - mean, 0.0)
+        m2 += tl.sum(dev * dev, axis=0)
+    return tl.where(count > 1.0, tl.sqrt(m2 / tl.maximum(count - 1.0, 1.0)), 0.0)
+
+
+@triton.jit
 def _group_advantages_kernel(
     # Pointers
     rewards_ptr,  # [n_groups * group_size], fp16 / bf16 / fp32
@@ -66,30 +87,12 @@ def _group_advantages_kernel(
 ):
     """One program walks the whole batch in [BLOCK_B groups, BLOCK_G rewards] tiles; NaN rewards are skipped
     (nanmean / nanstd)."""
-    n = n_rewards
     batch_std = 0.0
     if SCALE == 1:
         if BATCH_STD_GIVEN:
             batch_std = tl.load(batch_std_ptr)
         else:
-            # Two passes over the batch: mean, then squared deviations. Names of their own: a name bound here and
-            # rebound in the group loops below (there with another type or shape) would be a loop-carried value
-            # of changing type, which the compiler rejects (the interpreter does not).
-            batch_total = 0.0
-            batch_count = 0.0
-            for start in range(0, n, BLOCK_B * BLOCK_G):
-                batch_offs = start + tl.arange(0, BLOCK_B * BLOCK_G)
-                batch_r = tl.load(rewards_ptr + batch_offs, mask=batch_offs < n, other=float("nan")).to(tl.float32)
-                batch_total += tl.sum(tl.where(batch_r == batch_r, batch_r, 0.0), axis=0)
-                batch_count += tl.sum((batch_r == batch_r).to(tl.float32), axis=0)
-            batch_mean = batch_total / tl.maximum(batch_count, 1.0)
-            batch_m2 = 0.0
-            for start in range(0, n, BLOCK_B * BLOCK_G):
-                batch_offs = start + tl.arange(0, BLOCK_B * BLOCK_G)
-                batch_r = tl.load(rewards_ptr + batch_offs, mask=batch_offs < n, other=float("nan")).to(tl.float32)
-                batch_dev = tl.where(batch_r == batch_r, batch_r - batch_mean, 0.0)
-                batch_m2 += tl.sum(batch_dev * batch_dev, axis=0)
-            batch_std = tl.where(batch_count > 1.0, tl.sqrt(batch_m2 / tl.maximum(batch_count - 1.0, 1.0)), 0.0)
+            batch_std = _batch_std(rewards_ptr, n_rewards, BLOCK_B * BLOCK_G)
 
     for b0 in range(0, n_groups, BLOCK_B):
         groups = b0 + tl.arange(0, BLOCK_B)
