@@ -96,8 +96,8 @@ REASONS = {
     "grpo.num_generations": "a group of one completion has advantage 0, so GRPO would train on nothing",
     "grpo.temperature": "it divides the logits; for greedy decoding use the eval stage's temperature 0",
     "grpo.vllm_is_cap": "it caps an importance weight whose unclipped value is 1 when sampler and trainer agree",
-    "sft.lr": "0 trains nothing",
-    "grpo.lr": "0 trains nothing",
+    "sft.lr": "AdamW moves each weight by about lr per step: 0 trains nothing, 1 is far too large",
+    "grpo.lr": "AdamW moves each weight by about lr per step: 0 trains nothing, 1 is far too large",
 }
 
 # Numeric fields whose every finite value means something (signed reward values and weights).

@@ -1,0 +1,494 @@
+"""The bad-input catalogue: malformed inputs a new user meets, each with what the user sees.
+
+One row per input: a short id, the kind of input, the input itself, and what the user sees: the line after
+`fastmath: error: ` (a trailing `...` means "starts with"), or, for a data row, the reason it is skipped
+and counted under. Most rows are checked in process (`train.py`'s `main` with the training itself
+replaced by a failure, or the data loaders); the `run` rows start `fastmath/train.py` in a separate
+process and check the whole output: one line on stderr, exit status 2, no traceback.
+
+The README's "Bad inputs, and what the user sees" table is rendered from this catalogue
+(`python -m tests.test_bad_inputs` prints it); `test_readme_table_matches_the_catalogue` keeps the two equal.
+"""
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    kind: str            # one of KINDS
+    input: str | bytes   # command-line arguments, a YAML file's text, or one data row (a JSON line)
+    sees: str            # the error line after 'fastmath: error: ', or the skip reason of a data row
+
+
+KINDS = {
+    "args": "`train.py {}`",
+    "yaml": "`train.py --config c.yaml`, c.yaml holding {}",
+    "file": "`train.py data.train={}`, the file holding {}",
+    "row": "SFT data row {}",
+    "chat": "chat data row (data.messages_field=messages) {}",
+    "prompt": "GRPO prompt row {}",
+    "run": "`train.py {}` (own process)",
+}
+SKIP_KINDS = ("row", "chat", "prompt")
+
+# Files the inputs name, made in the folder the commands run in (see `world`).
+GOOD_ROW = {"problem": "What is 2 + 3?", "solution": "<think> 2+3=5 </think> \\boxed{5}"}
+GOOD_CHAT = {"messages": [{"role": "user", "content": "What is 2 + 3?"},
+                          {"role": "assistant", "content": "<think> 2+3=5 </think> \\boxed{5}"}]}
+GOOD_PROMPT = {"problem": "What is 2 + 3?", "answer": "5"}
+
+ARGS = [
+    # overrides: syntax
+    Case("override-unbalanced-list", "args", "run.stages=[sft",
+         "override 'run.stages=[sft': the value is not valid YAML: expected ',' or ']', but got '<stream end>' "
+         "(line 1, column 5) (a list is written [a, b])"),
+    Case("override-unbalanced-mapping", "args", "'sft={lr: 1'", "override 'sft={lr: 1': the value is not valid YAML..."),
+    Case("override-no-equals", "args", "sft.lr", "override 'sft.lr' must look like key.sub=value"),
+    Case("override-empty-key", "args", "=3", "override '=3' must look like key.sub=value"),
+    Case("config-file-as-override", "args", "configs/demo.yaml",
+         "override 'configs/demo.yaml' must look like key.sub=value; pass a config file with --config"),
+    Case("override-double-dot", "args", "sft..lr=1", "override 'sft..lr=1': 'sft..lr' is not a dotted key such as sft.lr"),
+    Case("override-trailing-dot", "args", "sft.=1", "override 'sft.=1': 'sft.' is not a dotted key such as sft.lr"),
+    Case("key-below-a-value", "args", "sft.lr.x=1", "config key 'sft.lr' expects float, got {'x': '1'}"),
+    Case("section-below-a-value", "args", "run.name=y run.name.x=1", "override run.name.x: 'name' is not a section"),
+    Case("section-set-to-a-number", "args", "sft=3", "'sft' must be a mapping, got int"),
+    # keys
+    Case("unknown-section", "args", "sftt.lr=1", "unknown config key 'sftt'; did you mean 'sft'? (known in this section: ..."),
+    Case("unknown-key-typo", "args", "sft.epoch=3",
+         "unknown config key 'sft.epoch'; did you mean 'sft.epochs'? (known in this section: ..."),
+    Case("unknown-key", "args", "sft.banana=1", "unknown config key 'sft.banana' (known in this section: ..."),
+    Case("renamed-adam-beta", "args", "sft.adam_beta1=0.9", "config key 'sft.adam_beta1' was renamed to 'optim.adam_beta1'"),
+    Case("renamed-keep-checkpoints", "args", "sft.keep_checkpoints=3",
+         "config key 'sft.keep_checkpoints' was renamed to 'checkpoint.keep'"),
+    Case("renamed-heldout-problems", "args", "eval.num_problems=5",
+         "config key 'eval.num_problems' was renamed to 'heldout.num_problems'"),
+    Case("renamed-grpo-heldout", "args", "grpo.eval_num_problems=5",
+         "config key 'grpo.eval_num_problems' was renamed to 'heldout.num_problems'"),
+    # types
+    Case("int-given-a-word", "args", "sft.epochs=three", "config key 'sft.epochs' expects int, got 'three'"),
+    Case("int-given-a-fraction", "args", "sft.epochs=2.5", "config key 'sft.epochs' expects int, got 2.5"),
+    Case("int-given-exponent", "args", "sft.max_steps=1e3", "config key 'sft.max_steps' expects int, got '1e3'"),
+    Case("float-given-a-word", "args", "sft.lr=fast", "config key 'sft.lr' expects float, got 'fast'"),
+    Case("bool-given-a-number", "args", "model.compile=1", "config key 'model.compile' expects bool, got 1"),
+    Case("bool-given-a-word", "args", "model.compile=maybe", "config key 'model.compile' expects bool, got 'maybe'"),
+    Case("int-list-given-a-word", "args", "eval.budgets=[64,a]", "config key 'eval.budgets[1]' expects int, got 'a'"),
+    Case("str-list-given-a-mapping", "args", "'grpo.rewards={a: 1}'",
+         "config key 'grpo.rewards[0]' expects str, got {'a': 1}"),
+    # choices
+    Case("choice-misspelt", "args", "data.overlong=cut",
+         "config key 'data.overlong': 'cut' is not one of ['drop', 'truncate']"),
+    Case("precision-fp16", "args", "model.precision=fp16",
+         "config key 'model.precision': 'fp16' is not one of ['auto', 'fp32', 'bf16']"),
+    Case("stages-comma-list", "args", "run.stages=sft,grpo",
+         "config key 'run.stages': 'sft,grpo' is not one of ['sft', 'grpo', 'eval'] (a list is written [a, b])"),
+    Case("stage-unknown", "args", "run.stages=[sft,rl]", "config key 'run.stages': 'rl' is not one of ['sft', 'grpo', 'eval']"),
+    Case("loss-type-unknown", "args", "grpo.loss_type=ppo",
+         "config key 'grpo.loss_type': 'ppo' is not one of ['grpo', 'bnpo', 'dr_grpo', 'dapo']"),
+    Case("reward-unknown", "args", "grpo.rewards=[accuracy,speed]", "config key 'grpo.rewards': 'speed' is not one of..."),
+    Case("generator-unknown", "args", "grpo.generator=tgi", "config key 'grpo.generator': 'tgi' is not one of ['auto', 'vllm', 'hf']"),
+    Case("attention-unknown", "args", "model.attn_implementation=eager",
+         "config key 'model.attn_implementation': 'eager' is not one of ['fastmath_varlen', 'flash_attention_2']"),
+    Case("report-to-unknown", "args", "run.report_to=[mlflow]", "config key 'run.report_to': 'mlflow' is not one of..."),
+    # ranges
+    Case("adam-beta1-above-1", "args", "optim.adam_beta1=1.5", "config key 'optim.adam_beta1' must be in [0, 1), got 1.5"),
+    Case("adam-beta2-equal-1", "args", "optim.adam_beta2=1", "config key 'optim.adam_beta2' must be in [0, 1), got 1.0"),
+    Case("adam-eps-zero", "args", "optim.adam_eps=0", "config key 'optim.adam_eps' must be > 0, got 0.0"),
+    Case("weight-decay-negative", "args", "optim.weight_decay=-0.1", "config key 'optim.weight_decay' must be >= 0, got -0.1"),
+    Case("grad-clip-negative", "args", "sft.grad_clip=-1", "config key 'sft.grad_clip' must be >= 0, got -1.0"),
+    Case("lr-zero", "args", "sft.lr=0", "config key 'sft.lr' must be in (0, 1), got 0.0 (AdamW moves each weight by about lr per step: 0 "
+         "trains nothing, 1 is far too large)"),
+    Case("lr-above-1", "args", "grpo.lr=2", "config key 'grpo.lr' must be in (0, 1), got 2.0..."),
+    Case("warmup-ratio-1", "args", "sft.warmup_ratio=1", "config key 'sft.warmup_ratio' must be in [0, 1), got 1.0"),
+    Case("min-lr-ratio-above-1", "args", "grpo.min_lr_ratio=1.5", "config key 'grpo.min_lr_ratio' must be in [0, 1], got 1.5"),
+    Case("epochs-zero", "args", "sft.epochs=0", "config key 'sft.epochs' must be > 0, got 0"),
+    Case("global-batch-zero", "args", "sft.global_batch=0", "config key 'sft.global_batch' must be > 0, got 0"),
+    Case("micro-batch-negative", "args", "sft.tokens_per_micro_batch=-1",
+         "config key 'sft.tokens_per_micro_batch' must be > 0, got -1"),
+    Case("max-length-zero", "args", "data.max_length=0", "config key 'data.max_length' must be > 0, got 0"),
+    Case("max-rows-negative", "args", "data.max_rows=-1", "config key 'data.max_rows' must be >= 0, got -1"),
+    Case("keep-zero-checkpoints", "args", "checkpoint.keep=0", "config key 'checkpoint.keep' must be > 0, got 0"),
+    Case("save-every-negative", "args", "checkpoint.save_every=-5", "config key 'checkpoint.save_every' must be >= 0, got -5"),
+    Case("heldout-tokens-zero", "args", "heldout.max_new_tokens=0", "config key 'heldout.max_new_tokens' must be > 0, got 0"),
+    Case("group-of-one", "args", "grpo.num_generations=1",
+         "config key 'grpo.num_generations' must be >= 2, got 1 (a group of one completion has advantage 0, so GRPO "
+         "would train on nothing)"),
+    Case("group-of-zero", "args", "grpo.num_generations=0", "config key 'grpo.num_generations' must be >= 2, got 0..."),
+    Case("grpo-temperature-zero", "args", "grpo.temperature=0",
+         "config key 'grpo.temperature' must be > 0, got 0.0 (it divides the logits; for greedy decoding use the "
+         "eval stage's temperature 0)"),
+    Case("top-p-zero", "args", "grpo.top_p=0", "config key 'grpo.top_p' must be in (0, 1], got 0.0"),
+    Case("top-p-above-1", "args", "eval.top_p=1.5", "config key 'eval.top_p' must be in (0, 1], got 1.5"),
+    Case("min-p-one", "args", "eval.min_p=1", "config key 'eval.min_p' must be in [0, 1), got 1.0"),
+    Case("reward-timeout-zero", "args", "grpo.reward_timeout_s=0", "config key 'grpo.reward_timeout_s' must be > 0, got 0.0"),
+    Case("answer-timeout-negative", "args", "eval.answer_timeout_s=-5",
+         "config key 'eval.answer_timeout_s' must be > 0, got -5.0"),
+    Case("reward-workers-zero", "args", "grpo.reward_workers=0", "config key 'grpo.reward_workers' must be > 0, got 0"),
+    Case("clip-epsilon-one", "args", "grpo.epsilon_low=1", "config key 'grpo.epsilon_low' must be in [0, 1), got 1.0"),
+    Case("kl-beta-negative", "args", "grpo.beta=-0.1", "config key 'grpo.beta' must be >= 0, got -0.1"),
+    Case("is-cap-below-1", "args", "grpo.vllm_is_cap=0.5",
+         "config key 'grpo.vllm_is_cap' must be >= 1, got 0.5 (it caps an importance weight whose unclipped value "
+         "is 1 when sampler and trainer agree)"),
+    Case("gpu-memory-as-percent", "args", "grpo.vllm_gpu_memory_utilization=30",
+         "config key 'grpo.vllm_gpu_memory_utilization' must be in (0, 1], got 30.0"),
+    Case("eval-temperature-negative", "args", "eval.temperature=-1", "config key 'eval.temperature' must be >= 0, got -1.0"),
+    Case("eval-samples-zero", "args", "eval.samples=0", "config key 'eval.samples' must be > 0, got 0"),
+    Case("seed-negative", "args", "run.seed=-1", "config key 'run.seed' must be in [0, 4294967296), got -1"),
+    Case("seed-too-large", "args", "run.seed=99999999999", "config key 'run.seed' must be in [0, 4294967296), got 99999999999"),
+    Case("lr-nan", "args", "sft.lr=nan", "config key 'sft.lr' must be a finite number, got nan"),
+    Case("grad-clip-infinite", "args", "optim.grad_clip=.inf", "config key 'optim.grad_clip' must be a finite number, got inf"),
+    Case("reward-weight-nan", "args", "grpo.reward_weights=[1,.nan]",
+         "config key 'grpo.reward_weights[1]' must be a finite number, got nan"),
+    Case("budget-zero", "args", "eval.budgets=[64,0]", "config key 'eval.budgets[1]' must be > 0, got 0"),
+    # lists and combinations
+    Case("no-stages", "args", "run.stages=[]", "config key 'run.stages' must name at least one stage"),
+    Case("stage-twice", "args", "run.stages=[sft,sft]", "config key 'run.stages' names 'sft' more than once"),
+    Case("no-rewards", "args", "grpo.rewards=[]", "config key 'grpo.rewards' must name at least one reward"),
+    Case("reward-twice", "args", "grpo.rewards=[accuracy,accuracy]",
+         "config key 'grpo.rewards' names 'accuracy' more than once"),
+    Case("reward-weights-count", "args", "grpo.reward_weights=[1.0]",
+         "config key 'grpo.reward_weights' has 1 entries for 2 rewards ['accuracy', 'format']"),
+    Case("cosine-values-count", "args", "grpo.cosine_correct=[1.0]",
+         "config key 'grpo.cosine_correct' must be [value at length 0, value at the max length]"),
+    Case("no-budgets", "args", "eval.budgets=[]", "config key 'eval.budgets' must name at least one token budget"),
+    Case("budget-twice", "args", "eval.budgets=[64,64]", "config key 'eval.budgets' names 64 more than once"),
+    Case("example-longer-than-row", "args", "data.max_length=8192",
+         "config key 'data.max_length' (8192) exceeds 'sft.tokens_per_micro_batch' (4096): a kept example must fit "
+         "in one packed row"),
+    Case("sequence-longer-than-row", "args", "grpo.max_completion_length=4000",
+         "'grpo.max_prompt_length' + 'grpo.max_completion_length' (512 + 4000) exceeds 'grpo.tokens_per_micro_batch' "
+         "(4096): a sampled sequence must fit in one packed row"),
+    Case("overlong-without-buffer", "args", "grpo.rewards=[accuracy,overlong] grpo.overlong_buffer=0",
+         "config key 'grpo.overlong_buffer' must be in (0, grpo.max_completion_length] for the overlong reward, got 0"),
+    Case("empty-stop-string", "args", "\"grpo.stop=['']\"",
+         "config key 'grpo.stop' holds an empty stop string (it would stop every generation at once)"),
+    Case("eval-output-absolute", "args", "eval.output=/abs",
+         "config key 'eval.output' must be a folder name inside run.output_dir, got '/abs'"),
+    Case("eval-output-outside", "args", "eval.output=../up",
+         "config key 'eval.output' must be a folder name inside run.output_dir, got '../up'"),
+    # empty text
+    Case("output-dir-empty", "args", "run.output_dir=", "config key 'run.output_dir' must not be empty"),
+    Case("model-empty", "args", "model.name_or_path=", "config key 'model.name_or_path' must not be empty"),
+    Case("train-data-empty", "args", "data.train=", "config key 'data.train' must not be empty"),
+    Case("resume-empty", "args", "run.resume=", "config key 'run.resume' must not be empty"),
+    Case("prompt-field-empty", "args", "data.prompt_field=", "config key 'data.prompt_field' must not be empty"),
+    # the command line and the config file
+    Case("config-without-value", "args", "--config", "argument --config: expected one argument (see --help)"),
+    Case("unknown-option", "args", "--cfg c.yaml", "unrecognized arguments: --cfg (see --help)"),
+    Case("config-file-missing", "args", "--config missing.yaml", "config file not found: missing.yaml"),
+    Case("config-file-is-folder", "args", "--config empty_folder",
+         "config file empty_folder is a folder; pass a YAML file such as configs/demo.yaml"),
+    # paths
+    Case("output-dir-is-file", "args", "run.output_dir=file.txt", "run.output_dir file.txt is a file, not a folder"),
+    Case("output-dir-under-file", "args", "run.output_dir=file.txt/run",
+         "run.output_dir file.txt/run cannot be created: file.txt is a file"),
+    Case("cache-dir-is-file", "args", "run.cache_dir=file.txt", "run.cache_dir file.txt is a file, not a folder"),
+    Case("model-is-file", "args", "model.name_or_path=./file.txt",
+         "model.name_or_path ./file.txt is a file, not a model folder (an HF model folder holds config.json, the "
+         "weights and the tokenizer files)"),
+    Case("model-missing", "args", "model.name_or_path=./no_model", "model.name_or_path not found: ./no_model"),
+    Case("model-folder-empty", "args", "model.name_or_path=./empty_folder",
+         "model.name_or_path ./empty_folder is an empty folder, not an HF model folder (which holds config.json, "
+         "tokenizer files such as tokenizer.json, and the weights, *.safetensors or *.bin)"),
+    Case("model-folder-config-only", "args", "model.name_or_path=./config_only_model",
+         "model.name_or_path ./config_only_model is not an HF model folder: it has no tokenizer files "
+         "(tokenizer.json / tokenizer_config.json), no weights (*.safetensors / *.bin)"),
+    Case("grpo-start-is-file", "args", "run.stages=[grpo] grpo.init_from=./file.txt",
+         "grpo.init_from ./file.txt is a file, not a model folder..."),
+    Case("eval-model-empty-folder", "args", "run.stages=[eval] eval.model=./empty_folder",
+         "eval.model ./empty_folder is an empty folder, not an HF model folder..."),
+    Case("train-data-is-folder", "args", "data.train=empty_folder",
+         "data.train empty_folder is a folder, not a data file (.jsonl, .json or .parquet)"),
+    Case("train-data-missing", "args", "data.train=missing.jsonl", "data.train not found: missing.jsonl"),
+    Case("train-data-empty-file", "args", "data.train=empty.jsonl", "data.train empty.jsonl is an empty file"),
+    Case("validation-data-missing", "args", "data.validation=./val.jsonl", "data.validation not found: ./val.jsonl"),
+    Case("grpo-prompts-folder", "args", "run.stages=[grpo] grpo.prompts=./empty_folder",
+         "grpo.prompts ./empty_folder is a folder, not a data file (.jsonl, .json or .parquet)"),
+    Case("benchmark-missing", "args", "run.stages=[eval] eval.benchmark=missing.parquet",
+         "eval.benchmark not found: missing.parquet"),
+    Case("resume-missing", "args", "run.resume=./no_checkpoint", "run.resume checkpoint not found: ./no_checkpoint"),
+    Case("resume-is-file", "args", "run.resume=file.txt",
+         "run.resume file.txt is a file, not a checkpoint folder (checkpoints/step_N)"),
+    Case("compare-missing", "args", "run.stages=[eval] eval.compare=[old/results.json]",
+         "eval.compare[0] not found: old/results.json"),
+    Case("eval-output-is-file", "args", "run.stages=[eval] run.output_dir=. eval.output=file.txt",
+         "eval.output file.txt is a file, not a folder"),
+]
+
+YAML = [
+    Case("yaml-unbalanced", "yaml", "sft: {lr: [\n",
+         "config file c.yaml is not valid YAML: expected the node content, but found '<stream end>' (line 2, column 1)"),
+    Case("yaml-tab-indent", "yaml", "sft:\n\tlr: 1\n",
+         "config file c.yaml is not valid YAML: found character '\\t' that cannot start any token (line 2, column 1)"),
+    Case("yaml-bad-indent", "yaml", "run:\n  name: x\n name: y\n",
+         "config file c.yaml is not valid YAML: expected <block end>, but found '<block mapping start>' (line 3, "
+         "column 2)"),
+    Case("yaml-is-a-list", "yaml", "- sft\n- grpo\n", "config file c.yaml must hold a mapping of sections, got list"),
+    Case("yaml-is-a-word", "yaml", "sft\n", "config file c.yaml must hold a mapping of sections, got str"),
+    Case("yaml-section-is-a-number", "yaml", "sft: 3\n", "'sft' must be a mapping, got int"),
+    Case("yaml-unknown-key", "yaml", "sft:\n  lrr: 1.0e-5\n",
+         "unknown config key 'sft.lrr'; did you mean 'sft.lr'? (known in this section: ..."),
+    Case("yaml-renamed-key", "yaml", "sft:\n  adam_beta1: 0.9\n",
+         "config key 'sft.adam_beta1' was renamed to 'optim.adam_beta1'"),
+    Case("yaml-number-as-key", "yaml", "1: x\n", "unknown config key '1' (known in this section: ..."),
+    Case("yaml-not-utf8", "yaml", b"run:\n  name: caf\xe9\n", "config file c.yaml is not UTF-8 text"),
+    Case("yaml-value-is-a-mapping", "yaml", "run:\n  name: {a: 1}\n", "config key 'run.name' expects str, got {'a': 1}"),
+    Case("yaml-stages-null", "yaml", "run:\n  stages:\n", "config key 'run.stages[0]' expects str, got None"),
+]
+
+FILES = [
+    Case("data-only-blank-lines", "file", ("blank.jsonl", b"\n\n  \n"), "no usable rows in blank.jsonl"),
+    Case("data-no-usable-rows", "file", ("wrong_fields.jsonl", b'{"question": "1+1?", "answer": "2"}\n' * 3),
+         "no usable rows in wrong_fields.jsonl (data wrong_fields.jsonl: 0 of 3 rows used; skipped: 3 missing field "
+         "'problem')"),
+    Case("data-broken-json-array", "file", ("rows.json", b'[{"problem": "1+1?", '),
+         "data file rows.json is not a readable JSON array..."),
+    Case("data-broken-parquet", "file", ("rows.parquet", b"not a parquet file"),
+         "data file rows.parquet is not a readable parquet file..."),
+    Case("data-all-not-utf8", "file", ("latin1.jsonl", b'{"problem": "caf\xe9", "solution": "x"}\n'),
+         "no usable rows in latin1.jsonl (data latin1.jsonl: 0 of 1 rows used; skipped: 1 not UTF-8)"),
+]
+
+ROWS = [
+    Case("row-missing-solution", "row", '{"problem": "What is 1 + 1?"}', "missing field 'solution'"),
+    Case("row-missing-problem", "row", '{"solution": "\\\\boxed{2}"}', "missing field 'problem'"),
+    Case("row-solution-null", "row", '{"problem": "1+1?", "solution": null}', "missing field 'solution'"),
+    Case("row-solution-number", "row", '{"problem": "1+1?", "solution": 2}', "field 'solution' is not a string"),
+    Case("row-problem-list", "row", '{"problem": ["1+1?"], "solution": "2"}', "field 'problem' is not a string"),
+    Case("row-solution-empty", "row", '{"problem": "1+1?", "solution": ""}', "empty field 'solution'"),
+    Case("row-solution-blank", "row", '{"problem": "1+1?", "solution": "  \\n "}', "empty field 'solution'"),
+    Case("row-not-utf8", "row", b'{"problem": "caf\xe9?", "solution": "x"}', "not UTF-8"),
+    Case("row-not-json", "row", "{problem: 1+1}", "not valid JSON"),
+    Case("row-truncated-json", "row", '{"problem": "1+1?", "solu', "not valid JSON"),
+    Case("row-json-array", "row", '["1+1?", "2"]', "not a JSON object"),
+    Case("row-json-string", "row", '"What is 1 + 1?"', "not a JSON object"),
+]
+
+CHATS = [
+    Case("chat-assistant-first", "chat", '{"messages": [{"role": "assistant", "content": "2"}]}',
+         "no user message before the first assistant message"),
+    Case("chat-unknown-role", "chat",
+         '{"messages": [{"role": "human", "content": "1+1?"}, {"role": "assistant", "content": "2"}]}',
+         "unknown role 'human' in 'messages' (expected system, user, assistant)"),
+    Case("chat-no-assistant", "chat", '{"messages": [{"role": "user", "content": "1+1?"}]}', "no assistant message"),
+    Case("chat-empty-list", "chat", '{"messages": []}', "field 'messages' is not a non-empty list of messages"),
+    Case("chat-content-number", "chat",
+         '{"messages": [{"role": "user", "content": 11}, {"role": "assistant", "content": "2"}]}',
+         "a message in 'messages' is not an object with string 'role' and 'content'"),
+    Case("chat-empty-assistant", "chat",
+         '{"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": " "}]}',
+         "an empty assistant message"),
+    Case("chat-ends-with-user", "chat",
+         '{"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}, '
+         '{"role": "user", "content": "thanks"}]}', "the last message is not the assistant's"),
+    Case("chat-late-system", "chat",
+         '{"messages": [{"role": "user", "content": "1+1?"}, {"role": "system", "content": "be brief"}, '
+         '{"role": "assistant", "content": "2"}]}', "a system message after the first turn"),
+    Case("chat-missing-field", "chat", '{"conversation": []}', "missing field 'messages'"),
+]
+
+PROMPTS = [
+    Case("gold-unparseable", "prompt", '{"problem": "1+1?", "answer": "\\\\frac{"}', "gold answer math-verify cannot parse"),
+    Case("gold-missing", "prompt", '{"problem": "1+1?"}', "missing answer field 'answer'"),
+    Case("gold-empty", "prompt", '{"problem": "1+1?", "answer": "  "}', "missing answer field 'answer'"),
+    Case("gold-prose", "prompt", '{"problem": "1+1?", "answer": "banana split"}',
+         "gold answer is prose, not a mathematical value"),
+    Case("gold-sentence", "prompt", '{"problem": "1+1?", "answer": "The answer is 5"}',
+         "gold answer is prose, not a mathematical value"),
+    Case("gold-placeholder", "prompt", '{"problem": "1+1?", "answer": "N/A"}', "gold answer is a placeholder (like N/A)"),
+    Case("gold-list", "prompt", '{"problem": "1+1?", "answer": ["1", "2"]}', "gold answer is a list, not a string or number"),
+    Case("gold-boolean", "prompt", '{"problem": "1+1?", "answer": true}', "gold answer is a boolean, not a number"),
+    Case("gold-object", "prompt", '{"problem": "1+1?", "answer": {"x": 1}}',
+         "gold answer is an object, not a string or number"),
+]
+
+RUNS = [
+    Case("run-unbalanced-list", "run", "run.stages=[sft", "override 'run.stages=[sft': the value is not valid YAML..."),
+    Case("run-config-not-a-mapping", "run", "--config list.yaml", "config file list.yaml must hold a mapping of sections, got list"),
+    Case("run-group-of-one", "run", "run.stages=[grpo] grpo.num_generations=1",
+         "config key 'grpo.num_generations' must be >= 2, got 1..."),
+    Case("run-output-dir-is-file", "run", "run.output_dir=file.txt", "run.output_dir file.txt is a file, not a folder"),
+    Case("run-model-folder-empty", "run", "model.name_or_path=./empty_folder",
+         "model.name_or_path ./empty_folder is an empty folder, not an HF model folder..."),
+    Case("run-no-usable-rows", "run", "data.train=wrong_fields.jsonl data.validation= heldout.num_problems=0",
+         "no usable rows in wrong_fields.jsonl (data wrong_fields.jsonl: 0 of 3 rows used; skipped: 3 missing "
+         "field 'problem')"),
+]
+
+CATALOGUE = ARGS + YAML + FILES + ROWS + CHATS + PROMPTS + RUNS
+
+
+# ---------------------------------------------------------------------------------------------
+# The README table
+
+
+def _code(text: str) -> str:
+    text = text.replace("\n", "⏎").replace("|", "\\|")
+    return f"`` {text} ``" if "`" in text else f"`{text}`"
+
+
+def _shown_input(case: Case) -> str:
+    if case.kind == "file":
+        name, content = case.input
+        return KINDS["file"].format(name, _code(content.decode("utf-8", "backslashreplace")))
+    text = case.input.decode("utf-8", "backslashreplace") if isinstance(case.input, bytes) else case.input
+    if case.kind in ("args", "run"):
+        return KINDS[case.kind].format(text.replace("|", "\\|"))
+    return KINDS[case.kind].format(_code(text))
+
+
+def _shown_outcome(case: Case) -> str:
+    if case.kind in SKIP_KINDS:
+        return f"skipped, counted as {_code(case.sees)}"
+    sees = case.sees[:-3] + "…" if case.sees.endswith("...") else case.sees
+    return _code(f"fastmath: error: {sees}")
+
+
+def catalogue_markdown() -> str:
+    """The README table: one line per catalogue row."""
+    rows = ["| # | input | what the user sees |", "|---|---|---|"]
+    rows += [f"| {i} | {_shown_input(c)} | {_shown_outcome(c)} |" for i, c in enumerate(CATALOGUE, start=1)]
+    return "\n".join(rows)
+
+
+def test_catalogue_is_complete_and_unique():
+    assert len(CATALOGUE) >= 100
+    assert len({c.id for c in CATALOGUE}) == len(CATALOGUE)
+    assert {c.kind for c in CATALOGUE} <= set(KINDS)
+
+
+def test_readme_table_matches_the_catalogue():
+    assert catalogue_markdown() in (REPO / "README.md").read_text(encoding="utf-8"), \
+        "README's bad-input table is stale: paste `python -m tests.test_bad_inputs` into it"
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking what the user sees
+
+
+def _matches(line: str, sees: str) -> bool:
+    return line.startswith(sees[:-3]) if sees.endswith("...") else line == sees
+
+
+def _jsonl(path: Path, lines: list) -> str:
+    path.write_bytes(b"".join((x if isinstance(x, bytes) else x.encode()) + b"\n" for x in lines))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """The folder the commands run in, holding the files the inputs name."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    (root / "file.txt").write_text("not a folder\n")
+    (root / "empty_folder").mkdir()
+    (root / "config_only_model").mkdir()
+    (root / "config_only_model" / "config.json").write_text("{}\n")
+    (root / "empty.jsonl").write_bytes(b"")
+    (root / "list.yaml").write_text("- sft\n- grpo\n")
+    for case in FILES:
+        name, content = case.input
+        (root / name).write_bytes(content)
+    return root
+
+
+def _refuse_to_train(config):
+    raise AssertionError("the input was accepted: training would start")
+
+
+@pytest.mark.parametrize("case", ARGS + YAML, ids=lambda c: c.id)
+def test_config_and_path_mistakes_are_one_line(case, world, tmp_path, monkeypatch, capsys):
+    from fastmath import train
+
+    monkeypatch.chdir(world)
+    monkeypatch.setattr(train, "run_stages", _refuse_to_train)
+    if case.kind == "yaml":
+        config = tmp_path / "c.yaml"
+        config.write_bytes(case.input if isinstance(case.input, bytes) else case.input.encode())
+        monkeypatch.chdir(tmp_path)
+        argv = ["--config", "c.yaml"]
+    else:
+        argv = shlex.split(case.input)
+    try:
+        status = train.main(argv)
+    except SystemExit as stop:  # argparse's errors
+        status = stop.code
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert status == 2
+    assert len(lines) == 1 and lines[0].startswith("fastmath: error: "), lines
+    assert _matches(lines[0][len("fastmath: error: "):], case.sees), lines[0]
+
+
+@pytest.mark.parametrize("case", FILES, ids=lambda c: c.id)
+def test_unusable_data_files_are_named(case, world, tokenizer, monkeypatch):
+    from fastmath.data import Formatter, load_documents
+    from fastmath.errors import DataError
+
+    monkeypatch.chdir(world)
+    with pytest.raises(DataError) as err:
+        load_documents(case.input[0], "train", Formatter(tokenizer))
+    assert _matches(str(err.value), case.sees), str(err.value)
+
+
+@pytest.mark.parametrize("case", ROWS + CHATS, ids=lambda c: c.id)
+def test_bad_data_rows_are_skipped_and_counted(case, tmp_path, tokenizer):
+    from fastmath.data import Formatter, load_documents
+
+    chat = case.kind == "chat"
+    good = json.dumps(GOOD_CHAT if chat else GOOD_ROW)
+    path = _jsonl(tmp_path / "rows.jsonl", [case.input, good])
+    formatter = Formatter(tokenizer, messages_field="messages" if chat else "")
+    docs, report = load_documents(path, "train", formatter)
+    assert len(docs) == report.used == 1
+    assert report.skipped == {case.sees: 1}
+
+
+@pytest.fixture(scope="module")
+def answer_checker():
+    from fastmath.answers import AnswerChecker
+
+    checker = AnswerChecker(workers=1, timeout_s=10.0)
+    yield checker
+    checker.close()
+
+
+@pytest.mark.parametrize("case", PROMPTS, ids=lambda c: c.id)
+def test_bad_grpo_prompts_are_skipped_and_counted(case, tmp_path, tokenizer, answer_checker):
+    from fastmath.config import load_config
+    from fastmath.data import Formatter
+    from fastmath.grpo_stage import load_prompts
+
+    path = _jsonl(tmp_path / "prompts.jsonl", [case.input, json.dumps(GOOD_PROMPT)])
+    config = load_config(None, [f"grpo.prompts={path}"])
+    rows, report = load_prompts(config, Formatter(tokenizer), answer_checker, progress=False)
+    assert len(rows) == report.used == 1
+    assert report.skipped == {case.sees: 1}
+
+
+@pytest.mark.parametrize("case", RUNS, ids=lambda c: c.id)
+def test_whole_runs_end_in_one_line_without_a_traceback(case, world, embedded_cache):
+    from tests.conftest import subprocess_env
+
+    env = subprocess_env()
+    env["FASTMATH_CACHE"] = str(embedded_cache)
+    result = subprocess.run([sys.executable, str(REPO / "fastmath" / "train.py"), *shlex.split(case.input)],
+                            cwd=world, capture_output=True, text=True, env=env, timeout=300)
+    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("fastmath: ")]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert len(lines) == 1 and _matches(lines[0][len("fastmath: error: "):], case.sees), result.stderr[-2000:]
+
+
+if __name__ == "__main__":
+    print(catalogue_markdown())
