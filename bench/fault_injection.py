@@ -55,7 +55,7 @@ GRPO_SETTINGS = ["run.stages=[grpo]", "grpo.max_steps=4", "grpo.save_every=1", "
                  "grpo.max_completion_length=24", "grpo.tokens_per_micro_batch=256", "grpo.lr=1e-3",
                  "heldout.num_problems=0", "grpo.reward_workers=1", "grpo.rewards=[accuracy,format,cosine,length]",
                  "grpo.generator=vllm", "grpo.vllm_enforce_eager=true"]
-RESUMED = re.compile(r"resumed (?:GRPO )?from (\S+) at step (\d+)")
+RESUMED = re.compile(r"resumed (?:\w+ )?from (\S+) at step (\d+)")
 
 
 def stage_folder(out_dir: Path, stage: str) -> Path:
