@@ -18,7 +18,7 @@ sometimes inside C code where no signal reaches, so every item runs in a worker 
 A timeout scores as wrong, is counted (`counts["timeout"]`), and never raises. A batch therefore waits for a
 slow item at most its own limit plus the grace, while the other workers go on with the rest.
 
-Gold answers (`gold_answer_text`, `AnswerChecker.gold_problems`): a row's answer is used only when it is a
+Gold answers (`gold_answer_text`, `AnswerChecker.gold_answers`): a row's answer is used only when it is a
 mathematical value. The rule, applied in this order; the first failure is the row's skip reason:
     - JSON type: a string, or an int or finite float (converted to text: integers and integral floats as the
       integer, other floats as their shortest round-trip decimal without an exponent, 0.1 -> "0.1",
@@ -101,7 +101,7 @@ def gold_answer_text(value: object) -> tuple[str | None, str | None]:
     """(text, None) for a gold answer value that may be used, else (None, the reason it may not).
 
     Checks the JSON type, placeholders and prose (module docstring); the math-verify parse comes after,
-    in `AnswerChecker.gold_problems`.
+    in `AnswerChecker.gold_answers`.
     """
     if isinstance(value, bool):
         return None, "gold answer is a boolean, not a number"
