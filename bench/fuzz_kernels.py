@@ -316,7 +316,7 @@ def draw_attention(rng) -> dict:
     lens_k = lens_q if rng.random() < 0.6 else draw_lengths(rng, n_docs)
     # (kv heads, query heads per kv head): MHA, GQA ratios 2-4, MQA; at most 6 query heads (interpreter time)
     heads_kv, group = pick(rng, [(1, 1), (2, 1), (3, 1), (1, 2), (2, 2), (1, 3), (2, 3), (1, 4)])
-    window = (-1, -1) if rng.random() < 0.4 else (int(rng.integers(-1, 12)), int(rng.integers(-1, 12)))
+    window = [-1, -1] if rng.random() < 0.4 else [int(rng.integers(-1, 12)), int(rng.integers(-1, 12))]
     return {
         **base_params(rng), "lens_q": lens_q, "lens_k": lens_k, "heads_kv": heads_kv,
         "heads_q": heads_kv * group, "head_dim": int(pick(rng, [1, 2, 5, 8, 16, 19])),
