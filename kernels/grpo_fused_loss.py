@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.chunking import default_chunk_size
 from kernels import grpo_logprobs, grpo_policy_loss
+from kernels.chunking import default_chunk_size
 from kernels.dispatch import use_triton
 from kernels.grpo_inputs import (
     LossInputs,
