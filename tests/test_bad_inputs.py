@@ -30,7 +30,9 @@ class Case:
     id: str
     kind: str            # one of KINDS
     input: str | bytes   # command-line arguments, a YAML file's text, or one data row (a JSON line)
-    sees: str            # the error line after 'fastmath: error: ', or the skip reason of a data row
+    sees: str            # the error line after 'fastmath: error: ', the skip reason of a data row, the verdict of
+                         # a completion, or (checkpoints) the whole first 'fastmath:' line
+    shown: str = ""      # how the README shows an input too long to print
 
 
 KINDS = {
@@ -41,6 +43,8 @@ KINDS = {
     "chat": "chat data row (data.messages_field=messages) {}",
     "prompt": "GRPO prompt row {}",
     "run": "`train.py {}` (own process)",
+    "completion": "GRPO completion {}",
+    "checkpoint": "checkpoint: {}",
 }
 SKIP_KINDS = ("row", "chat", "prompt")
 
@@ -327,7 +331,57 @@ RUNS = [
          "field 'problem')"),
 ]
 
-CATALOGUE = ARGS + YAML + FILES + ROWS + CHATS + PROMPTS + RUNS
+COMPLETIONS = [  # scored against the gold answer 5; a verdict other than correct/wrong is counted in the metrics
+    Case("completion-box-never-closed", "completion", "\\boxed{" * 14285, "no_answer",
+         shown="`\\boxed{` 14,285 times (100k characters), never closed"),
+    Case("completion-power-tower", "completion", "\\boxed{10^{10^{10^{10}}}}", "timeout"),
+    Case("completion-braces-then-answer", "completion", "{" * 50000 + " \\boxed{5}", "correct",
+         shown="50,000 `{` then `\\boxed{5}`"),
+    Case("completion-no-box", "completion", "The answer is 5.", "no_answer"),
+    Case("completion-empty-box", "completion", "\\boxed{}", "no_answer"),
+    Case("completion-box-cut-off", "completion", "\\boxed{5", "no_answer"),
+]
+
+# Damage done to a copy of a finished 4-step SFT run (checkpoints at steps 2 and 4, in run/), then the resume.
+STEP2, STEP4 = "run/checkpoints/step_00000002", "run/checkpoints/step_00000004"
+CHECKPOINTS = [
+    Case("ckpt-shard-corrupt-named", "checkpoint", f"corrupt {STEP4}/model_and_optim/__0_0.distcp|{STEP4}",
+         f"fastmath: error: checkpoint {STEP4} is corrupt: model_and_optim/__0_0.distcp does not match its checksum in "
+         f"MANIFEST.sha256", shown="4 KiB of random bytes in the middle of step 4's `__0_0.distcp`, then `run.resume=<step 4>`"),
+    Case("ckpt-shard-corrupt-auto", "checkpoint", f"corrupt {STEP4}/model_and_optim/__0_0.distcp|auto",
+         f"fastmath: warning: checkpoint {STEP4} is corrupt: model_and_optim/__0_0.distcp does not match its "
+         f"checksum in MANIFEST.sha256; falling back to the previous complete checkpoint",
+         shown="the same, then `run.resume=auto` (resumes from step 2)"),
+    Case("ckpt-every-shard-corrupt", "checkpoint",
+         f"corrupt {STEP2}/model_and_optim/__0_0.distcp,corrupt {STEP4}/model_and_optim/__0_0.distcp|auto",
+         f"fastmath: error: checkpoint {STEP4} is corrupt and no older checkpoint in run/checkpoints passes its "
+         f"check either...", shown="both checkpoints' shards corrupted, then `run.resume=auto`"),
+    Case("ckpt-shard-truncated", "checkpoint", f"truncate {STEP4}/model_and_optim/__0_0.distcp|{STEP4}",
+         f"fastmath: error: checkpoint {STEP4} is corrupt: model_and_optim/__0_0.distcp does not match its checksum in "
+         f"MANIFEST.sha256",
+         shown="step 4's `__0_0.distcp` cut to half its size, then `run.resume=<step 4>`"),
+    Case("ckpt-metadata-deleted", "checkpoint", f"delete {STEP4}/model_and_optim/.metadata|{STEP4}",
+         f"fastmath: error: checkpoint {STEP4} is corrupt: model_and_optim/.metadata is missing",
+         shown="step 4's DCP `.metadata` deleted, then `run.resume=<step 4>`"),
+    Case("ckpt-manifest-deleted", "checkpoint", f"delete {STEP4}/MANIFEST.sha256|{STEP4}",
+         f"fastmath: error: checkpoint {STEP4} is corrupt: MANIFEST.sha256 is missing or unreadable (written by an "
+         f"older fastmath, or damaged)", shown="step 4's `MANIFEST.sha256` deleted, then `run.resume=<step 4>`"),
+    Case("ckpt-every-marker-deleted", "checkpoint", f"delete {STEP2}/COMPLETE,delete {STEP4}/COMPLETE|auto",
+         "fastmath: error: run/checkpoints holds checkpoint folders without a COMPLETE marker (step_00000002, "
+         "step_00000004) and no complete checkpoint; a fresh start would overwrite them...",
+         shown="every `COMPLETE` marker deleted, then `run.resume=auto`"),
+    Case("ckpt-newest-marker-deleted", "checkpoint", f"delete {STEP4}/COMPLETE|auto",
+         "fastmath: warning: step_00000004 has no COMPLETE marker and is ignored",
+         shown="step 4's `COMPLETE` marker deleted, then `run.resume=auto` (resumes from step 2)"),
+    Case("ckpt-marker-deleted-named", "checkpoint", f"delete {STEP4}/COMPLETE|{STEP4}",
+         f"fastmath: error: checkpoint {STEP4} is corrupt: it is incomplete or not a checkpoint (no COMPLETE marker)",
+         shown="step 4's `COMPLETE` marker deleted, then `run.resume=<step 4>`"),
+    Case("ckpt-resume-never-over-checkpoints", "checkpoint", "|never",
+         "fastmath: error: run.resume=never but run already holds checkpoints; use run.resume=auto or another "
+         "run.output_dir", shown="a finished run's folder, then `run.resume=never`"),
+]
+
+CATALOGUE = ARGS + YAML + FILES + ROWS + CHATS + PROMPTS + COMPLETIONS + CHECKPOINTS + RUNS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,6 +394,8 @@ def _code(text: str) -> str:
 
 
 def _shown_input(case: Case) -> str:
+    if case.shown:
+        return KINDS[case.kind].format(case.shown)
     if case.kind == "file":
         name, content = case.input
         return KINDS["file"].format(name, _code(content.decode("utf-8", "backslashreplace")))
@@ -352,6 +408,10 @@ def _shown_input(case: Case) -> str:
 def _shown_outcome(case: Case) -> str:
     if case.kind in SKIP_KINDS:
         return f"skipped, counted as {_code(case.sees)}"
+    if case.kind == "completion":
+        return f"scored as {_code(case.sees)}" + (" (counted)" if case.sees in ("no_answer", "timeout") else "")
+    if case.kind == "checkpoint":
+        return _code(case.sees[:-3] + "…" if case.sees.endswith("...") else case.sees)
     sees = case.sees[:-3] + "…" if case.sees.endswith("...") else case.sees
     return _code(f"fastmath: error: {sees}")
 
@@ -458,7 +518,7 @@ def test_bad_data_rows_are_skipped_and_counted(case, tmp_path, tokenizer):
 def answer_checker():
     from fastmath.answers import AnswerChecker
 
-    checker = AnswerChecker(workers=1, timeout_s=10.0)
+    checker = AnswerChecker(workers=1, timeout_s=3.0)
     yield checker
     checker.close()
 
@@ -474,6 +534,71 @@ def test_bad_grpo_prompts_are_skipped_and_counted(case, tmp_path, tokenizer, ans
     rows, report = load_prompts(config, Formatter(tokenizer), answer_checker, progress=False)
     assert len(rows) == report.used == 1
     assert report.skipped == {case.sees: 1}
+
+
+@pytest.mark.parametrize("case", COMPLETIONS, ids=lambda c: c.id)
+def test_hostile_completions_are_scored_in_bounded_time(case, answer_checker):
+    import time
+
+    from fastmath.answers import extract_boxed
+
+    start = time.perf_counter()
+    extract_boxed(case.input)
+    # Linear extraction takes milliseconds here; the quadratic one took 206 s on the 100k-character input.
+    assert time.perf_counter() - start < 2.0
+    (verdict,) = answer_checker.check([case.input], ["5"])
+    assert verdict.status == case.sees
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, embedded_cache, dist_info):
+    """A finished 4-step SFT run in <folder>/run, with checkpoints at steps 2 and 4; cases damage copies of it."""
+    from fastmath.config import load_config
+    from fastmath.sft import run_sft
+
+    base = tmp_path_factory.mktemp("finished")
+    run_sft(load_config(None, [f"run.output_dir={base / 'run'}", f"run.cache_dir={embedded_cache}", "data.max_rows=48",
+                               "sft.tokens_per_micro_batch=512", "data.max_length=256", "sft.global_batch=2",
+                               "sft.epochs=1", "sft.max_steps=4", "checkpoint.save_every=2", "checkpoint.keep=5",
+                               "heldout.num_problems=0", "data.validation="]), dist_info)
+    return base
+
+
+def _damage(action: str, path: Path) -> None:
+    if action == "delete":
+        path.unlink()
+    elif action == "truncate":
+        size = path.stat().st_size
+        with open(path, "r+b") as handle:
+            handle.truncate(size // 2)
+    else:  # corrupt: random bytes in the middle, size unchanged
+        size = path.stat().st_size
+        n = min(4096, size // 2)
+        with open(path, "r+b") as handle:
+            handle.seek((size - n) // 2)
+            handle.write(bytes((i * 97 + 13) % 256 for i in range(n)))
+
+
+@pytest.mark.parametrize("case", CHECKPOINTS, ids=lambda c: c.id)
+def test_damaged_checkpoints_are_named_never_loaded(case, finished_run, tmp_path, dist_info, monkeypatch, capsys):
+    import shutil
+
+    from fastmath import checkpoint as ckpt
+    from fastmath.errors import FastmathError
+
+    shutil.copytree(finished_run / "run", tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+    damages, mode = case.input.split("|")
+    for damage in filter(None, damages.split(",")):
+        action, target = damage.split(" ")
+        _damage(action, Path(target))
+    try:
+        resumed = ckpt.find_resume_point("run", mode, dist_info)
+        line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("fastmath: "))
+        assert resumed == Path(STEP2), "a damaged checkpoint must fall back to the older, intact one"
+    except FastmathError as err:
+        line = f"fastmath: error: {err}"
+    assert _matches(line, case.sees), line
 
 
 @pytest.mark.parametrize("case", RUNS, ids=lambda c: c.id)
