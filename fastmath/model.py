@@ -73,19 +73,20 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as err:  # OSError for missing files / hub, ValueError for unknown classes
-        raise ModelError(f"could not load tokenizer from '{path}': {_load_problem(path, err)}") from None
+        raise ModelError(f"could not load the tokenizer: {_load_problem(path, err)}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
 def _load_problem(path: str, err: Exception) -> str:
-    """The cause of a failed load: what a local folder lacks, else transformers' message on one line."""
+    """The cause of a failed load, naming the path: what a local folder lacks, else transformers' message on one
+    line (its own runs over several, and the first alone stops mid-sentence)."""
     if looks_local(path):
         problem = model_folder_problem(Path(path).expanduser())
         if problem:
-            return f"the folder {problem}"
-    return one_line(err)
+            return f"{path} {problem}"
+    return f"'{path}': {one_line(err)}"
 
 
 def load_causal_lm(path: str, attn_implementation: str, trust_remote_code: bool = False) -> nn.Module:
@@ -101,7 +102,7 @@ def load_causal_lm(path: str, attn_implementation: str, trust_remote_code: bool 
                                                      attn_implementation=attn_implementation,
                                                      trust_remote_code=trust_remote_code)
     except Exception as err:
-        raise ModelError(f"could not load model from '{path}': {_load_problem(path, err)}") from None
+        raise ModelError(f"could not load the model: {_load_problem(path, err)}") from None
     model.config.use_cache = False
     return model
 

@@ -615,5 +615,57 @@ def test_whole_runs_end_in_one_line_without_a_traceback(case, world, embedded_ca
     assert len(lines) == 1 and _matches(lines[0][len("fastmath: error: "):], case.sees), result.stderr[-2000:]
 
 
+# ---------------------------------------------------------------------------------------------
+# Around the catalogue: the loaders' own messages, and no false alarms from the early path check
+
+
+def test_loaders_name_the_folder_and_what_it_lacks(world):
+    """Past the early check (for example an export removed during a run), the loaders still say what is wrong."""
+    from fastmath.errors import ModelError
+    from fastmath.model import load_causal_lm, load_tokenizer
+
+    empty = str(world / "empty_folder")
+    with pytest.raises(ModelError, match=r"could not load the tokenizer: .*empty_folder is an empty folder, not an "
+                                         r"HF model folder \(which holds config\.json, .*\*\.bin\)$"):
+        load_tokenizer(empty)
+    with pytest.raises(ModelError, match=r"could not load the model: .*config_only_model is not an HF model folder: "
+                                         r"it has no tokenizer files .*, no weights"):
+        load_causal_lm(str(world / "config_only_model"), "sdpa")
+
+
+def test_one_line_keeps_a_library_message_whole():
+    from fastmath.errors import one_line
+
+    err = ValueError("Couldn't instantiate the backend tokenizer from one of: \n(1) a file, \n(2) a slow tokenizer.")
+    assert one_line(err) == "Couldn't instantiate the backend tokenizer from one of: (1) a file, (2) a slow tokenizer."
+    long = ValueError("First sentence. " + "word " * 200)
+    assert one_line(long) == "First sentence."
+
+
+@pytest.mark.parametrize("overrides", [
+    [],
+    ["run.stages=[sft,grpo,eval]"],
+    ["model.name_or_path=Qwen/Qwen2.5-Math-1.5B", "data.train=AI-MO/NuminaMath-CoT", "data.validation="],
+    ["run.stages=[eval]", "eval.model=deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "eval.benchmark=HuggingFaceH4/MATH-500"],
+    ["run.output_dir=new/nested/run", "run.resume=never"],
+])
+def test_preflight_accepts_good_settings(overrides, world, monkeypatch):
+    """Hub ids, folders still to be created and the embedded default pass without a network or any loading."""
+    from fastmath.config import load_config
+    from fastmath.preflight import preflight
+
+    monkeypatch.chdir(world)
+    preflight(load_config(None, overrides))
+
+
+def test_preflight_accepts_every_shipped_config(tmp_path):
+    """The shipped configs name hub ids or the embedded default: none may trip the early check."""
+    from fastmath.config import load_config
+    from fastmath.preflight import preflight
+
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        preflight(load_config(path, [f"run.output_dir={tmp_path / path.stem}"]))
+
+
 if __name__ == "__main__":
     print(catalogue_markdown())
