@@ -239,6 +239,10 @@ YAML = [
     Case("yaml-bad-indent", "yaml", "run:\n  name: x\n name: y\n",
          "config file c.yaml is not valid YAML: expected <block end>, but found '<block mapping start>' (line 3, "
          "column 2)"),
+    Case("yaml-section-twice", "yaml", "sft:\n  lr: 1.0e-5\ndata:\n  max_rows: 8\nsft:\n  epochs: 3\n",
+         "config file c.yaml is not valid YAML: key 'sft' appears twice (line 5, column 1)"),
+    Case("yaml-key-twice", "yaml", "sft:\n  lr: 1.0e-5\n  lr: 2.0e-5\n",
+         "config file c.yaml is not valid YAML: key 'lr' appears twice (line 3, column 3)"),
     Case("yaml-is-a-list", "yaml", "- sft\n- grpo\n", "config file c.yaml must hold a mapping of sections, got list"),
     Case("yaml-is-a-word", "yaml", "sft\n", "config file c.yaml must hold a mapping of sections, got str"),
     Case("yaml-section-is-a-number", "yaml", "sft: 3\n", "'sft' must be a mapping, got int"),
