@@ -13,15 +13,18 @@ When to kill: each kill first picks a phase, then waits for it by watching the r
     train       the next line in metrics.jsonl (a step finished), then a random 0-300 ms more
     checkpoint  a `checkpoints/step_*.tmp` folder appears (a save is being written), then 0-30 ms
     export      the `hf.tmp` folder appears (the HF export is being written), then 0-30 ms
-`phase_hit` counts where the kill actually landed: "checkpoint"/"export" only when that `.tmp` folder still
-existed just before the signal; a phase whose moment never comes (the run ended first) is not a kill.
+A `.tmp` folder left by the previous kill does not count: the phase waits until the relaunched run has removed
+it and starts a write of its own. `phase_hit` counts where the kill actually landed: "checkpoint"/"export" only
+when this launch's `.tmp` folder still existed just before the signal (else "train"); a phase whose moment never
+comes (the run ended first) is not a kill.
 
 Figures per trial and in total: kills; identical (every tensor of the final hf/model.safetensors bit-equal to
 the unbroken run's, same names); lost and duplicated steps (metrics.jsonl against the unbroken run's lines,
 by step and keys); corrupt checkpoints (a complete checkpoint whose files do not match its manifest, checked
-after every kill and at the end); resume mismatches (a relaunch that did not resume from the newest
-checkpoint on disk). For GRPO the final weights are compared too, but not expected to match: vLLM samples
-from its engine's own RNG, which a checkpoint does not hold, so a resumed run draws other completions.
+after every kill and at the end); resume mismatches (a launch that did not resume from the newest checkpoint
+on disk, judged for each launch that got as far as printing its banner). For GRPO the final weights are
+compared too, but not expected to match: vLLM samples from its engine's own RNG, which a checkpoint does not
+hold, so a resumed run draws other completions.
 """
 from __future__ import annotations
 
@@ -56,6 +59,7 @@ GRPO_SETTINGS = ["run.stages=[grpo]", "grpo.max_steps=4", "grpo.save_every=1", "
                  "heldout.num_problems=0", "grpo.reward_workers=1", "grpo.rewards=[accuracy,format,cosine,length]",
                  "grpo.generator=vllm", "grpo.vllm_enforce_eager=true"]
 RESUMED = re.compile(r"resumed (?:\w+ )?from (\S+) at step (\d+)")
+STARTED = re.compile(r"^(model \S+: [\d.]+ M parameters|GRPO from \S+:)", re.M)
 
 
 def stage_folder(out_dir: Path, stage: str) -> Path:
@@ -95,9 +99,16 @@ def _exporting(folder: Path) -> bool:
 def wait_and_kill(proc: subprocess.Popen, folder: Path, phase: str, rng: random.Random) -> str | None:
     """Wait for `phase`'s moment, then SIGKILL the job; returns where the kill landed, or None if it ended first."""
     seen = _metric_lines(folder)
-    ready = {"train": lambda: _metric_lines(folder) > seen, "checkpoint": lambda: _saving(folder),
-             "export": lambda: _exporting(folder)}[phase]
-    while proc.poll() is None and not ready():
+    writing = {"checkpoint": _saving, "export": _exporting}.get(phase)
+    stale = writing is not None and writing(folder)  # a .tmp left by the previous kill is not this launch's write
+    while proc.poll() is None:
+        if writing is None and _metric_lines(folder) > seen:
+            break
+        if writing is not None:
+            present = writing(folder)
+            if present and not stale:
+                break
+            stale = stale and present
         time.sleep(0.001)
     if proc.poll() is not None:
         return None
@@ -204,8 +215,8 @@ def run_to_end(stage: str, out_dir: Path, cache_dir: Path, log_path: Path, plan:
                 corrupt.update(corrupt_checkpoints(folder))
             log.flush()
             resumed_at = _resumed_step(log_path, log_start)
-            if launches > 1 and resumed_at != expected and not (resumed_at is None and expected == 0):
-                mismatches += 1
+            if _started_training(log_path, log_start) and resumed_at != (expected or None):
+                mismatches += 1  # (a launch killed before it chose its resume point is not judged)
             if landed is None:
                 break
     corrupt.update(corrupt_checkpoints(folder))
@@ -214,11 +225,20 @@ def run_to_end(stage: str, out_dir: Path, cache_dir: Path, log_path: Path, plan:
             "wall_s": time.perf_counter() - started}
 
 
-def _resumed_step(log_path: Path, offset: int) -> int | None:
+def _log_since(log_path: Path, offset: int) -> str:
     with open(log_path, "rb") as handle:
         handle.seek(offset)
-        found = RESUMED.findall(handle.read().decode("utf-8", "replace"))
+        return handle.read().decode("utf-8", "replace")
+
+
+def _resumed_step(log_path: Path, offset: int) -> int | None:
+    found = RESUMED.findall(_log_since(log_path, offset))
     return int(found[-1][1]) if found else None
+
+
+def _started_training(log_path: Path, offset: int) -> bool:
+    """Whether the launch got past choosing its resume point (the stage's banner is printed after it)."""
+    return STARTED.search(_log_since(log_path, offset)) is not None
 
 
 def trial(stage: str, index: int, work: Path, cache_dir: Path, reference: Path, rng: random.Random,
