@@ -351,7 +351,7 @@ STEP2, STEP4 = "run/checkpoints/step_00000002", "run/checkpoints/step_00000004"
 CHECKPOINTS = [
     Case("ckpt-shard-corrupt-named", "checkpoint", f"corrupt {STEP4}/model_and_optim/__0_0.distcp|{STEP4}",
          f"fastmath: error: checkpoint {STEP4} is corrupt: model_and_optim/__0_0.distcp does not match its checksum in "
-         f"MANIFEST.sha256", shown="4 KiB of random bytes in the middle of step 4's `__0_0.distcp`, then `run.resume=<step 4>`"),
+         f"MANIFEST.sha256", shown="4 KiB overwritten in the middle of step 4's `__0_0.distcp`, then `run.resume=<step 4>`"),
     Case("ckpt-shard-corrupt-auto", "checkpoint", f"corrupt {STEP4}/model_and_optim/__0_0.distcp|auto",
          f"fastmath: warning: checkpoint {STEP4} is corrupt: model_and_optim/__0_0.distcp does not match its "
          f"checksum in MANIFEST.sha256; falling back to the previous complete checkpoint",
@@ -393,7 +393,7 @@ CATALOGUE = ARGS + YAML + FILES + ROWS + CHATS + PROMPTS + COMPLETIONS + CHECKPO
 
 
 def _code(text: str) -> str:
-    text = text.replace("\n", "⏎").replace("|", "\\|")
+    text = text.replace("\n", "⏎").replace("\t", "⇥").replace("|", "\\|")
     return f"`` {text} ``" if "`" in text else f"`{text}`"
 
 
@@ -575,7 +575,7 @@ def _damage(action: str, path: Path) -> None:
         size = path.stat().st_size
         with open(path, "r+b") as handle:
             handle.truncate(size // 2)
-    else:  # corrupt: random bytes in the middle, size unchanged
+    else:  # corrupt: 4 KiB (at most half the file) overwritten in the middle, size unchanged
         size = path.stat().st_size
         n = min(4096, size // 2)
         with open(path, "r+b") as handle:
