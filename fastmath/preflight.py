@@ -17,6 +17,7 @@ from fastmath.data import local_data_path
 from fastmath.errors import CheckpointError, ConfigError, DataError
 from fastmath.model import resolve_model_path
 
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 DATA_FORMATS = ".jsonl, .json or .parquet"
 
 
@@ -88,6 +89,8 @@ def _check_data_file(key: str, source: str) -> None:
         raise DataError(f"{key} not found: {source}")
     if path.is_dir():
         raise DataError(f"{key} {source} is a folder, not a data file ({DATA_FORMATS})")
+    if path.suffix not in DATA_SUFFIXES:  # the reader would take it for JSON lines and skip every row
+        raise DataError(f"{key} {source}: a data file must be {DATA_FORMATS} (its name says which)")
     if not os.access(path, os.R_OK):
         raise DataError(f"{key} {source} is not readable (permission denied)")
     if path.stat().st_size == 0:

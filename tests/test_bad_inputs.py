@@ -215,6 +215,8 @@ ARGS = [
          "eval.model ./empty_folder is an empty folder, not an HF model folder..."),
     Case("train-data-is-folder", "args", "data.train=empty_folder",
          "data.train empty_folder is a folder, not a data file (.jsonl, .json or .parquet)"),
+    Case("train-data-csv", "args", "data.train=file.txt",
+         "data.train file.txt: a data file must be .jsonl, .json or .parquet (its name says which)"),
     Case("train-data-missing", "args", "data.train=missing.jsonl", "data.train not found: missing.jsonl"),
     Case("train-data-empty-file", "args", "data.train=empty.jsonl", "data.train empty.jsonl is an empty file"),
     Case("validation-data-missing", "args", "data.validation=./val.jsonl", "data.validation not found: ./val.jsonl"),
