@@ -24,8 +24,11 @@ def all_interpreted(*kernels) -> bool:
     return all(type(f).__name__ == "InterpretedFunction" for f in (*kernels, tl.max, tl.sum))
 
 
-def use_triton(backend: str, device: torch.device, interpreted: bool, module: str) -> bool:
-    """Triton for CUDA tensors, or for CPU tensors when TRITON_INTERPRET=1; the reference otherwise.
+def use_triton(backend: str, device: torch.device, interpreted: bool, module: str,
+               dtype: torch.dtype | None = None) -> bool:
+    """Triton for CUDA tensors, or for CPU tensors when TRITON_INTERPRET=1; the reference otherwise. "auto"
+    also sends float64 inputs (`dtype`, the call's main input) to the reference, the one path that computes in
+    float64 (the dtype policy below); an explicit "triton" refuses them there (`check_float_dtype`).
 
     `interpreted` is the calling module's `all_interpreted(...)` flag, `module` its import name (for the error).
     Raises when the Triton path is asked for but cannot run on these tensors.
@@ -33,6 +36,8 @@ def use_triton(backend: str, device: torch.device, interpreted: bool, module: st
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "reference" or (backend == "auto" and device.type != "cuda" and not interpret_env()):
+        return False
+    if backend == "auto" and dtype == torch.float64:
         return False
     if device.type != "cuda" and not interpreted:
         raise RuntimeError(
@@ -46,8 +51,9 @@ def use_triton(backend: str, device: torch.device, interpreted: bool, module: st
 # - fp16, bf16 and fp32 inputs run on both paths and are computed with fp32 accumulation; outputs come back in
 #   the input dtype (losses and statistics in fp32).
 # - float64 inputs run on the reference path only, computed in float64 end to end: that is what gradcheck and
-#   the suite's exact-identity tests use. The Triton path refuses them (GPUs' fp64 tensor-core support varies,
-#   and the kernels' accumulators are fp32, so a float64 answer would be silently no better than fp32).
+#   the suite's exact-identity tests use. backend="auto" sends them there; an explicit backend="triton" refuses
+#   them (GPUs' fp64 tensor-core support varies, and the kernels' accumulators are fp32, so a float64 answer
+#   would be silently no better than fp32).
 # - anything else (integers where floats are expected, complex, fp8) is refused.
 TRITON_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 REFERENCE_FLOAT_DTYPES = TRITON_FLOAT_DTYPES + (torch.float64,)

@@ -265,8 +265,8 @@ def _launch_group_advantages(rewards, group_size, n_groups, scale, eps, batch_su
 KERNELS_INTERPRETED = all_interpreted(_group_advantages_kernel)
 
 
-def _use_triton(backend: str, device: torch.device) -> bool:
-    return use_triton(backend, device, KERNELS_INTERPRETED, "kernels.grpo_advantages")
+def _use_triton(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> bool:
+    return use_triton(backend, device, KERNELS_INTERPRETED, "kernels.grpo_advantages", dtype)
 
 
 def group_advantages(rewards, group_size, *, scale="group", eps=1e-4, batch_sums=None,
@@ -293,7 +293,7 @@ def group_advantages(rewards, group_size, *, scale="group", eps=1e-4, batch_sums
     learning signal)). No gradient; no host sync. Raises ValueError for a bad shape, dtype, group_size, scale,
     eps or batch_sums.
     """
-    triton_path = _use_triton(backend, rewards.device) if isinstance(rewards, torch.Tensor) else False
+    triton_path = _use_triton(backend, rewards.device, rewards.dtype) if isinstance(rewards, torch.Tensor) else False
     n_groups = _check_advantage_inputs(rewards, group_size, scale, eps, batch_sums, triton_path)
     if not triton_path:
         return group_advantages_reference(rewards, group_size, scale=scale, eps=eps, batch_sums=batch_sums)

@@ -137,8 +137,8 @@ class _LinearGRPOLoss(torch.autograd.Function):
 KERNELS_INTERPRETED = grpo_logprobs.KERNELS_INTERPRETED and grpo_policy_loss.KERNELS_INTERPRETED
 
 
-def _use_triton(backend: str, device: torch.device) -> bool:
-    return use_triton(backend, device, KERNELS_INTERPRETED, "kernels.grpo_fused_loss")
+def _use_triton(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> bool:
+    return use_triton(backend, device, KERNELS_INTERPRETED, "kernels.grpo_fused_loss", dtype)
 
 
 def fused_linear_grpo_loss(hidden, weight, targets, old_logprobs, advantages, seq_ids, *, mask=None,
@@ -166,7 +166,7 @@ def fused_linear_grpo_loss(hidden, weight, targets, old_logprobs, advantages, se
                         temperature)
     inputs = LossInputs(old_logprobs, advantages, seq_ids, mask, ref_logprobs, importance_weights,
                         num_items_in_batch, num_sequences)
-    triton_path = _use_triton(backend, hidden.device)
+    triton_path = _use_triton(backend, hidden.device, hidden.dtype)
     name, n, device = "fused_linear_grpo_loss", hidden.shape[0], hidden.device
     checks = check_linear_inputs(name, hidden, weight, targets, chunk_size, triton_path)
     check_values(checks + check_loss_inputs(name, n, device, inputs, opts, triton_path))

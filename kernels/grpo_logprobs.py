@@ -322,8 +322,8 @@ class _LinearLogprobs(torch.autograd.Function):
 KERNELS_INTERPRETED = all_interpreted(_logprob_rows_kernel, _logprob_grad_rows_kernel)
 
 
-def _use_triton(backend: str, device: torch.device) -> bool:
-    return use_triton(backend, device, KERNELS_INTERPRETED, "kernels.grpo_logprobs")
+def _use_triton(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> bool:
+    return use_triton(backend, device, KERNELS_INTERPRETED, "kernels.grpo_logprobs", dtype)
 
 
 def fused_linear_logprobs(hidden, weight, targets, *, temperature=1.0, return_entropy=False, chunk_size=None,
@@ -348,7 +348,7 @@ def fused_linear_logprobs(hidden, weight, targets, *, temperature=1.0, return_en
     chunk at a time (8NdV FLOPs in all). Value checks of `targets` run on CPU tensors only (no host sync on an
     accelerator; kernels/grpo_inputs.py).
     """
-    use_triton_path = _use_triton(backend, hidden.device)
+    use_triton_path = _use_triton(backend, hidden.device, hidden.dtype)
     check_values(check_linear_inputs("fused_linear_logprobs", hidden, weight, targets, chunk_size, use_triton_path))
     check_temperature(temperature)
     n, v = hidden.shape[0], weight.shape[0]

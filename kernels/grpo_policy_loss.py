@@ -429,8 +429,8 @@ class _GRPOLoss(torch.autograd.Function):
 KERNELS_INTERPRETED = all_interpreted(_grpo_token_kernel)
 
 
-def _use_triton(backend: str, device: torch.device) -> bool:
-    return use_triton(backend, device, KERNELS_INTERPRETED, "kernels.grpo_policy_loss")
+def _use_triton(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> bool:
+    return use_triton(backend, device, KERNELS_INTERPRETED, "kernels.grpo_policy_loss", dtype)
 
 
 def grpo_loss(logprobs, old_logprobs, advantages, seq_ids, *, mask=None, ref_logprobs=None, beta=0.0,
@@ -466,7 +466,7 @@ def grpo_loss(logprobs, old_logprobs, advantages, seq_ids, *, mask=None, ref_log
     opts = loss_options(beta, epsilon_low, epsilon_high, loss_type, importance_sampling_level, max_completion_length)
     inputs = LossInputs(old_logprobs, advantages, seq_ids, mask, ref_logprobs, importance_weights,
                         num_items_in_batch, num_sequences)
-    triton_path = _use_triton(backend, logprobs.device)
+    triton_path = _use_triton(backend, logprobs.device, logprobs.dtype)
     check_logprobs("grpo_loss", logprobs, "logprobs", triton_path)
     n, device = logprobs.shape[0], logprobs.device
     check_values(check_loss_inputs("grpo_loss", n, device, inputs, opts, triton_path))

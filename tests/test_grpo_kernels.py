@@ -22,7 +22,8 @@ import kernels
 import kernels.grpo as grpo
 from kernels import grpo_advantages, grpo_fused_loss, grpo_logprobs, grpo_policy_loss
 from tests.closeness import assert_close
-from tests.tolerances import reduction_atol, reduction_rtol
+from tests.tolerances import (linear_grad_magnitudes, reduction_atol, reduction_rtol, storage_rtol,
+                              tiny_atol)
 from tests.conftest import REPO
 
 INTERPRETED = grpo_advantages.KERNELS_INTERPRETED and grpo_fused_loss.KERNELS_INTERPRETED
@@ -107,17 +108,20 @@ def reference_results(batch, temperature, **kw):
     return out
 
 
-def assert_error_bounded(name, ours, truth, eager, dtype, floor=0.0):
-    """Error vs the fp64 truth at most 2x eager's (same input dtype) + tol * max |truth| (tol = 1e-5 in fp32,
-    one ulp in 16-bit) + floor: a wrong term errs by the scale itself and fails."""
+def assert_error_bounded(name, ours, truth, eager, dtype, length, floor=0.0):
+    """Error vs the fp64 truth at most 2x eager's (same input dtype) + tol * max |truth| + floor, where tol is
+    the bound on two fp32 summation orders of the longest reduction, `length` terms, through the four chained
+    reductions of an LM-head loss (logits, log-sum-exp, the loss, the gradient matmul), or one ulp in 16-bit:
+    a wrong term errs by the scale itself and fails."""
     assert ours.shape == truth.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(truth.shape)}"
     assert torch.isfinite(ours).all(), f"{name}: non-finite values"
     if truth.numel() == 0:
         return
-    tol = 1e-5 if dtype in (torch.float32, torch.float64) else torch.finfo(dtype).eps
+    tol = reduction_rtol(torch.float32, length, chain=4) if dtype in (torch.float32, torch.float64) else \
+        torch.finfo(dtype).eps
     err = (ours.double() - truth.double()).abs()
     err_eager = (eager.double() - truth.double()).abs().max().item()
-    allowed = 2 * err_eager + tol * truth.double().abs().max().item() + floor + 1e-7
+    allowed = 2 * err_eager + tol * truth.double().abs().max().item() + floor + tiny_atol(torch.float32)
     if err.max().item() > allowed:
         worst = int(err.reshape(-1).argmax())
         pytest.fail(f"{name}: max error vs fp64 {err.max().item():.3g} > allowed {allowed:.3g} (eager "
@@ -128,16 +132,41 @@ def assert_error_bounded(name, ours, truth, eager, dtype, floor=0.0):
 def check_fused_against_truth(ours, batch, temperature, **kw):
     (truth, eager) = reference_results(batch, temperature, **kw)
     dtype = batch["hidden"].dtype
+    length = max(*batch["hidden"].shape, batch["weight"].shape[0])
     loss, grads, stats = ours
     assert loss.dtype == torch.float32 and all(g.dtype == dtype for g in grads)
     for name, o, t, e in zip(("loss", "grad hidden", "grad weight"), [loss, *grads], [truth[0], *truth[1]],
                              [eager[0], *eager[1]]):
-        assert_error_bounded(name, o, t, e, dtype)
+        assert_error_bounded(name, o, t, e, dtype, length)
     for name, o, t, e in zip(STAT_NAMES, stats, truth[2], eager[2]):
         assert o.dtype == torch.float32 and not o.requires_grad, name
         # Counts are exact unless a ratio sits within rounding of a clip boundary.
-        assert_error_bounded(f"stats.{name}", o, t, e, dtype, floor=1.0 if "clipped" in name else 0.0)
+        assert_error_bounded(f"stats.{name}", o, t, e, dtype, length, floor=1.0 if "clipped" in name else 0.0)
     return truth
+
+
+def rounding_bounds(batch, kw, dtype, grad_scale=1.5, chain=4):
+    """How far two correct evaluations of run_fused's (loss, d hidden, d weight) may differ, per element, when
+    they sum in different orders (another CPU's kernels, other chunk boundaries, the Triton tiles): 2 * chain *
+    gamma_n * (sum of |terms|) (tests/tolerances.py), n the longest reduction (tokens, vocabulary or hidden
+    size), chain the reductions in sequence (logits, log-sum-exp, the loss, the gradient matmul). The sums of
+    |terms| come from the fp64 gradient of the loss with respect to the logits: |dlogits| @ |W| for d hidden,
+    |dlogits|^T @ |h| for d weight, and the per-token |d loss / d logp| (each token's term is its coefficient
+    times a ratio near 1) plus |loss| for the loss."""
+    h, w = batch["hidden"].detach().double(), batch["weight"].detach().double()
+    logits = (h @ w.T).requires_grad_()
+    logp = torch.log_softmax(logits, dim=1).gather(1, batch["targets"].unsqueeze(1)).squeeze(1)
+    logp.retain_grad()
+    f64 = {k: (t.detach().double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
+           for k, t in kw.items() if k != "backend"}
+    old = logp.detach() if batch["old_logprobs"] is None else batch["old_logprobs"].detach().double()
+    loss, _ = grpo.grpo_loss_reference(logp, old,
+                                       batch["advantages"].detach().double(), batch["seq_ids"], **f64)
+    (loss * grad_scale).backward()
+    mag_h, mag_w = linear_grad_magnitudes(h, w, logits.grad)
+    mag_loss = logp.grad.abs().sum() / grad_scale + loss.detach().abs()
+    n = max(h.shape[0], w.shape[0], h.shape[1])
+    return [reduction_atol(dtype, n, 1.0, chain) * m for m in (mag_loss, mag_h, mag_w)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -166,12 +195,15 @@ def check_advantages(out, rewards, group_size, scale):
     adv, mean, std, equal = advantages_formula(rewards, group_size, scale)
     assert out.advantages.dtype == out.mean.dtype == out.std.dtype == torch.float32
     assert out.zero_variance.dtype == torch.bool
+    # fp32 sums over a group (the whole batch for batch scaling) of terms at most scale_r: the mean is one
+    # reduction, the std two (mean, then squared deviations), an advantage three (and a division by denom).
     scale_r = rewards.double().abs().max().item() if rewards.numel() else 0.0
-    assert_close(out.mean, mean, atol=1e-6 * scale_r, rtol=1e-6, name="mean")
-    assert_close(out.std, std, atol=1e-6 * scale_r, rtol=1e-5, name="std")
+    n = max(rewards.numel() if scale == "batch" else group_size, 1)
+    assert_close(out.mean, mean, atol=reduction_atol(torch.float32, n, scale_r), rtol=0.0, name="mean")
+    assert_close(out.std, std, atol=reduction_atol(torch.float32, n, 2 * scale_r, chain=2), rtol=0.0, name="std")
     denom = std + 1e-4 if scale == "group" else torch.ones_like(std)
-    atol = (1e-6 * scale_r / denom).max().item() if denom.numel() else 0.0
-    assert_close(out.advantages, adv, atol=atol, rtol=1e-5, name="advantages")
+    atol = (reduction_atol(torch.float32, n, 2 * scale_r, chain=3) / denom).max().item() if denom.numel() else 0.0
+    assert_close(out.advantages, adv, atol=atol, rtol=reduction_rtol(torch.float32, n, chain=3), name="advantages")
     assert torch.equal(out.zero_variance, equal)
 
 
@@ -211,15 +243,18 @@ def test_group_advantages_nan_rewards_and_degenerate_groups(backend):
             assert torch.isfinite(t).all()
         r = rewards.view(4, 4)
         valid = r[0][~r[0].isnan()].double()
-        assert_close(out.mean, torch.tensor([valid.mean().item(), 5.0, 0.0, 2.0]), atol=1e-6, rtol=0, name="mean")
-        assert_close(out.std[0], valid.std(), atol=1e-6, rtol=1e-6, name="std of group 0")
+        # Sums of at most 16 rewards of size <= 5 (tolerances as in check_advantages).
+        tol = reduction_atol(torch.float32, 16, 5.0, chain=3)
+        assert_close(out.mean, torch.tensor([valid.mean().item(), 5.0, 0.0, 2.0]), atol=tol, rtol=0, name="mean")
+        assert_close(out.std[0], valid.std(), atol=tol, rtol=0, name="std of group 0")
         assert out.std[1:].eq(0).all()
         assert out.zero_variance.tolist() == [False, True, True, True]
         denom = {"group": valid.std() + 1e-4, "none": 1.0,
                  "batch": rewards[~rewards.isnan()].double().std() + 1e-4}[scale]
         expected = torch.zeros(16, dtype=torch.float64)
         expected[[0, 2, 3]] = (valid - valid.mean()) / denom
-        assert_close(out.advantages, expected, atol=1e-6, rtol=1e-5, name=f"advantages ({scale})")
+        assert_close(out.advantages, expected, atol=tol / denom, rtol=reduction_rtol(torch.float32, 16, chain=3),
+                     name=f"advantages ({scale})")
     single = grpo.group_advantages(torch.tensor([0.3, -2.0]), 1, backend=backend)
     assert single.advantages.tolist() == [0.0, 0.0] and single.std.tolist() == [0.0, 0.0]
 
@@ -298,7 +333,7 @@ def test_fused_linear_logprobs_match_truth(backend, n, v, d, chunk_size, tempera
     eager = logprobs_and_grads(eager_logprobs, hd, wd, y, temperature=temperature)
     assert ours[0].dtype == ours[1].dtype == torch.float32 and ours[2].dtype == ours[3].dtype == dtype
     for name, o, t, e in zip(("logprobs", "entropy", "grad hidden", "grad weight"), ours, truth, eager):
-        assert_error_bounded(name, o, t, e, dtype)
+        assert_error_bounded(name, o, t, e, dtype, max(n, v, d))
 
 
 @pytest.mark.triton
@@ -351,11 +386,20 @@ def test_grpo_loss_triton_matches_definition(loss_type, level, beta, dtype):
         results.append((loss.detach(), logp.grad, stats))
     (loss, grad, stats), (t_loss, t_grad, t_stats) = results
     assert loss.dtype == torch.float32 and grad.dtype == dtype
-    rtol = 1e-5 if dtype == torch.float32 else 2e-3  # fp16 inputs: 16-bit old / ref / weights too
-    assert_close(loss, t_loss, atol=rtol * 0.1, rtol=rtol, name="loss")
+    # fp32: three chained sums over the 41 tokens (sequence log-ratio, the loss, its normaliser). fp16: the
+    # inputs themselves are rounded (the truth reads the unrounded fp32 values), so a log-ratio logp - old (or
+    # ref - logp) moves by u16 * (|logp| + |old| + |ref|), and ratios and KL terms by that relatively.
+    n = logp0.numel()
+    rtol = reduction_rtol(torch.float32, n, chain=3)
+    if dtype != torch.float32:
+        spread = sum(t.abs().max().item() for t in (logp0, batch["old_logprobs"], batch["ref_logprobs"]))
+        rtol += 2 * storage_rtol(dtype) * (1 + spread)
+    magnitude = t_grad.abs().sum().item() / 1.5  # sum over tokens of |each token's term| (ratios near 1)
+    assert_close(loss, t_loss, atol=rtol * magnitude, rtol=rtol, name="loss")
     assert_close(grad, t_grad, atol=rtol * t_grad.abs().max().item(), rtol=rtol, name="grad logprobs")
     for name, o, t in zip(STAT_NAMES, stats, t_stats):
-        assert_close(o, t, atol=rtol * 10 + (1.0 if "clipped" in name else 0.0), rtol=rtol, name=name)
+        # Sums of positive terms; a clip count may move by one token whose ratio sits within rounding of a bound.
+        assert_close(o, t, atol=tiny_atol(torch.float32) + (1.0 if "clipped" in name else 0.0), rtol=rtol, name=name)
     assert stats.low_clipped > 0 and stats.high_clipped > 0, "the batch must clip on both sides"
 
 
@@ -367,8 +411,9 @@ def test_grpo_loss_on_policy_and_defaults(backend):
     loss, stats = grpo.grpo_loss(logp, None, batch["advantages"], batch["seq_ids"], backend=backend)
     loss.backward()
     adv = batch["advantages"][batch["seq_ids"]]
-    assert_close(loss, -adv.sum() / 23, atol=1e-6, rtol=1e-6, name="on-policy dapo loss")
-    assert_close(logp.grad, -adv / 23, atol=1e-7, rtol=1e-6, name="on-policy grad")
+    assert_close(loss, -adv.sum() / 23, atol=reduction_atol(torch.float32, 23, adv.abs().sum().item() / 23),
+                 rtol=0.0, name="on-policy dapo loss")
+    assert_close(logp.grad, -adv / 23, atol=0.0, rtol=reduction_rtol(torch.float32, 2), name="on-policy grad")
     assert stats.tokens.item() == 23 and stats.ratio_sum.item() == 23
     assert stats.low_clipped.item() == stats.high_clipped.item() == stats.kl_sum.item() == 0
     assert stats.entropy_sum.item() == 0
@@ -414,8 +459,9 @@ def test_fused_on_policy_without_options(backend, level):
     kw = dict(importance_sampling_level=level, backend=backend)
     loss, grads, stats = run_fused(grpo.fused_linear_grpo_loss, {**batch, "old_logprobs": None}, **kw)
     loss2, grads2, _ = run_fused(grpo.fused_linear_grpo_loss, {**batch, "old_logprobs": logp}, **kw)
-    for name, a, b in zip(("loss", "grad hidden", "grad weight"), [loss, *grads], [loss2, *grads2]):
-        assert_close(a, b, atol=1e-6, rtol=1e-5, name=name)
+    bounds = rounding_bounds({**batch, "old_logprobs": None}, {"importance_sampling_level": level}, torch.float32)
+    for name, a, b, tol in zip(("loss", "grad hidden", "grad weight"), [loss, *grads], [loss2, *grads2], bounds):
+        assert_close(a, b, atol=tol, rtol=0.0, name=name)
     assert stats.tokens.item() == 17 and stats.ratio_sum.item() == 17 and stats.entropy_sum > 0
 
 
@@ -468,12 +514,16 @@ def test_importance_weights(backend, level):
     base, _, _ = run_fused(grpo.fused_linear_grpo_loss, batch, backend=backend, **kw)
     ones, _, _ = run_fused(grpo.fused_linear_grpo_loss, batch, backend=backend,
                            **{**kw, "importance_weights": torch.ones(21)})
-    assert_close(ones, base, atol=1e-7, rtol=1e-6, name="weights of one")
+    base_tol = rounding_bounds(batch, kw, torch.float32)[0]
+    assert_close(ones, base, atol=base_tol, rtol=0.0, name="weights of one")
     kl_only, _, _ = run_fused(grpo.fused_linear_grpo_loss, {**batch, "advantages": torch.zeros(4)},
                               backend=backend, **{**kw, "beta": 0.5})
     scaled, _, _ = run_fused(grpo.fused_linear_grpo_loss, batch, backend=backend,
                              **{**kw, "beta": 0.5, "importance_weights": torch.full((21,), 3.0)})
-    assert_close(scaled, 3 * base + kl_only, atol=1e-6, rtol=1e-5, name="3 x policy + KL")
+    kl_kw = {**kw, "beta": 0.5}
+    tol = (rounding_bounds(batch, {**kl_kw, "importance_weights": torch.full((21,), 3.0)}, torch.float32)[0]
+           + 3 * base_tol + rounding_bounds({**batch, "advantages": torch.zeros(4)}, kl_kw, torch.float32)[0])
+    assert_close(scaled, 3 * base + kl_only, atol=tol, rtol=0.0, name="3 x policy + KL")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -489,9 +539,10 @@ def test_tokens_need_not_be_contiguous(backend):
     shuffled["weight"].requires_grad_()
     loss2, grads2, _ = run_fused(grpo.fused_linear_grpo_loss, shuffled, backend=backend, chunk_size=8,
                                  **loss_kwargs(shuffled, "grpo", "sequence", 0.04))
-    assert_close(loss2, loss, atol=1e-7, rtol=1e-5, name="loss")
-    assert_close(grads2[0], grads[0][perm], atol=1e-7, rtol=1e-5, name="grad hidden")
-    assert_close(grads2[1], grads[1], atol=1e-7, rtol=1e-5, name="grad weight")
+    loss_tol, h_tol, w_tol = rounding_bounds(batch, kw, torch.float32)
+    assert_close(loss2, loss, atol=loss_tol, rtol=0.0, name="loss")
+    assert_close(grads2[0], grads[0][perm], atol=h_tol[perm], rtol=0.0, name="grad hidden")
+    assert_close(grads2[1], grads[1], atol=w_tol, rtol=0.0, name="grad weight")
 
 
 def split_batch(batch, seqs):
@@ -513,9 +564,11 @@ def split_batch(batch, seqs):
 ])
 def test_micro_batches_sum_to_the_whole_batch(backend, loss_type, level):
     """Two micro-batches with the global num_items_in_batch / num_sequences: losses and gradients add up to
-    the whole batch's (what gradient accumulation and ranks rely on). The interpreted pass checks two of the
-    combinations."""
-    batch = make_batch(40, 31, 6, s=6, seed=12)
+    the whole batch's (what gradient accumulation and ranks rely on). An algebraic identity, so the reference
+    path checks it in float64; the Triton path (fp32 at most, by the dtype policy) is held to the bound on two
+    summation orders. The interpreted pass checks two of the combinations."""
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    batch = make_batch(40, 31, 6, s=6, seed=12, dtype=dtype)
     kw = loss_kwargs(batch, loss_type, level, 0.04)
     whole, (gh, gw), _ = run_fused(grpo.fused_linear_grpo_loss, batch, backend=backend, chunk_size=9, **kw)
     total, grad_w = 0.0, torch.zeros_like(gw)
@@ -526,9 +579,10 @@ def test_micro_batches_sum_to_the_whole_batch(backend, loss_type, level):
         part_kw = loss_kwargs(part, loss_type, level, 0.04, num_items_in_batch=n_items, num_sequences=n_seqs)
         loss, (ph, pw), _ = run_fused(grpo.fused_linear_grpo_loss, part, backend=backend, chunk_size=9, **part_kw)
         total, grad_w, grad_h[rows] = total + loss, grad_w + pw, ph
-    assert_close(total, whole, atol=1e-7, rtol=1e-5, name="sum of micro-batch losses")
-    assert_close(grad_h, gh, atol=1e-7, rtol=1e-5, name="grad hidden")
-    assert_close(grad_w, gw, atol=1e-7, rtol=1e-5, name="grad weight")
+    loss_tol, h_tol, w_tol = rounding_bounds(batch, kw, dtype)
+    assert_close(total, whole, atol=loss_tol, rtol=0.0, name="sum of micro-batch losses")
+    assert_close(grad_h, gh, atol=h_tol, rtol=0.0, name="grad hidden")
+    assert_close(grad_w, gw, atol=w_tol, rtol=0.0, name="grad weight")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -544,7 +598,8 @@ def test_only_requested_gradients_and_no_grad(backend):
                                                     batch["advantages"], batch["seq_ids"], backend=backend,
                                                     importance_sampling_level="sequence")
     assert not again.requires_grad
-    assert_close(again, loss.detach(), atol=1e-7, rtol=1e-6, name="loss under no_grad")
+    tol = rounding_bounds(batch, {"importance_sampling_level": "sequence"}, torch.float32)[0]
+    assert_close(again, loss.detach(), atol=tol, rtol=0.0, name="loss under no_grad")
 
 
 @pytest.mark.parametrize("level", LEVELS)
@@ -848,7 +903,8 @@ def test_cuda_group_advantages_and_logprobs_bf16():
                                y)
     eager = logprobs_and_grads(eager_logprobs, *(t.detach().requires_grad_() for t in (h, w)), y)
     for name, o, t, e in zip(("logprobs", "entropy", "grad hidden", "grad weight"), ours, truth, eager):
-        assert_error_bounded(name, o, t, e, torch.bfloat16)
+        assert_error_bounded(name, o, t, e, torch.bfloat16, 3000)
+
 
 # --------------------------------------------------------------------------------------------------
 # The dtype policy (kernels/dispatch.py), the step's batch std from all-reduced sums, value checks off the CPU

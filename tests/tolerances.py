@@ -68,3 +68,26 @@ def linear_grad_magnitudes(hidden: torch.Tensor, weight: torch.Tensor, dlogits: 
     about zero over a row (softmax minus one-hot), so these sums are far larger than the gradients themselves,
     and they, not the gradients, set how far two summation orders can drift apart."""
     return dot_magnitude(dlogits, weight), dot_magnitude(dlogits.T, hidden)
+
+
+def decoder_rtol(dtype: torch.dtype, width: int, n_layers: int) -> float:
+    """Two evaluations of one transformer decoder that sum in different orders (packed rows vs documents alone,
+    another CPU's kernels, FSDP's sharded reductions) differ, relative to the largest output, by at most the
+    reduction bound over the widest reduction (`width`: hidden, MLP, vocabulary or row length) through the chain
+    of reductions: per layer RMSNorm, q/k/v, scores, softmax, P @ V, o_proj, RMSNorm, gate/up, down (9), then
+    the final norm and the LM head (2). Backward passes run the chain again: callers double it."""
+    return reduction_rtol(dtype, width, chain=9 * n_layers + 2)
+
+
+def decoder_width(config, row_length: int) -> int:
+    """The widest reduction of an HF decoder config on rows of `row_length` tokens."""
+    return max(config.hidden_size, getattr(config, "intermediate_size", 0), config.vocab_size, row_length)
+
+
+def adam_divergence(lr: float, steps: int, beta1: float = 0.9, beta2: float = 0.95) -> float:
+    """Largest distance two AdamW trajectories from the same weights can drift apart per element in `steps`
+    steps when their gradients differ only by rounding: a near-zero gradient's sign can flip, and Adam turns
+    any gradient into a step of at most lr * max(1, (1 - beta1) / sqrt(1 - beta2)) (Kingma & Ba 2015, section
+    2.1), so each trajectory moves at most that far per step whatever the rounding (no weight decay)."""
+    per_step = max(1.0, (1 - beta1) / (1 - beta2) ** 0.5)
+    return 2 * lr * per_step * steps
