@@ -19,8 +19,10 @@ setup(
     packages=["kernels", "fastmath"],
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.6",
-        "triton>=3.4",
+        # What runs here: torch 2.13 (CPU suite) and 2.11 (the GPU image), Triton 3.9 and 3.6 (kernels compiled
+        # for sm_90 with both). kernels.chunking's fp32 weight-gradient accumulation has a slower path before 2.10.
+        "torch>=2.11",
+        "triton>=3.6",
         "transformers>=5.16.1,<6",
         "datasets>=3.0",
         "numpy",

@@ -7,11 +7,45 @@ across chunks, because summing many bf16 partial products in bf16 loses the smal
 from __future__ import annotations
 
 import torch
+from torch.torch_version import TorchVersion
 
 CHUNK_LOGITS_BYTES = 64 * 2**20
 TRITON_CHUNK_LOGITS_BYTES = 512 * 2**20
-# addmm(..., out_dtype=float32) multiplies 16-bit operands into an fp32 accumulator on CUDA from torch 2.8.
-_ADDMM_OUT_DTYPE = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 8)
+# Rows of a chunk's logits buffer start every multiple of 16 elements (32 bytes in 16-bit): with V = 50257 or
+# 32003 an unpadded row stride leaves every row but the first misaligned, and the row kernels' loads fall back
+# to one 16-bit element per instruction. Triton specialises an integer argument divisible by 16 on its own.
+ROW_STRIDE_MULTIPLE = 16
+# `torch.addmm(fp32 acc, a16, b16, out_dtype=torch.float32)` (cuBLAS: 16-bit operands, fp32 accumulate and
+# output) exists on CUDA since torch 2.8, but 2.8 and 2.9 require `self` (the accumulator) to have the
+# operands' dtype; pytorch/pytorch#167931 (Nov 2025, first released in 2.10) accepts an fp32 `self`.
+ADDMM_FP32_SELF_SINCE = "2.10"
+
+
+def padded_row_stride(v: int) -> int:
+    """The row stride (elements) of a chunk's [c, V] logits buffer: V rounded up to ROW_STRIDE_MULTIPLE."""
+    return -(-v // ROW_STRIDE_MULTIPLE) * ROW_STRIDE_MULTIPLE
+
+
+# Vocabulary tiles of the row kernels: powers of two up to 8192 (16 elements per thread at 16 warps: two 16-byte
+# loads of 16-bit logits), never wasting more than an eighth of a row on the masked tail of the last tile.
+MAX_BLOCK_V = 8192
+ELEMENTS_PER_THREAD = 16
+
+
+def row_tile(v: int, max_block: int = MAX_BLOCK_V) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) of a row kernel over V columns: the largest power-of-two tile up to MAX_BLOCK_V whose
+    tiles cover V with at most V / 8 of padding (V = 50257: 4096, 13 tiles, 6% padding; 8192 would pad 14%),
+    and as many warps as give each thread ELEMENTS_PER_THREAD elements of the tile (1 to 16). `max_block` (a
+    power of two) lowers the cap: the interpreted tests use it to cross tile edges at small V."""
+    block = min(max_block, 1 << max(v - 1, 0).bit_length())
+    while block > 1024 and (-(-v // block) * block - v) * 8 > v:
+        block //= 2
+    return block, max(1, min(16, block // (32 * ELEMENTS_PER_THREAD)))
+
+
+def logits_buffer(like: torch.Tensor, rows: int, v: int) -> torch.Tensor:
+    """An uninitialised [rows, V] view of `like`'s dtype and device whose rows start at 32-byte boundaries."""
+    return like.new_empty((rows, padded_row_stride(v)))[:, :v]
 
 
 def default_chunk_size(n: int, v: int, use_triton: bool, itemsize: int) -> int:
@@ -23,12 +57,31 @@ def default_chunk_size(n: int, v: int, use_triton: bool, itemsize: int) -> int:
     return max(1, min(n, rows))
 
 
+def weight_grad_method(dtype: torch.dtype, tensor_cores: bool, torch_version: str = torch.__version__) -> str:
+    """How `add_weight_grad` multiplies a chunk of `dtype` into the fp32 accumulator:
+
+    "fp32":          operands in the accumulator's dtype (fp32 inputs, float64 ones on the reference path; and
+                     16-bit ones without CUDA tensor cores: CPU, pre-Ampere).
+    "addmm_fp32":    16-bit operands straight into the fp32 accumulator, one cuBLAS call (torch >= 2.10).
+    "16bit_then_add": a 16-bit product (fp32 accumulation inside cuBLAS, rounded once) added to the accumulator:
+                     a [V, d] 16-bit temporary, but tensor cores, where the fp32-self addmm is refused. An fp32
+                     matmul instead would be about 10x slower for this, the largest matmul of the step.
+    """
+    if dtype in (torch.float32, torch.float64) or not tensor_cores:
+        return "fp32"
+    if TorchVersion(torch_version.split("+")[0]) >= ADDMM_FP32_SELF_SINCE:
+        return "addmm_fp32"
+    return "16bit_then_add"
+
+
 def add_weight_grad(grad_weight32: torch.Tensor, dlogits: torch.Tensor, h: torch.Tensor) -> None:
     """grad_weight32 [V, d] (fp32) += dlogits[c, V]^T @ h[c, d], with no [V, d] temporary where possible."""
-    if dlogits.dtype == torch.float32:
-        grad_weight32.addmm_(dlogits.T, h.float())
-    elif dlogits.is_cuda and _ADDMM_OUT_DTYPE and torch.cuda.get_device_capability(dlogits.device)[0] >= 8:
-        # 16-bit tensor-core matmul straight into the fp32 accumulator.
+    # 16-bit tensor cores from compute capability 8.0 (bf16 needs them; older GPUs take the fp32 path).
+    tensor_cores = dlogits.is_cuda and torch.cuda.get_device_capability(dlogits.device)[0] >= 8
+    method = weight_grad_method(dlogits.dtype, tensor_cores)
+    if method == "fp32":
+        grad_weight32.addmm_(dlogits.T.to(grad_weight32.dtype), h.to(grad_weight32.dtype))
+    elif method == "addmm_fp32":
         torch.addmm(grad_weight32, dlogits.T, h, out_dtype=torch.float32, out=grad_weight32)
     else:
-        grad_weight32.addmm_(dlogits.T.float(), h.float())
+        grad_weight32.add_(dlogits.T @ h)

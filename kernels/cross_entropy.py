@@ -84,14 +84,14 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.chunking import add_weight_grad
+from kernels.chunking import MAX_BLOCK_V, add_weight_grad, logits_buffer, row_tile
 from kernels.chunking import default_chunk_size as _default_chunk_size
-from kernels.dispatch import all_interpreted, use_triton
+from kernels.dispatch import all_interpreted, check_float_dtype, use_triton
 
 _REDUCTIONS = ("mean", "sum", "none")
+# The row kernel's largest vocabulary tile (kernels.chunking.row_tile picks the tile from V under this cap).
+_MAX_BLOCK_V = MAX_BLOCK_V
 _INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
-# Vocabulary tile of the kernel (a power of two). Untuned: no GPU has run it yet.
-_MAX_BLOCK_V = 8192
 # exp(x) = exp2(x * log2 e): exp2 / log2 are the hardware instructions.
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -257,8 +257,14 @@ class _LossOptions:
     temperature: float
 
 
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The reference path computes in fp32, or in float64 for float64 inputs (kernels/dispatch.py's policy)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def _reference_row_losses(logits32, labels, opts):
-    """fp32 [N, V] raw logits -> (loss_i, z-loss_i) [N] by the module docstring's formulas, via autograd."""
+    """fp32 (or float64) [N, V] raw logits -> (loss_i, z-loss_i) [N] by the module docstring's formulas, via
+    autograd."""
     z = logits32
     if opts.softcap is not None:
         z = opts.softcap * torch.tanh(z / opts.softcap)
@@ -292,10 +298,12 @@ def cross_entropy_reference(
     temperature: float = 1.0,
     return_z_loss: bool = False,
 ):
-    """The definition on full fp32 logits [N, V]; same arguments and result as `cross_entropy`."""
+    """The definition on full fp32 logits [N, V] (float64 for float64 logits); same arguments and result as
+    `cross_entropy`."""
     opts = _check_options(ignore_index, label_smoothing, z_loss_scale, softcap, temperature, reduction)
     _check_logits(logits, labels, opts)
-    losses, z_losses = _reference_row_losses(logits.float(), labels, opts)
+    check_float_dtype("cross_entropy_reference", "logits", logits, triton=False)
+    losses, z_losses = _reference_row_losses(logits.to(_compute_dtype(logits)), labels, opts)
     return _reduce(losses, z_losses, labels, opts, reduction, return_z_loss)
 
 
@@ -320,9 +328,11 @@ def linear_cross_entropy_reference(
     """
     opts = _check_options(ignore_index, label_smoothing, z_loss_scale, softcap, temperature, reduction)
     _check_inputs(hidden, weight, labels, bias, None, opts)
-    logits = hidden.float() @ weight.float().T
+    check_float_dtype("linear_cross_entropy_reference", "hidden", hidden, triton=False)
+    compute = _compute_dtype(hidden)
+    logits = hidden.to(compute) @ weight.to(compute).T
     if bias is not None:
-        logits = logits + bias.float()
+        logits = logits + bias.to(compute)
     losses, z_losses = _reference_row_losses(logits, labels, opts)
     return _reduce(losses, z_losses, labels, opts, reduction, return_z_loss)
 
@@ -483,7 +493,7 @@ def _launch_cross_entropy(logits, labels, bias, opts, grad_scale):
     z_losses = torch.empty(n, dtype=torch.float32, device=logits.device)
     if n == 0:
         return losses, z_losses
-    block_v = min(triton.next_power_of_2(v), _MAX_BLOCK_V)
+    block_v, num_warps = row_tile(v, _MAX_BLOCK_V)
     _cross_entropy_kernel[(n,)](
         logits, logits if bias is None else bias, labels, losses, z_losses,
         losses if grad_scale is None else grad_scale,
@@ -492,7 +502,7 @@ def _launch_cross_entropy(logits, labels, bias, opts, grad_scale):
         1.0 if opts.softcap is None else opts.softcap, 1.0 / opts.temperature,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None, HAS_SMOOTHING=opts.label_smoothing > 0,
         WRITE_GRAD=grad_scale is not None,
-        BLOCK_V=block_v, num_warps=16 if block_v >= 8192 else 8 if block_v >= 2048 else 4,
+        BLOCK_V=block_v, num_warps=num_warps,
     )
     return losses, z_losses
 
@@ -503,7 +513,8 @@ def _launch_cross_entropy(logits, labels, bias, opts, grad_scale):
 
 
 def _fp32_accumulator(param, needed):
-    return torch.zeros(param.shape, dtype=torch.float32, device=param.device) if needed else None
+    """fp32 gradient accumulator (float64 for a float64 parameter, on the reference path)."""
+    return torch.zeros(param.shape, dtype=_compute_dtype(param), device=param.device) if needed else None
 
 
 def _accumulate_grads(dlogits, h, weight, rows, grad_hidden, grad_weight32, grad_bias32):
@@ -513,7 +524,7 @@ def _accumulate_grads(dlogits, h, weight, rows, grad_hidden, grad_weight32, grad
     if grad_weight32 is not None:
         add_weight_grad(grad_weight32, dlogits, h)
     if grad_bias32 is not None:
-        grad_bias32 += dlogits.sum(0, dtype=torch.float32)
+        grad_bias32 += dlogits.sum(0, dtype=grad_bias32.dtype)
 
 
 def _chunked_linear_cross_entropy(hidden, weight, bias, labels, opts, chunk, grad_scale, need, use_triton):
@@ -526,15 +537,16 @@ def _chunked_linear_cross_entropy(hidden, weight, bias, labels, opts, chunk, gra
     n, v = hidden.shape[0], weight.shape[0]
     valid = labels != opts.ignore_index
     # Triton: logits in the input dtype (one reused buffer); PyTorch: fp32 logits from an fp32 weight copy.
+    compute = _compute_dtype(hidden)
     if use_triton:
         w, b = weight, None if bias is None else bias.contiguous()
     else:
-        w, b = weight.float(), None if bias is None else bias.float()
-    logits_buf = hidden.new_empty((min(chunk, n), v)) if use_triton else None
+        w, b = weight.to(compute), None if bias is None else bias.to(compute)
+    logits_buf = logits_buffer(hidden, min(chunk, n), v) if use_triton else None
     need_h, need_w, need_b = need if grad_scale is not None else (False, False, False)
     grad_hidden = torch.empty_like(hidden) if need_h else None
     grad_weight32, grad_bias32 = _fp32_accumulator(weight, need_w), _fp32_accumulator(bias, need_b)
-    losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    losses = torch.empty(n, dtype=compute, device=hidden.device)
     z_losses = torch.empty_like(losses)
     for start in range(0, n, chunk):
         rows = slice(start, min(start + chunk, n))
@@ -543,7 +555,7 @@ def _chunked_linear_cross_entropy(hidden, weight, bias, labels, opts, chunk, gra
             logits = torch.mm(hidden[rows], w.T, out=logits_buf[: rows.stop - start])
             losses[rows], z_losses[rows] = _launch_cross_entropy(logits, labels[rows], b, opts, scale)
         else:
-            logits = hidden[rows].float() @ w.T
+            logits = hidden[rows].to(compute) @ w.T
             if b is not None:
                 logits += b
             losses[rows], z_losses[rows], logits = _torch_chunk_step(logits, labels[rows], valid[rows], opts, scale)
@@ -565,13 +577,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
         labels = labels.long().contiguous()
         n_valid = (labels != opts.ignore_index).sum().clamp(min=1)
         # "mean" divides by the number of valid labels (a tensor: no host sync); all-ignored gives 0.
-        scale = (1.0 / n_valid).float() if reduction == "mean" else hidden.new_ones((), dtype=torch.float32)
+        ones = hidden.new_ones((), dtype=_compute_dtype(hidden))
+        scale = (1.0 / n_valid).to(ones.dtype) if reduction == "mean" else ones
         early_grads = reduction != "none" and any(needs_grad)
+        # fp16 dlogits cannot carry the mean's 1/N: softmax / N for N = 16k rows falls below fp16's smallest
+        # normal (6e-5) for most of a large vocabulary, and flushes to 0 below 6e-8. The chunk loop then works
+        # on the gradient of the sum, and 1/N joins grad_output in backward, applied in fp32 and rounded once.
+        # (bf16 has fp32's exponent range and takes 1/N in the kernel.)
+        ctx.pending_scale = scale if reduction == "mean" and hidden.dtype == torch.float16 else None
+        kernel_scale = ones if ctx.pending_scale is not None else scale
         ctx.opts, ctx.reduction, ctx.chunk, ctx.use_triton = opts, reduction, chunk, use_triton
         ctx.hidden_dtype, ctx.param_dtype = hidden.dtype, weight.dtype
         with torch.autocast(hidden.device.type, enabled=False):
             losses, z_losses, *grads = _chunked_linear_cross_entropy(
-                hidden, weight, bias, labels, opts, chunk, scale if early_grads else None, needs_grad, use_triton
+                hidden, weight, bias, labels, opts, chunk, kernel_scale if early_grads else None, needs_grad,
+                use_triton,
             )
         if early_grads:
             ctx.save_for_backward(*grads)
@@ -591,15 +611,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if ctx.reduction != "none":
             # Gradients were computed in the forward; scale by the incoming scalar. d weight / d bias are
             # still fp32: multiplied in fp32 and rounded once, straight into a tensor of their dtype.
+            if ctx.pending_scale is None:
+                return (
+                    *(None if g is None else torch.mul(g, grad_loss, out=torch.empty_like(g, dtype=dtype))
+                      for g, dtype in zip(ctx.saved_tensors, dtypes)),
+                    None, None, None, None, None, None,
+                )  # fmt: skip
+            # fp16 "mean": d hidden holds the sum's gradient in fp16 (normal range); scaled in fp32, rounded once.
+            factor = grad_loss.float() * ctx.pending_scale
             return (
-                *(None if g is None else torch.mul(g, grad_loss, out=torch.empty_like(g, dtype=dtype))
-                  for g, dtype in zip(ctx.saved_tensors, dtypes)),
+                *(None if g is None else (g.float() * factor).to(dtype) for g, dtype in zip(ctx.saved_tensors, dtypes)),
                 None, None, None, None, None, None,
-            )
+            )  # fmt: skip
         hidden, weight, bias, labels = ctx.saved_tensors
         with torch.autocast(hidden.device.type, enabled=False):
             _, _, *grads = _chunked_linear_cross_entropy(
-                hidden, weight, bias, labels, ctx.opts, ctx.chunk, grad_loss.float().contiguous(),
+                hidden, weight, bias, labels, ctx.opts, ctx.chunk, grad_loss.to(_compute_dtype(hidden)).contiguous(),
                 ctx.needs_input_grad[:3], ctx.use_triton,
             )
         grads = (None if g is None else g.to(dtype) for g, dtype in zip(grads, dtypes))
@@ -656,8 +683,8 @@ class _TritonCrossEntropy(torch.autograd.Function):
 _KERNELS_INTERPRETED = all_interpreted(_cross_entropy_kernel)
 
 
-def _use_triton(backend: str, device: torch.device) -> bool:
-    return use_triton(backend, device, _KERNELS_INTERPRETED, "kernels.cross_entropy")
+def _use_triton(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> bool:
+    return use_triton(backend, device, _KERNELS_INTERPRETED, "kernels.cross_entropy", dtype)
 
 
 def fused_linear_cross_entropy(
@@ -707,7 +734,8 @@ def fused_linear_cross_entropy(
     """
     opts = _check_options(ignore_index, label_smoothing, z_loss_scale, softcap, temperature, reduction)
     _check_inputs(hidden, weight, labels, bias, chunk_size, opts)
-    use_triton = _use_triton(backend, hidden.device)
+    use_triton = _use_triton(backend, hidden.device, hidden.dtype)
+    check_float_dtype("fused_linear_cross_entropy", "hidden", hidden, use_triton)
     n, v = hidden.shape[0], weight.shape[0]
     chunk = chunk_size or _default_chunk_size(n, v, use_triton, hidden.element_size())
     needs_grad = (
@@ -745,9 +773,11 @@ def cross_entropy(
     """
     opts = _check_options(ignore_index, label_smoothing, z_loss_scale, softcap, temperature, reduction)
     _check_logits(logits, labels, opts)
-    if not _use_triton(backend, logits.device):
-        losses, z_losses = _reference_row_losses(logits.float(), labels, opts)
+    if not _use_triton(backend, logits.device, logits.dtype):
+        check_float_dtype("cross_entropy", "logits", logits, triton=False)
+        losses, z_losses = _reference_row_losses(logits.to(_compute_dtype(logits)), labels, opts)
         return _reduce(losses, z_losses, labels, opts, reduction, return_z_loss)
+    check_float_dtype("cross_entropy", "logits", logits, triton=True)
     write_grad = torch.is_grad_enabled() and logits.requires_grad
     loss, z_loss = _TritonCrossEntropy.apply(logits, labels, opts, reduction, write_grad)
     return CrossEntropyOutput(loss, z_loss) if return_z_loss else loss
