@@ -74,6 +74,9 @@ MODES = ("triton", "same", "truth")
 ROWS = (1, 2, 3, 5, 7, 8, 13, 17, 31)
 VOCAB = (1, 2, 3, 5, 11, 16, 17, 31, 64, 97, 131)
 WIDTH = (1, 2, 3, 5, 8, 13, 16, 33)
+# The row kernels take the vocabulary in tiles of at most 8,192 columns (kernels' _MAX_BLOCK_V): one case in ten
+# has a vocabulary of two tiles, so the online max / sum rescaling between tiles runs too (with few rows).
+WIDE_VOCAB = (8193, 9001)
 EXACT = {"tokens", "low_clipped", "high_clipped", "zero_variance", "lse_is_inf"}
 
 
@@ -181,6 +184,13 @@ def backend(mode: str) -> str:
     return "triton" if mode == "triton" else "reference"
 
 
+def draw_sizes(rng) -> dict:
+    """n rows, vocabulary v, width d: small odd sizes, or (one case in ten) a two-tile vocabulary."""
+    if rng.random() < 0.1:
+        return {"n": pick(rng, [1, 2, 5]), "v": pick(rng, WIDE_VOCAB), "d": pick(rng, [1, 3, 8])}
+    return {"n": pick(rng, ROWS), "v": pick(rng, VOCAB), "d": pick(rng, WIDTH)}
+
+
 def chunk_choice(rng, n: int):
     return pick(rng, [None, None, 1, 2, 3, 5, max(n - 1, 1)])
 
@@ -215,7 +225,7 @@ def draw_ce_options(rng) -> dict:
 
 
 def draw_fused_ce(rng) -> dict:
-    p = {**base_params(rng), "n": pick(rng, ROWS), "v": pick(rng, VOCAB), "d": pick(rng, WIDTH)}
+    p = {**base_params(rng), **draw_sizes(rng)}
     return {**p, **draw_ce_options(rng), "bias": bool(rng.integers(2)), "chunk_size": chunk_choice(rng, p["n"])}
 
 
@@ -282,7 +292,8 @@ def run_fused_ce(p: dict, mode: str) -> tuple[dict, Bound]:
 
 
 def draw_ce(rng) -> dict:
-    return {**base_params(rng), "n": pick(rng, ROWS), "v": pick(rng, VOCAB), **draw_ce_options(rng)}
+    sizes = draw_sizes(rng)
+    return {**base_params(rng), "n": sizes["n"], "v": sizes["v"], **draw_ce_options(rng)}
 
 
 def run_ce(p: dict, mode: str) -> tuple[dict, Bound]:
@@ -306,8 +317,12 @@ def run_ce(p: dict, mode: str) -> tuple[dict, Bound]:
 
 
 def draw_lengths(rng, n_docs: int) -> list[int]:
-    """Document lengths: empty documents (allowed, skipped), 1-token documents, and a few longer ones."""
-    return [int(pick(rng, [0, 1, 1, 2, 3, rng.integers(2, 14), rng.integers(2, 14)])) for _ in range(n_docs)]
+    """Document lengths: empty documents (allowed, skipped), 1-token documents, short ones, and in one case in
+    four one document of 17-70 tokens: several of the interpreter's 16 / 32-token blocks, full and partial."""
+    lengths = [int(pick(rng, [0, 1, 1, 2, 3, rng.integers(2, 14), rng.integers(2, 14)])) for _ in range(n_docs)]
+    if rng.random() < 0.25:
+        lengths[int(rng.integers(n_docs))] = int(rng.integers(17, 71))
+    return lengths
 
 
 def draw_attention(rng) -> dict:
@@ -355,9 +370,13 @@ def run_attention(p: dict, mode: str) -> tuple[dict, Bound]:
 
 
 def draw_advantages(rng) -> dict:
+    # The kernel walks the batch in tiles of 4,096 rewards (_ADVANTAGE_TILE): one case in ten is a batch of
+    # several tiles, or one group larger than a tile.
+    groups, group_size = int(pick(rng, [1, 2, 3, 5, 8, 13])), int(pick(rng, [1, 2, 3, 4, 5, 7, 8, 16, 17]))
+    if rng.random() < 0.1:
+        groups, group_size = pick(rng, [(300, 16), (257, 17), (1, 4097), (3, 5000)])
     return {
-        **base_params(rng), "groups": int(pick(rng, [1, 2, 3, 5, 8, 13])),
-        "group_size": int(pick(rng, [1, 2, 3, 4, 5, 7, 8, 16, 17])), "scale": pick(rng, ["group", "batch", "none"]),
+        **base_params(rng), "groups": groups, "group_size": group_size, "scale": pick(rng, ["group", "batch", "none"]),
         "eps": pick(rng, [1e-4, 1e-4, 1e-6, 0.1]), "rewards": pick(rng, ["binary", "binary", "graded", "normal"]),
         "nan_frac": pick(rng, [0.0, 0.0, 0.2, 1.0]),
     }
@@ -384,7 +403,7 @@ def run_advantages(p: dict, mode: str) -> tuple[dict, Bound]:
 
 
 def draw_logprobs(rng) -> dict:
-    p = {**base_params(rng), "n": pick(rng, ROWS), "v": pick(rng, VOCAB), "d": pick(rng, WIDTH)}
+    p = {**base_params(rng), **draw_sizes(rng)}
     return {**p, "temperature": pick(rng, [1.0, 1.0, 0.6, round(float(rng.uniform(0.3, 2.0)), 2)]),
             "return_entropy": bool(rng.integers(2)), "chunk_size": chunk_choice(rng, p["n"]),
             "scale": pick(rng, [0.1, 1.0, 2.0])}
