@@ -11,6 +11,7 @@ from fastmath.model import load_causal_lm
 from fastmath.policy import PolicyWithGRPOLoss, Sequence, gathered_weights, pack_sequences
 from fastmath.rollout import HFGenerator, Sampling
 from tests.conftest import REPO, subprocess_env
+from tests.tolerances import decoder_rtol, decoder_width
 
 
 def test_vllm_logprobs_and_in_place_weight_sync(assets):
@@ -23,7 +24,9 @@ def test_vllm_logprobs_and_in_place_weight_sync(assets):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["n_logprobs"] > 10
-    assert result["logprob_max_abs_diff"] < 1e-3
+    # vLLM's CPU kernels and the trainer's evaluate the same fp32 decoder in different orders.
+    bound = decoder_rtol(torch.float32, result["width"], result["layers"]) * result["logprob_scale"]
+    assert result["logprob_max_abs_diff"] <= bound
     assert result["greedy_equal"] == [True, True, True]
 
 
@@ -42,7 +45,11 @@ def test_hf_generator_logprobs_and_weight_load(assets, tokenizer):
         (batch,) = pack_sequences([Sequence(p, c.token_ids, c.logprobs, 0.0, True) for c in group], 256)
         with torch.no_grad():
             trainer, _ = policy(batch, mode="logprobs")
-        torch.testing.assert_close(trainer, batch.sampler_logprobs, rtol=1e-4, atol=1e-4)
+        # HF generate (KV cache, one token at a time) and the packed trainer: one fp32 decoder, two orders.
+        config = lm.config
+        tol = decoder_rtol(torch.float32, decoder_width(config, 256), config.num_hidden_layers)
+        torch.testing.assert_close(trainer, batch.sampler_logprobs, rtol=0.0,
+                                   atol=tol * max(1.0, trainer.abs().max().item()))
     # Load changed weights through the same bucketed iterator the trainer uses; greedy output follows them.
     with torch.no_grad():
         for param in lm.parameters():

@@ -36,6 +36,9 @@ def main(model_dir: str) -> None:
     with torch.no_grad():
         trainer_lp, _ = policy(batch, mode="logprobs")
     logprob_diff = (trainer_lp - batch.sampler_logprobs).abs().max().item()
+    logprob_scale = max(1.0, trainer_lp.abs().max().item())
+    config = lm.config
+    model_width = max(config.hidden_size, config.intermediate_size, config.vocab_size, int(batch.mask.numel()))
 
     # 2. Update the weights (as an optimizer step would), sync in place, greedy outputs match HF generate.
     with torch.no_grad():
@@ -51,6 +54,7 @@ def main(model_dir: str) -> None:
                           pad_token_id=tok.pad_token_id)[0, len(p):].tolist()
         same.append(out == list(c.token_ids))
     print(json.dumps({"logprob_max_abs_diff": logprob_diff, "n_logprobs": int(batch.mask.numel()),
+                      "logprob_scale": logprob_scale, "width": model_width, "layers": config.num_hidden_layers,
                       "greedy_equal": same, "start_seconds": gen.start_seconds}))
 
 
