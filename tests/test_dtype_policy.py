@@ -81,6 +81,9 @@ def test_float64_runs_in_float64_on_the_reference_path(name, backend):
     out = fn(*inputs)
     assert out.dtype == F64, f"{name}: float64 inputs gave {out.dtype}"
     if inputs:
+        # Central differences with step h = 1e-6 err by about h^2 |f'''| / 6 + u |f| / h (u = 1.1e-16): near 1e-10
+        # for these O(1) functions, so 1e-7 leaves three orders of margin, while one fp32 step anywhere makes the
+        # differences err by about 6e-8 |f| / h = 0.06 and fails.
         assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5), name
 
 
