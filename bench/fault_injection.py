@@ -201,6 +201,7 @@ def run_to_end(stage: str, out_dir: Path, cache_dir: Path, log_path: Path, plan:
     """Launch, kill at each phase of `plan`, relaunch with run.resume=auto until a launch ends by itself."""
     folder = stage_folder(out_dir, stage)
     kills, corrupt, mismatches, launches, started = [], set(), 0, 0, time.perf_counter()
+    resumed_steps = []  # per launch that chose its resume point: the step it resumed from (0: a fresh start)
     with open(log_path, "ab") as log:
         while True:
             expected = newest_checkpoint_step(folder)
@@ -215,12 +216,14 @@ def run_to_end(stage: str, out_dir: Path, cache_dir: Path, log_path: Path, plan:
                 corrupt.update(corrupt_checkpoints(folder))
             log.flush()
             resumed_at = _resumed_step(log_path, log_start)
-            if _started_training(log_path, log_start) and resumed_at != (expected or None):
-                mismatches += 1  # (a launch killed before it chose its resume point is not judged)
+            if _started_training(log_path, log_start):  # (a launch killed before that is not judged)
+                resumed_steps.append(resumed_at or 0)
+                mismatches += resumed_at != (expected or None)
             if landed is None:
                 break
     corrupt.update(corrupt_checkpoints(folder))
     return {"kills": len(kills), "phase_hit": dict(Counter(kills)), "launches": launches,
+            "resumed_steps": resumed_steps,
             "returncode": proc.returncode, "corrupt_checkpoints": sorted(corrupt), "resume_mismatches": mismatches,
             "wall_s": time.perf_counter() - started}
 
