@@ -27,13 +27,15 @@ Backends (`backend=`):
     "reference": a loop over documents: `scaled_dot_product_attention` per document, or, for softcap / lse,
                  the same math written out (exact; memory seqlen_q * seqlen_k per head of one document).
                  The spec, and the CPU path; autograd through it is the CPU backward.
-    "triton":    the Triton kernels below: fp16 / bf16 / fp32 on CUDA; fp16 / fp32 on CPU in Triton's
-                 interpreter, which needs TRITON_INTERPRET=1 set before triton and this module are imported
-                 (Triton interprets a function iff it is set when the function is decorated); its bf16 tl.dot
-                 is wrong (NOTES.md). Other inputs raise ValueError, CPU without the interpreter RuntimeError.
+    "triton":    the Triton kernels below: fp16 / bf16 / fp32 on CUDA, head_dim <= 256; fp32 products in tf32
+                 there (tensor cores; about 1e-3 relative error per product, like torch's allow_tf32 matmuls);
+                 fp16 / fp32 on CPU in Triton's interpreter (fp32 products exact), which needs TRITON_INTERPRET=1
+                 set before triton and this module are imported (Triton interprets a function iff it is set
+                 when the function is decorated); its bf16 tl.dot is wrong (NOTES.md). Other inputs raise
+                 ValueError, CPU without the interpreter RuntimeError.
     "auto":      the rule of DESIGN.md: Triton for CUDA tensors, and for CPU tensors while TRITON_INTERPRET=1
                  is set; the reference for everything else and for the inputs the kernels do not take (fp64,
-                 bf16 under the interpreter).
+                 bf16 under the interpreter, head_dim > 256).
 
 The Triton path (FlashAttention-2). Forward: one program per (document, q head, block of BLOCK_M queries);
 it streams the document's keys in blocks of BLOCK_N with an online softmax (running max m, running sum l,
@@ -52,6 +54,7 @@ re-read once per query block, mostly from L2, so long documents are compute-boun
 Paper: Dao, "FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning" (2023).
 """
 
+import functools
 import math
 import weakref
 
@@ -60,36 +63,81 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.dispatch import BACKENDS as _BACKENDS, all_interpreted
+from kernels.dispatch import BACKENDS as _BACKENDS, TRITON_FLOAT_DTYPES, all_interpreted, check_float_dtype
 
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = math.log2(math.e)
 
 # Block sizes. Under the interpreter (CPU tests) one small config: multi-config autotuning needs a GPU
 # driver there, and small blocks keep the interpreted tests fast; BLOCK_M != BLOCK_N on purpose, so that
 # the tests cover unequal blocks. On a GPU, autotuned per head dim / mask kind / dtype (not per
-# max_seqlen, which changes every packed batch); configs that do not fit shared memory are skipped.
-# The candidates are those that compiled for sm_90 (Triton 3.6 and 3.9, bf16) without register spills at
-# head dim 64 and with the fewest at 128 (cuobjdump); which one wins is measured by the autotuner.
-if triton.knobs.runtime.interpret:
-    _FWD_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32})]
-    _DKDV_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16})]
-    _DQ_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32})]
-else:
-    _FWD_CONFIGS = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [(128, 64, 8, 3), (128, 32, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)]
+# max_seqlen, which changes every packed batch) among the configs kept for the head dim's BLOCK_D: those
+# that compile for sm_90 and sm_80 within the per-block shared memory limit, spill no register at BLOCK_D 64
+# and 128 (bf16 / fp16, every mask kind), and pipeline their loads (num_stages >= 2). The compile-time
+# contract (bench/compile_contract.py, tests/test_compile_contract.py) holds these lists to that.
+# Entries: (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M counts queries, BLOCK_N keys, in every kernel.
+_INTERPRETER_CONFIGS = {"forward": (16, 32, 4, 1), "dkdv": (32, 16, 4, 1), "dq": (16, 32, 4, 1)}
+_GPU_CONFIGS = {
+    "forward": {
+        64: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
+        128: [(128, 32, 8, 3), (128, 32, 8, 2), (64, 64, 8, 3), (64, 32, 8, 3)],
+        256: [(64, 32, 8, 2), (32, 32, 4, 2)],
+    },
+    # dK/dV keeps a key block's k, v and fp32 dk, dv in registers for the whole program: at head dim 128 only
+    # 32-key blocks spread over 8 warps (or 16 queries a step over 4) leave room for the [keys, queries] tiles.
+    "dkdv": {
+        64: [(64, 32, 8, 2), (32, 64, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2)],
+        128: [(64, 32, 8, 2), (32, 32, 8, 2), (16, 32, 8, 2), (16, 32, 4, 2)],
+        256: [(16, 32, 8, 2)],
+    },
+    "dq": {
+        64: [(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
+        128: [(64, 32, 8, 2), (64, 16, 8, 2), (32, 32, 8, 2), (32, 16, 8, 2)],
+        256: [(32, 16, 8, 2)],
+    },
+}
+MAX_HEAD_DIM = 256  # BLOCK_D beyond 256 does not fit shared memory with any useful tile
+# fp32 inputs multiply on tensor cores in tf32 (10-bit mantissa, fp32 accumulation; ~1e-3 relative error per
+# product, as torch.backends.cuda.matmul.allow_tf32 gives matmuls). "ieee" compiled to scalar FMAs for sm_90 and
+# spilled 10-170 KB per thread at head dim 128. 16-bit inputs ignore the setting; the interpreter multiplies fp32
+# exactly, so the CPU tests still see fp32 products.
+DOT_PRECISION = "tf32"
+
+
+def block_d(head_dim: int) -> int:
+    """The head-dim tile: the next power of two, at least 16 (tl.dot's smallest K)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def configs_for(kernel: str, head_dim: int) -> list:
+    """The triton.Configs `kernel` ("forward" | "dkdv" | "dq") may launch at this head dim."""
+    if triton.knobs.runtime.interpret:
+        entries = [_INTERPRETER_CONFIGS[kernel]]
+    else:
+        table = _GPU_CONFIGS[kernel]
+        entries = table[min(size for size in table if size >= min(block_d(head_dim), MAX_HEAD_DIM))]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in entries
     ]
-    _DKDV_CONFIGS = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [
-            (32, 64, 8, 2), (64, 64, 8, 2), (32, 128, 8, 1), (64, 128, 8, 1), (32, 32, 4, 2), (16, 32, 4, 2)
-        ]  # fmt: skip
-    ]
-    _DQ_CONFIGS = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2), (128, 16, 8, 2)]
-    ]
+
+
+def _all_configs(kernel: str) -> list:
+    """Every config of every head dim, once: the autotuner's list, which `_pruner` narrows per launch."""
+    sizes = (16,) if triton.knobs.runtime.interpret else tuple(_GPU_CONFIGS[kernel])
+    unique = {str(config): config for size in sizes for config in configs_for(kernel, size)}
+    return list(unique.values())
+
+
+def _pruner(kernel: str):
+    """early_config_prune for the autotuner: keep the configs of the launch's head dim, before any is timed."""
+    keep = {size: {str(c) for c in configs_for(kernel, size)} for size in (16, 32, 64, 128, 256)}
+
+    def prune(configs, named_args, **kwargs):
+        kept = keep[kwargs["BLOCK_D"]]
+        return [config for config in configs if str(config) in kept]
+
+    return {"early_config_prune": prune}
+
+
 _TUNING_KEY = ["HEAD_DIM", "MASK_LOWER", "MASK_UPPER", "SOFTCAP"]  # the autotuner adds the dtypes
 _DELTA_BLOCK = 32  # tokens per program of the delta preprocess (a bandwidth-bound row reduction)
 
@@ -209,7 +257,7 @@ def _query_range(n0, n1, len_q, shift, window_left, window_right, MASK_LOWER: tl
 # ----------------------------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_TUNING_KEY)
+@triton.autotune(configs=_all_configs("forward"), key=_TUNING_KEY, prune_configs_by=_pruner("forward"))
 @triton.jit
 def _varlen_fwd_kernel(
     # pointers: q/out [total_q, Hq, D], k/v [total_k, Hkv, D], lse [Hq, total_q] fp32, cu_seqlens int32
@@ -364,22 +412,27 @@ def _dkdv_one_head(
     return dk, dv
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=_TUNING_KEY)
+@triton.autotune(configs=_all_configs("dkdv"), key=_TUNING_KEY, prune_configs_by=_pruner("dkdv"))
 @triton.jit
 def _varlen_bwd_dkdv_kernel(
-    # pointers: q/do [total_q, Hq, D], k/v/dk/dv [total_k, Hkv, D], lse/delta [Hq, total_q] fp32
+    # pointers: q/do [total_q, Hq, D], k/v [total_k, Hkv, D], lse/delta [Hq, total_q] fp32,
+    # dk/dv [n_split, total_k, Hkv, D] (fp32 partial sums when n_split > 1, else dk / dv themselves)
     Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
-    # strides (token, head); the head-dim stride is 1
+    # strides (token, head; split for dk/dv); the head-dim stride is 1
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lse,
+    stride_dks, stride_dkt, stride_dkh, stride_dvs, stride_dvt, stride_dvh, stride_lse,
     # sizes and scalars
-    n_heads_kv, group, softmax_scale, qk_scale, softcap_scale, window_left, window_right,
+    n_heads_kv, group, heads_per_split, softmax_scale, qk_scale, softcap_scale, window_left, window_right,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_LOWER: tl.constexpr, MASK_UPPER: tl.constexpr,
     SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Grid (n_docs * Hkv, cdiv(max_seqlen_k, BLOCK_N)): dK and dV of one key block of one kv head.
+    """Grid (n_docs * Hkv, cdiv(max_seqlen_k, BLOCK_N), n_split): dK and dV of one key block of one kv head,
+    summed over one split's `heads_per_split` q heads of the GQA group.
 
-    The program sums over all q heads of the GQA group itself, so dK/dV need no atomics.
+    With n_split = 1 the program sums over the whole group itself and writes dK / dV. With few kv heads that is
+    too few programs for the GPU (2 kv heads on one 4k document: ~64 programs for 132 SMs), so the launcher
+    splits the group across programs, each writing fp32 partial sums that it then adds up: no atomics, and a
+    fixed summation order (deterministic).
     """
     # 1. Which document, kv head and key block (early key blocks are seen by the most queries: first).
     doc = tl.program_id(0) // n_heads_kv
@@ -407,8 +460,9 @@ def _varlen_bwd_dkdv_kernel(
     # 3. Sum over the group's q heads and their query blocks.
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for i in range(group):
-        head = kv_head * group + i
+    split = tl.program_id(2)
+    for i in range(heads_per_split):
+        head = kv_head * group + split * heads_per_split + i
         dk, dv = _dkdv_one_head(
             dk, dv, k, v,
             Q + start_q.to(tl.int64) * stride_qt + head * stride_qh,
@@ -419,13 +473,13 @@ def _varlen_bwd_dkdv_kernel(
         )  # fmt: skip
 
     # 4. dK = softmax_scale * dS^T Q (the scale of x = scale * q.k, applied once here).
-    dk_base = DK + start_k.to(tl.int64) * stride_dkt + kv_head * stride_dkh
-    dv_base = DV + start_k.to(tl.int64) * stride_dvt + kv_head * stride_dvh
+    dk_base = DK + split.to(tl.int64) * stride_dks + start_k.to(tl.int64) * stride_dkt + kv_head * stride_dkh
+    dv_base = DV + split.to(tl.int64) * stride_dvs + start_k.to(tl.int64) * stride_dvt + kv_head * stride_dvh
     _store_rows(dk_base, cols, stride_dkt, len_k, d, dk * softmax_scale, HEAD_DIM)
     _store_rows(dv_base, cols, stride_dvt, len_k, d, dv, HEAD_DIM)
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=_TUNING_KEY)
+@triton.autotune(configs=_all_configs("dq"), key=_TUNING_KEY, prune_configs_by=_pruner("dq"))
 @triton.jit
 def _varlen_bwd_dq_kernel(
     # pointers: q/do/dq [total_q, Hq, D], k/v [total_k, Hkv, D], lse/delta [Hq, total_q] fp32
@@ -720,8 +774,7 @@ def _kernel_options(q, k, max_seqlen_q, max_seqlen_k, softmax_scale, window, sof
         MASK_LOWER=left >= 0,
         MASK_UPPER=right >= 0,
         SOFTCAP=bool(softcap),
-        # fp32 inputs get true fp32 products (tests, fp32 runs); tf32 would cost ~1e-3 relative error.
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION=DOT_PRECISION,
     )
 
 
@@ -747,6 +800,29 @@ def _forward(q, k, v, cu_q, cu_k, max_seqlen_q, options):
     return out, lse
 
 
+# Splitting a GQA group across dK/dV programs: the key block assumed when counting programs (the autotuned block
+# is chosen later), and how many programs per SM to aim for before splitting stops.
+_TYPICAL_BLOCK_N = 32
+_PROGRAMS_PER_SM = 2
+
+
+def gqa_split(group: int, key_blocks: int, multiprocessors: int) -> int:
+    """How many programs share one kv head's key block in the dK/dV pass: the smallest divisor of `group` that
+    gives at least _PROGRAMS_PER_SM programs per multiprocessor (the whole group when none does; 1 when the
+    multiprocessor count is unknown, as on CPU). Each split adds a [total_k, Hkv, D] fp32 partial sum for dK
+    and one for dV, small exactly when kv heads are few."""
+    wanted = _PROGRAMS_PER_SM * multiprocessors
+    for split in range(1, group + 1):
+        if group % split == 0 and (key_blocks * split >= wanted or split == group):
+            return split
+    return 1
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessor_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+
+
 def _backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, softmax_scale, options):
     """Launch delta, dK/dV and dQ: (dq, dk, dv) in the dtypes of q, k, v."""
     total_q, n_heads_q, head_dim = q.shape
@@ -770,14 +846,23 @@ def _backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqle
     common = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
     common += (dout.stride(0), dout.stride(1))
 
-    # 2. dK, dV: one program per key block and kv head.
-    grid = lambda meta: (n_docs * n_heads_kv, triton.cdiv(max_seqlen_k, meta["BLOCK_N"]))  # noqa: E731
+    # 2. dK, dV: one program per key block, kv head and split of the GQA group.
     if max_seqlen_k:
+        key_blocks = n_docs * n_heads_kv * triton.cdiv(max_seqlen_k, _TYPICAL_BLOCK_N)
+        n_split = gqa_split(options["group"], key_blocks, _multiprocessor_count(q.device))
+        dk_out, dv_out = dk[None], dv[None]
+        if n_split > 1:
+            dk_out = torch.empty((n_split, *k.shape), dtype=torch.float32, device=k.device)
+            dv_out = torch.empty((n_split, *v.shape), dtype=torch.float32, device=v.device)
+        grid = lambda meta: (n_docs * n_heads_kv, triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), n_split)  # noqa: E731
         _varlen_bwd_dkdv_kernel[grid](
-            q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k,
-            *common, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0),
-            n_heads_kv, softmax_scale=scale, **options,
+            q, k, v, dout, lse, delta, dk_out, dv_out, cu_q, cu_k,
+            *common, *dk_out.stride()[:3], *dv_out.stride()[:3], lse.stride(0),
+            n_heads_kv, heads_per_split=options["group"] // n_split, softmax_scale=scale, **options,
         )  # fmt: skip
+        if n_split > 1:  # the splits' partial sums, added in a fixed order and rounded once
+            dk.copy_(dk_out.sum(0))
+            dv.copy_(dv_out.sum(0))
 
     # 3. dQ: one program per query block and q head.
     grid = lambda meta: (n_docs * n_heads_q, triton.cdiv(max_seqlen_q, meta["BLOCK_M"]))  # noqa: E731
@@ -825,10 +910,12 @@ def _select_backend(backend: str, q: torch.Tensor) -> str:
     if backend == "auto":
         wanted = q.is_cuda or (on_cpu and triton.knobs.runtime.interpret)
         # No fp64 kernels, and no bf16 in the interpreter (its bf16 tl.dot is wrong, NOTES.md): the exact path.
-        if not wanted or q.dtype not in _TRITON_DTYPES or (on_cpu and q.dtype == torch.bfloat16):
+        too_wide = q.shape[-1] > MAX_HEAD_DIM
+        if not wanted or q.dtype not in TRITON_FLOAT_DTYPES or (on_cpu and q.dtype == torch.bfloat16) or too_wide:
             return "reference"
-    if q.dtype not in _TRITON_DTYPES:
-        raise ValueError(f"varlen_attention(backend='triton') takes fp16 / bf16 / fp32, got {q.dtype}")
+    check_float_dtype("varlen_attention", "q", q, triton=True)
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"varlen_attention(backend='triton') takes head_dim <= {MAX_HEAD_DIM}, got {q.shape[-1]}")
     if not (q.is_cuda or on_cpu):
         raise ValueError(f"varlen_attention(backend='triton') runs on CUDA (or CPU, interpreted), got {q.device}")
     if on_cpu and q.dtype == torch.bfloat16:
@@ -858,6 +945,12 @@ def varlen_attention(
     backend: str = "auto",
 ):
     """Attention over packed documents (flash-attn `flash_attn_varlen_func` layout; see the module docstring).
+
+    Dtypes (kernels/dispatch.py, the same for every kernel function): fp16 / bf16 / fp32 on both paths, with
+    fp32 accumulation; float64 on the reference path only, computed in float64 end to end (backend="auto" takes
+    it there; backend="triton" refuses it with a ValueError).
+    bf16 under Triton's interpreter also takes the reference ("auto") or is refused ("triton"): its bf16 tl.dot
+    is wrong there (NOTES.md).
 
     Args:
         q: [total_q, Hq, D]; k, v: [total_k, Hkv, D], Hq % Hkv == 0 (GQA, contiguous head groups).
