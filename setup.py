@@ -17,6 +17,7 @@ setup(
     description="Fast-Math-R1 style SFT + GRPO trainer with fused Triton kernels",
     long_description=__doc__,
     packages=["kernels", "fastmath"],
+    package_data={"fastmath": ["chat_templates/*.jinja"]},
     python_requires=">=3.10",
     install_requires=[
         # What runs here: torch 2.13 (CPU suite) and 2.11 (the GPU image), Triton 3.9 and 3.6 (kernels compiled

@@ -66,7 +66,17 @@ class DataConfig:
     prompt_field: str = _opt("problem", "Row field holding the prompt (prompt/solution format).")
     solution_field: str = _opt("solution", "Row field holding the target completion.")
     messages_field: str = _opt("", "If set, rows hold chat `messages` in this field instead of prompt/solution.")
-    system_prompt: str = _opt("", "Optional system message prepended to every prompt.")
+    system_prompt: str = _opt("", "System message of every prompt in SFT and the held-out check ('' = none); "
+                              "grpo/eval.system_prompt override it.")
+    user_prefix: str = _opt("", "Text put before the problem in the user turn (SFT and the held-out check); "
+                            "grpo/eval.user_prefix override it.")
+    chat_template: str = _opt("model", "Chat template of every stage: 'model' = the tokenizer's own, a template "
+                              "shipped with fastmath by name (fast_math_r1_sft: the seed's SFT template), or a "
+                              ".jinja file. Saved with each export, so the next stage renders with it.")
+    reasoning_prefill: str = _opt("auto", "Whether the generation prompt opens the reasoning block (<think>): auto "
+                                  "= detect it, yes = require it, no = ignore it. A pre-filled opening is not "
+                                  "repeated in SFT targets and is judged with every completion.",
+                                  choices=("auto", "yes", "no"))
     max_length: int = _opt(1024, "Longest tokenised example (prompt + completion) kept.")
     overlong: str = _opt("drop", "What to do with examples longer than max_length.", choices=("drop", "truncate"))
     loss_on: str = _opt("completion", "Which tokens carry loss.", choices=("completion", "all"))
@@ -139,6 +149,8 @@ class GRPOConfig:
     top_p: float = _opt(1.0, "Nucleus sampling threshold.")
     min_p: float = _opt(0.0, "Min-p sampling threshold (0 = off).")
     stop: list[str] = _opt([], "Stop strings for generation (eos always stops).")
+    system_prompt: str | None = _opt(None, "GRPO's system message (null = data.system_prompt; '' = none).")
+    user_prefix: str | None = _opt(None, "GRPO's text before the problem in the user turn (null = data.user_prefix).")
     generator: str = _opt("auto", "Rollout engine: vLLM colocated in the training process, or HF generate.",
                           choices=("auto", "vllm", "hf"))
     vllm_gpu_memory_utilization: float = _opt(0.3, "Fraction of GPU memory vLLM may take (CUDA).")
@@ -150,6 +162,11 @@ class GRPOConfig:
     rewards: list[str] = _opt(["accuracy", "format"], "Reward functions, summed with reward_weights.",
                               choices=("accuracy", "format", "cosine", "length", "overlong"))
     reward_weights: list[float] = _opt([], "One weight per reward (empty = all 1.0).")
+    format_rule: str = _opt("box_after_think", "What the format reward checks (on the pre-filled opening plus the "
+                            "completion): box_after_think = one <think> block at the start, then a balanced "
+                            "\\boxed{} after </think>; box_before_think_end = a \\boxed{} before </think> (the "
+                            "seed's format_reward2, which lets inference stop at </think>).",
+                            choices=("box_after_think", "box_before_think_end"))
     length_unit: str = _opt("tokens", "Unit of completion length for the length rewards.", choices=("tokens", "chars"))
     cosine_max_length: int = _opt(0, "Length at which the cosine reward reaches its end values, in length_unit "
                                   "(0 = max_completion_length, times 4 for chars).")
@@ -205,7 +222,12 @@ class EvalConfig:
     temperature: float = _opt(1.0, "Sampling temperature (the seed recommends 1.0; 0 = greedy).")
     top_p: float = _opt(0.9, "Nucleus sampling threshold (the seed recommends 0.9).")
     min_p: float = _opt(0.05, "Min-p sampling threshold (the seed recommends 0.05; 0 = off).")
-    stop: list[str] = _opt([], "Stop strings (eos always stops); the answer is the last \\boxed{} of the text.")
+    stop: list[str] = _opt([], "Stop strings (eos always stops); the answer is the last \\boxed{} of the text "
+                           "(with the pre-filled reasoning opening); the seed stops at </think>.")
+    system_prompt: str | None = _opt(None, "The eval's system message (null = data.system_prompt; '' = none).")
+    user_prefix: str | None = _opt(None, "The eval's text before the problem in the user turn (null = "
+                                   "data.user_prefix; the seed: 'Solve the problem, and put the answer in "
+                                   "\\boxed{}. ').")
     generator: str = _opt("auto", "Sampling engine: vLLM, or HF generate (slow; where vLLM is not installed).",
                           choices=("auto", "vllm", "hf"))
     batch_size: int = _opt(64, "Prompts per HF generate() call (the HF generator only; vLLM batches by itself).")
@@ -399,7 +421,10 @@ def _check_choices(value: Any, choices: tuple | None, key: str) -> None:
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     if isinstance(value, _Override):
-        value = value.as_text() if hint is str else value.parse()
+        if hint == str | None:  # text as written, except null itself
+            value = None if value.text.strip() in ("null", "~") else value.as_text()
+        else:
+            value = value.as_text() if hint is str else value.parse()
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         options = [h for h in typing.get_args(hint) if h is not type(None)]
@@ -433,6 +458,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 
 # Text settings that mean nothing when empty ('' would name the current folder or no field at all).
 NON_EMPTY = ("run.output_dir", "run.resume", "model.name_or_path", "data.train", "data.prompt_field",
+             "data.chat_template",
              "data.solution_field", "grpo.init_from", "grpo.prompts", "grpo.answer_field", "eval.model",
              "eval.benchmark", "eval.problem_field", "eval.answer_field")
 
@@ -447,6 +473,9 @@ def validate(config: Config) -> None:
     if not config.run.stages:
         raise ConfigError("config key 'run.stages' must name at least one stage")
     _check_distinct(config.run.stages, "run.stages")
+    from fastmath.data import chat_template_text
+
+    chat_template_text(config.data.chat_template)  # a name or file that does not exist stops the run here
     if config.data.max_length > config.sft.tokens_per_micro_batch:
         raise ConfigError(
             f"config key 'data.max_length' ({config.data.max_length}) exceeds 'sft.tokens_per_micro_batch' "

@@ -2,9 +2,9 @@
 
 Sources: a local .jsonl / .json / .parquet file, or a Hugging Face dataset id (via `datasets`).
 Row formats:
-  * prompt/solution: `{prompt_field: str, solution_field: str}`. The prompt goes through the model's
-    chat template with the generation prompt; the solution is appended verbatim followed by the
-    tokenizer's eos token. Appending (rather than templating the assistant turn) keeps the reasoning
+  * prompt/solution: `{prompt_field: str, solution_field: str}`. The prompt (after the user prefix) goes
+    through the chat template with the generation prompt; the solution is appended verbatim followed by
+    the tokenizer's eos token. Appending (rather than templating the assistant turn) keeps the reasoning
     intact: some templates (DeepSeek-R1-Distill's) strip everything before `</think>` from assistant
     turns, which would silently delete the very traces SFT is meant to teach.
   * chat: `{messages_field: [{"role": ..., "content": ...}, ...]}`; every assistant turn carries loss,
@@ -14,6 +14,21 @@ Row formats:
     turn, no assistant turn is empty, and the last turn is the assistant's (nothing after it to learn).
     A row the chat template refuses (its own checks, e.g. roles that must alternate) is skipped with the
     template's message as the reason.
+
+Chat template and reasoning prefill (the same in every stage):
+  * The template is `data.chat_template`: 'model' keeps the tokenizer's own, a name picks a template shipped in
+    fastmath/chat_templates/ (`fast_math_r1_sft`, the seed's SFT template), anything else is a .jinja file. It is
+    set on the tokenizer, so the stage's export saves it and the next stage (GRPO, eval) renders with it.
+  * Reasoning prefill: some generation prompts already open the reasoning block (DeepSeek-R1-Distill's ends
+    with `<think>\n`). Detected by rendering a prompt: it ends with `<think>` and whitespace at most
+    (`data.reasoning_prefill`: auto = detect, yes = require it, no = ignore it). That opening,
+    `Formatter.reasoning_prefix`, is then part of every prompt, so (1) SFT drops a solution's own leading
+    `<think>` (and the whitespace after it): the trained text holds exactly one; (2) a sampled completion
+    never holds it, so the rewards, the answer extraction and the eval judge `Formatter.judged(completion)`
+    = the prefix + the completion, never the completion alone.
+  * System prompt and user prefix: per stage (`prompt_settings`): SFT and the held-out check use
+    `data.system_prompt` / `data.user_prefix`; GRPO and eval use `grpo.*` / `eval.*`, null = data's. The user
+    prefix is put before the problem in the user turn of prompt rows (chat rows are used as written).
 
 Bad rows are skipped and counted by reason (never silently); a source with zero usable rows, or a
 missing file, raises `DataError` naming it.
@@ -26,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from fastmath.errors import DataError, first_line
+from fastmath.errors import ConfigError, DataError, first_line
 
 
 @dataclass
@@ -160,6 +175,69 @@ def _read_hub(name: str, split: str, report: DataReport) -> Iterator[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Chat templates and the reasoning prefill
+
+TEMPLATE_DIR = Path(__file__).with_name("chat_templates")
+REASONING_OPEN = "<think>"
+PREFILL_RULES = ("auto", "yes", "no")
+
+
+def shipped_templates() -> list[str]:
+    """Names of the chat templates shipped with fastmath (fastmath/chat_templates/<name>.jinja)."""
+    return sorted(path.stem for path in TEMPLATE_DIR.glob("*.jinja"))
+
+
+def chat_template_text(setting: str) -> str | None:
+    """The template a `data.chat_template` setting names: None for 'model' (keep the tokenizer's own), else the
+    text of a shipped template (by name) or of a .jinja file (by path)."""
+    if setting == "model":
+        return None
+    if "/" not in setting and (TEMPLATE_DIR / f"{setting}.jinja").is_file():
+        return (TEMPLATE_DIR / f"{setting}.jinja").read_text(encoding="utf-8")
+    path = Path(setting).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"config key 'data.chat_template': {setting!r} is not 'model', a shipped template "
+                          f"({', '.join(shipped_templates())}) or a template file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config key 'data.chat_template': cannot read {path}: {first_line(err)}") from None
+
+
+def reasoning_prefix(rendered_prompt: str, rule: str = "auto") -> str:
+    """The opening of the reasoning block a rendered generation prompt ends with (from its last `<think>` to the
+    end, when only whitespace follows that tag), or ''. rule 'no' ignores it; 'yes' requires it."""
+    at = rendered_prompt.rfind(REASONING_OPEN)
+    opens = at >= 0 and not rendered_prompt[at + len(REASONING_OPEN):].strip()
+    if rule == "yes" and not opens:
+        raise ConfigError(f"data.reasoning_prefill=yes, but the chat template's generation prompt does not end "
+                          f"by opening {REASONING_OPEN} (it ends with {rendered_prompt[-40:]!r})")
+    return rendered_prompt[at:] if opens and rule != "no" else ""
+
+
+def without_reasoning_open(solution: str) -> str:
+    """A solution that opens its own reasoning block, with that `<think>` and the whitespace after it removed (the
+    prompt supplies them); any other solution unchanged."""
+    body = solution.lstrip()
+    if body.startswith(REASONING_OPEN):
+        return body[len(REASONING_OPEN):].lstrip()
+    return solution
+
+
+def prompt_settings(config, stage: str) -> dict:
+    """The Formatter keywords of a stage: the run's template and prefill rule with the stage's system prompt and
+    user prefix ('sft' and 'heldout': data.*; 'grpo' and 'eval': their own, where null means data's)."""
+    d = config.data
+    system, prefix = d.system_prompt, d.user_prefix
+    if stage in ("grpo", "eval"):
+        own = getattr(config, stage)
+        system = d.system_prompt if own.system_prompt is None else own.system_prompt
+        prefix = d.user_prefix if own.user_prefix is None else own.user_prefix
+    return {"system_prompt": system, "user_prefix": prefix, "chat_template": d.chat_template,
+            "reasoning_prefill": d.reasoning_prefill}
+
+
+# ---------------------------------------------------------------------------------------------
 # Rows to documents
 
 
@@ -201,7 +279,10 @@ def conversation_problem(messages: object, field_name: str) -> str | None:
 
 @dataclass
 class Formatter:
-    """Turns validated rows into token ids and loss masks with one tokenizer and one policy."""
+    """Turns validated rows into token ids and loss masks with one tokenizer and one policy.
+
+    A `chat_template` other than 'model' is set on the tokenizer itself (so an export of it saves the template);
+    `reasoning_prefix` is what the generation prompt pre-fills of the reasoning block (module docstring)."""
 
     tokenizer: object
     prompt_field: str = "problem"
@@ -211,27 +292,46 @@ class Formatter:
     max_length: int = 1024
     overlong: str = "drop"
     loss_on: str = "completion"
+    user_prefix: str = ""
+    chat_template: str = "model"
+    reasoning_prefill: str = "auto"
+    reasoning_prefix: str = field(init=False, default="")
 
     def __post_init__(self):
+        template = chat_template_text(self.chat_template)
+        if template is not None:
+            self.tokenizer.chat_template = template
         if not getattr(self.tokenizer, "chat_template", None):
-            raise DataError("the tokenizer has no chat template; use a model whose tokenizer defines one")
+            raise DataError("the tokenizer has no chat template; use a model whose tokenizer defines one, or set "
+                            "data.chat_template")
         if self.tokenizer.eos_token_id is None:
             raise DataError("the tokenizer has no eos token; it is needed to end each completion")
+        if self.reasoning_prefill not in PREFILL_RULES:
+            raise ConfigError(f"reasoning_prefill must be one of {list(PREFILL_RULES)}, got {self.reasoning_prefill!r}")
+        self.reasoning_prefix = reasoning_prefix(self._render(self.prompt_messages("1 + 1 = ?"), True),
+                                                 self.reasoning_prefill)
 
     def prompt_messages(self, prompt: str) -> list[dict]:
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        return system + [{"role": "user", "content": prompt}]
+        return system + [{"role": "user", "content": self.user_prefix + prompt}]
 
     def prompt_ids(self, prompt: str) -> list[int]:
         return self._template(self.prompt_messages(prompt), add_generation_prompt=True)
 
-    def _template(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-        # transformers 5 returns a BatchEncoding for tokenize=True; render text and tokenise it ourselves.
+    def judged(self, completion: str) -> str:
+        """What rewards, answer extraction and the eval judge: the pre-filled opening plus the sampled text."""
+        return self.reasoning_prefix + completion
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+            return self.tokenizer.apply_chat_template(messages, tokenize=False,
                                                       add_generation_prompt=add_generation_prompt)
         except Exception as err:  # jinja's TemplateError from the template's own checks, and kin
             raise TemplateRefused(first_line(err)[:120]) from None
+
+    def _template(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+        # transformers 5 returns a BatchEncoding for tokenize=True; render text and tokenise it ourselves.
+        text = self._render(messages, add_generation_prompt)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def document(self, row: dict, report: DataReport) -> Document | None:
@@ -267,6 +367,8 @@ class Formatter:
         solution = text_field(row, self.solution_field, report) if prompt is not None else None
         if prompt is None or solution is None:
             return None
+        if self.reasoning_prefix:  # the prompt opens the reasoning block: one <think> in the trained text
+            solution = without_reasoning_open(solution)
         completion = self.tokenizer(solution, add_special_tokens=False)["input_ids"]
         return [(self.prompt_ids(prompt), False), (completion + [self.tokenizer.eos_token_id], True)]
 
@@ -281,6 +383,9 @@ class Formatter:
             return None
         if self.system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": self.system_prompt}] + messages
+        if self.reasoning_prefix:
+            messages = [dict(m, content=without_reasoning_open(m["content"])) if m["role"] == "assistant" else m
+                        for m in messages]
         # `done` holds the tokens emitted so far; each assistant turn must extend it exactly.
         pieces, done = [], []
         for i, message in enumerate(messages):

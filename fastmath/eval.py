@@ -20,7 +20,9 @@ What it does, in order:
        skipped) and checked on that truncated text; a sample that ended within B is unchanged. Sampling is
        token by token, so the first B tokens of a sample drawn with max_tokens = Bmax have exactly the
        distribution of a sample drawn with max_tokens = B: one generation serves every budget.
-    5. Answers: the last balanced `\\boxed{}` of the text against the gold answer with `AnswerChecker`
+    5. Answers: the last balanced `\\boxed{}` of the judged text (the reasoning opening the chat template's
+       generation prompt pre-fills, if any, then the sample: `Formatter.judged`; stop strings such as the
+       seed's `</think>` stay in the text) against the gold answer with `AnswerChecker`
        (math-verify in a worker pool with a time limit per item; the same path as the GRPO rewards). A
        timed-out check counts as wrong and is reported. Identical (answer, gold) pairs are checked once.
     6. Metrics (`fastmath/eval_metrics.py` has the definitions): per budget, pass@1 +- its standard error
@@ -31,7 +33,7 @@ Outputs in run.output_dir/<eval.output>/:
     table.md           the table printed to the console
     results.json       settings, data report, answer-check counts, timings, the metrics per budget
     samples.jsonl      every sample at every budget: problem, id, sample, budget, tokens, truncated, answer,
-                       gold, correct, status (of the answer check), text
+                       gold, correct, status (of the answer check), text (judged: pre-filled opening + sample)
     accuracy_vs_tokens.png   pass@1 (+- SE) against mean output tokens, one point per budget, one line per
                        model (this one and any `eval.compare` results), as in the seed paper's figure
 """
@@ -49,7 +51,7 @@ import torch
 from tqdm import tqdm
 
 from fastmath.config import Config, EvalConfig, to_dict
-from fastmath.data import DataReport, Formatter, read_rows, text_field
+from fastmath.data import DataReport, Formatter, prompt_settings, read_rows, text_field
 from fastmath.distributed import DistInfo
 from fastmath.errors import ConfigError, DataError, FastmathError, first_line
 from fastmath.eval_metrics import BudgetMetrics, SampleResult, budget_metrics
@@ -65,6 +67,7 @@ class EvalProblem:
     text: str
     answer: str
     ids: list[int]    # the templated prompt
+    prefill: str = ""  # the reasoning opening the templated prompt ends with (Formatter.reasoning_prefix)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,7 +107,8 @@ def load_problems(config: Config, formatter: Formatter, checker: AnswerChecker) 
                 continue
             if e.max_problems and len(problems) >= e.max_problems:
                 break
-            problems.append(EvalProblem(len(problems), ident, text, answer, formatter.prompt_ids(text)))
+            problems.append(EvalProblem(len(problems), ident, text, answer, formatter.prompt_ids(text),
+                                        formatter.reasoning_prefix))
         if e.max_problems and len(problems) >= e.max_problems:
             break
     report.used = len(problems)
@@ -175,7 +179,7 @@ def evaluate(generator: Generator, problems: list[EvalProblem], e: EvalConfig, t
                 stats["generated_tokens"] += len(c.token_ids)
                 for budget, tokens, text, truncated in at_budgets(c, budgets, tokenizer, tokenizer.eos_token_id):
                     rows.append({"problem": p.key, "id": p.id, "sample": j, "budget": budget, "tokens": tokens,
-                                 "truncated": truncated, "text": text, "gold": p.answer})
+                                 "truncated": truncated, "text": p.prefill + text, "gold": p.answer})
         t1 = time.perf_counter()
         verdicts = check_answers(checker, [r["text"] for r in rows], [r["gold"] for r in rows])
         stats["check_s"] += time.perf_counter() - t1
@@ -264,7 +268,7 @@ def run_eval(config: Config, dist_info: DistInfo) -> dict | None:
     # 1. Model, problems ------------------------------------------------------------------------------------
     model_path = start_model(config, "eval")
     tokenizer = load_tokenizer(model_path, config.model.trust_remote_code)
-    formatter = Formatter(tokenizer, e.problem_field, "", "", config.data.system_prompt)
+    formatter = Formatter(tokenizer, e.problem_field, **prompt_settings(config, "eval"))
     checker = AnswerChecker(e.answer_workers, e.answer_timeout_s)
     generator = None
     try:

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from fastmath import checkpoint as ckpt
 from fastmath.config import Config
-from fastmath.data import DataReport, Formatter, text_field, read_rows
+from fastmath.data import DataReport, Formatter, prompt_settings, text_field, read_rows
 from fastmath.distributed import DistInfo, all_reduce_max, all_reduce_sum
 from fastmath.errors import ConfigError, DataError, FastmathError
 from fastmath.model import load_causal_lm, load_tokenizer, mixed_precision, parallelize
@@ -56,6 +56,7 @@ class PromptRow:
     text: str
     ids: list[int]
     answer: str
+    prefill: str = ""  # the reasoning opening the templated prompt ends with; judged with each completion
 
 
 @dataclass
@@ -106,7 +107,7 @@ def load_prompts(config: Config, formatter: Formatter, checker: AnswerChecker, p
         if len(ids) > g.max_prompt_length:
             report.skipped[f"prompt longer than grpo.max_prompt_length ({g.max_prompt_length})"] += 1
             continue
-        rows.append(PromptRow(text, ids, answer))
+        rows.append(PromptRow(text, ids, answer, formatter.reasoning_prefix))
     report.used = len(rows)
     if not rows:
         raise DataError(f"no usable GRPO prompts in {source} ({report.summary()})")
@@ -137,7 +138,7 @@ def sample_groups(generator, rows: list[PromptRow], sampling: Sampling, config: 
     G = g.num_generations
     completions = generator.generate([r.ids for r in rows], sampling, G)
     flat = [c for group in completions for c in group]
-    texts = [c.text for c in flat]
+    texts = [r.prefill + c.text for r, group in zip(rows, completions) for c in group]  # judged: prefill + text
     golds = [r.answer for r in rows for _ in range(G)]
     verdicts = checker.check(texts, golds)
     correct = [v.correct for v in verdicts]
@@ -149,7 +150,7 @@ def sample_groups(generator, rows: list[PromptRow], sampling: Sampling, config: 
                "group": [i // G for i in range(len(flat))], "truncated": [c.truncated for c in flat]}
     settings = {"max_length": g.cosine_max_length or unit_limit, "limit": g.max_completion_length,
                 "overlong_buffer": g.overlong_buffer, "cosine_correct": tuple(g.cosine_correct),
-                "cosine_wrong": tuple(g.cosine_wrong)}
+                "cosine_wrong": tuple(g.cosine_wrong), "format_rule": g.format_rule}
     weights = g.reward_weights or [1.0] * len(g.rewards)
     prompts = [r.text for r in rows for _ in range(G)]
     table = compute_rewards(g.rewards, weights, prompts, texts, golds, columns, settings)
@@ -409,8 +410,7 @@ def run_grpo(config: Config, dist_info: DistInfo) -> dict:
     # 1. Policy path, tokenizer, prompts -------------------------------------------------------------------
     init_path = start_model(config, "grpo")
     tokenizer = load_tokenizer(init_path, config.model.trust_remote_code)
-    formatter = Formatter(tokenizer, config.data.prompt_field, config.data.solution_field, "",
-                          config.data.system_prompt)
+    formatter = Formatter(tokenizer, config.data.prompt_field, **prompt_settings(config, "grpo"))
     checker = AnswerChecker(g.reward_workers, g.reward_timeout_s)
     cleanup = [checker.close]  # also on errors: the worker pool and the generator must not outlive the stage
     try:

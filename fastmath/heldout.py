@@ -3,7 +3,9 @@
 One measurement with one engine, so "after SFT" and "before GRPO" (the same exported model) give the same
 figures: the model saved at a path is loaded with plain transformers on the main rank, each prompt is decoded
 once, greedily, with HF `generate` in batches of `heldout.batch_size`, the answer is checked with math-verify
-(`fastmath.answers`), and the completion's tokens are counted up to its eos. The other ranks wait.
+(`fastmath.answers`) on the judged text (the reasoning opening the prompt pre-fills, if any, plus the completion:
+`Formatter.judged`), and the completion's tokens are counted up to its eos. The other ranks wait. Prompts use
+data.system_prompt / data.user_prefix in every stage, so the before and after figures stay one measurement.
 
 Not the paper's evaluation (pass@1 over k samples at token budgets, with vLLM): that is the eval stage's job.
 The problems come from the embedded data (`heldout.split`), so the check applies to the embedded default only.
@@ -17,7 +19,7 @@ from tqdm import tqdm
 
 from fastmath.answers import AnswerChecker
 from fastmath.config import Config
-from fastmath.data import Formatter
+from fastmath.data import Formatter, prompt_settings
 from fastmath.distributed import DistInfo, barrier
 from fastmath.model import load_causal_lm, load_tokenizer
 
@@ -39,14 +41,15 @@ def heldout_accuracy(model_path: str, config: Config, dist_info: DistInfo) -> di
     if dist_info.is_main:
         rows = heldout_rows(config)
         tokenizer = load_tokenizer(model_path, config.model.trust_remote_code)
-        formatter = Formatter(tokenizer, config.data.prompt_field, system_prompt=config.data.system_prompt)
+        formatter = Formatter(tokenizer, config.data.prompt_field, **prompt_settings(config, "heldout"))
         model = load_causal_lm(model_path, "sdpa", config.model.trust_remote_code).to(dist_info.device)
         texts, tokens, truncated = greedy_completions(model, tokenizer, formatter, [r["problem"] for r in rows],
                                                       config.heldout.max_new_tokens, config.heldout.batch_size,
                                                       dist_info.device)
         del model
         with AnswerChecker(1, 5.0) as checker:
-            correct = sum(bool(v.correct) for v in checker.check(texts, [str(r["answer"]) for r in rows]))
+            verdicts = checker.check([formatter.judged(t) for t in texts], [str(r["answer"]) for r in rows])
+            correct = sum(bool(v.correct) for v in verdicts)
         n = len(rows)
         result = {"accuracy": correct / n if n else 0.0, "mean_tokens": sum(tokens) / n if n else 0.0,
                   "truncated": truncated, "n": n}

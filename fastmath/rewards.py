@@ -8,11 +8,15 @@ completion. The trainer calls them with these columns (all lists, one entry per 
     group       index of the prompt group the completion belongs to (G completions per prompt)
     truncated   True when generation stopped at max_completion_length rather than at eos / a stop string
 and keyword settings from `grpo.*` (`max_length` of the cosine reward in the length unit, the cosine end points,
-`limit` = the generation limit in tokens, the overlong buffer). A user
+`limit` = the generation limit in tokens, the overlong buffer, `format_rule`). A user
 reward can ignore what it does not need (`**columns`). Weighted sum: `grpo.reward_weights`.
 
 The `correct` column comes from `fastmath.answers.AnswerChecker` (math-verify in a worker pool with a time
 limit per item), the same check the held-out check and the eval stage use.
+
+Completions arrive judged: when the chat template's generation prompt pre-fills the reasoning opening (`<think>\n`,
+DeepSeek-R1-Distill), the trainer passes that opening plus the sampled text (`fastmath.data.Formatter.judged`),
+so a format rule sees the whole assistant turn whatever the template.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ def accuracy_reward(prompts, completions, answers, *, correct, **columns) -> lis
     return [1.0 if c else 0.0 for c in correct]
 
 
-def format_ok(text: str) -> bool:
+def box_after_think(text: str) -> bool:
     """Exactly one `<think>...</think>` block at the start (after whitespace), then a balanced `\\boxed{...}`
     after it. Substring counts and one extraction: linear in the length of the text."""
     if not text.lstrip().startswith("<think>") or text.count("<think>") != 1 or text.count("</think>") != 1:
@@ -36,9 +40,33 @@ def format_ok(text: str) -> bool:
     return extract_boxed(text.split("</think>", 1)[1]) is not None
 
 
-def format_reward(prompts, completions, answers, **columns) -> list[float]:
-    """1 when the completion is `<think> reasoning </think> ... \\boxed{answer} ...`, else 0."""
-    return [1.0 if format_ok(text) else 0.0 for text in completions]
+def box_before_think_end(text: str) -> bool:
+    """A box opened and closed before a `</think>`: the seed's format_reward2, whose pattern
+    `^.*?oxed{(.*?)}.*?</think>.*?$` (DOTALL) matches exactly when some `oxed{` is followed by a `}` and that by a
+    `</think>`. The earliest `oxed{`, the first `}` after it and the first `</think>` after that decide it: three
+    forward searches, linear in the length of the text (the regex backtracks: quadratic on hostile input)."""
+    box = text.find("oxed{")
+    if box < 0:
+        return False
+    close = text.find("}", box + len("oxed{"))
+    return close >= 0 and text.find("</think>", close + 1) >= 0
+
+
+FORMAT_RULES: dict[str, Callable[[str], bool]] = {
+    "box_after_think": box_after_think,
+    "box_before_think_end": box_before_think_end,
+}
+
+
+def format_ok(text: str, rule: str = "box_after_think") -> bool:
+    """Whether a judged completion has the format `rule` (a FORMAT_RULES name) checks."""
+    return FORMAT_RULES[rule](text)
+
+
+def format_reward(prompts, completions, answers, *, format_rule: str = "box_after_think", **columns) -> list[float]:
+    """1 when the completion has the format `grpo.format_rule` names (FORMAT_RULES), else 0."""
+    check = FORMAT_RULES[format_rule]
+    return [1.0 if check(text) else 0.0 for text in completions]
 
 
 def cosine_value(length: float, max_length: int, start: float, end: float) -> float:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from fastmath import checkpoint as ckpt
 from fastmath.config import Config
-from fastmath.data import Document, Formatter, load_documents
+from fastmath.data import Document, Formatter, load_documents, prompt_settings
 from fastmath.distributed import DistInfo, all_reduce_sum
 from fastmath.errors import ConfigError, FastmathError
 from fastmath.metrics import attention_dims, peak_flops, peak_memory_bytes, training_flops
@@ -138,8 +138,8 @@ def setup(config: Config, dist_info: DistInfo) -> Setup:
     model_path = start_model(config, "sft")
     tokenizer = load_tokenizer(model_path, config.model.trust_remote_code)
     d = config.data
-    formatter = Formatter(tokenizer, d.prompt_field, d.solution_field, d.messages_field, d.system_prompt,
-                          d.max_length, d.overlong, d.loss_on)
+    formatter = Formatter(tokenizer, d.prompt_field, d.solution_field, d.messages_field, max_length=d.max_length,
+                          overlong=d.overlong, loss_on=d.loss_on, **prompt_settings(config, "sft"))
     train_docs, report = load_documents(data_source(config, d.train, "train"), d.train_split, formatter, d.max_rows,
                                         progress=main)
     val_docs, val_report = [], None
