@@ -3,6 +3,9 @@
 #
 #   bash bench/gpu_suite.sh                 # on a GPU machine (or a dry run on CPU: every GPU stage skipped)
 #   SUITE_SECONDS=400 bash bench/gpu_suite.sh
+#   bash bench/gpu_suite.sh --check         # any machine, ~1 min: every stage's script imports, its command line
+#                                           # parses and the presets it names exist (bench/suite_check.py), and
+#                                           # the test files collect; exits 1 on the first stage that would fail
 #
 # Stages, in order, each under its own time cap cut to what is left of the budget (SUITE_SECONDS, default 470):
 #   1. device    nvidia-smi, torch / triton / transformers versions, which optional packages are importable
@@ -38,19 +41,46 @@
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+CHECK=0
+if [ "${1:-}" = "--check" ]; then CHECK=1
+elif [ $# -gt 0 ]; then echo "usage: bash bench/gpu_suite.sh [--check]" >&2; exit 2; fi
 BUDGET="${SUITE_SECONDS:-470}"
 RESERVE=15  # seconds kept for plots, the README render and packing the results
-
-if [ -n "${OUT:-}" ]; then WORK="$OUT"; else WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu_suite.XXXXXX")"; fi
-LOGS="$(mktemp -d "${TMPDIR:-/tmp}/gpu_suite_logs.XXXXXX")"
-exec > >(tee "$WORK/suite.log") 2>&1
-TEE_PID=$!
 
 if [ -n "${PYTHON:-}" ]; then PY="$PYTHON"
 elif [ -x .venv/bin/python ]; then PY=.venv/bin/python
 else PY=python3; fi
 unset TRITON_INTERPRET
 export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+# The stages' command lines (script and arguments), shared by the run and by --check.
+FLOOR=(bench/common.py)
+CROSS_ENTROPY=(bench/bench_cross_entropy.py --sizes gpu-quick)
+ATTENTION=(bench/bench_attention.py --quick --plot)
+SFT_E2E=(bench/bench_sft_e2e.py --preset gpu-quick)  # the run adds --time-budget, cut to what is left
+TESTS=(tests/test_cross_entropy.py tests/test_attention.py tests/test_hf_packed.py)
+[ -f tests/test_grpo_kernels.py ] && TESTS+=(tests/test_grpo_kernels.py)
+
+if (( CHECK )); then
+  echo "=== gpu_suite --check (python $PY): scripts import, command lines parse, presets exist, tests collect"
+  checks=("${FLOOR[*]}" "${CROSS_ENTROPY[*]}" "${ATTENTION[*]}" "${SFT_E2E[*]} --time-budget 140"
+          "bench/plot.py" "bench/readme_performance.py")
+  [ -f bench/bench_grpo.py ] && checks+=("bench/bench_grpo.py --quick")
+  for stage in "${checks[@]}"; do
+    # shellcheck disable=SC2086  # each entry is a script and its words
+    "$PY" bench/suite_check.py $stage || { echo "gpu_suite --check: FAILED: $stage"; exit 1; }
+  done
+  "$PY" -m pytest --collect-only -q -p no:cacheprovider "${TESTS[@]}" >/dev/null \
+    || { echo "gpu_suite --check: FAILED: collecting ${TESTS[*]}"; exit 1; }
+  echo "ok: tests collect: ${TESTS[*]}"
+  echo "gpu_suite --check: every stage would start"
+  exit 0
+fi
+
+if [ -n "${OUT:-}" ]; then WORK="$OUT"; else WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu_suite.XXXXXX")"; fi
+LOGS="$(mktemp -d "${TMPDIR:-/tmp}/gpu_suite_logs.XXXXXX")"
+exec > >(tee "$WORK/suite.log") 2>&1
+TEE_PID=$!
 
 if ls .whl/*.whl >/dev/null 2>&1; then
   echo "installing carried wheels: $(ls .whl | tr '\n' ' ')"
@@ -107,8 +137,6 @@ if (( probe != 0 && probe != 3 )); then
   echo "NOTE: the device probe failed (exit $probe): treating this machine as having no GPU"
 fi
 
-TESTS=(tests/test_cross_entropy.py tests/test_attention.py tests/test_hf_packed.py)
-[ -f tests/test_grpo_kernels.py ] && TESTS+=(tests/test_grpo_kernels.py)
 GRPO=()
 if [ -f bench/bench_grpo.py ]; then
   if "$PY" bench/bench_grpo.py --help 2>/dev/null | grep -q -- "--quick"; then GRPO=("$PY" bench/bench_grpo.py --quick)
@@ -120,23 +148,23 @@ fi
 if (( CUDA == 0 )); then
   # Dry run: the floor measurement at small sizes (nothing saved) and the plan, every GPU stage skipped.
   echo "=== no CUDA device: dry run; every GPU stage below is skipped"
-  run_stage floor-cpu 60 "$PY" bench/common.py --quick
+  run_stage floor-cpu 60 "$PY" "${FLOOR[@]}" --quick
   reason="skipped: no CUDA device"
   record tests "$reason (would run: pytest -q ${TESTS[*]})" 0
-  record cross_entropy "$reason (would run: bench_cross_entropy.py --sizes gpu-quick)" 0
-  record attention "$reason (would run: bench_attention.py --quick --plot)" 0
-  record sft_e2e "$reason (would run: bench_sft_e2e.py --preset gpu-quick)" 0
+  record cross_entropy "$reason (would run: ${CROSS_ENTROPY[*]})" 0
+  record attention "$reason (would run: ${ATTENTION[*]})" 0
+  record sft_e2e "$reason (would run: ${SFT_E2E[*]})" 0
   if (( ${#GRPO[@]} )); then record grpo "$reason (would run: ${GRPO[*]:1})" 0; fi
 else
   # 2-6. The GPU stages ------------------------------------------------------------------------------------
-  run_stage floor 60 "$PY" bench/common.py
+  run_stage floor 60 "$PY" "${FLOOR[@]}"
   run_stage tests 150 "$PY" -m pytest -q -rfEs --durations=10 -p no:cacheprovider "${TESTS[@]}"
-  run_stage cross_entropy 75 "$PY" bench/bench_cross_entropy.py --sizes gpu-quick
-  run_stage attention 60 "$PY" bench/bench_attention.py --quick --plot
+  run_stage cross_entropy 75 "$PY" "${CROSS_ENTROPY[@]}"
+  run_stage attention 60 "$PY" "${ATTENTION[@]}"
   grpo_share=$(( ${#GRPO[@]} ? 45 : 0 ))
   e2e_cap=$(( BUDGET - SECONDS - RESERVE - grpo_share ))
   (( e2e_cap > 180 )) && e2e_cap=180
-  run_stage sft_e2e "$e2e_cap" "$PY" bench/bench_sft_e2e.py --preset gpu-quick --time-budget $(( e2e_cap - 40 ))
+  run_stage sft_e2e "$e2e_cap" "$PY" "${SFT_E2E[@]}" --time-budget $(( e2e_cap - 40 ))
   if (( ${#GRPO[@]} )); then run_stage grpo 45 "${GRPO[@]}"; fi
   "$PY" bench/plot.py >"$LOGS/plot.log" 2>&1 || echo "NOTE: plotting failed (see plot.log)"
   "$PY" bench/readme_performance.py >"$WORK/performance.md" 2>"$LOGS/readme.log" \
