@@ -222,3 +222,74 @@ def test_box_before_think_end_of_hostile_text_does_not_hang(n):
     started = time.monotonic()
     assert not any(box_before_think_end(text) for text in hostile)
     assert time.monotonic() - started < 10 * len(hostile) * n / 1_000_000
+
+
+# ---------------------------------------------------------------------------------------------
+# SFT -> GRPO -> eval on the DeepSeek-R1-Distill template
+
+
+@pytest.fixture(scope="module")
+def deepseek_model(assets, tmp_path_factory):
+    """The tiny model with its embeddings grown for the DeepSeek special tokens, saved with that tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("deepseek_tiny")
+    tokenizer = templated_tokenizer(assets.model_dir, "deepseek_r1_distill")
+    model = AutoModelForCausalLM.from_pretrained(str(assets.model_dir))
+    model.resize_token_embeddings(len(tokenizer))
+    for settings in (model.config, model.generation_config):
+        settings.bos_token_id, settings.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_sft_grpo_eval_with_the_deepseek_template(tmp_path, embedded_cache, deepseek_model, dist_info, checker,
+                                                  monkeypatch):
+    from fastmath import heldout
+    from fastmath.eval import run_eval
+    from fastmath.grpo_stage import load_prompts, run_grpo
+    from fastmath.sft import run_sft
+
+    template = TEMPLATES["deepseek_r1_distill"][0]
+    run = tmp_path / "run"
+    common = [f"run.output_dir={run}", f"run.cache_dir={embedded_cache}", "run.stages=[sft,grpo,eval]",
+              f"model.name_or_path={deepseek_model}", "data.max_rows=16", "data.max_length=256", "data.validation=",
+              "sft.tokens_per_micro_batch=512", "sft.max_steps=2", "sft.lr=2e-3", "heldout.num_problems=0",
+              "grpo.generator=hf", "grpo.max_steps=1", "grpo.prompts_per_step=2", "grpo.num_generations=2",
+              "grpo.max_prompt_length=96", "grpo.max_completion_length=16", "grpo.tokens_per_micro_batch=256",
+              "grpo.reward_workers=1", "grpo.rewards=[accuracy,format]", "grpo.format_rule=box_before_think_end",
+              "grpo.vllm_is_correction=false", "eval.generator=hf", "eval.samples=2", "eval.budgets=[16]",
+              "eval.max_problems=2", "eval.answer_workers=1"]
+    # SFT sets the template; GRPO and eval keep the tokenizer's own, i.e. what the SFT export saved.
+    run_sft(load_config(None, common + [f"data.chat_template={template}"]), dist_info)
+    later = load_config(None, common)
+    grpo = run_grpo(later, dist_info)
+    results = run_eval(later, dist_info)
+
+    for export in (run / "hf", run / "grpo" / "hf"):
+        assert load_tokenizer(str(export)).chat_template == chat_template_text(template)
+    exported = load_tokenizer(grpo["export"])
+    formatter = Formatter(exported, **prompt_settings(later, "grpo"))
+    assert formatter.reasoning_prefix == "<think>\n"
+    assert "reward/format/mean" in json.loads((run / "grpo" / "metrics.jsonl").read_text().splitlines()[-1])
+    samples = [json.loads(line) for line in (run / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and all(s["text"].startswith("<think>\n") for s in samples)
+    assert results["problems"] == 2
+
+    # The format reward is live: GRPO's own prompt rows and reward path score a well-formed completion 1.
+    rows, _ = load_prompts(later, formatter, checker, progress=False)
+    good = completion_of(exported, f"So \\boxed{{{rows[0].answer}}}.\n</think>\nThe answer is \\boxed{{{rows[0].answer}}}.")
+    bad = completion_of(exported, "no box\n</think>\nDone.")
+    sampling = Sampling(temperature=1.0, top_p=1.0, min_p=0.0, max_tokens=64, stop=[], seed=0)
+    for rule in FORMAT_RULES:
+        config = load_config(None, common + [f"grpo.format_rule={rule}"])
+        (group,) = sample_groups(FixedGenerator([good, bad]), rows[:1], sampling, config, exported, checker)
+        assert group.components["format"] == [1.0, 0.0] and group.correct == [True, False], rule
+
+    # The held-out check judges the pre-filled opening with the completion too.
+    later.heldout.num_problems = 3
+    answers = {r["problem"]: r["answer"] for r in heldout.heldout_rows(later)}
+    monkeypatch.setattr(heldout, "greedy_completions", lambda model, tok, fmt, problems, *args: (
+        [f"{answers[p]} it is.\n</think>\n\\boxed{{{answers[p]}}}" for p in problems], [8] * len(problems), 0))
+    assert heldout.heldout_accuracy(grpo["export"], later, dist_info)["accuracy"] == 1.0
