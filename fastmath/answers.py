@@ -5,7 +5,9 @@ The one answer module of the project: the GRPO accuracy reward, the held-out che
 extract with `extract_boxed` and check with `AnswerChecker`, so a number means the same thing everywhere.
 
 Extraction is one pass over the text (a stack of open braces), so a hostile completion of n characters
-costs O(n) in the trainer process, never more.
+costs O(n) in the trainer process, never more. The text is the judged one (`fastmath.data.Formatter.judged`):
+when the chat template's generation prompt pre-fills the reasoning opening (`<think>\n`), that opening and the
+completion together, so an answer is read from the whole assistant turn whatever the template.
 
 Checking: math-verify parses the boxed content and the gold answer (fractions, decimals, LaTeX, intervals,
 sets, equations all go through sympy) and compares them. Parsing adversarial text can take unbounded time,

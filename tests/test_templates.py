@@ -18,7 +18,7 @@ import trl
 from fastmath.answers import AnswerChecker
 from fastmath.config import load_config
 from fastmath.data import DataReport, Formatter, chat_template_text, prompt_settings, reasoning_prefix
-from fastmath.errors import ConfigError
+from fastmath.errors import ConfigError, DataError
 from fastmath.eval import evaluate, load_problems
 from fastmath.grpo_stage import PromptRow, sample_groups
 from fastmath.model import load_tokenizer
@@ -114,6 +114,18 @@ def test_sft_target_holds_exactly_one_think(templated):
     assert trained.endswith("The answer is \\boxed{5}." + tokenizer.eos_token)
     # The opening is trained where the model writes it, and given (no loss) where the prompt pre-fills it.
     assert ("<think>" in trained) == (not formatter.reasoning_prefix)
+
+
+def test_chat_rows_hold_one_think_or_are_refused_by_name(templated):
+    name, formatter = templated
+    formatter.messages_field = "messages"
+    row = {"messages": [{"role": "user", "content": PROBLEM}, {"role": "assistant", "content": SOLUTION}]}
+    if name == "deepseek_r1_distill":  # its assistant turns drop the reasoning: not a prefix of the prompt's render
+        with pytest.raises(DataError, match="prompt/solution format"):
+            formatter.document(row, DataReport("rows"))
+        return
+    doc = formatter.document(row, DataReport("rows"))
+    assert formatter.tokenizer.decode(doc.input_ids).count("<think>") == 1
 
 
 def test_well_formed_completion_earns_the_format_reward_through_grpo(templated, checker):
