@@ -300,13 +300,18 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-kills", type=int, default=3, help="kills per trial: 1 to this many, at random")
+    parser.add_argument("--plan", type=lambda text: text.split(","), default=None,
+                        help="the same phases in every trial instead of random ones, e.g. train,checkpoint")
     parser.add_argument("--work", type=Path, default=Path("/tmp/fastmath_fault_injection"))
     parser.add_argument("--no-save", action="store_true", help="print the figures, append no record")
     args = parser.parse_args()
+    if args.plan and not set(args.plan) <= set(PHASES):
+        parser.error(f"--plan takes phases from {', '.join(PHASES)}")
     record = common.new_record("fault_injection", "cpu", stage=args.stage, seed=args.seed, max_kills=args.max_kills,
+                               plan=args.plan,
                                settings=SFT_SETTINGS if args.stage == "sft" else GRPO_SETTINGS,
                                method="kills timed by watching the output folder (metrics lines, .tmp folders)")
-    figures = run(args.stage, args.trials, args.seed, args.work / args.stage, args.max_kills)
+    figures = run(args.stage, args.trials, args.seed, args.work / args.stage, args.max_kills, plan=args.plan)
     record.update(totals=figures["totals"], reference_wall_s=figures["reference_wall_s"])
     record["results"] = figures["trials"]
     print(json.dumps(figures["totals"], indent=1))
