@@ -260,6 +260,8 @@ def markdown_table(cases) -> str:
         return f"{lo}{unit}" if lo == hi else f"{lo}-{hi}{unit}"
 
     lines = [
+        f"Compiled by Triton {triton.__version__} for sm_90, bf16 (ranges over the kept configs):",
+        "",
         "| kernel | head dim / V | configs | shared memory (KiB) | registers / thread | spilled bytes / thread |",
         "|---|---|---|---|---|---|",
     ]
