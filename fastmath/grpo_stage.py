@@ -11,6 +11,8 @@ One step, on every rank (each rank owns its share of the prompts and its own gen
 The loss of a step is normalised over the whole step (all micro-batches, all ranks): the kernels take the
 global counted-token and sequence counts, so each micro-batch's loss is its share of the global loss;
 FSDP averages gradients over ranks, so each rank's loss is multiplied by the world size before backward.
+bnpo is the exception, as in TRL: each micro-batch (packed row) is normalised by its own tokens and the rows'
+losses are averaged (`grpo.completions_per_micro_batch` fixes how many completions a row holds).
 
 Outputs in run.output_dir/grpo/: metrics.jsonl (one line per step: rewards per component, accuracy,
 completion lengths, truncation, clip fractions, KL, entropy, time and tokens/s of generation, update and
@@ -43,12 +45,13 @@ from fastmath.answers import AnswerChecker
 from fastmath.rewards import compute_rewards
 from fastmath.rollout import Completion, Sampling, make_generator
 from fastmath.stage import (OptimSettings, Stage, build_optimizer, clip_gradients, data_source, optim_settings,
-                            reduce_and_read, set_lr, start_model)
+                            reduce_and_read, schedule_length, set_lr, start_model)
 from kernels.grpo import group_advantages, reward_sums
 
 # Config keys a resumed GRPO run must not change (they shape the data order or the update).
 _RESUME_INVARIANT = ("run.seed", "grpo.init_from", "grpo.prompts", "grpo.max_steps", "grpo.prompts_per_step",
-                     "grpo.num_generations", "grpo.lr", "grpo.loss_type", "grpo.num_iterations")
+                     "grpo.num_generations", "grpo.lr", "grpo.loss_type", "grpo.num_iterations",
+                     "grpo.schedule_steps", "grpo.completions_per_micro_batch")
 
 
 @dataclass
@@ -218,11 +221,11 @@ def advantages_for(groups: list[Group], config: Config, dist_info: DistInfo) -> 
 # The update
 
 
-def build_update_batches(seqs: list[Sequence], budget: int, pad_id: int, device: torch.device):
-    """Packed rows of this rank's sequences, padded with empty rows to the busiest rank's count (FSDP runs
-    collectives per forward, so every rank must run as many); returns (batches on device, real rows,
-    global counted tokens, global sequences)."""
-    batches = pack_sequences(seqs, budget) if seqs else []
+def build_update_batches(seqs: list[Sequence], budget: int, pad_id: int, device: torch.device, per_row: int = 0):
+    """Packed rows of this rank's sequences (per_row > 0: that many sequences per row), padded with empty rows to
+    the busiest rank's count (FSDP runs collectives per forward, so every rank must run as many); returns
+    (batches on device, real rows, global counted tokens, global sequences, global real rows)."""
+    batches = pack_sequences(seqs, budget, per_row) if seqs else []
     n_real = len(batches)
     # Two small collectives (each a host sync), once per step: the rank's row count and the step's global
     # counts are needed on the host, to run as many micro-batches and to normalise the loss.
@@ -230,8 +233,8 @@ def build_update_batches(seqs: list[Sequence], budget: int, pad_id: int, device:
     batches += [empty_update_batch(pad_id) for _ in range(n_micro - n_real)]
     local_tokens = sum(int(b.mask.sum()) for b in batches[:n_real])  # host tensors, still on the CPU: no sync
     local_seqs = sum(b.num_sequences for b in batches[:n_real])
-    global_tokens, global_seqs = all_reduce_sum([local_tokens, local_seqs], device)
-    return [b.to(device) for b in batches], n_real, global_tokens, global_seqs
+    global_tokens, global_seqs, global_rows = all_reduce_sum([local_tokens, local_seqs, n_real], device)
+    return [b.to(device) for b in batches], n_real, global_tokens, global_seqs, global_rows
 
 
 @torch.no_grad()
@@ -266,12 +269,16 @@ class UpdateResult:
 
 
 def update_policy(model, optimizer, batches, weights, global_tokens: float, global_seqs: float, g,
-                  optim: OptimSettings, step: int, world: int, autocast) -> UpdateResult:
+                  optim: OptimSettings, step: int, world: int, autocast, global_rows: float = 0.0,
+                  horizon: int = 0) -> UpdateResult:
     """num_iterations optimizer steps on this rank's packed rows (every rank calls this with as many rows).
 
-    Each micro-batch's loss is its share of the global loss (global token / sequence counts); FSDP averages
-    gradients over ranks, so it is multiplied by `world` before backward. A non-finite global loss skips
-    the optimizer step (gradients dropped) and reports it; the caller counts and aborts.
+    Each micro-batch's loss is its share of the global loss (global token / sequence counts); for bnpo it is the
+    row's own token mean, weighted 1 / global_rows (the step's real rows), so the step's loss is the mean of
+    the rows' token means, TRL's bnpo averaged over accumulation steps and ranks. FSDP averages gradients over
+    ranks, so each share is multiplied by `world` before backward. The learning rate follows a schedule of
+    `horizon` steps (0 = grpo.max_steps). A non-finite global loss skips the optimizer step (gradients dropped)
+    and reports it; the caller counts and aborts.
     """
     nan = torch.tensor(float("nan"))
     if not batches:  # dynamic sampling dropped every group of the step on every rank: nothing to learn from
@@ -279,7 +286,8 @@ def update_policy(model, optimizer, batches, weights, global_tokens: float, glob
     device = batches[0].seq_ids.device
     params = [p for p in model.parameters() if p.requires_grad]
     fsdp = hasattr(model, "set_requires_gradient_sync")
-    total_updates = g.max_steps * g.num_iterations
+    total_updates = (horizon or g.max_steps) * g.num_iterations
+    share = 1.0 / max(1.0, global_rows) if g.loss_type == "bnpo" else 1.0
     stats_total = torch.zeros(6, dtype=torch.float64, device=device)
     loss_value, grad_norm, lr = float("nan"), nan, 0.0
     for it in range(g.num_iterations):
@@ -291,8 +299,8 @@ def update_policy(model, optimizer, batches, weights, global_tokens: float, glob
             with autocast():
                 loss, stats = model(batch, num_items_in_batch=max(1.0, global_tokens),
                                     num_sequences=max(1.0, global_seqs), importance_weights=weights[micro])
-            (loss * world).backward()
-            loss_sum += loss.detach().double()
+            (loss * (share * world)).backward()
+            loss_sum += loss.detach().double() * share
             if it == 0:
                 stats_total += stats.stacked().double()
         # Host sync + collective, once per update: whether to step depends on the global loss being finite.
@@ -470,6 +478,7 @@ def train(stage: Stage, config: Config, dist_info: DistInfo, policy: Policy, gen
     main, device, world = dist_info.is_main, dist_info.device, dist_info.world_size
     bar = tqdm(total=g.max_steps, initial=start_step, desc="grpo", disable=not main, dynamic_ncols=True)
     guard, skipped_steps = NonFiniteGuard(g.max_bad_steps, main), 0
+    horizon = schedule_length(g, g.max_steps, prompt_rows=len(rows))  # the seed's runs past the stop
     for step in range(start_step, g.max_steps):
         t0 = time.perf_counter()
         groups, counts = rollout_step(generator, rows, step, config, tokenizer, checker, dist_info)
@@ -481,11 +490,11 @@ def train(stage: Stage, config: Config, dist_info: DistInfo, policy: Policy, gen
         t1 = time.perf_counter()
         advantages = advantages_for(groups, config, dist_info)
         seqs = _sequences(groups, advantages, g.mask_truncated)
-        batches, n_real, global_tokens, global_seqs = build_update_batches(seqs, g.tokens_per_micro_batch,
-                                                                           tokenizer.pad_token_id, device)
+        batches, n_real, global_tokens, global_seqs, global_rows = build_update_batches(
+            seqs, g.tokens_per_micro_batch, tokenizer.pad_token_id, device, g.completions_per_micro_batch)
         weights = attach_logprobs(policy.model, policy.ref_model, batches, g, policy.autocast)
         result = update_policy(policy.model, policy.optimizer, batches, weights, global_tokens, global_seqs, g,
-                               policy.optim, step, world, policy.autocast)
+                               policy.optim, step, world, policy.autocast, global_rows, horizon)
         if result.skipped:
             skipped_steps += 1
             guard.failed(step + 1)

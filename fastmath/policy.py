@@ -55,11 +55,18 @@ class UpdateBatch:
                            move(self.ref_logprobs))
 
 
-def pack_sequences(seqs: list[Sequence], budget: int) -> list[UpdateBatch]:
-    """Best-fit-decreasing into rows of `budget` tokens; each row becomes one UpdateBatch."""
+def pack_sequences(seqs: list[Sequence], budget: int, per_row: int = 0) -> list[UpdateBatch]:
+    """Best-fit-decreasing into rows of `budget` tokens; or, with per_row > 0, exactly per_row sequences per row
+    taken in order of length (the last row holds the rest), as the seed's trainer forms its micro-batches of 2
+    from length-sorted completions. Each row becomes one UpdateBatch."""
     lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in seqs]
+    if per_row:
+        order = sorted(range(len(seqs)), key=lengths.__getitem__)
+        rows = [order[i:i + per_row] for i in range(0, len(order), per_row)]
+    else:
+        rows = best_fit_decreasing(lengths, budget)
     batches = []
-    for row in best_fit_decreasing(lengths, budget):
+    for row in rows:
         row.sort()  # keep sampling order inside a row (deterministic, and easy to read when debugging)
         docs, seq_ids, mask, sampler, advantages = [], [], [], [], []
         for local, i in enumerate(row):

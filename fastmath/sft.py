@@ -37,12 +37,13 @@ from fastmath.model import (CausalLMWithLinearLoss, count_parameters, load_causa
                             parallelize)
 from fastmath.packing import PackedBatch, collate_packed, count_loss_tokens, empty_batch, plan_epoch
 from fastmath.stage import (OptimSettings, Stage, build_optimizer, clip_gradients, data_source, optim_settings,
-                            reduce_and_read, set_lr, start_model)
+                            reduce_and_read, schedule_length, set_lr, start_model)
 
 # Config keys that shape the data order or the update; a resumed run must not change them.
 _RESUME_INVARIANT = ("run.seed", "model.name_or_path", "data.train", "data.max_length", "data.overlong",
                      "data.loss_on", "data.max_rows", "sft.epochs", "sft.tokens_per_micro_batch",
-                     "sft.global_batch", "sft.lr", "sft.min_lr_ratio", "sft.warmup_ratio", "sft.max_steps")
+                     "sft.global_batch", "sft.lr", "sft.min_lr_ratio", "sft.warmup_ratio", "sft.max_steps",
+                     "sft.schedule_epochs", "sft.schedule_steps")
 
 
 @dataclass
@@ -52,6 +53,7 @@ class StepPlan:
     docs: list[Document]
     rows: list[list[list[int]]]  # per step: global_batch rows (None-padded at the end of an epoch)
     epochs: list[int]
+    steps_per_epoch: int = 0  # of the first epoch, before max_steps cuts the plan (for sft.schedule_epochs)
 
     @property
     def total_steps(self) -> int:
@@ -66,9 +68,10 @@ def plan_steps(docs: list[Document], budget: int, global_batch: int, epochs: int
         for step_rows in plan_epoch(lengths, budget, global_batch, seed, epoch):
             rows.append(step_rows + [None] * (global_batch - len(step_rows)))
             epoch_of.append(epoch)
+    first_epoch = epoch_of.count(0)
     if max_steps:
         rows, epoch_of = rows[:max_steps], epoch_of[:max_steps]
-    return StepPlan(docs, rows, epoch_of)
+    return StepPlan(docs, rows, epoch_of, first_epoch)
 
 
 def batch_for(plan: StepPlan, row: list[int] | None, pad_id: int) -> PackedBatch:
@@ -211,8 +214,9 @@ def train(s: Setup, config: Config, dist_info: DistInfo, stage: Stage, optimizer
     trainable = [p for p in s.model.parameters() if p.requires_grad]
     peak = peak_flops(device)
     bar = tqdm(total=plan.total_steps, initial=start_step, desc="sft", disable=not main, dynamic_ncols=True)
+    horizon = schedule_length(config.sft, plan.total_steps, plan.steps_per_epoch)  # may run past the stop
     for step in range(start_step, plan.total_steps):
-        lr = set_lr(optimizer, optim, step, plan.total_steps)
+        lr = set_lr(optimizer, optim, step, horizon)
         step_rows = plan.rows[step]
         global_loss_tokens = sum(s.doc_loss_tokens[i] for row in step_rows if row for i in row)
         my_rows = step_rows[dist_info.rank * per_rank:(dist_info.rank + 1) * per_rank]

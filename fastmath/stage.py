@@ -3,8 +3,8 @@
 A stage file (`sft.py`, `grpo_stage.py`, `eval.py`) holds its loop and imports no other stage. What they share
 lives here, so a fix lands once:
     - sources: the model a stage starts from and where 'embedded' data lives;
-    - the optimizer (AdamW, no decay on biases and norms) and the learning-rate schedule, from the shared
-      `optim` section with the stage's own lr, schedule and overrides;
+    - the optimizer (AdamW or paged 8-bit AdamW, no decay on biases and norms) and the learning-rate schedule
+      (its length may run past the stop), from the shared `optim` section with the stage's own lr and overrides;
     - `Stage`: the stage's output folder (config.json, metrics writers), the resume point and its
       compatibility check (`run.resume` = auto | never | <path>, the same in every stage), checkpoint saves
       and pruning through `checkpoint.py`, the held-out check before and after, and the summary table.
@@ -25,7 +25,7 @@ import torch.distributed as dist
 from fastmath import checkpoint as ckpt
 from fastmath.config import Config, to_dict
 from fastmath.distributed import DistInfo
-from fastmath.errors import CheckpointError
+from fastmath.errors import CheckpointError, ConfigError
 from fastmath.metrics import MetricsWriter
 from fastmath.model import resolve_model_path
 from fastmath.tracking import Tracker
@@ -76,8 +76,9 @@ def start_model(config: Config, stage: str) -> str:
 
 @dataclass(frozen=True)
 class OptimSettings:
-    """One stage's AdamW and schedule: its own lr and schedule, the shared rest unless it overrides it."""
+    """One stage's optimizer and schedule: its own lr and schedule, the shared rest unless it overrides it."""
 
+    name: str  # adamw | adamw_8bit
     lr: float
     warmup_ratio: float
     min_lr_ratio: float
@@ -90,26 +91,75 @@ class OptimSettings:
 def optim_settings(config: Config, stage: str) -> OptimSettings:
     section, shared = getattr(config, stage), config.optim
     return OptimSettings(
-        lr=section.lr, warmup_ratio=section.warmup_ratio, min_lr_ratio=section.min_lr_ratio,
+        name=shared.name, lr=section.lr, warmup_ratio=section.warmup_ratio, min_lr_ratio=section.min_lr_ratio,
         weight_decay=shared.weight_decay if section.weight_decay is None else section.weight_decay,
         grad_clip=shared.grad_clip if section.grad_clip is None else section.grad_clip,
         betas=(shared.adam_beta1, shared.adam_beta2), eps=shared.adam_eps)
 
 
-def build_optimizer(model: torch.nn.Module, settings: OptimSettings) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (biases and norm scales are vectors and are not decayed)."""
+def build_optimizer(model: torch.nn.Module, settings: OptimSettings) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' paged 8-bit AdamW (HF Trainer's `paged_adamw_8bit`, the seed's choice); weight decay
+    on matrices only (biases and norm scales are vectors and are not decayed)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if settings.name == "adamw_8bit":
+        return paged_adamw_8bit(groups, settings)
     return torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas, eps=settings.eps, foreach=True)
 
 
+def paged_adamw_8bit(groups: list[dict], settings: OptimSettings) -> torch.optim.Optimizer:
+    """bitsandbytes' PagedAdamW8bit: 8-bit blockwise optimizer states in paged (unified) memory. CUDA only, and
+    one process only: its update kernels take plain tensors, not FSDP2's sharded DTensor parameters."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for group in groups for p in group["params"]]
+    if any(isinstance(p, DTensor) for p in params):
+        raise ConfigError("optim.name=adamw_8bit cannot update FSDP-sharded parameters (bitsandbytes' 8-bit "
+                          "optimizers take plain tensors, not DTensors: bitsandbytes issue #1633); with several "
+                          "processes use optim.name=adamw")
+    devices = {p.device.type for p in params}
+    if devices != {"cuda"}:
+        raise ConfigError(f"optim.name=adamw_8bit needs the model on CUDA (bitsandbytes' paged 8-bit AdamW); the "
+                          f"parameters are on {', '.join(sorted(devices)) or 'no device'}: use optim.name=adamw")
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ConfigError("optim.name=adamw_8bit needs bitsandbytes (pip install bitsandbytes), which is not "
+                          "installed; or use optim.name=adamw") from None
+    return bitsandbytes.optim.PagedAdamW8bit(groups, lr=settings.lr, betas=settings.betas, eps=settings.eps)
+
+
+def schedule_length(section, run_steps: int, steps_per_epoch: int = 0, prompt_rows: int = 0) -> int:
+    """The learning-rate schedule's length in optimizer steps, which may run past where the stage stops.
+
+    schedule_steps > 0: that many. schedule_steps = -1 (GRPO): one pass over the prompt rows,
+    floor(rows / prompts_per_step), as the seed's trainer sizes its cosine. schedule_epochs > 0 (SFT):
+    ceil(schedule_epochs * steps_per_epoch), as HF Trainer counts num_train_epochs. Otherwise the run's own length.
+    """
+    steps = getattr(section, "schedule_steps", 0)
+    epochs = getattr(section, "schedule_epochs", 0.0)
+    if steps > 0:
+        return steps
+    if steps == -1:
+        return max(1, prompt_rows // section.prompts_per_step)
+    if epochs > 0:
+        return max(1, math.ceil(epochs * steps_per_epoch))
+    return run_steps
+
+
 def lr_at(step: int, total: int, peak: float, warmup_ratio: float, min_ratio: float) -> float:
-    """Linear warmup over round(warmup_ratio * total) steps, then cosine down to min_ratio * peak."""
-    warmup = round(warmup_ratio * total)
+    """Learning rate of optimizer step `step` (0-based) of a schedule `total` steps long.
+
+    Linear warmup over ceil(warmup_ratio * total) steps (HF Trainer's count; its rate at step s is s / warmup,
+    here (s + 1) / warmup, so no step runs at rate 0), then cosine from `peak` down to min_ratio * peak at `total`:
+        lr = peak * (min_ratio + (1 - min_ratio) * (1 + cos(pi * p)) / 2),  p = (step - warmup) / (total - warmup)
+    (HF's `get_cosine_schedule_with_warmup` when min_ratio = 0). p is held at 1 past the end of the schedule.
+    """
+    warmup = math.ceil(warmup_ratio * total)
     if step < warmup:
         return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 

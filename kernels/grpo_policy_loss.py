@@ -16,10 +16,14 @@ sequence need not be contiguous); per-sequence tensors are [S]. With old_t the s
     the local S; D_g = num_items_in_batch or the local masked token count):
         "grpo":     c_s = 1 / (max(n_s, 1) * S_g)      n_s = masked tokens of sequence s (local: a sequence lives
                                                        in one micro-batch)
-        "bnpo", "dapo": c_s = 1 / max(D_g, 1)
+        "dapo":     c_s = 1 / max(D_g, 1)              one token mean over the whole step
+        "bnpo":     c_s = 1 / max(D, 1)                D = this call's own masked token count, always (TRL's
+                                                       bnpo: the micro-batch's token mean; num_items_in_batch is
+                                                       not used, and the caller averages over its micro-batches)
         "dr_grpo":  c_s = 1 / (S_g * max_completion_length)
-so the losses of the micro-batches (and ranks) of one step sum to the loss of the whole step (a trainer whose
-gradient reduction averages over ranks multiplies by the world size). Fully-masked sequences add 0.
+so for grpo, dapo and dr_grpo the losses of the micro-batches (and ranks) of one step sum to the loss of the whole
+step (a trainer whose gradient reduction averages over ranks multiplies by the world size); bnpo's are averaged
+(TRL divides each by its gradient accumulation steps). Fully-masked sequences add 0.
 Gradient (clipping makes pl flat in r where TRL flags a token as clipped):
     g_t = d pl_t / d lr_t = 0 if (r_t < 1 - eps_low and A_t < 0) or (r_t > 1 + eps_high and A_t > 0)
                             else -A_t r_t w_t
@@ -231,11 +235,12 @@ def _device_scalar(value, device, dtype):
     return torch.tensor(float(value), dtype=dtype, device=device)
 
 
-def global_counts(inputs: LossInputs, n_seqs, m):
-    """(S_g, D_g): the step's global sequence and masked-token counts (local when not given), 0-d tensors in m's
-    dtype clamped to >= 1 (no host sync when the caller passes tensors)."""
+def global_counts(inputs: LossInputs, n_seqs, m, loss_type: str):
+    """(S_g, D_g): the step's global sequence and masked-token counts (local when not given; D_g always local for
+    bnpo), 0-d tensors in m's dtype clamped to >= 1 (no host sync when the caller passes tensors)."""
     s = n_seqs if inputs.num_sequences is None else inputs.num_sequences
-    d = m.sum() if inputs.num_items_in_batch is None else inputs.num_items_in_batch
+    local_items = inputs.num_items_in_batch is None or loss_type == "bnpo"
+    d = m.sum() if local_items else inputs.num_items_in_batch
     return tuple(_device_scalar(x, m.device, m.dtype).clamp(min=1) for x in (s, d))
 
 
@@ -264,7 +269,7 @@ def loss_definition(logprobs, inputs: LossInputs, opts: LossOptions):
         kl = torch.exp(delta) - delta - 1
         if opts.beta != 0.0:
             per_token = per_token + opts.beta * kl
-    n_seq_global, n_items = global_counts(inputs, n_seqs, m)
+    n_seq_global, n_items = global_counts(inputs, n_seqs, m, opts.loss_type)
     if opts.loss_type == "grpo":
         loss = (per_seq(per_token * m) / count.clamp(min=1)).sum() / n_seq_global
     elif opts.loss_type == "dr_grpo":
@@ -309,7 +314,7 @@ def token_inputs(n, device, inputs: LossInputs, opts: LossOptions, dtype) -> Tok
     seq = inputs.seq_ids.detach().long().contiguous()
     n_seqs = inputs.advantages.shape[0]
     count = torch.zeros(n_seqs, dtype=dtype, device=device).index_add_(0, seq, m)
-    n_seq_global, n_items = global_counts(inputs, n_seqs, m)
+    n_seq_global, n_items = global_counts(inputs, n_seqs, m, opts.loss_type)
     if opts.loss_type == "grpo":
         coef = 1.0 / (count.clamp(min=1) * n_seq_global)
     elif opts.loss_type == "dr_grpo":
@@ -448,7 +453,8 @@ def grpo_loss(logprobs, old_logprobs, advantages, seq_ids, *, mask=None, ref_log
         beta: KL coefficient >= 0. epsilon_low / epsilon_high: clip range [1 - eps_low, 1 + eps_high].
         loss_type: "grpo" | "bnpo" | "dr_grpo" | "dapo". importance_sampling_level: "token" | "sequence" (GSPO).
         max_completion_length: L_max, needed by "dr_grpo".
-        num_items_in_batch: the step's global masked-token count ("bnpo", "dapo"; default: local count).
+        num_items_in_batch: the step's global masked-token count ("dapo"; default: local count; "bnpo" always
+            uses the local count, as TRL does).
         num_sequences: the step's global sequence count ("grpo", "dr_grpo"; default: local S).
             Both may be numbers or one-element tensors (no host sync).
         importance_weights: [N] truncated importance-sampling weights (vLLM vs trainer), multiplying the

@@ -62,8 +62,9 @@ def padded_batch(seed=0):
     )
 
 
-def trl_loss(batch, loss_type, level, beta, with_iw, eps=(0.2, 0.28)):
-    """TRL's `_compute_loss` on the padded batch: (loss, d loss / d logps [B, T], logged metrics)."""
+def trl_loss(batch, loss_type, level, beta, with_iw, eps=(0.2, 0.28), accumulation=1):
+    """TRL's `_compute_loss` on the padded batch as one of `accumulation` micro-batches of a step: (loss,
+    d loss / d logps [B, T], logged metrics)."""
     logps = batch["logps"].clone().requires_grad_()
     b, t = logps.shape
     stand_in = SimpleNamespace(
@@ -72,7 +73,8 @@ def trl_loss(batch, loss_type, level, beta, with_iw, eps=(0.2, 0.28)):
         importance_sampling_level=level, beta=beta, loss_type=loss_type, epsilon_low=eps[0], epsilon_high=eps[1],
         args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1),
         use_vllm=with_iw, vllm_importance_sampling_correction=with_iw, model=SimpleNamespace(training=True),
-        current_gradient_accumulation_steps=1, max_completion_length=T_MAX, accelerator=IdentityAccelerator(),
+        current_gradient_accumulation_steps=accumulation, max_completion_length=T_MAX,
+        accelerator=IdentityAccelerator(),
         _metrics={"train": defaultdict(list)}, _entropy_bonus_enabled=False,
     )
     mask = batch["completion_mask"] * batch["tool_mask"]
@@ -138,6 +140,42 @@ def test_grpo_loss_equals_trl(backend, loss_type, level, beta, with_iw):
                           (stats.clip_high_fraction, "clip_ratio/high_mean"),
                           (stats.clip_region_fraction, "clip_ratio/region_mean")):
             assert_close(ours, torch.tensor(metrics[key][0]), atol=tiny_atol(torch.float32), rtol=rtol, name=key)
+
+
+@pytest.mark.parametrize("loss_type", ["bnpo", "grpo"])
+def test_micro_batches_equal_trl_accumulation(loss_type):
+    """A step of two micro-batches of 3 completions (unequal token counts) through TRL's `_compute_loss` with
+    gradient accumulation 2 equals `grpo_loss` on the same two packed micro-batches combined as fastmath's update
+    combines them: bnpo = each micro-batch's own token mean (the global token count passed is not used), weighted
+    1 / (micro-batches of the step), the seed's normaliser; grpo = per-sequence means over the step's sequences."""
+    batch = padded_batch()
+    mask_total = (batch["completion_mask"] * batch["tool_mask"]).sum()
+    trl_total, ours_total = torch.zeros(()), torch.zeros(())
+    trl_grads, our_grads, reals = [], [], []
+    for rows in (slice(0, 3), slice(3, 6)):
+        part = {key: value[rows] for key, value in batch.items()}
+        value, grad, _ = trl_loss(part, loss_type, "token", 0.04, True, accumulation=2)
+        p, real = packed(part)
+        logprobs = p.pop("logprobs").clone().requires_grad_()
+        loss, _ = grpo.grpo_loss(logprobs, p.pop("old_logprobs"), p.pop("advantages"), p.pop("seq_ids"), beta=0.04,
+                                 loss_type=loss_type, epsilon_low=0.2, epsilon_high=0.28, max_completion_length=T_MAX,
+                                 num_items_in_batch=mask_total, num_sequences=6, **p)
+        share = 0.5 if loss_type == "bnpo" else 1.0  # grpo_stage.update_policy: 1 / the step's real rows
+        (loss * share).backward()
+        trl_total, ours_total = trl_total + value, ours_total + loss.detach() * share
+        trl_grads.append(grad[real])
+        our_grads.append(logprobs.grad)
+        reals.append(int(real.sum()))
+    rtol = reduction_rtol(torch.float32, max(reals), chain=3)
+    magnitude = sum(g.abs().sum().item() for g in our_grads) + abs(trl_total.item())
+    assert_close(ours_total, trl_total, atol=rtol * magnitude, rtol=0.0, name=f"step loss vs TRL ({loss_type})")
+    assert_close(torch.cat(our_grads), torch.cat(trl_grads), atol=tiny_atol(torch.float32), rtol=rtol,
+                 name=f"d loss / d logprobs vs TRL ({loss_type})")
+    if loss_type == "bnpo":  # the name does not hide a global token mean: dapo over the same step differs
+        p, _ = packed(batch)
+        dapo, _ = grpo.grpo_loss(p.pop("logprobs"), p.pop("old_logprobs"), p.pop("advantages"), p.pop("seq_ids"),
+                                 beta=0.04, loss_type="dapo", epsilon_low=0.2, epsilon_high=0.28, **p)
+        assert abs(dapo.item() - ours_total.item()) > 100 * rtol * magnitude
 
 
 def trl_advantages(rewards, group_size, scale):

@@ -50,7 +50,7 @@ def main(model_dir: str, out_dir: str, overrides: list[str]) -> None:
                         False, False, False)
     optimizer = build_optimizer(model, optim_settings(config, "grpo"))
     seqs = fixed_sequences(tok)[info.rank::info.world_size]
-    batches, _, tokens, n_seqs = build_update_batches(seqs, budget=96, pad_id=tok.pad_token_id, device=info.device)
+    batches, _, tokens, n_seqs, _ = build_update_batches(seqs, budget=96, pad_id=tok.pad_token_id, device=info.device)
     weights = attach_logprobs(model, None, batches, g, lambda: torch.autocast("cpu", enabled=False))
     # The raw gradient of the step first (Adam would hide a wrong gradient scale), then the real update.
     for micro, b in enumerate(batches):
