@@ -143,7 +143,8 @@ def test_grpo_loss_equals_trl(backend, loss_type, level, beta, with_iw):
 
 
 @pytest.mark.parametrize("loss_type", ["bnpo", "grpo"])
-def test_micro_batches_equal_trl_accumulation(loss_type):
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.triton)])
+def test_micro_batches_equal_trl_accumulation(backend, loss_type):
     """A step of two micro-batches of 3 completions (unequal token counts) through TRL's `_compute_loss` with
     gradient accumulation 2 equals `grpo_loss` on the same two packed micro-batches combined as fastmath's update
     combines them: bnpo = each micro-batch's own token mean (the global token count passed is not used), weighted
@@ -159,7 +160,7 @@ def test_micro_batches_equal_trl_accumulation(loss_type):
         logprobs = p.pop("logprobs").clone().requires_grad_()
         loss, _ = grpo.grpo_loss(logprobs, p.pop("old_logprobs"), p.pop("advantages"), p.pop("seq_ids"), beta=0.04,
                                  loss_type=loss_type, epsilon_low=0.2, epsilon_high=0.28, max_completion_length=T_MAX,
-                                 num_items_in_batch=mask_total, num_sequences=6, **p)
+                                 num_items_in_batch=mask_total, num_sequences=6, backend=backend, **p)
         share = 0.5 if loss_type == "bnpo" else 1.0  # grpo_stage.update_policy: 1 / the step's real rows
         (loss * share).backward()
         trl_total, ours_total = trl_total + value, ours_total + loss.detach() * share
