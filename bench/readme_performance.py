@@ -311,14 +311,15 @@ def render(results_dir: Path = common.RESULTS) -> str:
     runs = latest_runs(results_dir)
     lines = [BEGIN, ""] + gpu_section(runs)
     cpu = {bench: run for (bench, slug), run in runs.items() if slug == "cpu"}
-    rows = []
+    rows, shown = [], []  # shown: the runs in the table (the machine line names only their CPUs)
     for bench, to_rows in (("sft_e2e", sft_rows), ("cross_entropy", cross_entropy_rows), ("grpo", grpo_rows),
                            ("grpo_e2e", grpo_e2e_rows), ("varlen_attention", attention_rows), ("demo_sft", demo_rows)):
         if bench in cpu:
             rows += to_rows(cpu[bench])
+            shown.append(cpu[bench])
     if rows:
-        devices = sorted({re.sub(r"^CPU:?\s*", "", run["device"].split(",")[0]) for run in cpu.values()})
-        cores = sorted({run["cpu_count"] for run in cpu.values() if run.get("cpu_count")})
+        devices = sorted({re.sub(r"^CPU:?\s*", "", run["device"].split(",")[0]) for run in shown})
+        cores = sorted({run["cpu_count"] for run in shown if run.get("cpu_count")})
         where = " / ".join(devices) + (f" ({' / '.join(map(str, cores))} logical CPUs, no GPU)" if cores else "")
         lines += ["### On this project's CPU machine", "",
                   f"Measured on {where}, each baseline in the same run. On CPU the "
