@@ -176,3 +176,25 @@ def test_benchmark_split_auto(tmp_path):
     local = tmp_path / "aime.jsonl"
     assert benchmark_split(load_config(None, [f"eval.benchmark={local}"])) == "test"
     assert benchmark_split(load_config(None, ["eval.benchmark_split=validation"])) == "validation"
+
+
+def test_grpo_run_with_the_seeds_update_settings(tmp_path, embedded_cache, dist_info):
+    """Two GRPO steps on the embedded default with stage 2's update settings: bnpo over micro-batches of exactly
+    2 completions, the cosine over one pass of the prompts, the seed's rewards in characters."""
+    from fastmath.grpo_stage import run_grpo
+
+    out = tmp_path / "seed_grpo"
+    config = load_config(None, [
+        f"run.output_dir={out}", f"run.cache_dir={embedded_cache}", "run.stages=[grpo]", "grpo.generator=hf",
+        "grpo.max_steps=2", "grpo.prompts_per_step=4", "grpo.num_generations=4", "grpo.max_rows=40",
+        "grpo.max_prompt_length=96", "grpo.max_completion_length=24", "grpo.tokens_per_micro_batch=256",
+        "grpo.loss_type=bnpo", "grpo.completions_per_micro_batch=2", "grpo.schedule_steps=-1", "grpo.lr=1e-3",
+        "grpo.rewards=[format,cosine,length]", "grpo.format_rule=box_before_think_end", "grpo.length_unit=chars",
+        "grpo.cosine_max_length=120", "grpo.beta=0.04", "grpo.vllm_is_correction=false", "grpo.reward_workers=1",
+        "heldout.num_problems=0"])
+    run_grpo(config, dist_info)
+    lines = [json.loads(line) for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2]
+    assert all(math.isfinite(r["loss"]) for r in lines)
+    # 40 prompt rows / 4 per step: a 10-step cosine, stopped after 2
+    assert [r["lr"] for r in lines] == pytest.approx([lr_at(s, 10, 1e-3, 0.0, 0.0) for s in range(2)], rel=EXACT)
