@@ -85,3 +85,25 @@ def add_weight_grad(grad_weight32: torch.Tensor, dlogits: torch.Tensor, h: torch
         torch.addmm(grad_weight32, dlogits.T, h, out_dtype=torch.float32, out=grad_weight32)
     else:
         grad_weight32.add_(dlogits.T @ h)
+
+
+def check_lm_head(hidden: torch.Tensor, weight: torch.Tensor, chunk_size) -> tuple[int, int, int]:
+    """The checks every fused LM-head function makes on hidden [N, d], weight [V, d] and chunk_size (one
+    ValueError naming the argument); returns (N, d, V)."""
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be 2-D [N, d], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [V, d], got shape {tuple(weight.shape)}")
+    (n, d), v = hidden.shape, weight.shape[0]
+    if weight.shape[1] != d:
+        raise ValueError(f"weight.shape[1] ({weight.shape[1]}) must equal hidden.shape[1] ({d}): hidden is "
+                         f"[N, d] = {tuple(hidden.shape)}, weight is [V, d] = {tuple(weight.shape)}")
+    if v == 0:
+        raise ValueError("weight must have at least one row (V >= 1)")
+    if not hidden.dtype.is_floating_point:
+        raise ValueError(f"hidden must be floating point, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight dtype ({weight.dtype}) must equal hidden dtype ({hidden.dtype})")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    return n, d, v

@@ -19,11 +19,12 @@ temperature (the sampling temperature divides the model's logits). Reductions: "
 non-ignored rows / their number; an all-ignored batch gives 0 and zero gradients, not NaN) and "none".
 
 Shapes and dtypes:
-    hidden [N, d], weight [V, d], bias [V] or None: one floating dtype (fp32 / fp16 / bf16), one device.
-    logits [N, V] (for `cross_entropy`): any floating dtype, last dimension contiguous (else copied).
+    hidden [N, d], weight [V, d], bias [V] or None: one floating dtype (fp16 / bf16 / fp32), one device.
+    logits [N, V] (for `cross_entropy`): fp16 / bf16 / fp32, last dimension contiguous (else copied).
     labels [N], any integer dtype; entries in [0, V) or equal to ignore_index.
     Losses are fp32 (log-sum-exp, softmax and the loss in fp32 whatever the input dtype); gradients come
-    back in the dtype of the tensor they belong to.
+    back in the dtype of the tensor they belong to. float64 inputs run on the reference path only, where
+    everything (losses included) is float64; the Triton path refuses them (kernels/dispatch.py's policy).
 
 FLOPs (fused): logits 2NdV + d hidden 2NdV + d weight 2NdV = 6NdV; reduction "none" with gradients
 recomputes the logits in backward (8NdV). The elementwise work is O(NV) and memory-bound.
@@ -84,7 +85,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.chunking import MAX_BLOCK_V, add_weight_grad, logits_buffer, row_tile
+from kernels.chunking import MAX_BLOCK_V, add_weight_grad, check_lm_head, logits_buffer, row_tile
 from kernels.chunking import default_chunk_size as _default_chunk_size
 from kernels.dispatch import all_interpreted, check_float_dtype, use_triton
 
@@ -392,23 +393,7 @@ def _check_logits(logits, labels, opts):
 
 
 def _check_inputs(hidden, weight, labels, bias, chunk_size, opts):
-    if hidden.dim() != 2:
-        raise ValueError(f"hidden must be 2-D [N, d], got shape {tuple(hidden.shape)}")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [V, d], got shape {tuple(weight.shape)}")
-    n, d = hidden.shape
-    v = weight.shape[0]
-    if weight.shape[1] != d:
-        raise ValueError(
-            f"weight.shape[1] ({weight.shape[1]}) must equal hidden.shape[1] ({d}): "
-            f"hidden is [N, d] = {tuple(hidden.shape)}, weight is [V, d] = {tuple(weight.shape)}"
-        )
-    if v == 0:
-        raise ValueError("weight must have at least one row (V >= 1)")
-    if not hidden.dtype.is_floating_point:
-        raise ValueError(f"hidden must be floating point, got {hidden.dtype}")
-    if weight.dtype != hidden.dtype:
-        raise ValueError(f"weight dtype ({weight.dtype}) must equal hidden dtype ({hidden.dtype})")
+    n, _, v = check_lm_head(hidden, weight, chunk_size)
     if bias is not None:
         if bias.shape != (v,):
             raise ValueError(f"bias must have shape [V] = ({v},), got {tuple(bias.shape)}")
@@ -417,8 +402,6 @@ def _check_inputs(hidden, weight, labels, bias, chunk_size, opts):
     devices = {t.device for t in (hidden, weight, labels, bias) if t is not None}
     if len(devices) != 1:
         raise ValueError(f"hidden, weight, labels and bias must be on one device, got {sorted(map(str, devices))}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     _check_labels(labels, n, v, opts.ignore_index)
 
 
@@ -705,8 +688,12 @@ def fused_linear_cross_entropy(
 ):
     """Cross-entropy of `hidden @ weight.T + bias` against `labels`, without materialising the logits.
 
+    Dtypes (kernels/dispatch.py, the same for every kernel function): fp16 / bf16 / fp32 on both paths, with
+    fp32 accumulation; float64 on the reference path only, computed in float64 end to end (backend="auto" takes
+    it there; backend="triton" refuses it with a ValueError).
+
     Args:
-        hidden: [N, d] final hidden states (fp32 / fp16 / bf16).
+        hidden: [N, d] final hidden states (fp16 / bf16 / fp32; float64 on the reference path).
         weight: [V, d] LM-head weight, same dtype as hidden (tied embeddings: pass the embedding matrix).
         labels: [N] integer class ids in [0, V), or ignore_index.
         bias: [V] or None.
@@ -763,6 +750,10 @@ def cross_entropy(
     backend: str = "auto",
 ):
     """Cross-entropy on given logits [N, V] (the non-fused kernel), same options and result as above.
+
+    Dtypes (kernels/dispatch.py, the same for every kernel function): fp16 / bf16 / fp32 on both paths, with
+    fp32 accumulation; float64 on the reference path only, computed in float64 end to end (backend="auto" takes
+    it there; backend="triton" refuses it with a ValueError).
 
     On the Triton path, when the logits require grad, the forward overwrites the logits' storage with
     their gradient (no second [N, V] buffer, as in Liger): do not read the logits after this call. Their

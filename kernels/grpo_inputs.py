@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.chunking import check_lm_head
 from kernels.dispatch import check_float_dtype
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -167,21 +168,7 @@ def check_loss_inputs(function, n, device, inputs: LossInputs, opts: LossOptions
 
 def check_linear_inputs(function, hidden, weight, targets, chunk_size, triton) -> list:
     """Shapes, dtypes and devices of the LM-head inputs; returns the targets' value check."""
-    if hidden.dim() != 2:
-        raise ValueError(f"hidden must be 2-D [N, d], got shape {tuple(hidden.shape)}")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [V, d], got shape {tuple(weight.shape)}")
-    n, d = hidden.shape
-    v = weight.shape[0]
-    if weight.shape[1] != d:
-        raise ValueError(f"weight.shape[1] ({weight.shape[1]}) must equal hidden.shape[1] ({d}): hidden is "
-                         f"[N, d] = {tuple(hidden.shape)}, weight is [V, d] = {tuple(weight.shape)}")
-    if v == 0:
-        raise ValueError("weight must have at least one row (V >= 1)")
-    if not hidden.dtype.is_floating_point:
-        raise ValueError(f"hidden must be floating point, got {hidden.dtype}")
-    if weight.dtype != hidden.dtype:
-        raise ValueError(f"weight dtype ({weight.dtype}) must equal hidden dtype ({hidden.dtype})")
+    n, _, v = check_lm_head(hidden, weight, chunk_size)
     check_float_dtype(function, "hidden", hidden, triton)
     if targets.dim() != 1 or targets.shape[0] != n:
         raise ValueError(f"targets must be 1-D with N = {n} entries (one per row), got shape {tuple(targets.shape)}")
@@ -190,8 +177,6 @@ def check_linear_inputs(function, hidden, weight, targets, chunk_size, triton) -
     if len({hidden.device, weight.device, targets.device}) != 1:
         raise ValueError(f"hidden, weight and targets must be on one device, got {hidden.device}, "
                          f"{weight.device}, {targets.device}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     return [("targets", targets, lambda: (targets < 0) | (targets >= v), f"must lie in [0, V) = [0, {v})")]
 
 
