@@ -194,11 +194,12 @@ def reduce_and_read(device_sums: list[torch.Tensor], host_sums: list[float], dev
 
 
 def check_resume_compatible(saved: dict, config: Config, path: Path, invariant: tuple[str, ...]) -> None:
-    """A resumed stage must not change what shapes its data order or update; the first change is named."""
-    current = to_dict(config)
+    """A resumed stage must not change what shapes its data order or update; the first change is named. A key the
+    checkpoint's config lacks (it predates the key) counts as the key's default, which is how that run behaved."""
+    current, defaults = to_dict(config), to_dict(Config())
     for key in invariant:
         section, name = key.split(".")
-        old, new = saved.get(section, {}).get(name), current[section][name]
+        old, new = saved.get(section, {}).get(name, defaults[section][name]), current[section][name]
         if old != new:
             raise CheckpointError(f"checkpoint {path} was made with {key}={old!r}, this run has {new!r}; "
                                   f"resume with the same value or use a fresh run.output_dir")

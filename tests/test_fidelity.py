@@ -198,3 +198,17 @@ def test_grpo_run_with_the_seeds_update_settings(tmp_path, embedded_cache, dist_
     assert all(math.isfinite(r["loss"]) for r in lines)
     # 40 prompt rows / 4 per step: a 10-step cosine, stopped after 2
     assert [r["lr"] for r in lines] == pytest.approx([lr_at(s, 10, 1e-3, 0.0, 0.0) for s in range(2)], rel=EXACT)
+
+
+def test_a_checkpoint_older_than_the_schedule_keys_resumes():
+    """A checkpoint whose config predates sft.schedule_steps ran with its default (the run's own length)."""
+    from fastmath.config import to_dict
+    from fastmath.errors import CheckpointError
+    from fastmath.stage import check_resume_compatible
+
+    saved = to_dict(load_config(None))
+    del saved["sft"]["schedule_steps"]
+    keys = ("sft.schedule_steps", "sft.lr")
+    check_resume_compatible(saved, load_config(None), REPO, keys)
+    with pytest.raises(CheckpointError, match="sft.schedule_steps=0, this run has 40"):
+        check_resume_compatible(saved, load_config(None, ["sft.schedule_steps=40"]), REPO, keys)
