@@ -17,6 +17,8 @@ sequence.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from kernels import grpo_logprobs, grpo_policy_loss
@@ -34,9 +36,11 @@ from kernels.grpo_inputs import (
 from kernels.grpo_logprobs import (
     ChunkLoop,
     accumulate_grads,
+    fp16_gradient_scale,
     grad_pass,
     linear_logprobs_reference,
     logprob_pass,
+    rescaled,
     row_dlogits,
     row_logprobs,
 )
@@ -116,20 +120,27 @@ class _LinearGRPOLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, tok, opts, chunk, need, use_triton):
         level_pass = _token_level_pass if opts.level == "token" else _sequence_level_pass
+        # fp16 dlogits: the normalisers' 1/N taken out (grpo_logprobs.fp16_gradient_scale), put back in backward.
+        ctx.factor = fp16_gradient_scale(tok.coef, hidden.dtype, use_triton) if any(need) else None
+        run_tok = tok if ctx.factor is None else replace(tok, coef=tok.coef / ctx.factor)
         with torch.autocast(hidden.device.type, enabled=False):
             entropy, terms, grad_hidden, grad_weight_acc = level_pass(
-                hidden, weight, targets, tok, opts, chunk, need, use_triton
+                hidden, weight, targets, run_tok, opts, chunk, need, use_triton
             )
         ctx.save_for_backward(grad_hidden, grad_weight_acc)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         sums = torch.cat([terms[1:].sum(dim=1), torch.where(tok.mask != 0, entropy, 0.0).sum().unsqueeze(0)])
         ctx.mark_non_differentiable(sums)
-        return terms[0].sum(), sums
+        return terms[0].sum() if ctx.factor is None else terms[0].sum() * ctx.factor, sums
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_sums):
-        grads = (scaled(g, grad_loss, dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes))
+        if ctx.factor is not None:
+            factor = grad_loss.to(torch.float32) * ctx.factor
+            grads = (rescaled(g, factor, dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes))
+        else:
+            grads = (scaled(g, grad_loss, dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes))
         return (*grads, None, None, None, None, None, None)
 
 

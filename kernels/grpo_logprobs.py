@@ -29,12 +29,12 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.chunking import add_weight_grad, default_chunk_size
+from kernels.chunking import MAX_BLOCK_V, add_weight_grad, default_chunk_size, logits_buffer, row_tile
 from kernels.dispatch import all_interpreted, use_triton
 from kernels.grpo_inputs import check_linear_inputs, check_temperature, check_values, compute_dtype
 
-# Tiles (powers of two). Untuned: no GPU has run these kernels yet.
-_MAX_BLOCK_V = 8192
+# The row kernels' largest vocabulary tile (kernels.chunking.row_tile picks the tile and warps from V under it).
+_MAX_BLOCK_V = MAX_BLOCK_V
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 
@@ -152,12 +152,6 @@ def linear_logprobs_reference(hidden, weight, targets, *, temperature=1.0, retur
 # ----------------------------------------------------------------------------------------------------
 
 
-def block_v(v):
-    """(BLOCK_V, num_warps) of the row kernels for a V-wide vocabulary."""
-    block = min(triton.next_power_of_2(v), _MAX_BLOCK_V)
-    return block, 16 if block >= 8192 else 8 if block >= 2048 else 4
-
-
 def row_logprobs(logits, targets, inv_t, entropy, use_triton, scratch=None):
     """Row statistics of one chunk of raw logits [c, V]: (logp, m, log s, entropy or None) [c], and the softmax
     numerators.
@@ -172,7 +166,7 @@ def row_logprobs(logits, targets, inv_t, entropy, use_triton, scratch=None):
     if use_triton:
         logp, m2, log2_s, ent = (torch.empty(c, dtype=torch.float32, device=logits.device) for _ in range(4))
         if c:
-            block, warps = block_v(v)
+            block, warps = row_tile(v, _MAX_BLOCK_V)
             _logprob_rows_kernel[(c,)](
                 logits, targets, logp, m2, log2_s, ent, v, logits.stride(0), _LOG2E.value * inv_t,
                 ENTROPY=entropy, BLOCK_V=block, num_warps=warps,
@@ -203,7 +197,7 @@ def row_dlogits(logits, targets, row_stats, coef, inv_t, use_triton, numerators=
     c, v = logits.shape
     if use_triton:
         if c:
-            block, warps = block_v(v)
+            block, warps = row_tile(v, _MAX_BLOCK_V)
             _logprob_grad_rows_kernel[(c,)](
                 logits, targets, m, log_s, coef, v, logits.stride(0), _LOG2E.value * inv_t, inv_t,
                 BLOCK_V=block, num_warps=warps,
@@ -230,6 +224,28 @@ def accumulate_grads(dlogits, h, w, rows, grad_hidden, grad_weight_acc):
         add_weight_grad(grad_weight_acc, dlogits, h)
 
 
+def fp16_gradient_scale(coef, dtype, use_triton):
+    """The fp32 factor taken out of the coefficients d loss / d logp before the row kernels write
+    coef (onehot - softmax) / T into fp16 dlogits, or None where none is needed.
+
+    A token mean over N tokens puts 1/N into every coefficient, and at N = 16k coef * p (p ~ 1/V) falls below
+    fp16's smallest normal (6e-5) for most of a large vocabulary, and below its smallest subnormal (6e-8) for
+    the rare entries, whose gradient is then lost. Divided by the largest |coef| the coefficients are at most 1
+    and the dlogits as well scaled as a sum's; the caller multiplies the results back in fp32 (`rescaled`).
+    bf16 (fp32's exponent range), fp32, and the PyTorch path (fp32 logits) need no factor."""
+    if not use_triton or dtype != torch.float16 or coef.numel() == 0:
+        return None
+    top = coef.detach().abs().amax().to(torch.float32)
+    # All-zero or non-finite coefficients: factor 1 (zeros stay zeros; NaN / inf reach the gradient as before).
+    return torch.where(torch.isfinite(top) & (top > 0), top, torch.ones_like(top))
+
+
+def rescaled(grad, factor, dtype):
+    """grad (fp16 d hidden or the fp32 d weight accumulator) times an fp32 factor, multiplied in fp32 and rounded
+    once into dtype; None passes through."""
+    return None if grad is None else (grad.to(torch.float32) * factor).to(dtype)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The chunk loops (both paths)
 # ----------------------------------------------------------------------------------------------------
@@ -246,7 +262,8 @@ class ChunkLoop:
         self.dtype = hidden.dtype if use_triton else compute_dtype(hidden)
         self.w = weight if use_triton else weight.to(self.dtype)
         shape = (min(chunk, self.n), weight.shape[0])
-        self.buf = hidden.new_empty(shape, dtype=self.dtype)
+        # Triton: rows padded to 16 elements, so the row kernels' loads stay vectorised for any V.
+        self.buf = logits_buffer(hidden, *shape) if use_triton else hidden.new_empty(shape, dtype=self.dtype)
         self.scratch = hidden.new_empty(shape, dtype=self.dtype) if scratch and not use_triton else None
 
     def __iter__(self):
@@ -309,11 +326,16 @@ class _LinearLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logp, _grad_entropy):
         hidden, weight, targets, *row_stats = ctx.saved_tensors
         need = ctx.needs_input_grad[:2]
+        coef = grad_logp.to(row_stats[0].dtype).contiguous()
+        factor = fp16_gradient_scale(coef, hidden.dtype, ctx.use_triton)
         with torch.autocast(hidden.device.type, enabled=False):
             grad_hidden, grad_weight_acc = grad_pass(
-                hidden, weight, targets, row_stats, grad_logp.to(row_stats[0].dtype).contiguous(), ctx.inv_t,
+                hidden, weight, targets, row_stats, coef if factor is None else coef / factor, ctx.inv_t,
                 ctx.chunk, need, ctx.use_triton,
             )
+        if factor is not None:
+            return (rescaled(grad_hidden, factor, hidden.dtype), rescaled(grad_weight_acc, factor, weight.dtype),
+                    None, None, None, None, None)  # fmt: skip
         grad_weight = None if grad_weight_acc is None else grad_weight_acc.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None, None
 

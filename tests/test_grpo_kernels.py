@@ -23,7 +23,7 @@ import kernels.grpo as grpo
 from kernels import grpo_advantages, grpo_fused_loss, grpo_logprobs, grpo_policy_loss
 from tests.closeness import assert_close
 from tests.tolerances import (linear_grad_magnitudes, reduction_atol, reduction_rtol, storage_rtol,
-                              tiny_atol)
+                              tiny_atol, unit_roundoff)
 from tests.conftest import REPO
 
 INTERPRETED = grpo_advantages.KERNELS_INTERPRETED and grpo_fused_loss.KERNELS_INTERPRETED
@@ -358,6 +358,60 @@ def test_logprobs_without_entropy_and_grad():
         again, entropy = grpo.fused_linear_logprobs(h, w, y, return_entropy=True)
     assert not again.requires_grad and not entropy.requires_grad
     assert torch.equal(again, logp.detach())
+
+
+def _fp16_token_mean_batch(n=256, v=6, d=4, s=8):
+    """fp16 rows whose classes 2.. sit ~14 nats down (p ~ 1e-6) and are never sampled: their d weight is a sum
+    of n entries coef * p with coef ~ 1/n, each below fp16's smallest subnormal (2^-24) when stored."""
+    gen = torch.Generator().manual_seed(5)
+    hidden = (torch.randn(n, d, generator=gen) * 0.2 + 2).half()  # a mean, so d weight does not cancel
+    weight = torch.cat([torch.randn(2, d, generator=gen) * 0.3, torch.full((v - 2, d), -1.75)]).half()
+    targets = torch.randint(0, 2, (n,), generator=gen)
+    seq_ids = torch.arange(n) // (n // s)
+    return hidden, weight, targets, seq_ids
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("loss", ["logprobs_mean", "grpo_dapo", "grpo_grpo_sequence"])
+def test_fp16_token_mean_gradient_keeps_entries_below_fp16_range(loss):
+    """fp16, a token mean (1/N in d loss / d logp): coef (onehot - p) of rare vocabulary entries is below fp16's
+    subnormals at N = 16k, V = 152k; the interpreter reaches that regime at N = 256 (as the cross-entropy test
+    does). The row kernels get the coefficients divided by their largest magnitude and the result is scaled
+    back in fp32: d weight and d hidden against the float64 truth."""
+    hidden, weight, targets, seq_ids = _fp16_token_mean_batch()
+    n, v = hidden.shape[0], weight.shape[0]
+    adv = torch.linspace(0.5, 1.0, int(seq_ids.max()) + 1)  # one sign: d weight does not cancel
+    with torch.no_grad():  # old = the current policy (ratio 1, no clipping): g = -A
+        old = grpo.linear_logprobs_reference(hidden.float(), weight.float(), targets)
+    kw = dict(loss_type="dapo") if loss == "grpo_dapo" else dict(loss_type="grpo", importance_sampling_level="sequence")
+
+    def grads(h, w, backend):
+        h, w = h.detach().requires_grad_(), w.detach().requires_grad_()
+        if loss == "logprobs_mean":
+            fn = grpo.fused_linear_logprobs if backend else grpo.linear_logprobs_reference
+            fn(h, w, targets, **({"backend": backend} if backend else {})).mean().backward()
+        else:
+            fn = grpo.fused_linear_grpo_loss if backend else grpo_fused_loss.linear_grpo_loss_reference
+            fn(h, w, targets, old.to(h.dtype), adv.to(h.dtype), seq_ids, **kw,
+               **({"backend": backend} if backend else {}))[0].backward()
+        return h.grad, w.grad
+
+    ours = grads(hidden, weight, "triton")
+    truth = grads(hidden.double(), weight.double(), None)
+    logits = hidden.double() @ weight.double().T
+    p = torch.softmax(logits, dim=1)
+    # |d loss / d logp_t| <= max |A| / n_t per token in each case here (1/N, 1/N, 1/(n_s S) = 1/N).
+    coef = 1.0 / n
+    assert (coef * p[:, 2:] < 2.0**-24).all() and (truth[1][2:].abs() > 2.0**-23).all(), "not the regime"
+    # Roundings: logits in fp16 move p (and log p, hence the ratio) by up to 2 u |z| each: 8 u (z_max + 1) of
+    # each dlogit; each scaled dlogit stored in fp16 (relative u, absolute 2^-25 below the normal range, times
+    # the factor taken out, at most 1/N here); fp32 matmuls; one rounding of each result to fp16.
+    u16, floor16 = unit_roundoff(torch.float16), 2.0**-25
+    dlogits = coef * (p - torch.nn.functional.one_hot(targets, v).double()).abs()
+    entry = 8 * u16 * (logits.abs().amax(1, keepdim=True) + 1) * dlogits + floor16 * coef
+    for name, o, t, other in (("d hidden", ours[0], truth[0], weight), ("d weight", ours[1], truth[1], hidden)):
+        spread = (entry @ other.double().abs()) if name == "d hidden" else (entry.T @ other.double().abs())
+        assert_close(o, t, atol=spread + 2 * u16 * t.abs() + floor16, rtol=0.0, name=f"{name} ({loss}, fp16)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -805,8 +859,8 @@ def _token_launch(logp="fp32", old="fp32", ref="fp32", iw="fp32", *, has_old, ha
 
 
 def _row_launch(kernel, logits_dtype, v, entropy=None):
-    """`_row_logprobs` / `_row_dlogits`' launches: n_cols = V and the row stride = V (a [c, V] buffer)."""
-    block_v, warps = grpo_logprobs.block_v(v)
+    """`_row_logprobs` / `_row_dlogits`' launches: n_cols = V, tile and warps from kernels.chunking.row_tile."""
+    block_v, warps = grpo_logprobs.row_tile(v)
     ints = {} if v == 1 else dict(n_cols="i32", logits_row_stride="i32")
     common = dict(logits_ptr=f"*{logits_dtype}", targets_ptr="*i64", scale="fp32", **ints)
     constexprs = dict(BLOCK_V=block_v, **({} if v != 1 else dict(n_cols=1, logits_row_stride=1)))
