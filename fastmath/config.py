@@ -54,6 +54,9 @@ class ModelConfig:
                           choices=("auto", "fp32", "bf16"))
     activation_checkpointing: bool = _opt(False, "Recompute each decoder layer in backward to save memory.")
     compile: bool = _opt(False, "torch.compile each decoder layer.")
+    liger: str = _opt("auto", "Liger-Kernel's RMSNorm / SwiGLU / RoPE (Triton, CUDA only) in the trained models: auto "
+                      "= when the device is CUDA and liger_kernel imports, always = required (an error otherwise), "
+                      "never = PyTorch's modules.", choices=("auto", "always", "never"))
     trust_remote_code: bool = _opt(False, "Passed to transformers when loading the model and tokenizer.")
 
 

@@ -356,13 +356,13 @@ def build_policy(config: Config, init_path: str, dist_info: DistInfo) -> Policy:
     loss_options = dict(beta=g.beta, epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high, loss_type=g.loss_type,
                         importance_sampling_level=g.importance_sampling_level,
                         max_completion_length=g.max_completion_length)
-    causal_lm = load_causal_lm(init_path, m.attn_implementation, m.trust_remote_code)
+    causal_lm = load_causal_lm(init_path, m.attn_implementation, m.trust_remote_code, m.liger, dist_info.device)
     model = parallelize(PolicyWithGRPOLoss(causal_lm, g.temperature, loss_options), dist_info.world_size,
                         dist_info.device, m.activation_checkpointing, m.compile, bf16)
     model.train()
     ref_model = None
     if g.beta > 0:
-        ref_lm = load_causal_lm(init_path, m.attn_implementation, m.trust_remote_code)
+        ref_lm = load_causal_lm(init_path, m.attn_implementation, m.trust_remote_code, m.liger, dist_info.device)
         ref_lm.requires_grad_(False)
         ref_model = parallelize(PolicyWithGRPOLoss(ref_lm, g.temperature, loss_options), dist_info.world_size,
                                 dist_info.device, False, m.compile, bf16).eval()

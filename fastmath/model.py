@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastmath.errors import ModelError, one_line
+from fastmath.errors import ConfigError, ModelError, one_line
 from fastmath.packing import PackedBatch
 from kernels import fused_linear_cross_entropy
 
@@ -89,10 +89,27 @@ def _load_problem(path: str, err: Exception) -> str:
     return f"'{path}': {one_line(err)}"
 
 
-def load_causal_lm(path: str, attn_implementation: str, trust_remote_code: bool = False) -> nn.Module:
-    """Load an HF causal LM in fp32 (master weights) with packed attention registered."""
+def use_liger(setting: str, device: torch.device) -> bool:
+    """Whether a trained model gets Liger-Kernel's RMSNorm / SwiGLU / RoPE (`model.liger`): never; always (a
+    ConfigError when it cannot run: Liger's kernels are Triton, CUDA only); auto = when both hold."""
+    if setting == "never":
+        return False
+    from kernels.hf import liger_import_problem
+
+    problem = f"the device is {device.type}, and Liger's kernels run on CUDA only" if device.type != "cuda" else None
+    problem = problem or liger_import_problem()
+    if problem and setting == "always":
+        raise ConfigError(f"model.liger=always, but {problem}; set model.liger=auto or never")
+    return problem is None
+
+
+def load_causal_lm(path: str, attn_implementation: str, trust_remote_code: bool = False, liger: str = "never",
+                   device: torch.device | None = None) -> nn.Module:
+    """Load an HF causal LM in fp32 (master weights) with packed attention registered, and Liger-Kernel's
+    modules when `use_liger(liger, device)` (decided before loading, so `always` fails fast)."""
     from transformers import AutoModelForCausalLM
 
+    with_liger = use_liger(liger, device or torch.device("cpu"))
     if attn_implementation == "fastmath_varlen":
         from kernels.hf import register
 
@@ -104,6 +121,10 @@ def load_causal_lm(path: str, attn_implementation: str, trust_remote_code: bool 
     except Exception as err:
         raise ModelError(f"could not load the model: {_load_problem(path, err)}") from None
     model.config.use_cache = False
+    if with_liger:
+        from kernels.hf import apply_liger
+
+        apply_liger(model)
     return model
 
 

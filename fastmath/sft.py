@@ -158,7 +158,8 @@ def setup(config: Config, dist_info: DistInfo) -> Setup:
                           f"processes ({dist_info.world_size})")
     plan = plan_steps(train_docs, config.sft.tokens_per_micro_batch, config.sft.global_batch, config.sft.epochs,
                       config.run.seed, config.sft.max_steps)
-    causal_lm = load_causal_lm(model_path, config.model.attn_implementation, config.model.trust_remote_code)
+    causal_lm = load_causal_lm(model_path, config.model.attn_implementation, config.model.trust_remote_code,
+                               config.model.liger, dist_info.device)
     model = parallelize(CausalLMWithLinearLoss(causal_lm, config.sft.loss_chunk_size), dist_info.world_size,
                         dist_info.device, config.model.activation_checkpointing, config.model.compile, bf16)
     model.train()

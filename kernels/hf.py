@@ -275,11 +275,27 @@ def _apply_liger(model) -> None:
     if not _is_cuda_model(model):
         logger.info("kernels.hf.patch: model not on CUDA, Liger-Kernel skipped (RMSNorm / SwiGLU / RoPE stay PyTorch)")
         return
-    try:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-    except ImportError:
+    if liger_import_problem() is not None:
         logger.warning("kernels.hf.patch: liger-kernel is not installed; RMSNorm / SwiGLU / RoPE stay PyTorch")
         return
+    apply_liger(model)
+
+
+def liger_import_problem() -> str | None:
+    """None when Liger-Kernel's transformers patches import, else why not (one line)."""
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except ImportError as err:
+        return f"liger_kernel does not import ({err})"
+    return None
+
+
+def apply_liger(model) -> None:
+    """Liger-Kernel's RMSNorm, SwiGLU MLP and RoPE on this model, wherever its parameters are now (the trainer
+    applies it before moving or sharding the model onto the GPU); not Liger's losses: fastmath's fused linear
+    cross-entropy takes the loss. `patch` calls this for a CUDA model."""
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
     _apply_liger_kernel_to_instance(
         model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
     )
