@@ -44,6 +44,8 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import kernels.attention as attention  # noqa: E402
 import kernels.cross_entropy as cross_entropy  # noqa: E402
+import kernels.grpo_logprobs as grpo_logprobs  # noqa: E402
+from kernels.chunking import row_tile  # noqa: E402
 
 # Dynamic shared memory one block may use (CUDA programming guide, "Technical Specifications per Compute
 # Capability"): 227 KiB on compute capability 9.0, 163 KiB on 8.0.
@@ -64,7 +66,7 @@ ATTENTION_KERNELS = {"forward": "_varlen_fwd_kernel", "dkdv": "_varlen_bwd_dkdv_
 class Case:
     """One compilation: a kernel, its argument types, compile-time values and launch options, for one target."""
 
-    module: str  # "attention" | "cross_entropy"
+    module: str  # "attention" | "cross_entropy" | "grpo_logprobs"
     kernel: str  # the jit function's name in that module
     label: str  # what the README table calls the row
     head_dim: int | None
@@ -75,6 +77,9 @@ class Case:
     num_warps: int
     num_stages: int
     capability: int = 90
+    # Integer arguments every launch passes as a multiple of 16 (Triton specialises them so): the row kernels'
+    # logits row stride (kernels.chunking.padded_row_stride).
+    multiples_of_16: tuple = ()
 
     def config_name(self) -> str:
         blocks = ",".join(f"{k}={v}" for k, v in self.constexprs if k.startswith("BLOCK") and k != "BLOCK_D")
@@ -101,7 +106,7 @@ _REGISTERS = re.compile(r"Used (\d+) registers")
 @functools.lru_cache(maxsize=None)
 def compile_case(case: Case) -> Resources:
     """Compile `case` for its target (no GPU needed) and read shared memory and the ptxas register report."""
-    module = {"attention": attention, "cross_entropy": cross_entropy}[case.module]
+    module = {"attention": attention, "cross_entropy": cross_entropy, "grpo_logprobs": grpo_logprobs}[case.module]
     jit = getattr(module, case.kernel)
     while not isinstance(jit, triton.runtime.JITFunction):  # an autotuned kernel wraps the jit function
         jit = jit.fn
@@ -110,7 +115,8 @@ def compile_case(case: Case) -> Resources:
     assert not missing, f"{case.kernel}: no type for {sorted(missing)}"
     signature = {name: "constexpr" if name in constexprs else types[name] for name in jit.arg_names}
     # Pointers from torch's allocator are 16-byte aligned; the launcher tells Triton so at run time too.
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(jit.arg_names) if signature[name][0] == "*"}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(jit.arg_names)
+             if signature[name][0] == "*" or name in case.multiples_of_16}
     source = ASTSource(jit, signature, {(jit.arg_names.index(k),): v for k, v in constexprs.items()}, attrs)
     log = io.StringIO()
     start = time.perf_counter()
@@ -191,7 +197,7 @@ def cross_entropy_cases(vocab_sizes=(3000, 50257, 151936), dtypes=("bf16", "fp16
     jit = cross_entropy._cross_entropy_kernel
     cases = []
     for v in vocab_sizes:
-        block_v, num_warps = cross_entropy.row_tile(v)
+        block_v, num_warps = row_tile(v)
         for dtype in dtypes:
             types = [f"*{dtype}", f"*{dtype}", "*i64", "*fp32", "*fp32", "*fp32", "i32", "i32", "i32", "i32"]
             types += ["fp32"] * 4
@@ -199,7 +205,31 @@ def cross_entropy_cases(vocab_sizes=(3000, 50257, 151936), dtypes=("bf16", "fp16
             cases.append(Case(
                 "cross_entropy", "_cross_entropy_kernel", "cross-entropy rows", None, f"V={v}", dtype,
                 tuple(zip(jit.arg_names, types)), tuple(constexprs.items()), num_warps, 1, capability,
+                ("logits_row_stride",),
             ))  # fmt: skip
+    return cases
+
+
+GRPO_ROW_KERNELS = {"_logprob_rows_kernel": "GRPO log-prob rows", "_logprob_grad_rows_kernel": "GRPO dlogits rows"}
+
+
+def grpo_row_cases(vocab_sizes=(3000, 50257, 151936), dtypes=("bf16", "fp16", "fp32"), capability=90):
+    """The GRPO row kernels (kernels/grpo_logprobs.py: the fused log-probs and losses), entropy on, at the tile
+    and warps kernels.chunking.row_tile picks for each V: logits of the input dtype, fp32 row vectors."""
+    cases = []
+    for kernel, label in GRPO_ROW_KERNELS.items():
+        jit = getattr(grpo_logprobs, kernel)
+        for v in vocab_sizes:
+            block_v, num_warps = row_tile(v)
+            for dtype in dtypes:
+                types = {name: "*i64" if name == "targets_ptr" else f"*{dtype}" if name == "logits_ptr"
+                         else "*fp32" if name.endswith("_ptr") else "i32" if name in ("n_cols", "logits_row_stride")
+                         else "fp32" for name in jit.arg_names if not name.isupper()}  # fmt: skip
+                constexprs = dict(BLOCK_V=block_v, **({"ENTROPY": True} if "ENTROPY" in jit.arg_names else {}))
+                cases.append(Case(
+                    "grpo_logprobs", kernel, label, None, f"V={v}", dtype, tuple(types.items()),
+                    tuple(constexprs.items()), num_warps, 1, capability, ("logits_row_stride",),
+                ))  # fmt: skip
     return cases
 
 
@@ -209,6 +239,7 @@ def full_matrix():
     for capability in SHARED_LIMIT:
         cases += attention_cases(capability=capability)
         cases += cross_entropy_cases(capability=capability)
+        cases += grpo_row_cases(capability=capability)
     cases += attention_cases(dtypes=("fp32",), variants=("causal",))
     return cases
 
@@ -216,11 +247,12 @@ def full_matrix():
 def ci_cases():
     """The subset CI compiles (about 2 minutes of CPU time on one core): every kept attention config in bf16, in
     the heaviest mask kind (softcap: a causal mask plus the live tanh tile in both backward kernels), at every
-    head dim on sm_90 and at 64 and 128 on sm_80; the row kernel at three vocabularies. The full matrix adds the
+    head dim on sm_90 and at 64 and 128 on sm_80; the row kernels at three vocabularies. The full matrix adds the
     other mask kinds, fp16, fp32 and head dim 256 on sm_80."""
     cases = attention_cases(dtypes=("bf16",), variants=("softcap",))
     cases += attention_cases(head_dims=NO_SPILL_HEAD_DIMS, dtypes=("bf16",), variants=("softcap",), capability=80)
     cases += cross_entropy_cases(dtypes=("bf16",))
+    cases += grpo_row_cases(dtypes=("bf16",))
     return cases
 
 
