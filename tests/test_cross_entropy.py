@@ -298,6 +298,14 @@ def test_only_requested_gradients(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_non_fused_z_loss_is_returned_without_gradient(backend):
+    """Found by the fuzzer: the reference path of `cross_entropy` returned a z-loss that required grad."""
+    logits, labels = make_logits(6, 9)
+    loss, z_loss = ce.cross_entropy(logits, labels, z_loss_scale=0.1, return_z_loss=True, backend=backend)
+    assert loss.requires_grad and not z_loss.requires_grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_z_loss_is_returned_without_gradient(backend):
     hidden, weight, b, labels = make_inputs(9, 13, 4)
     loss, z_loss = ce.fused_linear_cross_entropy(
