@@ -27,25 +27,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench import toy_seeds  # noqa: E402
 from bench.common import append_record, new_record, results_path  # noqa: E402
 
 TRAIN = [sys.executable, str(REPO / "fastmath" / "train.py"), "--config", str(REPO / "configs" / "demo.yaml")]
 
 
-def run(cmd: list[str], log: Path) -> float:
+def run(cmd: list[str], log: Path, env: dict) -> float:
     """Run one stage, its output to `log`; returns wall seconds; raises with the log's tail on failure."""
     started = time.perf_counter()
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TRITON_INTERPRET")}
-    env["PYTHONPATH"] = str(REPO)
     with open(log, "w") as handle:
         done = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env)
     if done.returncode != 0:
@@ -54,37 +54,23 @@ def run(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - started
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--work", type=Path, default=REPO / "runs" / "replication")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--samples", type=int, default=4, help="samples per problem (k) in the evaluation")
-    parser.add_argument("--problems", type=int, default=200, help="held-out problems evaluated")
-    parser.add_argument("--budgets", default="64,160", help="token budgets of the evaluation")
-    parser.add_argument("--grpo-steps", type=int, default=40)
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1 epoch each, 3 GRPO steps, 16 problems")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
-    args = parser.parse_args()
-    epochs = (1, 3, 10)
-    if args.quick:
-        args.problems, args.samples, args.grpo_steps = 16, 2, 3
-    work = args.work
+def one_seed(seed: int, work: Path, args, env: dict) -> list[dict]:
+    """Every stage of the experiment for one seed; one row per evaluated model."""
     work.mkdir(parents=True, exist_ok=True)
+    epochs = (1, 3, 10)
     # Eager vLLM: 8 engine starts of ~3 s instead of ~40 s each on CPU, for ~30% slower sampling of this tiny model.
-    common = [f"run.seed={args.seed}", "run.resume=never", "heldout.num_problems=0",
+    common = [f"run.seed={seed}", "run.resume=never", "heldout.num_problems=0",
               "grpo.vllm_enforce_eager=true", "eval.vllm_enforce_eager=true"]
     runs, seconds, commands = {}, {}, {}
 
     def stage(name: str, extra: list[str]) -> None:
         out = work / name
         if out.exists():
-            import shutil
-
             shutil.rmtree(out)
         cmd = [*TRAIN, f"run.output_dir={out}", *common, *extra]
         commands[name] = " ".join(cmd[1:]).replace(str(REPO) + "/", "")
-        print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
-        seconds[name] = run(cmd, work / f"{name}.log")
+        print(f"[{time.strftime('%H:%M:%S')}] seed {seed}: {name} ...", flush=True)
+        seconds[name] = run(cmd, work / f"{name}.log", env)
         print(f"    {seconds[name] / 60:.1f} min", flush=True)
 
     for n in epochs:
@@ -98,55 +84,98 @@ def main():
     runs["rl_only"] = work / "rl_only" / "grpo" / "hf"
     runs = {"untrained": "embedded", **runs}
 
-    budgets = [int(b) for b in args.budgets.split(",")]
-    evals = {}
+    rows = []
     for name, model in runs.items():
         stage(f"eval_{name}", ["run.stages=[eval]", f"eval.model={model}", f"eval.label={name}",
                                f"eval.samples={args.samples}", f"eval.max_problems={args.problems}",
-                               f"eval.budgets=[{','.join(map(str, budgets))}]", "eval.output=eval"])
-        evals[name] = json.loads((work / f"eval_{name}" / "eval" / "results.json").read_text())
+                               f"eval.budgets=[{','.join(map(str, args.budget_list))}]", "eval.output=eval"])
+        result = json.loads((work / f"eval_{name}" / "eval" / "results.json").read_text())
+        rows.append({"seed": seed, "stage": name, "model": str(model).replace(str(REPO) + "/", ""),
+                     "train_minutes": seconds[name] / 60 if name in seconds else None,
+                     "eval_minutes": seconds[f"eval_{name}"] / 60, "command": commands.get(name),
+                     "metrics": result["metrics"]})
+    return rows
 
-    record = new_record("replication", "cpu", seed=args.seed, samples=args.samples, problems=args.problems,
-                        budgets=budgets, grpo_steps=args.grpo_steps, quick=args.quick,
-                        total_minutes=sum(seconds.values()) / 60,
-                        note="toy replication of Fast-Math-R1's findings on the embedded default; eval: pass@1 "
-                             "over k samples (temperature 1.0, top_p 0.9, min_p 0.05) on held-out problems")
-    for name, result in evals.items():
-        train_name = name if name in seconds else None
-        record["results"].append({
-            "stage": name, "model": str(runs[name]).replace(str(REPO) + "/", ""),
-            "train_minutes": None if train_name is None else seconds[train_name] / 60,
-            "eval_minutes": seconds[f"eval_{name}"] / 60, "command": commands.get(name),
-            "metrics": result["metrics"]})
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    toy_seeds.add_arguments(parser)
+    parser.add_argument("--part", choices=("recipe", *sorted(toy_seeds.PARTS)), default="recipe",
+                        help="recipe: the experiment above; demo / sft: make demo's stages per seed "
+                             "(bench/toy_seeds.py)")
+    parser.add_argument("--work", type=Path, default=REPO / "runs" / "replication")
+    parser.add_argument("--samples", type=int, default=4, help="samples per problem (k) in the evaluation")
+    parser.add_argument("--problems", type=int, default=200, help="held-out problems evaluated")
+    parser.add_argument("--budgets", default="64,160", help="token budgets of the evaluation")
+    parser.add_argument("--grpo-steps", type=int, default=40)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 epoch each, 3 GRPO steps, 16 problems")
+    args = parser.parse_args()
+    seeds = toy_seeds.parse_seeds(args.seeds)
+    if args.part != "recipe":
+        toy_seeds.run_part(seeds, args.capability, args.part, args.parallel, args.work, args.out, args.note,
+                           args.threads)
+        return
+    if args.quick:
+        args.problems, args.samples, args.grpo_steps = 16, 2, 3
+    args.budget_list = [int(b) for b in args.budgets.split(",")]
+    threads = args.threads or (1 if args.parallel > 1 else None)
+    env = toy_seeds.child_env(args.capability, threads)
+    record = new_record("replication", "cpu", seeds=seeds, capability=args.capability,
+                        capability_used=toy_seeds.effective_capability(args.capability), parallel=args.parallel,
+                        samples=args.samples, problems=args.problems, budgets=args.budget_list,
+                        grpo_steps=args.grpo_steps, quick=args.quick, note=args.note or
+                        "toy replication of Fast-Math-R1's findings on the embedded default; eval: pass@1 over k "
+                        "samples (temperature 1.0, top_p 0.9, min_p 0.05) on held-out problems")
+    started = time.perf_counter()
+    work = args.work / args.capability
+    with ThreadPoolExecutor(args.parallel) as pool:
+        for rows in pool.map(lambda s: one_seed(s, work / f"seed{s}", args, env), seeds):
+            record["results"].extend(rows)
+    record["total_minutes"] = (time.perf_counter() - started) / 60
     path = append_record(record, results_path("replication", "cpu", args.out))
-    table = format_table(record)
-    print(table)
+    print(format_table(record))
     plot(record, args.out / "replication-cpu.png")
     print(f"appended to {path}")
 
 
+def stage_metrics(record: dict) -> dict:
+    """{stage: {budget: [metrics of each seed]}} in the record's stage order."""
+    out: dict = {}
+    for row in record["results"]:
+        by_budget = out.setdefault(row["stage"], {})
+        for m in row["metrics"]:
+            by_budget.setdefault(m["budget"], []).append(m)
+    return out
+
+
+def mean_range(values: list[float], scale: float = 1.0, unit: str = "") -> str:
+    values = [scale * v for v in values]
+    mean = sum(values) / len(values)
+    return f"{mean:.1f}{unit}" if len(values) == 1 else f"{mean:.1f}{unit} ({min(values):.1f}-{max(values):.1f})"
+
+
 def format_table(record: dict) -> str:
     budgets = record["budgets"]
-    head = "| stage | " + " | ".join(f"pass@1 @{b} (± SE) | mean tokens @{b}" for b in budgets) + \
-        f" | majority @{budgets[-1]} | train time |"
-    lines = [head, "|" + "---|" * (2 * len(budgets) + 3)]
-    for row in record["results"]:
-        by = {m["budget"]: m for m in row["metrics"]}
+    seeds = record.get("seeds", [record.get("seed")])
+    head = "| stage | " + " | ".join(f"pass@1 @{b} | mean tokens @{b}" for b in budgets) + \
+        f" | majority @{budgets[-1]} |"
+    lines = [head, "|" + "---|" * (2 * len(budgets) + 2)]
+    for stage, by in stage_metrics(record).items():
         cells = []
         for b in budgets:
-            m = by[b]
-            se = "" if m["pass_at_1_se"] is None else f" ± {100 * m['pass_at_1_se']:.1f}"
-            cells += [f"{100 * m['pass_at_1']:.1f}%{se}", f"{m['mean_tokens']:.1f}"]
-        train = "-" if row["train_minutes"] is None else f"{row['train_minutes']:.1f} min"
-        lines.append(f"| {row['stage']} | " + " | ".join(cells) +
-                     f" | {100 * by[budgets[-1]]['majority']:.1f}% | {train} |")
-    lines.append(f"\n{record['problems']} held-out problems x {record['samples']} samples, seed {record['seed']}, "
-                 f"{record['device']}, {record['date'][:10]}, commit {str(record['git_commit'])[:7]}; whole "
-                 f"script {record['total_minutes']:.0f} min.")
+            cells += [mean_range([m["pass_at_1"] for m in by[b]], 100, "%"),
+                      mean_range([m["mean_tokens"] for m in by[b]])]
+        lines.append(f"| {stage} | " + " | ".join(cells) +
+                     f" | {mean_range([m['majority'] for m in by[budgets[-1]]], 100, '%')} |")
+    lines.append(f"\n{record['problems']} held-out problems x {record['samples']} samples (pass@1 over k samples, not "
+                 f"greedy); mean (min-max) over seeds {seeds}; {record['device']}, ATEN_CPU_CAPABILITY "
+                 f"{record.get('capability', 'native')}, {record['date'][:10]}, commit "
+                 f"{str(record['git_commit'])[:7]}; whole script {record['total_minutes']:.0f} min.")
     return "\n".join(lines)
 
 
 def plot(record: dict, path: Path) -> None:
+    """pass@1 against mean tokens at the largest budget: each stage's mean, bars spanning the seeds' range."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -154,13 +183,15 @@ def plot(record: dict, path: Path) -> None:
 
     budget = record["budgets"][-1]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for i, row in enumerate(record["results"]):
-        m = next(x for x in row["metrics"] if x["budget"] == budget)
-        ax.errorbar(m["mean_tokens"], 100 * m["pass_at_1"], yerr=100 * (m["pass_at_1_se"] or 0), fmt="o", capsize=3)
-        ax.annotate(row["stage"], (m["mean_tokens"], 100 * m["pass_at_1"]), textcoords="offset points",
-                    xytext=(6, -12 if i % 2 else 5), fontsize=8)  # alternate sides: neighbours do not overlap
+    for i, (stage, by) in enumerate(stage_metrics(record).items()):
+        xs = [m["mean_tokens"] for m in by[budget]]
+        ys = [100 * m["pass_at_1"] for m in by[budget]]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        ax.errorbar(mx, my, xerr=[[mx - min(xs)], [max(xs) - mx]], yerr=[[my - min(ys)], [max(ys) - my]],
+                    fmt="o", capsize=3)
+        ax.annotate(stage, (mx, my), textcoords="offset points", xytext=(6, -12 if i % 2 else 5), fontsize=8)
     ax.set_xlabel(f"mean output tokens (budget {budget})")
-    ax.set_ylabel("pass@1 (%)")
+    ax.set_ylabel("pass@1 over k samples (%)")
     ax.set_title(f"Toy replication, {record['device']}, {record['date'][:10]}", fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()

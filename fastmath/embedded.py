@@ -1,6 +1,6 @@
 """The embedded default: data, tokenizer and a freshly initialised tiny model, made locally (no downloads).
 
-    assets = ensure_embedded_assets()        # ~/.cache/fastmath/embedded-v1-seed0, built once (a few seconds)
+    assets = ensure_embedded_assets()        # ~/.cache/fastmath/embedded-v2-seed0, built once (a few seconds)
     AutoTokenizer.from_pretrained(assets.model_dir); AutoModelForCausalLM.from_pretrained(assets.model_dir)
 
 Layout of `root` (`<cache>/embedded-<EMBEDDED_VERSION>-seed<seed>`):
@@ -16,8 +16,8 @@ Sizes:
 | data      | 4,000 train (half verbose solutions) / 200 validation / 200 test rows, three families             |
 | tokenizer | byte-level BPE with Qwen2's pre-tokenizer (every digit its own token), 387 tokens: 256 bytes,     |
 |           | 125 merges, specials <|endoftext|> (pad), <|im_start|>, <|im_end|> (eos), and <think>, </think>,  |
-|           | \\boxed{ as single added tokens. Mean solution tokens, concise / verbose: arithmetic 45 / 75,      |
-|           | linear 27 / 54, word 28 / 48; prompts (with the template) 21-51 tokens                            |
+|           | \\boxed{ as single added tokens. Mean solution tokens, concise / verbose: arithmetic 57 / 87,      |
+|           | linear 36 / 63, word 35 / 55; prompts (with the template) 21-51 tokens                            |
 | model     | Qwen2, 4 layers, hidden 192, MLP 512, 4 query / 2 key-value heads (head_dim 48), tied embeddings, |
 |           | max 512 positions, float32, 1.70 M parameters                                                     |
 
@@ -51,7 +51,7 @@ from transformers.utils import logging as hf_logging
 
 from fastmath.synthetic import make_splits, write_jsonl
 
-EMBEDDED_VERSION = "v1"
+EMBEDDED_VERSION = "v2"  # v2: sums and differences by columns (fastmath.synthetic); a new version rebuilds the cache
 COMPLETE_MARKER = "COMPLETE"
 
 PAD_TOKEN, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"

@@ -7,25 +7,32 @@ Every problem comes with two complete worked solutions in the recipe's reasoning
 `concise` holds only the steps needed; `verbose` is the same chain padded with redundant re-checks
 ("check: ... ok", "let me verify again: ... ok"), about twice as long, so GRPO has length to remove.
 Each step is one elementary operation written out in full, so a 1-2 M parameter model can compute
-every token from the few tokens right before it:
+every token from the few tokens right before it: sums and differences go by columns (units, then the tens
+after a carry or a borrow, then the whole number copied together):
 
 | family       | problem (example)                                | concise steps -> answer                         |
 |--------------|--------------------------------------------------|-------------------------------------------------|
-| `arithmetic` | What is 47 + 38 - 6?                             | 7+8=15 ; 4+3+1=8 ; 47+38=85 ; 85-6=79 -> 79     |
-| `linear`     | Solve for x: 3x + 5 = 26  (or 26 = 5 + 3x, ...)  | 3x=26-5=21 ; x=21/3=7 -> 7                      |
-| `word`       | Tom has 12 apples and buys 7 more, then ...      | 12+7=19 ; 19-5=14 -> 14                         |
+| `arithmetic` | What is 47 + 38 - 6?                             | 7+8=15 ; 4+3+1=8 ; 47+38=85 ; 15-6=9 ;          |
+|              |                                                  | 8-1=7 ; 85-6=79 -> 79                           |
+| `linear`     | Solve for x: 3x + 5 = 26  (or 26 = 5 + 3x, ...)  | 6-5=1 ; 3x=26-5=21 ; x=21/3=7 -> 7              |
+| `word`       | Tom has 12 apples and buys 7 more, then ...      | 2+7=9 ; 12+7=19 ; 9-5=4 ; 19-5=14 -> 14         |
 |              | Ann has 4 bags with 3 coins in each bag. ...     | 4*3=12 -> 12                                    |
 |              | A bus travels 40 km per hour for 3 hours. ...    | 4*3=12 ; 40*3=120 -> 120                        |
 |              | Mia shares 6 pizzas equally among 4 friends. ... | 6/4 ; gcd(6,4)=2 ; 6/2=3 ; 4/2=2 -> \\frac{3}{2} |
 
 Numbers stay small (operands of one or two digits, answers below 1,000). Only the sharing template of
 `word` gives fractions, written `\\frac{p}{q}` in lowest terms (an integer when q = 1).
-Mean characters (concise / verbose): arithmetic 67 / 124, linear 48 / 102, word 49 / 91. The smallest
+Mean characters (concise / verbose): arithmetic 81 / 138, linear 59 / 113, word 57 / 100. The smallest
 space is `linear` (about 5,000 distinct texts): make_splits handles n_train up to about 12,000.
 
-Learnable by the embedded model (fastmath.embedded, 1.7 M parameters, from scratch): plain SFT with AdamW
-lr 2e-3 (cosine), batch 64, 780 steps (3.9 M tokens) gave greedy test accuracy 94% arithmetic, 96% linear,
-90% word (apples 72%, the rest >= 94%); after 445 steps it was 28% / 54% / 54%.
+Why sums and differences go by columns (measured, issue 16): with "85-6=79", "12+7=19" and "3x=26-5=21"
+written as one step each (embedded data v1), the demo's SFT stage ended at 71.5% held-out greedy accuracy
+(seed 0, AVX2), and in 56 of its 59 wrong answers the first false step was such a one-step sum or difference
+(51 subtractions, mostly off in the units digit); multiplications, divisions, gcds and the column additions
+were all but always right. A step that needs a
+carry or a borrow decided before its first digit is written is the hard case for a small transformer that
+writes the most significant digit first; by columns the borrow is visible in the text before it is needed.
+
 
 Determinism: everything is drawn from `random.Random` instances seeded with integers and the uid is a
 sha1 of the text, so the output is identical across processes, runs and `PYTHONHASHSEED` values.
@@ -87,12 +94,44 @@ def _column_addition(a: int, b: int) -> list[str]:
     return [f"{a % 10}+{b % 10}={units}", f"{a // 10}+{b // 10}+{carry}={tens}", f"{a}+{b}={a + b}"]
 
 
+def _add_digit(x: int, d: int, last: str | None = None) -> list[str]:
+    """x + d for a single digit d, by columns: the units, then the tens only when they carry, then the whole.
+
+    22 + 6 -> ["2+6=8", "22+6=28"];  15 + 9 -> ["5+9=14", "1+1=2", "15+9=24"];  5 + 3 -> ["5+3=8"].
+    `last` replaces the final step's text (the linear family writes "3x=21+5=26" there).
+    Measured before this was split up: written as the single step "15+9=24", these sums (and the subtractions
+    below) were nearly all of the embedded model's held-out errors after SFT (71.5% greedy accuracy, 3 M tokens),
+    while every step already written by columns was close to 100%.
+    """
+    units = x % 10 + d
+    steps = [] if x < 10 else [f"{x % 10}+{d}={units}"]
+    if x >= 10 and units >= 10:
+        steps.append(f"{x // 10}+1={x // 10 + 1}")
+    return steps + [last or f"{x}+{d}={x + d}"]
+
+
+def _subtract_digit(x: int, d: int, last: str | None = None) -> list[str]:
+    """x - d (x >= d, d a single digit) by columns: the units (borrowing ten when they are short), the tens
+    after a borrow when there are tens left, then the whole.
+
+    85 - 6 -> ["15-6=9", "8-1=7", "85-6=79"];  122 - 1 -> ["2-1=1", "122-1=121"];  14 - 9 -> ["14-9=5", "14-9=5"].
+    """
+    units = x % 10
+    if x < 10:  # a single-digit fact
+        return [last or f"{x}-{d}={x - d}"]
+    if units >= d:
+        steps = [f"{units}-{d}={units - d}"]
+    else:
+        steps = [f"{units + 10}-{d}={units + 10 - d}"] + ([f"{x // 10}-1={x // 10 - 1}"] if x >= 20 else [])
+    return steps + [last or f"{x}-{d}={x - d}"]
+
+
 def _arithmetic(rng: random.Random) -> Problem:
     """a + b - c with a, b two-digit and c one-digit; the sum is done by columns."""
     a, b, c = rng.randint(10, 99), rng.randint(10, 99), rng.randint(1, 9)
     total, result = a + b, a + b - c
-    steps = _column_addition(a, b) + [f"{total}-{c}={result}"]
-    checked = [*steps[:3], f"check: {b}+{a}={total} ok", steps[3], f"let me verify again: {result}+{c}={total} ok"]
+    steps = _column_addition(a, b) + _subtract_digit(total, c)
+    checked = [*steps[:3], f"check: {b}+{a}={total} ok", *steps[3:], f"let me verify again: {result}+{c}={total} ok"]
     return _problem("arithmetic", f"What is {a} + {b} - {c}?", str(result), steps, checked)
 
 
@@ -107,10 +146,10 @@ def _linear(rng: random.Random) -> Problem:
     lhs = rng.choice((f"{a}x - {b}",) if minus else (f"{a}x + {b}", f"{b} + {a}x"))
     question = rng.choice((f"{lhs} = {c}", f"{c} = {lhs}"))
     if minus:
-        isolate, back = f"{a}x={c}+{b}={a * x}", f"{a}*{x}-{b}={c}"
+        isolate, back = _add_digit(c, b, f"{a}x={c}+{b}={a * x}"), f"{a}*{x}-{b}={c}"
     else:
-        isolate, back = f"{a}x={c}-{b}={a * x}", f"{a}*{x}+{b}={c}"
-    steps = [isolate, f"x={a * x}/{a}={x}"]
+        isolate, back = _subtract_digit(c, b, f"{a}x={c}-{b}={a * x}"), f"{a}*{x}+{b}={c}"
+    steps = [*isolate, f"x={a * x}/{a}={x}"]
     checked = [*steps, f"check: {a}*{x}={a * x} ok", f"let me verify again: {back} ok"]
     return _problem("linear", f"Solve for x: {question}", str(x), steps, checked)
 
@@ -121,7 +160,7 @@ def _word_apples(rng: random.Random) -> Problem:
     total, result = a + b, a + b - c
     text = (f"{name} has {a} {item} and buys {b} more, then gives away {c}. "
             f"How many {item} does {name} have?")
-    steps = [f"{a}+{b}={total}", f"{total}-{c}={result}"]
+    steps = _add_digit(a, b) + _subtract_digit(total, c)
     checked = [*steps, f"let me verify again: {result}+{c}={total} ok"]
     return _problem("word", text, str(result), steps, checked)
 
