@@ -20,8 +20,15 @@ commands), bench/results/replication-cpu.png (accuracy vs mean tokens, the paper
 table printed at the end (the README shows it).
 
     .venv/bin/python bench/replicate_toy.py                  # the full experiment (keeps its runs in runs/replication)
+    .venv/bin/python bench/replicate_toy.py --seeds 0,1,2 --capability avx2   # per seed, mean (min-max) in the table
     .venv/bin/python bench/replicate_toy.py --quick          # a smoke run: tiny schedules, a few problems
     .venv/bin/python bench/replicate_toy.py --replot         # redraw the plot and table of the newest record
+    .venv/bin/python bench/replicate_toy.py --part demo --seeds 0,1,2 --capability default
+                                                             # make demo's own stages per seed (bench/toy_seeds.py)
+
+`--capability avx2|default` sets ATEN_CPU_CAPABILITY in every stage (PyTorch's AVX2 or plain-C kernels: another
+machine's fp32 summation order on this one); `native` leaves it unset. `--parallel 2` runs two seeds at once with
+one thread each.
 """
 from __future__ import annotations
 
