@@ -5,7 +5,7 @@ Every problem comes with two complete worked solutions in the recipe's reasoning
     <think> STEP ; STEP ; ... </think> \\boxed{ANSWER}
 
 `concise` holds only the steps needed; `verbose` is the same chain padded with redundant re-checks
-("check: ... ok", "let me verify again: ... ok"), about twice as long, so GRPO has length to remove.
+("check: ... ok", "let me verify again: ... ok"), 1.6-1.9 times as long, so GRPO has length to remove.
 Each step is one elementary operation written out in full, so a 1-2 M parameter model can compute
 every token from the few tokens right before it: sums and differences go by columns (units, then the tens
 after a carry or a borrow, then the whole number copied together):
@@ -29,10 +29,9 @@ Why sums and differences go by columns (measured, issue 16): with "85-6=79", "12
 written as one step each (embedded data v1), the demo's SFT stage ended at 71.5% held-out greedy accuracy
 (seed 0, AVX2), and in 56 of its 59 wrong answers the first false step was such a one-step sum or difference
 (51 subtractions, mostly off in the units digit); multiplications, divisions, gcds and the column additions
-were all but always right. A step that needs a
-carry or a borrow decided before its first digit is written is the hard case for a small transformer that
-writes the most significant digit first; by columns the borrow is visible in the text before it is needed.
-
+were all but always right. A step that needs a carry or a borrow decided before its first digit is written
+is the hard case for a small transformer that writes the most significant digit first; by columns the carry or
+the borrow is in the text before it is needed.
 
 Determinism: everything is drawn from `random.Random` instances seeded with integers and the uid is a
 sha1 of the text, so the output is identical across processes, runs and `PYTHONHASHSEED` values.
