@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -48,17 +47,6 @@ from bench import toy_seeds  # noqa: E402
 from bench.common import append_record, new_record, results_path  # noqa: E402
 
 TRAIN = [sys.executable, str(REPO / "fastmath" / "train.py"), "--config", str(REPO / "configs" / "demo.yaml")]
-
-
-def run(cmd: list[str], log: Path, env: dict) -> float:
-    """Run one stage, its output to `log`; returns wall seconds; raises with the log's tail on failure."""
-    started = time.perf_counter()
-    with open(log, "w") as handle:
-        done = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env)
-    if done.returncode != 0:
-        tail = log.read_text().strip().splitlines()[-5:]
-        raise SystemExit(f"stage failed ({' '.join(cmd[2:])}):\n" + "\n".join(tail))
-    return time.perf_counter() - started
 
 
 def one_seed(seed: int, work: Path, args, env: dict) -> list[dict]:
@@ -77,7 +65,7 @@ def one_seed(seed: int, work: Path, args, env: dict) -> list[dict]:
         cmd = [*TRAIN, f"run.output_dir={out}", *common, *extra]
         commands[name] = " ".join(cmd[1:]).replace(str(REPO) + "/", "")
         print(f"[{time.strftime('%H:%M:%S')}] seed {seed}: {name} ...", flush=True)
-        seconds[name] = run(cmd, work / f"{name}.log", env)
+        seconds[name] = toy_seeds.run_logged(cmd, work / f"{name}.log", env)
         print(f"    {seconds[name] / 60:.1f} min", flush=True)
 
     for n in epochs:
@@ -125,8 +113,7 @@ def main():
     if args.quick:
         args.problems, args.samples, args.grpo_steps = 16, 2, 3
     args.budget_list = [int(b) for b in args.budgets.split(",")]
-    threads = args.threads or (1 if args.parallel > 1 else None)
-    env = toy_seeds.child_env(args.capability, threads)
+    env = toy_seeds.child_env(args.capability, toy_seeds.child_threads(args.threads, args.parallel))
     record = new_record("replication", "cpu", seeds=seeds, capability=args.capability,
                         capability_used=toy_seeds.effective_capability(args.capability), parallel=args.parallel,
                         samples=args.samples, problems=args.problems, budgets=args.budget_list,
@@ -155,12 +142,6 @@ def stage_metrics(record: dict) -> dict:
     return out
 
 
-def mean_range(values: list[float], scale: float = 1.0, unit: str = "") -> str:
-    values = [scale * v for v in values]
-    mean = sum(values) / len(values)
-    return f"{mean:.1f}{unit}" if len(values) == 1 else f"{mean:.1f}{unit} ({min(values):.1f}-{max(values):.1f})"
-
-
 def format_table(record: dict) -> str:
     budgets = record["budgets"]
     seeds = record.get("seeds", [record.get("seed")])
@@ -170,10 +151,10 @@ def format_table(record: dict) -> str:
     for stage, by in stage_metrics(record).items():
         cells = []
         for b in budgets:
-            cells += [mean_range([m["pass_at_1"] for m in by[b]], 100, "%"),
-                      mean_range([m["mean_tokens"] for m in by[b]])]
+            cells += [toy_seeds.mean_range([m["pass_at_1"] for m in by[b]], 100, unit="%"),
+                      toy_seeds.mean_range([m["mean_tokens"] for m in by[b]])]
         lines.append(f"| {stage} | " + " | ".join(cells) +
-                     f" | {mean_range([m['majority'] for m in by[budgets[-1]]], 100, '%')} |")
+                     f" | {toy_seeds.mean_range([m['majority'] for m in by[budgets[-1]]], 100, unit='%')} |")
     lines.append(f"\n{record['problems']} held-out problems x {record['samples']} samples (pass@1 over k samples, not "
                  f"greedy); mean (min-max) over seeds {seeds}; {record['device']}, ATEN_CPU_CAPABILITY "
                  f"{record.get('capability', 'native')}, {record['date'][:10]}, commit "

@@ -68,6 +68,22 @@ def demo_command(seed: int, out: Path, part: str) -> list[str]:
             "run.resume=never", f"run.stages={PARTS[part]}"]
 
 
+def child_threads(threads: int | None, parallel: int) -> int | None:
+    """The runs' OMP_NUM_THREADS: as asked, else 1 when runs share the cores, else torch's own choice (None)."""
+    return threads or (1 if parallel > 1 else None)
+
+
+def run_logged(cmd: list[str], log: Path, env: dict) -> float:
+    """Run `cmd` with its output to `log`; its wall seconds; SystemExit with the log's tail when it fails."""
+    started = time.perf_counter()
+    with open(log, "w") as handle:
+        done = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    if done.returncode != 0:
+        tail = log.read_text(errors="replace").strip().splitlines()[-5:]
+        raise SystemExit(f"failed: {' '.join(cmd)} (log {log}):\n" + "\n".join(tail))
+    return time.perf_counter() - started
+
+
 def run_seed(seed: int, work: Path, part: str, capability: str, threads: int | None) -> dict:
     """One demo run; its row of the record (raises with the log's tail when the run fails)."""
     out = work / f"seed{seed}"
@@ -77,14 +93,7 @@ def run_seed(seed: int, work: Path, part: str, capability: str, threads: int | N
     log = work / f"seed{seed}.log"
     cmd = demo_command(seed, out, part)
     print(f"[{time.strftime('%H:%M:%S')}] seed {seed} ({part}, {capability}) ...", flush=True)
-    started = time.perf_counter()
-    with open(log, "w") as handle:
-        done = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, env=child_env(capability, threads),
-                              cwd=REPO)
-    seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        tail = log.read_text(errors="replace").strip().splitlines()[-5:]
-        raise SystemExit(f"seed {seed} failed (log {log}):\n" + "\n".join(tail))
+    seconds = run_logged(cmd, log, child_env(capability, threads))
     sft = json.loads((out / "summary.json").read_text())
     row = {"seed": seed, "seconds": seconds, "command": " ".join(cmd[3:]).replace(str(REPO) + "/", ""),
            "sft_steps": sft["steps"], "sft_val_loss": sft["after"]["val_loss"],
@@ -110,11 +119,12 @@ def spread(rows: list[dict]) -> dict:
                 "max": max(r[k] for r in rows), "n": len(rows)} for k in keys}
 
 
-def cell(stats: dict, scale: float = 1.0, digits: int = 1, unit: str = "") -> str:
-    """'mean (min-max)' of one metric, e.g. '93.2% (91.0-95.5)'."""
+def mean_range(values: list[float], scale: float = 1.0, digits: int = 1, unit: str = "") -> str:
+    """'mean (min-max)' of one metric over the seeds, e.g. '93.2% (91.0-95.5)'; the value alone for one seed."""
+    values = [scale * v for v in values]
     f = f"{{:.{digits}f}}"
-    return (f"{f.format(scale * stats['mean'])}{unit} ({f.format(scale * stats['min'])}-"
-            f"{f.format(scale * stats['max'])})")
+    mean = f.format(statistics.fmean(values)) + unit
+    return mean if len(values) == 1 else f"{mean} ({f.format(min(values))}-{f.format(max(values))})"
 
 
 def markdown(records: list[dict]) -> str:
@@ -123,15 +133,19 @@ def markdown(records: list[dict]) -> str:
              "| after GRPO: greedy accuracy | mean tokens | token cut | accuracy change (points) | minutes per seed |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for rec in records:
-        s = rec["summary"]
-        seeds = ",".join(str(r["seed"]) for r in rec["results"])
+        rows = rec["results"]
+
+        def cell(key: str, scale: float = 1.0, digits: int = 1, unit: str = "") -> str:
+            return mean_range([r[key] for r in rows], scale, digits, unit)
+
+        seeds = ",".join(str(r["seed"]) for r in rows)
         grpo = ["-"] * 4
-        if "token_cut" in s:
-            grpo = [cell(s["grpo_accuracy"], 100, unit="%"), cell(s["grpo_tokens"]), cell(s["token_cut"], 100, unit="%"),
-                    cell(s["accuracy_change"], 100)]
+        if "token_cut" in rows[0]:
+            grpo = [cell("grpo_accuracy", 100, unit="%"), cell("grpo_tokens"), cell("token_cut", 100, unit="%"),
+                    cell("accuracy_change", 100)]
         lines.append(f"| {rec['capability']} ({rec['capability_used']}) | {seeds} | "
-                     f"{cell(s['sft_accuracy'], 100, unit='%')} | {cell(s['sft_val_loss'], digits=4)} | "
-                     f"{cell(s['sft_tokens'])} | " + " | ".join(grpo) + f" | {cell(s['seconds'], 1 / 60)} |")
+                     f"{cell('sft_accuracy', 100, unit='%')} | {cell('sft_val_loss', digits=4)} | "
+                     f"{cell('sft_tokens')} | " + " | ".join(grpo) + f" | {cell('seconds', 1 / 60)} |")
     first = records[0]
     lines.append(f"\n{first['device']}; {len(records)} record(s) of `bench/results/toy_seeds-cpu.json`, commit "
                  f"{str(first['git_commit'])[:7]}; held-out: {first['heldout_problems']} test problems, greedy "
@@ -199,7 +213,7 @@ def run_part(seeds: list[int], capability: str, part: str, parallel: int, work: 
     path = results_path("toy_seeds", "cpu", out)
     work = work / f"{part}-{capability}"
     work.mkdir(parents=True, exist_ok=True)
-    threads = threads or (1 if parallel > 1 else None)
+    threads = child_threads(threads, parallel)
     record = new_record("toy_seeds", "cpu", part=part, capability=capability,
                         capability_used=effective_capability(capability), seeds=seeds, parallel=parallel,
                         child_threads=threads or "torch default", heldout_problems=None, note=note)

@@ -34,7 +34,8 @@ def test_markdown_reports_mean_and_range_per_record():
     rows = [row(0, 0.90, 0.91, 60.0, 40.0), row(1, 0.96, 0.94, 50.0, 40.0)]
     record = {"summary": toy_seeds.spread(rows), "results": rows, "capability": "avx2", "capability_used": "AVX2",
               "device": "CPU: test", "git_commit": "abcdef123", "heldout_problems": 200}
-    sft_only = dict(record, summary=toy_seeds.spread([{k: r[k] for k in list(r)[:7]} for r in rows]))
+    sft_rows = [{k: r[k] for k in list(r)[:7]} for r in rows]  # a part `sft` record has no GRPO keys
+    sft_only = dict(record, results=sft_rows, summary=toy_seeds.spread(sft_rows))
     table = toy_seeds.markdown([record, sft_only]).splitlines()
     assert "| avx2 (AVX2) | 0,1 | 93.0% (90.0-96.0) |" in table[2]
     assert "26.7% (20.0-33.3)" in table[2]  # the token cut, mean of 1/3 and 1/5
