@@ -599,9 +599,17 @@ def _reference_attention(q, k, v, bounds_q, bounds_k, softmax_scale, window, sof
     left, right = window
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     lse_dtype = torch.promote_types(q.dtype, torch.float32)
+    # The documents as views from one split per tensor, not one slice each: the backward of a slice writes its
+    # gradient into a fresh zero tensor of the whole packed length (n_docs x total x H x D bytes written per
+    # layer), the backward of a split concatenates the pieces once. Same values, bit for bit; on 2 CPU cores a
+    # packed row of 22 documents (2,045 tokens, 4 query / 2 kv heads of 48) went from 40.7 to 22.9 ms forward
+    # plus backward, which made the demo's SFT steps ~15% faster.
+    docs_q = q.split([end - start for start, end in bounds_q])
+    docs_k = k.split([end - start for start, end in bounds_k])
+    docs_v = v.split([end - start for start, end in bounds_k])
     outs, lses = [], []
-    for (start_q, end_q), (start_k, end_k) in zip(bounds_q, bounds_k):
-        len_q, len_k = end_q - start_q, end_k - start_k
+    for piece_q, piece_k, piece_v in zip(docs_q, docs_k, docs_v):
+        len_q, len_k = piece_q.shape[0], piece_k.shape[0]
         if len_q == 0:
             continue
         # 1. Rows that see no key output 0 (lse +inf): they are always a prefix, the rows whose window
@@ -609,13 +617,13 @@ def _reference_attention(q, k, v, bounds_q, bounds_k, softmax_scale, window, sof
         shift = len_k - len_q
         n_blind = len_q if len_k == 0 else (min(len_q, max(0, -(shift + right))) if right >= 0 else 0)
         if n_blind:
-            outs.append(_zeros_in_graph(q[start_q : start_q + n_blind]))
+            outs.append(_zeros_in_graph(piece_q[:n_blind]))
             lses.append(torch.full((q.shape[1], n_blind), math.inf, dtype=lse_dtype, device=q.device))
         if n_blind == len_q:
             continue
         # 2. The rest, [H, L, D] per document.
-        doc_q = q[start_q + n_blind : end_q].transpose(0, 1)
-        doc_k, doc_v = k[start_k:end_k].transpose(0, 1), v[start_k:end_k].transpose(0, 1)
+        doc_q = piece_q[n_blind:].transpose(0, 1)
+        doc_k, doc_v = piece_k.transpose(0, 1), piece_v.transpose(0, 1)
         if softcap == 0.0 and not return_lse:
             # SDPA; square causal documents take its fused causal path (no mask tensor, ~1.3x faster on CPU).
             square_causal = left < 0 and right == 0 and len_q == len_k
