@@ -93,15 +93,21 @@ def run_seed(seed: int, work: Path, part: str, capability: str, threads: int | N
     log = work / f"seed{seed}.log"
     cmd = demo_command(seed, out, part)
     print(f"[{time.strftime('%H:%M:%S')}] seed {seed} ({part}, {capability}) ...", flush=True)
+    started = time.time()
     seconds = run_logged(cmd, log, child_env(capability, threads))
     sft = json.loads((out / "summary.json").read_text())
-    row = {"seed": seed, "seconds": seconds, "command": " ".join(cmd[3:]).replace(str(REPO) + "/", ""),
+    # Where the time went, from when each stage wrote its summary (its last act): start -> SFT summary covers
+    # the process start, data, SFT and its held-out checks; the rest is GRPO (vLLM start, rollouts, checks).
+    sft_done = (out / "summary.json").stat().st_mtime
+    row = {"seed": seed, "seconds": seconds, "sft_stage_seconds": sft_done - started,
+           "command": " ".join(cmd[3:]).replace(str(REPO) + "/", ""),
            "sft_steps": sft["steps"], "sft_val_loss": sft["after"]["val_loss"],
            "sft_accuracy": sft["after"]["heldout"]["accuracy"], "sft_tokens": sft["after"]["heldout"]["mean_tokens"]}
     if part == "demo":
         grpo = json.loads((out / "grpo" / "summary.json").read_text())
         before, after = grpo["before"]["heldout"], grpo["after"]["heldout"]
-        row.update(grpo_steps=grpo["steps"], grpo_before_accuracy=before["accuracy"],
+        row.update(grpo_stage_seconds=(out / "grpo" / "summary.json").stat().st_mtime - sft_done,
+                   grpo_steps=grpo["steps"], grpo_before_accuracy=before["accuracy"],
                    grpo_before_tokens=before["mean_tokens"], grpo_accuracy=after["accuracy"],
                    grpo_tokens=after["mean_tokens"],
                    token_cut=1.0 - after["mean_tokens"] / before["mean_tokens"],
