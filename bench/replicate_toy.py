@@ -27,8 +27,8 @@ table printed at the end (the README shows it).
                                                              # make demo's own stages per seed (bench/toy_seeds.py)
 
 `--capability avx2|default` sets ATEN_CPU_CAPABILITY in every stage (PyTorch's AVX2 or plain-C kernels: another
-machine's fp32 summation order on this one); `native` leaves it unset. `--parallel 2` runs two seeds at once with
-one thread each.
+machine's fp32 summation order on this one); `native` leaves it unset. `--parallel 2` (or 3) runs that many
+seeds at once with one thread each.
 """
 from __future__ import annotations
 
@@ -53,7 +53,8 @@ def one_seed(seed: int, work: Path, args, env: dict) -> list[dict]:
     """Every stage of the experiment for one seed; one row per evaluated model."""
     work.mkdir(parents=True, exist_ok=True)
     epochs = (1, 3, 10)
-    # Eager vLLM: 8 engine starts of ~3 s instead of ~40 s each on CPU, for ~30% slower sampling of this tiny model.
+    # Eager vLLM: 8 engine starts of under a second instead of ~40 s each on CPU (the demo's GRPO sampled as fast
+    # eagerly after its first step, which is ~3 s slower: configs/demo.yaml).
     common = [f"run.seed={seed}", "run.resume=never", "heldout.num_problems=0",
               "grpo.vllm_enforce_eager=true", "eval.vllm_enforce_eager=true"]
     runs, seconds, commands = {}, {}, {}

@@ -17,7 +17,8 @@ last bits; `avx2` and `default` reproduce the other machines on this one. `nativ
 `--parallel 2` runs two seeds at a time with one intra-op thread each: on 2 cores that finishes the seeds in
 about 70% of the time of running them one after the other with 2 threads (the tiny model's matmuls scale poorly
 across threads). The thread count changes no figure's meaning, but it is a third source of summation-order
-differences, so the record says which was used.
+differences, so the record says which was used. With three seeds, `--parallel 3` keeps both cores busy to
+the end instead of leaving the third seed alone on one thread.
 """
 from __future__ import annotations
 
@@ -242,11 +243,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated run.seed values")
     parser.add_argument("--capability", choices=CAPABILITIES, default="native",
                         help="ATEN_CPU_CAPABILITY of the runs (native: leave it unset)")
-    parser.add_argument("--parallel", type=int, choices=(1, 2), default=1,
-                        help="seeds run at once (2: one thread each)")
+    parser.add_argument("--parallel", type=int, choices=(1, 2, 3), default=1,
+                        help="seeds run at once (more than 1: one thread each; 3 keeps 2 cores busy to the end "
+                             "of 3 seeds)")
     parser.add_argument("--threads", type=int, default=None,
                         help="intra-op threads of each run (OMP_NUM_THREADS; default: torch's own choice, or 1 "
-                             "with --parallel 2)")
+                             "with --parallel 2 or 3)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--note", default="", help="free text stored with the record (e.g. what else ran)")
 
