@@ -55,3 +55,34 @@ def test_readme_demo_table_is_the_generators_output_of_the_committed_records():
     block = readme.split(begin)[1].split(end)[0].strip()
     records = toy_seeds.latest_records(REPO / "bench" / "results" / "toy_seeds-cpu.json")
     assert block == toy_seeds.markdown(records)
+
+
+def test_steal_share_is_the_stolen_fraction_of_all_ticks_between_two_readings():
+    from bench import demo_time
+
+    before = [100, 0, 50, 800, 10, 0, 0, 40, 0, 0]
+    after = [250, 0, 100, 900, 10, 0, 0, 100, 0, 0]  # +150 user, +50 system, +100 idle, +60 steal
+    assert demo_time.steal_share(before, after) == pytest.approx(60 / 360)
+    assert len(demo_time.cpu_times()) >= 8  # this machine's /proc/stat has the steal column
+
+
+def test_demo_time_refuses_a_busy_machine_before_running_anything(monkeypatch):
+    from bench import demo_time
+
+    monkeypatch.setattr(demo_time.os, "getloadavg", lambda: (3.0, 2.0, 1.0))
+    monkeypatch.setattr(demo_time, "run_seed", lambda *a: pytest.fail("ran the demo on a busy machine"))
+    monkeypatch.setattr("sys.argv", ["demo_time.py"])
+    with pytest.raises(SystemExit, match="load average is 3.00"):
+        demo_time.main()
+
+
+def test_readme_and_demo_config_quote_the_recorded_demo_time():
+    """The run time the README and configs/demo.yaml give is the newest idle record's, not an estimate."""
+    from bench.common import load_records
+
+    record = load_records(REPO / "bench" / "results" / "demo_time-cpu.json")[-1]
+    minutes = f"{record['results'][0]['seconds'] / 60:.1f} minutes"
+    readme = (REPO / "README.md").read_text(encoding="utf-8").replace("\n", " ")
+    config = (REPO / "configs" / "demo.yaml").read_text(encoding="utf-8").replace("\n# ", " ")
+    assert f"Run time: {minutes}, measured" in readme
+    assert f"{minutes} end to end on 2 idle CPU cores" in config
