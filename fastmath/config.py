@@ -118,6 +118,8 @@ class HeldoutConfig:
                              "training stage (0 = skip).")
     max_new_tokens: int = _opt(256, "Generation limit of the held-out check.")
     batch_size: int = _opt(64, "Prompts per generation call of the held-out check.")
+    answer_timeout_s: float = _opt(5.0, "Time limit per answer check; a timeout counts as wrong and is reported "
+                                   "(answer_timeouts in the stage's summary).")
 
 
 @dataclass

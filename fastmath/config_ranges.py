@@ -33,6 +33,7 @@ RANGES = {
     "heldout.num_problems": ">= 0",
     "heldout.max_new_tokens": "> 0",
     "heldout.batch_size": "> 0",
+    "heldout.answer_timeout_s": "> 0",
     "sft.epochs": "> 0",
     "sft.max_steps": ">= 0",
     "sft.schedule_epochs": ">= 0",

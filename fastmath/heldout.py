@@ -35,8 +35,8 @@ def heldout_rows(config: Config) -> list[dict]:
 
 
 def heldout_accuracy(model_path: str, config: Config, dist_info: DistInfo) -> dict | None:
-    """{"accuracy", "mean_tokens", "truncated", "n"} of the model at `model_path` on the main rank, None on
-    the others (every rank must call this)."""
+    """{"accuracy", "mean_tokens", "truncated", "n", "answer_timeouts", "answer_errors"} of the model at
+    `model_path` on the main rank, None on the others (every rank must call this)."""
     result = None
     if dist_info.is_main:
         rows = heldout_rows(config)
@@ -47,12 +47,15 @@ def heldout_accuracy(model_path: str, config: Config, dist_info: DistInfo) -> di
                                                       config.heldout.max_new_tokens, config.heldout.batch_size,
                                                       dist_info.device)
         del model
-        with AnswerChecker(1, 5.0) as checker:
+        with AnswerChecker(1, config.heldout.answer_timeout_s) as checker:
             verdicts = checker.check([formatter.judged(t) for t in texts], [str(r["answer"]) for r in rows])
             correct = sum(bool(v.correct) for v in verdicts)
         n = len(rows)
+        # Undecided checks score as wrong; counted here so a slow checker cannot pass for a worse model.
+        undecided = {status: sum(v.status == status for v in verdicts) for status in ("timeout", "error")}
         result = {"accuracy": correct / n if n else 0.0, "mean_tokens": sum(tokens) / n if n else 0.0,
-                  "truncated": truncated, "n": n}
+                  "truncated": truncated, "n": n, "answer_timeouts": undecided["timeout"],
+                  "answer_errors": undecided["error"]}
     barrier()
     return result
 

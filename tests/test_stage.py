@@ -96,6 +96,40 @@ def test_sft_after_equals_grpo_before(tmp_path, embedded_cache, dist_info):
     assert grpo["start"] == sft["export"]
 
 
+def test_heldout_counts_undecided_answer_checks_with_the_configured_limit(embedded_cache, dist_info, monkeypatch):
+    """A timed-out or failed answer check scores as wrong and is reported, never silently folded into accuracy."""
+    from fastmath import heldout
+    from fastmath.answers import Verdict
+    from fastmath.embedded import ensure_embedded_assets
+
+    config = load_config(None, [f"run.cache_dir={embedded_cache}", "heldout.num_problems=4",
+                                "heldout.answer_timeout_s=0.25"])
+    limits = []
+
+    class FakeChecker:
+        def __init__(self, workers, timeout_s):
+            limits.append(timeout_s)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def check(self, completions, golds):
+            return [Verdict(True, "correct"), Verdict(None, "timeout"), Verdict(None, "timeout"),
+                    Verdict(None, "error")]
+
+    monkeypatch.setattr(heldout, "AnswerChecker", FakeChecker)
+    monkeypatch.setattr(heldout, "greedy_completions", lambda model, tok, fmt, problems, *args: (
+        ["\\boxed{1}"] * len(problems), [5] * len(problems), 0))
+    model_dir = str(ensure_embedded_assets(embedded_cache).model_dir)
+    result = heldout.heldout_accuracy(model_dir, config, dist_info)
+    assert limits == [0.25]
+    assert result == {"accuracy": 0.25, "mean_tokens": 5.0, "truncated": 0, "n": 4, "answer_timeouts": 2,
+                      "answer_errors": 1}
+
+
 def test_tensorboard_events_hold_the_jsonl_metrics(tmp_path):
     pytest.importorskip("tensorboard", reason="tensorboard is an optional dependency (pip install tensorboard)")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
