@@ -36,6 +36,9 @@ Outputs in run.output_dir/<eval.output>/:
                        gold, correct, status (of the answer check), text (judged: pre-filled opening + sample)
     accuracy_vs_tokens.png   pass@1 (+- SE) against mean output tokens, one point per budget, one line per
                        model (this one and any `eval.compare` results), as in the seed paper's figure
+    metrics.jsonl      the metrics per budget for `run.report_to` (TensorBoard / wandb get the same): one
+                       record per budget with `step` = the budget, so a tracker draws eval/pass_at_1 etc.
+                       against the token budget
 """
 from __future__ import annotations
 
@@ -55,9 +58,11 @@ from fastmath.data import DataReport, Formatter, prompt_settings, read_rows, tex
 from fastmath.distributed import DistInfo
 from fastmath.errors import ConfigError, DataError, FastmathError, first_line
 from fastmath.eval_metrics import BudgetMetrics, SampleResult, budget_metrics
+from fastmath.metrics import MetricsWriter
 from fastmath.answers import AnswerChecker, extract_boxed
 from fastmath.rollout import Completion, Generator, Sampling
 from fastmath.stage import data_source, start_model
+from fastmath.tracking import Tracker
 
 
 @dataclass
@@ -284,6 +289,10 @@ def run_eval(config: Config, dist_info: DistInfo) -> dict | None:
     out_dir = Path(config.run.output_dir) / e.output
     for path in e.compare if main else ():  # a wrong path should fail now, not after the sampling
         load_results(path)
+    # Opened now, so a tracker package that is missing is named before the sampling, not after. resume_step=0
+    # empties an earlier eval's metrics.jsonl here (every record's step is a budget > 0), as results.json is.
+    tracker = Tracker(MetricsWriter(out_dir / "metrics.jsonl", enabled=main, resume_step=0), out_dir,
+                      config.run.report_to, config.run.name, "eval", to_dict(config), 0, enabled=main)
     from fastmath.model import load_tokenizer
 
     # 1. Model, problems ------------------------------------------------------------------------------------
@@ -326,7 +335,17 @@ def run_eval(config: Config, dist_info: DistInfo) -> dict | None:
         return None
     results, records = build_results(config, model_path, problems, report, gathered, time.perf_counter() - started)
     write_outputs(results, records, out_dir, e.compare)
+    for record in tracker_records(results):
+        tracker.write(record)
+    tracker.close()
     return results
+
+
+def tracker_records(results: dict) -> list[dict]:
+    """One metrics record per budget, `step` = the budget, every number of its metrics under `eval/`."""
+    return [{"step": m["budget"], **{f"eval/{key}": value for key, value in m.items()
+                                     if key != "budget" and isinstance(value, (int, float))}}
+            for m in results["metrics"]]
 
 
 def build_results(config: Config, model_path: str, problems: list[EvalProblem], report: DataReport,

@@ -10,7 +10,7 @@ from fastmath.config import load_config
 from fastmath.data import Formatter
 from fastmath.errors import ConfigError, DataError
 from fastmath.eval import (EvalProblem, at_budgets, build_results, evaluate, load_problems, load_results,
-                           main as eval_main, metrics_from_records, write_outputs)
+                           main as eval_main, metrics_from_records, tracker_records, write_outputs)
 from fastmath.eval_metrics import budget_metrics
 from fastmath.answers import AnswerChecker
 from fastmath.rollout import Completion, Generator
@@ -110,6 +110,10 @@ def test_scripted_samples_give_the_hand_computed_table(tmp_path, tokenizer, caps
     lines = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [(r["problem"], r["sample"], r["budget"]) for r in lines] == sorted(by_key)
     assert load_results(out)["metrics"][1]["pass_at_1"] == pytest.approx(2 / 3)
+    low_record, high_record = tracker_records(results)
+    assert (low_record["step"], high_record["step"]) == (small, large)
+    assert high_record["eval/pass_at_1"] == pytest.approx(2 / 3) and high_record["eval/majority"] == 1.0
+    assert "eval/samples_per_problem" not in high_record  # not a number: trackers take numbers only
     assert (out / "accuracy_vs_tokens.png").stat().st_size > 10_000
     assert eval_main(["plot", str(out), str(out / "results.json"), "--out", str(tmp_path / "both.png")]) == 0
     assert (tmp_path / "both.png").is_file()
@@ -174,6 +178,10 @@ def _check_outputs(out, problems, k, budgets, world):
     low, high = results["metrics"]
     assert low["truncation_rate"] >= high["truncation_rate"] and low["mean_tokens"] <= high["mean_tokens"]
     assert (out / "accuracy_vs_tokens.png").is_file() and (out / "table.md").is_file()
+    # metrics.jsonl (what run.report_to's trackers get): one record per budget, the budget as its step.
+    tracked = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in tracked] == sorted(budgets)
+    assert [r["eval/pass_at_1"] for r in tracked] == [m["pass_at_1"] for m in results["metrics"]]
     return results
 
 
