@@ -76,6 +76,27 @@ def device_name(device: torch.device | str | None = None) -> str:
     return f"CPU: {platform.processor() or platform.machine()}"
 
 
+def cpu_identity() -> dict:
+    """What tells two CPUs of one marketing name apart: /proc/cpuinfo's family, model, stepping, clock, cache.
+
+    Cloud hosts report every AMD EPYC as "AMD EPYC"; the same make demo took 16.8 min on one such host and
+    10.7 on another (bench/results/demo_time-cpu.json), so the records keep these fields. {} off Linux.
+    """
+    wanted = {"cpu family": "family", "model": "model", "stepping": "stepping", "cpu MHz": "mhz",
+              "cache size": "cache", "bogomips": "bogomips"}
+    found = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in wanted and wanted[key.strip()] not in found:
+                found[wanted[key.strip()]] = value.strip()
+            if not line.strip() and found:
+                break  # the first processor's block is enough
+    except OSError:
+        pass
+    return found
+
+
 def device_slug(name: str) -> str:
     """The device part of a results file name: "cpu" for every CPU, else the lower-cased name."""
     if name.startswith("CPU"):
@@ -126,6 +147,8 @@ def new_record(benchmark: str, device: torch.device | str | None = None, **field
         "git_commit": git_commit(), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "loadavg": {"start": loadavg(), "end": None},
     }
+    if record["device"].startswith("CPU"):
+        record["cpu"] = cpu_identity()
     record.update(fields)
     record.setdefault("results", [])
     return record

@@ -62,11 +62,12 @@ def effective_capability(capability: str) -> str:
     return done.stdout.strip()
 
 
-def demo_command(seed: int, out: Path, part: str) -> list[str]:
+def demo_command(seed: int, out: Path, part: str, extra: tuple[str, ...] = ()) -> list[str]:
+    """The demo's own command for one seed; `extra` overrides come last (bench/toy_levers.py's settings)."""
     torchrun = Path(sys.executable).with_name("torchrun")
     return [str(torchrun), "--standalone", "--nproc_per_node=1", str(REPO / "fastmath" / "train.py"),
             "--config", str(REPO / "configs" / "demo.yaml"), f"run.seed={seed}", f"run.output_dir={out}",
-            "run.resume=never", f"run.stages={PARTS[part]}"]
+            "run.resume=never", f"run.stages={PARTS[part]}", *extra]
 
 
 def child_threads(threads: int | None, parallel: int) -> int | None:
@@ -85,14 +86,15 @@ def run_logged(cmd: list[str], log: Path, env: dict) -> float:
     return time.perf_counter() - started
 
 
-def run_seed(seed: int, work: Path, part: str, capability: str, threads: int | None) -> dict:
+def run_seed(seed: int, work: Path, part: str, capability: str, threads: int | None,
+             extra: tuple[str, ...] = ()) -> dict:
     """One demo run; its row of the record (raises with the log's tail when the run fails)."""
     out = work / f"seed{seed}"
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     log = work / f"seed{seed}.log"
-    cmd = demo_command(seed, out, part)
+    cmd = demo_command(seed, out, part, extra)
     print(f"[{time.strftime('%H:%M:%S')}] seed {seed} ({part}, {capability}) ...", flush=True)
     started = time.time()
     seconds = run_logged(cmd, log, child_env(capability, threads))

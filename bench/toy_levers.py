@@ -1,0 +1,121 @@
+"""One GRPO-trade-off setting of the demo, measured over seeds: the levers issue 16 asks to report, tried or not.
+
+Every run is the demo's own command (`bench/toy_seeds.py`: `train.py --config configs/demo.yaml run.seed=S`,
+SFT then GRPO, a fresh output folder) with the setting's overrides appended. One record per invocation in
+bench/results/toy_levers-cpu.json: the setting, and per seed the same row toy_seeds writes (greedy held-out
+accuracy and mean completion tokens after SFT and after GRPO, the token cut, the stage times).
+
+Settings:
+  --set KEY=VALUE            a config override (repeatable), e.g. --set grpo.lr=1e-4 --set grpo.max_steps=80
+  --verbose-fraction F       SFT on the embedded problems with F of the train rows carrying the verbose
+                             solution (the embedded data has 0.5). The problems, the tokenizer, the model, the
+                             validation rows and the held-out test rows are the embedded ones; only which
+                             train rows show the re-checks changes, so GRPO has more (or less) length to remove.
+                             The seed's SFT data are long R1 traces throughout, so a larger F is closer to it.
+
+    .venv/bin/python bench/toy_levers.py --verbose-fraction 0.8 --seeds 0,1,2 --parallel 3
+    .venv/bin/python bench/toy_levers.py --table      # every recorded setting, one line each
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench import toy_seeds  # noqa: E402
+from bench.common import append_record, load_records, new_record, results_path  # noqa: E402
+
+
+def verbose_data(work: Path, fraction: float, cache_dir: Path | None = None) -> list[str]:
+    """Write the embedded train split with `fraction` verbose rows; the overrides that point SFT at it."""
+    from fastmath.embedded import ensure_embedded_assets
+    from fastmath.synthetic import make_splits, write_jsonl
+
+    # The embedded data are make_splits(seed=0) (fastmath/embedded.py); checked here so a change there cannot
+    # make this setting train on other problems than the demo's.
+    embedded = (ensure_embedded_assets(cache_dir).data_dir / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    train = make_splits(seed=0, verbose_fraction=fraction)["train"]
+    if len(train) != len(embedded) or any(f'"uid": "{row["uid"]}"' not in line for row, line in zip(train, embedded)):
+        raise SystemExit("make_splits(seed=0) no longer gives the embedded train problems; update verbose_data")
+    path = work / f"train-verbose{fraction:g}.jsonl"
+    write_jsonl(train, path)
+    return [f"data.train={path}"]
+
+
+def parse_sets(items: list[str]) -> list[str]:
+    for item in items:
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            raise SystemExit(f"--set takes KEY=VALUE, got {item!r}")
+    return list(items)
+
+
+def setting_name(record: dict) -> str:
+    parts = list(record["overrides"])
+    if record.get("verbose_fraction") is not None:
+        parts.insert(0, f"SFT data {100 * record['verbose_fraction']:.0f}% verbose")
+    return ", ".join(parts) or "the demo's"
+
+
+def markdown(records: list[dict]) -> str:
+    """One line per recorded setting: mean (min-max) over its seeds, as the README's GRPO trade-off table."""
+    lines = ["| setting | seeds | ATEN_CPU_CAPABILITY (used) | after SFT: greedy accuracy | mean tokens "
+             "| after GRPO: greedy accuracy | mean tokens | token cut | accuracy change (points) | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for rec in records:
+        rows = rec["results"]
+
+        def cell(key: str, scale: float = 1.0, unit: str = "") -> str:
+            return toy_seeds.mean_range([r[key] for r in rows], scale, 1, unit)
+
+        lines.append(f"| {setting_name(rec)} | {','.join(str(r['seed']) for r in rows)} | {rec['capability']} "
+                     f"({rec['capability_used']}) | {cell('sft_accuracy', 100, '%')} | {cell('sft_tokens')} | "
+                     f"{cell('grpo_accuracy', 100, '%')} | {cell('grpo_tokens')} | {cell('token_cut', 100, '%')} | "
+                     f"{cell('accuracy_change', 100)} | {str(rec['git_commit'])[:7]} |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    toy_seeds.add_arguments(parser)
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override of the setting (repeatable)")
+    parser.add_argument("--verbose-fraction", type=float, default=None,
+                        help="share of SFT train rows with the verbose solution (embedded data: 0.5)")
+    parser.add_argument("--work", type=Path, default=REPO / "runs" / "toy_levers")
+    parser.add_argument("--table", action="store_true", help="print every recorded setting; runs nothing")
+    args = parser.parse_args()
+    path = results_path("toy_levers", "cpu", args.out)
+    if args.table:
+        print(markdown(load_records(path)))
+        return
+    if args.verbose_fraction is not None and not 0.0 <= args.verbose_fraction <= 1.0:
+        raise SystemExit(f"--verbose-fraction must be in [0, 1], got {args.verbose_fraction}")
+    seeds, sets = toy_seeds.parse_seeds(args.seeds), parse_sets(args.sets)
+    name = "_".join([f"verbose{args.verbose_fraction:g}"] * (args.verbose_fraction is not None)
+                    + [s.replace("=", "-") for s in sets]) or "demo"
+    work = args.work / f"{name}-{args.capability}"
+    work.mkdir(parents=True, exist_ok=True)
+    extra = tuple(sets + (verbose_data(work, args.verbose_fraction) if args.verbose_fraction is not None else []))
+    threads = toy_seeds.child_threads(args.threads, args.parallel)
+    record = new_record("toy_levers", "cpu", overrides=sets, verbose_fraction=args.verbose_fraction,
+                        part="demo", capability=args.capability,
+                        capability_used=toy_seeds.effective_capability(args.capability), seeds=seeds,
+                        parallel=args.parallel, child_threads=threads or "torch default", note=args.note)
+    started = time.perf_counter()
+    with ThreadPoolExecutor(args.parallel) as pool:
+        rows = list(pool.map(lambda s: toy_seeds.run_seed(s, work, "demo", args.capability, threads, extra), seeds))
+    record["wall_minutes"] = (time.perf_counter() - started) / 60
+    record["results"] = rows
+    record["summary"] = toy_seeds.spread(rows)
+    print(markdown([record]))
+    append_record(record, path)
+    print(f"appended to {path}")
+
+
+if __name__ == "__main__":
+    main()
