@@ -612,12 +612,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 None, None, None, None, None, None,
             )  # fmt: skip
         hidden, weight, bias, labels = ctx.saved_tensors
+        row_scale = grad_loss.to(_compute_dtype(hidden)).contiguous()
+        # fp16 "none": the per-row factor is whatever the caller's graph gives, typically 1/N from a later
+        # mean, and the same underflow as "mean" follows if the kernel stores g_i * dlogits in fp16. The kernel
+        # takes g_i / max|g| instead (at most 1: the dlogits stay in fp16's normal range unless the rows' factors
+        # span more than ~2^14), and max|g| multiplies the summed gradients in fp32, rounded once; a tensor
+        # all along, so no host sync.
+        factor = row_scale.abs().amax().clamp(min=torch.finfo(torch.float32).tiny) if (
+            hidden.dtype == torch.float16 and row_scale.numel()) else None
         with torch.autocast(hidden.device.type, enabled=False):
             _, _, *grads = _chunked_linear_cross_entropy(
-                hidden, weight, bias, labels, ctx.opts, ctx.chunk, grad_loss.to(_compute_dtype(hidden)).contiguous(),
-                ctx.needs_input_grad[:3], ctx.use_triton,
+                hidden, weight, bias, labels, ctx.opts, ctx.chunk,
+                row_scale if factor is None else row_scale / factor, ctx.needs_input_grad[:3], ctx.use_triton,
             )
-        grads = (None if g is None else g.to(dtype) for g, dtype in zip(grads, dtypes))
+        grads = (None if g is None else (g if factor is None else g.float() * factor).to(dtype)
+                 for g, dtype in zip(grads, dtypes))
         return (*grads, None, None, None, None, None, None)
 
 
