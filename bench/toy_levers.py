@@ -15,6 +15,9 @@ Settings:
 
     .venv/bin/python bench/toy_levers.py --verbose-fraction 0.8 --seeds 0,1,2 --parallel 3
     .venv/bin/python bench/toy_levers.py --table      # every recorded setting, one line each
+    .venv/bin/python bench/toy_levers.py --verbose-fraction 0.8 --seeds 0,1,2 --collect
+        # the record from finished runs already in --work (when the script itself stopped after them); their
+        # times then start at each run's config.json, so the ~10 s of process start before it are not counted
 """
 from __future__ import annotations
 
@@ -42,9 +45,13 @@ def verbose_data(work: Path, fraction: float, cache_dir: Path | None = None) -> 
     train = make_splits(seed=0, verbose_fraction=fraction)["train"]
     if len(train) != len(embedded) or any(f'"uid": "{row["uid"]}"' not in line for row, line in zip(train, embedded)):
         raise SystemExit("make_splits(seed=0) no longer gives the embedded train problems; update verbose_data")
-    path = work / f"train-verbose{fraction:g}.jsonl"
+    path = verbose_path(work, fraction)
     write_jsonl(train, path)
     return [f"data.train={path}"]
+
+
+def verbose_path(work: Path, fraction: float) -> Path:
+    return work / f"train-verbose{fraction:g}.jsonl"
 
 
 def parse_sets(items: list[str]) -> list[str]:
@@ -79,6 +86,17 @@ def markdown(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def collected_row(seed: int, work: Path, extra: tuple[str, ...]) -> dict:
+    """The row of a finished run in `work`, timed from its config.json (written as its SFT stage starts)."""
+    out = work / f"seed{seed}"
+    if not (out / "grpo" / "summary.json").is_file():
+        raise SystemExit(f"{out} holds no finished run (no grpo/summary.json); run the setting first")
+    config_written = (out / "config.json").stat().st_mtime
+    seconds = (out / "grpo" / "summary.json").stat().st_mtime - config_written
+    command = " ".join(toy_seeds.demo_command(seed, out, "demo", extra)[3:]).replace(str(REPO) + "/", "")
+    return toy_seeds.seed_row(seed, out, "demo", command, seconds, config_written)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     toy_seeds.add_arguments(parser)
@@ -88,6 +106,8 @@ def main():
                         help="share of SFT train rows with the verbose solution (embedded data: 0.5)")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "toy_levers")
     parser.add_argument("--table", action="store_true", help="print every recorded setting; runs nothing")
+    parser.add_argument("--collect", action="store_true",
+                        help="build the record from the finished runs in --work instead of running them")
     args = parser.parse_args()
     path = results_path("toy_levers", "cpu", args.out)
     if args.table:
@@ -100,16 +120,25 @@ def main():
                     + [s.replace("=", "-") for s in sets]) or "demo"
     work = args.work / f"{name}-{args.capability}"
     work.mkdir(parents=True, exist_ok=True)
-    extra = tuple(sets + (verbose_data(work, args.verbose_fraction) if args.verbose_fraction is not None else []))
     threads = toy_seeds.child_threads(args.threads, args.parallel)
     record = new_record("toy_levers", "cpu", overrides=sets, verbose_fraction=args.verbose_fraction,
                         part="demo", capability=args.capability,
                         capability_used=toy_seeds.effective_capability(args.capability), seeds=seeds,
-                        parallel=args.parallel, child_threads=threads or "torch default", note=args.note)
-    started = time.perf_counter()
-    with ThreadPoolExecutor(args.parallel) as pool:
-        rows = list(pool.map(lambda s: toy_seeds.run_seed(s, work, "demo", args.capability, threads, extra), seeds))
-    record["wall_minutes"] = (time.perf_counter() - started) / 60
+                        parallel=args.parallel, child_threads=threads or "torch default", note=args.note,
+                        collected=args.collect)
+    data = [] if args.verbose_fraction is None else (
+        [f"data.train={verbose_path(work, args.verbose_fraction)}"] if args.collect
+        else verbose_data(work, args.verbose_fraction))
+    extra = tuple(sets + data)
+    if args.collect:
+        rows = [collected_row(seed, work, extra) for seed in seeds]
+        record["wall_minutes"] = None
+    else:
+        started = time.perf_counter()
+        with ThreadPoolExecutor(args.parallel) as pool:
+            rows = list(pool.map(lambda s: toy_seeds.run_seed(s, work, "demo", args.capability, threads, extra),
+                                 seeds))
+        record["wall_minutes"] = (time.perf_counter() - started) / 60
     record["results"] = rows
     record["summary"] = toy_seeds.spread(rows)
     print(markdown([record]))

@@ -98,16 +98,37 @@ def run_seed(seed: int, work: Path, part: str, capability: str, threads: int | N
     print(f"[{time.strftime('%H:%M:%S')}] seed {seed} ({part}, {capability}) ...", flush=True)
     started = time.time()
     seconds = run_logged(cmd, log, child_env(capability, threads))
+    row = seed_row(seed, out, part, " ".join(cmd[3:]).replace(str(REPO) + "/", ""), seconds, started)
+    print(f"    seed {seed}: {seconds / 60:.1f} min, SFT greedy accuracy {100 * row['sft_accuracy']:.1f}%"
+          + (f", GRPO {100 * row['grpo_accuracy']:.1f}% at {100 * row['token_cut']:.1f}% fewer tokens"
+             if part == "demo" else ""), flush=True)
+    return row
+
+
+def seed_row(seed: int, out: Path, part: str, command: str, seconds: float, started: float) -> dict:
+    """The record's row of one finished run, read from its output folder (summary.json files and their times).
+
+    The SFT figures are the SFT stage's held-out check after training; where that check did not run (SFT on a
+    data file other than the embedded one, bench/toy_levers.py), GRPO's check before training is the same
+    measurement of the same exported model (fastmath/heldout.py) and stands in, named in `sft_heldout_from`.
+    """
     sft = json.loads((out / "summary.json").read_text())
     # Where the time went, from when each stage wrote its summary (its last act): start -> SFT summary covers
     # the process start, data, SFT and its held-out checks; the rest is GRPO (vLLM start, rollouts, checks).
     sft_done = (out / "summary.json").stat().st_mtime
-    row = {"seed": seed, "seconds": seconds, "sft_stage_seconds": sft_done - started,
-           "command": " ".join(cmd[3:]).replace(str(REPO) + "/", ""),
+    grpo = json.loads((out / "grpo" / "summary.json").read_text()) if part == "demo" else None
+    heldout, source = sft["after"]["heldout"], "sft after"
+    if heldout is None and grpo is not None:
+        heldout, source = grpo["before"]["heldout"], "grpo before"
+    if heldout is None:
+        raise SystemExit(f"{out}: no held-out figures after SFT (heldout.num_problems=0, or SFT on a data file "
+                         f"and no GRPO stage to measure the export)")
+    row = {"seed": seed, "seconds": seconds, "sft_stage_seconds": sft_done - started, "command": command,
            "sft_steps": sft["steps"], "sft_val_loss": sft["after"]["val_loss"],
-           "sft_accuracy": sft["after"]["heldout"]["accuracy"], "sft_tokens": sft["after"]["heldout"]["mean_tokens"]}
-    if part == "demo":
-        grpo = json.loads((out / "grpo" / "summary.json").read_text())
+           "sft_accuracy": heldout["accuracy"], "sft_tokens": heldout["mean_tokens"]}
+    if source != "sft after":
+        row["sft_heldout_from"] = source
+    if grpo is not None:
         before, after = grpo["before"]["heldout"], grpo["after"]["heldout"]
         row.update(grpo_stage_seconds=(out / "grpo" / "summary.json").stat().st_mtime - sft_done,
                    grpo_steps=grpo["steps"], grpo_before_accuracy=before["accuracy"],
@@ -115,9 +136,6 @@ def run_seed(seed: int, work: Path, part: str, capability: str, threads: int | N
                    grpo_tokens=after["mean_tokens"],
                    token_cut=1.0 - after["mean_tokens"] / before["mean_tokens"],
                    accuracy_change=after["accuracy"] - before["accuracy"])
-    print(f"    seed {seed}: {seconds / 60:.1f} min, SFT greedy accuracy {100 * row['sft_accuracy']:.1f}%"
-          + (f", GRPO {100 * row['grpo_accuracy']:.1f}% at {100 * row['token_cut']:.1f}% fewer tokens"
-             if part == "demo" else ""), flush=True)
     return row
 
 

@@ -35,3 +35,27 @@ def test_table_line_is_mean_and_range_over_the_settings_seeds():
     line = toy_levers.markdown([record]).splitlines()[2]
     assert line.startswith("| grpo.max_steps=80 | 0,1 | native (AVX2) | 93.0% (90.0-96.0) | 55.0 (50.0-60.0) |")
     assert "| 26.7% (20.0-33.3) | -0.5 (-2.0-1.0) | abcdef1 |" in line
+
+
+def finished_run(out, sft_heldout):
+    (out / "grpo").mkdir(parents=True)
+    (out / "config.json").write_text("{}")
+    (out / "summary.json").write_text(json.dumps(
+        {"steps": 930, "after": {"val_loss": 0.04, "heldout": sft_heldout}}))
+    (out / "grpo" / "summary.json").write_text(json.dumps(
+        {"steps": 40, "before": {"heldout": {"accuracy": 0.97, "mean_tokens": 62.0}},
+         "after": {"heldout": {"accuracy": 0.965, "mean_tokens": 43.4}}}))
+
+
+def test_a_run_on_a_data_file_takes_its_sft_figures_from_grpos_check_of_the_same_export(tmp_path):
+    finished_run(tmp_path / "seed0", None)
+    row = toy_levers.collected_row(0, tmp_path, ("data.train=x.jsonl",))
+    assert row["sft_heldout_from"] == "grpo before"
+    assert (row["sft_accuracy"], row["sft_tokens"]) == (0.97, 62.0)
+    assert row["token_cut"] == pytest.approx(1 - 43.4 / 62.0)
+    assert row["command"].endswith("run.stages=[sft,grpo] data.train=x.jsonl") and row["seconds"] >= 0
+    finished_run(tmp_path / "seed1", {"accuracy": 0.99, "mean_tokens": 50.0})
+    row = toy_levers.collected_row(1, tmp_path, ())
+    assert "sft_heldout_from" not in row and row["sft_accuracy"] == 0.99
+    with pytest.raises(SystemExit, match="no finished run"):
+        toy_levers.collected_row(2, tmp_path, ())
