@@ -14,6 +14,8 @@ Settings:
                              The seed's SFT data are long R1 traces throughout, so a larger F is closer to it.
 
     .venv/bin/python bench/toy_levers.py --verbose-fraction 0.8 --seeds 0,1,2 --parallel 3
+    .venv/bin/python bench/toy_levers.py --verbose-fraction 0.8 --set grpo.lr=3e-5 \
+        --sft-from runs/toy_levers/verbose0.8-native       # GRPO only, from that setting's SFT exports
     .venv/bin/python bench/toy_levers.py --table      # every recorded setting, one line each
     .venv/bin/python bench/toy_levers.py --verbose-fraction 0.8 --seeds 0,1,2 --collect
         # the record from finished runs already in --work (when the script itself stopped after them); their
@@ -22,6 +24,7 @@ Settings:
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -65,6 +68,8 @@ def setting_name(record: dict) -> str:
     parts = list(record["overrides"])
     if record.get("verbose_fraction") is not None:
         parts.insert(0, f"SFT data {100 * record['verbose_fraction']:.0f}% verbose")
+    if record.get("sft_from"):
+        parts.append("GRPO only, from that setting's SFT models")
     return ", ".join(parts) or "the demo's"
 
 
@@ -83,7 +88,29 @@ def markdown(records: list[dict]) -> str:
                      f"({rec['capability_used']}) | {cell('sft_accuracy', 100, '%')} | {cell('sft_tokens')} | "
                      f"{cell('grpo_accuracy', 100, '%')} | {cell('grpo_tokens')} | {cell('token_cut', 100, '%')} | "
                      f"{cell('accuracy_change', 100)} | {str(rec['git_commit'])[:7]} |")
+    if records:
+        lines.append(f"\n{records[0]['device']}; every record of `bench/results/toy_levers-cpu.json`; held-out: the "
+                     f"demo's 200 test problems, greedy decoding; mean (min-max) over the seeds; the demo's GRPO "
+                     f"(lr 5e-5, 40 steps, rewards format + cosine + Kimi length) where no setting says otherwise.")
     return "\n".join(lines)
+
+
+def grpo_only(seed: int, work: Path, sft_work: Path, capability: str, threads: int | None,
+              extra: tuple[str, ...]) -> dict:
+    """The demo's GRPO stage alone from an earlier setting's SFT export of the same seed; its record row."""
+    sft_out = sft_work / f"seed{seed}"
+    if not (sft_out / "hf").is_dir() or not (sft_out / "summary.json").is_file():
+        raise SystemExit(f"{sft_out} holds no finished SFT stage (hf/ and summary.json)")
+    out = work / f"seed{seed}"
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    cmd = toy_seeds.demo_command(seed, out, "demo", (*extra, "run.stages=[grpo]", f"grpo.init_from={sft_out / 'hf'}"))
+    print(f"[{time.strftime('%H:%M:%S')}] seed {seed} (GRPO from {sft_out}, {capability}) ...", flush=True)
+    started = time.time()
+    seconds = toy_seeds.run_logged(cmd, work / f"seed{seed}.log", toy_seeds.child_env(capability, threads))
+    command = " ".join(cmd[3:]).replace(str(REPO) + "/", "")
+    return toy_seeds.seed_row(seed, out, "demo", command, seconds, started, sft_out=sft_out)
 
 
 def collected_row(seed: int, work: Path, extra: tuple[str, ...]) -> dict:
@@ -106,6 +133,8 @@ def main():
                         help="share of SFT train rows with the verbose solution (embedded data: 0.5)")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "toy_levers")
     parser.add_argument("--table", action="store_true", help="print every recorded setting; runs nothing")
+    parser.add_argument("--sft-from", type=Path, default=None,
+                        help="run GRPO only, from the SFT exports (seedS/hf) of an earlier setting's --work folder")
     parser.add_argument("--collect", action="store_true",
                         help="build the record from the finished runs in --work instead of running them")
     args = parser.parse_args()
@@ -116,8 +145,11 @@ def main():
     if args.verbose_fraction is not None and not 0.0 <= args.verbose_fraction <= 1.0:
         raise SystemExit(f"--verbose-fraction must be in [0, 1], got {args.verbose_fraction}")
     seeds, sets = toy_seeds.parse_seeds(args.seeds), parse_sets(args.sets)
+    if args.collect and args.sft_from:
+        raise SystemExit("--collect reads whole runs; it does not combine with --sft-from")
     name = "_".join([f"verbose{args.verbose_fraction:g}"] * (args.verbose_fraction is not None)
                     + [s.replace("=", "-") for s in sets]) or "demo"
+    name += "_grpo-only" if args.sft_from else ""
     work = args.work / f"{name}-{args.capability}"
     work.mkdir(parents=True, exist_ok=True)
     threads = toy_seeds.child_threads(args.threads, args.parallel)
@@ -125,7 +157,7 @@ def main():
                         part="demo", capability=args.capability,
                         capability_used=toy_seeds.effective_capability(args.capability), seeds=seeds,
                         parallel=args.parallel, child_threads=threads or "torch default", note=args.note,
-                        collected=args.collect)
+                        collected=args.collect, sft_from=str(args.sft_from) if args.sft_from else None)
     data = [] if args.verbose_fraction is None else (
         [f"data.train={verbose_path(work, args.verbose_fraction)}"] if args.collect
         else verbose_data(work, args.verbose_fraction))
@@ -136,8 +168,12 @@ def main():
     else:
         started = time.perf_counter()
         with ThreadPoolExecutor(args.parallel) as pool:
-            rows = list(pool.map(lambda s: toy_seeds.run_seed(s, work, "demo", args.capability, threads, extra),
-                                 seeds))
+            if args.sft_from:
+                rows = list(pool.map(lambda s: grpo_only(s, work, args.sft_from, args.capability, threads, extra),
+                                     seeds))
+            else:
+                rows = list(pool.map(lambda s: toy_seeds.run_seed(s, work, "demo", args.capability, threads, extra),
+                                     seeds))
         record["wall_minutes"] = (time.perf_counter() - started) / 60
     record["results"] = rows
     record["summary"] = toy_seeds.spread(rows)

@@ -105,17 +105,20 @@ def run_seed(seed: int, work: Path, part: str, capability: str, threads: int | N
     return row
 
 
-def seed_row(seed: int, out: Path, part: str, command: str, seconds: float, started: float) -> dict:
+def seed_row(seed: int, out: Path, part: str, command: str, seconds: float, started: float,
+             sft_out: Path | None = None) -> dict:
     """The record's row of one finished run, read from its output folder (summary.json files and their times).
 
     The SFT figures are the SFT stage's held-out check after training; where that check did not run (SFT on a
     data file other than the embedded one, bench/toy_levers.py), GRPO's check before training is the same
     measurement of the same exported model (fastmath/heldout.py) and stands in, named in `sft_heldout_from`.
+    `sft_out`: the folder of an earlier run whose SFT export this GRPO-only run started from (its times then
+    cover GRPO alone).
     """
-    sft = json.loads((out / "summary.json").read_text())
+    sft = json.loads(((sft_out or out) / "summary.json").read_text())
     # Where the time went, from when each stage wrote its summary (its last act): start -> SFT summary covers
     # the process start, data, SFT and its held-out checks; the rest is GRPO (vLLM start, rollouts, checks).
-    sft_done = (out / "summary.json").stat().st_mtime
+    sft_done = started if sft_out else (out / "summary.json").stat().st_mtime
     grpo = json.loads((out / "grpo" / "summary.json").read_text()) if part == "demo" else None
     heldout, source = sft["after"]["heldout"], "sft after"
     if heldout is None and grpo is not None:
@@ -123,7 +126,8 @@ def seed_row(seed: int, out: Path, part: str, command: str, seconds: float, star
     if heldout is None:
         raise SystemExit(f"{out}: no held-out figures after SFT (heldout.num_problems=0, or SFT on a data file "
                          f"and no GRPO stage to measure the export)")
-    row = {"seed": seed, "seconds": seconds, "sft_stage_seconds": sft_done - started, "command": command,
+    row = {"seed": seed, "seconds": seconds, "sft_stage_seconds": None if sft_out else sft_done - started,
+           "command": command,
            "sft_steps": sft["steps"], "sft_val_loss": sft["after"]["val_loss"],
            "sft_accuracy": heldout["accuracy"], "sft_tokens": heldout["mean_tokens"]}
     if source != "sft after":
@@ -151,7 +155,8 @@ def mean_range(values: list[float], scale: float = 1.0, digits: int = 1, unit: s
     values = [scale * v for v in values]
     f = f"{{:.{digits}f}}"
     mean = f.format(statistics.fmean(values)) + unit
-    return mean if len(values) == 1 else f"{mean} ({f.format(min(values))}-{f.format(max(values))})"
+    dash = " to " if min(values) < 0 else "-"  # "(-2.5 to -0.5)", not "(-2.5--0.5)"
+    return mean if len(values) == 1 else f"{mean} ({f.format(min(values))}{dash}{f.format(max(values))})"
 
 
 def markdown(records: list[dict]) -> str:
