@@ -42,7 +42,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def run_stages(config) -> None:
     """Run the stages of `run.stages` in order, in one process group."""
-    from fastmath.distributed import init_distributed, shutdown
+    from fastmath.distributed import barrier, init_distributed, shutdown
 
     dist_info = init_distributed()
     try:
@@ -59,6 +59,10 @@ def run_stages(config) -> None:
                 from fastmath.eval import run_eval
 
                 run_eval(config, dist_info)
+        # Every rank finished: meet before tearing the group down, so no rank destroys its gloo connections
+        # while another still uses them (seen once in a 2-rank test worker: a rank aborted with "terminate
+        # called without an active exception"). Not in `finally`: after a failure on one rank this would hang.
+        barrier()
     finally:
         shutdown()
 

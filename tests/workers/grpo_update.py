@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 
 from fastmath.config import load_config  # noqa: E402
-from fastmath.distributed import all_reduce_sum, init_distributed, shutdown  # noqa: E402
+from fastmath.distributed import all_reduce_sum, barrier, init_distributed, shutdown  # noqa: E402
 from fastmath.grpo_stage import attach_logprobs, build_update_batches, update_policy  # noqa: E402
 from fastmath.model import load_causal_lm, load_tokenizer, parallelize  # noqa: E402
 from fastmath.policy import PolicyWithGRPOLoss, Sequence, gathered_weights  # noqa: E402
@@ -73,6 +73,7 @@ def main(model_dir: str, out_dir: str, overrides: list[str]) -> None:
         (out / "result.json").write_text(json.dumps({"loss": result.loss, "grad_norm": float(result.grad_norm),
                                                      "skipped": result.skipped, "stats": summed,
                                                      "tokens": tokens, "sequences": n_seqs}))
+    barrier()  # both ranks done before either tears its group down (see fastmath/train.py)
     shutdown()
 
 
