@@ -24,7 +24,6 @@ Settings:
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -80,14 +79,10 @@ def markdown(records: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for rec in records:
         rows = rec["results"]
-
-        def cell(key: str, scale: float = 1.0, unit: str = "") -> str:
-            return toy_seeds.mean_range([r[key] for r in rows], scale, 1, unit)
-
         lines.append(f"| {setting_name(rec)} | {','.join(str(r['seed']) for r in rows)} | {rec['capability']} "
-                     f"({rec['capability_used']}) | {cell('sft_accuracy', 100, '%')} | {cell('sft_tokens')} | "
-                     f"{cell('grpo_accuracy', 100, '%')} | {cell('grpo_tokens')} | {cell('token_cut', 100, '%')} | "
-                     f"{cell('accuracy_change', 100)} | {str(rec['git_commit'])[:7]} |")
+                     f"({rec['capability_used']}) | {toy_seeds.seed_cell(rows, 'sft_accuracy', 100, unit='%')} | "
+                     f"{toy_seeds.seed_cell(rows, 'sft_tokens')} | " + " | ".join(toy_seeds.grpo_cells(rows))
+                     + f" | {str(rec['git_commit'])[:7]} |")
     if records:
         lines.append(f"\n{records[0]['device']}; every record of `bench/results/toy_levers-cpu.json`; held-out: the "
                      f"demo's 200 test problems, greedy decoding; mean (min-max) over the seeds; the demo's GRPO "
@@ -101,16 +96,8 @@ def grpo_only(seed: int, work: Path, sft_work: Path, capability: str, threads: i
     sft_out = sft_work / f"seed{seed}"
     if not (sft_out / "hf").is_dir() or not (sft_out / "summary.json").is_file():
         raise SystemExit(f"{sft_out} holds no finished SFT stage (hf/ and summary.json)")
-    out = work / f"seed{seed}"
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    cmd = toy_seeds.demo_command(seed, out, "demo", (*extra, "run.stages=[grpo]", f"grpo.init_from={sft_out / 'hf'}"))
-    print(f"[{time.strftime('%H:%M:%S')}] seed {seed} (GRPO from {sft_out}, {capability}) ...", flush=True)
-    started = time.time()
-    seconds = toy_seeds.run_logged(cmd, work / f"seed{seed}.log", toy_seeds.child_env(capability, threads))
-    command = " ".join(cmd[3:]).replace(str(REPO) + "/", "")
-    return toy_seeds.seed_row(seed, out, "demo", command, seconds, started, sft_out=sft_out)
+    return toy_seeds.run_seed(seed, work, "demo", capability, threads,
+                              (*extra, "run.stages=[grpo]", f"grpo.init_from={sft_out / 'hf'}"), sft_out)
 
 
 def collected_row(seed: int, work: Path, extra: tuple[str, ...]) -> dict:
@@ -120,7 +107,7 @@ def collected_row(seed: int, work: Path, extra: tuple[str, ...]) -> dict:
         raise SystemExit(f"{out} holds no finished run (no grpo/summary.json); run the setting first")
     config_written = (out / "config.json").stat().st_mtime
     seconds = (out / "grpo" / "summary.json").stat().st_mtime - config_written
-    command = " ".join(toy_seeds.demo_command(seed, out, "demo", extra)[3:]).replace(str(REPO) + "/", "")
+    command = toy_seeds.command_text(toy_seeds.demo_command(seed, out, "demo", extra))
     return toy_seeds.seed_row(seed, out, "demo", command, seconds, config_written)
 
 

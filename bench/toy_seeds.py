@@ -86,19 +86,26 @@ def run_logged(cmd: list[str], log: Path, env: dict) -> float:
     return time.perf_counter() - started
 
 
+def command_text(cmd: list[str]) -> str:
+    """A demo command as the record keeps it: from train.py on, paths relative to the repository."""
+    return " ".join(cmd[3:]).replace(str(REPO) + "/", "")
+
+
 def run_seed(seed: int, work: Path, part: str, capability: str, threads: int | None,
-             extra: tuple[str, ...] = ()) -> dict:
-    """One demo run; its row of the record (raises with the log's tail when the run fails)."""
+             extra: tuple[str, ...] = (), sft_out: Path | None = None) -> dict:
+    """One demo run; its row of the record (raises with the log's tail when the run fails). `extra`: overrides
+    appended to the demo's command; `sft_out`: see seed_row (a GRPO-only run from that folder's SFT export)."""
     out = work / f"seed{seed}"
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     log = work / f"seed{seed}.log"
     cmd = demo_command(seed, out, part, extra)
-    print(f"[{time.strftime('%H:%M:%S')}] seed {seed} ({part}, {capability}) ...", flush=True)
+    what = f"GRPO from {sft_out}" if sft_out else part
+    print(f"[{time.strftime('%H:%M:%S')}] seed {seed} ({what}, {capability}) ...", flush=True)
     started = time.time()
     seconds = run_logged(cmd, log, child_env(capability, threads))
-    row = seed_row(seed, out, part, " ".join(cmd[3:]).replace(str(REPO) + "/", ""), seconds, started)
+    row = seed_row(seed, out, part, command_text(cmd), seconds, started, sft_out)
     print(f"    seed {seed}: {seconds / 60:.1f} min, SFT greedy accuracy {100 * row['sft_accuracy']:.1f}%"
           + (f", GRPO {100 * row['grpo_accuracy']:.1f}% at {100 * row['token_cut']:.1f}% fewer tokens"
              if part == "demo" else ""), flush=True)
@@ -159,6 +166,19 @@ def mean_range(values: list[float], scale: float = 1.0, digits: int = 1, unit: s
     return mean if len(values) == 1 else f"{mean} ({f.format(min(values))}{dash}{f.format(max(values))})"
 
 
+def seed_cell(rows: list[dict], key: str, scale: float = 1.0, digits: int = 1, unit: str = "") -> str:
+    """One table cell: `key` over the rows (one per seed) as mean_range."""
+    return mean_range([r[key] for r in rows], scale, digits, unit)
+
+
+def grpo_cells(rows: list[dict]) -> list[str]:
+    """After GRPO: greedy accuracy, mean tokens, token cut, accuracy change (points); '-' for SFT-only rows."""
+    if "token_cut" not in rows[0]:
+        return ["-"] * 4
+    return [seed_cell(rows, "grpo_accuracy", 100, unit="%"), seed_cell(rows, "grpo_tokens"),
+            seed_cell(rows, "token_cut", 100, unit="%"), seed_cell(rows, "accuracy_change", 100)]
+
+
 def markdown(records: list[dict]) -> str:
     """The README's table: one line per record (capability x part), mean (range) over its seeds."""
     lines = ["| ATEN_CPU_CAPABILITY (used) | seeds | after SFT: greedy accuracy | val loss | mean tokens "
@@ -166,18 +186,12 @@ def markdown(records: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for rec in records:
         rows = rec["results"]
-
-        def cell(key: str, scale: float = 1.0, digits: int = 1, unit: str = "") -> str:
-            return mean_range([r[key] for r in rows], scale, digits, unit)
-
         seeds = ",".join(str(r["seed"]) for r in rows)
-        grpo = ["-"] * 4
-        if "token_cut" in rows[0]:
-            grpo = [cell("grpo_accuracy", 100, unit="%"), cell("grpo_tokens"), cell("token_cut", 100, unit="%"),
-                    cell("accuracy_change", 100)]
         lines.append(f"| {rec['capability']} ({rec['capability_used']}) | {seeds} | "
-                     f"{cell('sft_accuracy', 100, unit='%')} | {cell('sft_val_loss', digits=4)} | "
-                     f"{cell('sft_tokens')} | " + " | ".join(grpo) + f" | {cell('seconds', 1 / 60)} |")
+                     f"{seed_cell(rows, 'sft_accuracy', 100, unit='%')} | "
+                     f"{seed_cell(rows, 'sft_val_loss', digits=4)} | {seed_cell(rows, 'sft_tokens')} | "
+                     + " | ".join(grpo_cells(rows))
+                     + f" | {seed_cell(rows, 'seconds', 1 / 60)} |")
     first = records[0]
     lines.append(f"\n{first['device']}; {len(records)} record(s) of `bench/results/toy_seeds-cpu.json`, commit "
                  f"{str(first['git_commit'])[:7]}; held-out: {first['heldout_problems']} test problems, greedy "
