@@ -12,6 +12,7 @@ record per invocation in bench/results/heldout_diff-cpu.json.
 
     .venv/bin/python bench/heldout_diff.py --before runs/toy_levers/verbose0.8-native/seed1/hf \
         --after runs/toy_levers/verbose0.8-native/seed1/grpo/hf --label "80% verbose, the demo's GRPO, seed 1"
+    .venv/bin/python bench/heldout_diff.py --table     # every recorded comparison, one line each
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.common import append_record, new_record, results_path  # noqa: E402
+from bench.common import append_record, load_records, new_record, results_path  # noqa: E402
 
 RECHECK_PREFIXES = ("check:", "let me verify again:")
 KINDS = ("same expression, other result", "other expression", "fewer steps", "more steps", "same steps")
@@ -102,14 +103,37 @@ def compare(rows: list[dict], before: tuple, after: tuple) -> dict:
             "lost_by_kind": dict(Counter(flip["kind"] for flip in lost)), "flips": flips}
 
 
+def markdown(records: list[dict]) -> str:
+    """One line per recorded comparison, as the README shows them."""
+    lines = ["| models compared | greedy accuracy | mean tokens | problems lost | gained | lost by how the solution changed |",
+             "|---|---|---|---|---|---|"]
+    for rec in records:
+        summary = rec["results"][0]
+        kinds = ", ".join(f"{kind}: {count}" for kind, count in sorted(summary["lost_by_kind"].items(),
+                                                                       key=lambda item: -item[1])) or "-"
+        lines.append(f"| {rec['label']} | {summary['before_accuracy']:.1%} -> {summary['after_accuracy']:.1%} | "
+                     f"{summary['before_tokens']:.1f} -> {summary['after_tokens']:.1f} | {summary['lost']} | "
+                     f"{summary['gained']} | {kinds} |")
+    lines.append("\nEvery record of `bench/results/heldout_diff-cpu.json` (each keeps the flipped problems with both "
+                 "solutions); re-check steps left out of the comparison.")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--before", required=True, help="exported model (HF folder), e.g. a run's SFT export")
-    parser.add_argument("--after", required=True, help="exported model to compare, e.g. that run's GRPO export")
-    parser.add_argument("--label", required=True, help="what the two models are, stored with the record")
+    parser.add_argument("--table", action="store_true", help="print every recorded comparison; runs nothing")
+    parser.add_argument("--before", required=False, help="exported model (HF folder), e.g. a run's SFT export")
+    parser.add_argument("--after", help="exported model to compare, e.g. that run's GRPO export")
+    parser.add_argument("--label", help="what the two models are, stored with the record")
     parser.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    path = args.out or results_path("heldout_diff", "cpu")
+    if args.table:
+        print(markdown(load_records(path)))
+        return
+    if not (args.before and args.after and args.label):
+        parser.error("--before, --after and --label are needed to compare (or --table to print the records)")
 
     from fastmath.config import load_config
     from fastmath.heldout import heldout_rows
@@ -122,7 +146,7 @@ def main() -> None:
     summary = compare(rows, decode(args.before, config, problems, answers),
                       decode(args.after, config, problems, answers))
     record["results"] = [summary]
-    path = append_record(record, args.out or results_path("heldout_diff", "cpu"))
+    append_record(record, path)
     print(f"{args.label}: {summary['before_accuracy']:.1%} -> {summary['after_accuracy']:.1%} greedy, "
           f"{summary['before_tokens']:.1f} -> {summary['after_tokens']:.1f} tokens; lost {summary['lost']} "
           f"problems, gained {summary['gained']}; lost by kind: {summary['lost_by_kind']}")

@@ -72,19 +72,28 @@ def setting_name(record: dict) -> str:
     return ", ".join(parts) or "the demo's"
 
 
+def host_name(record: dict) -> str:
+    """The CPU's name with its family and model where recorded: two hosts may share a name (both "AMD EPYC")
+    and differ in arithmetic (AVX2 only vs AVX-512)."""
+    name = record["device"].removeprefix("CPU: ")
+    cpu = record.get("cpu") or {}
+    return f"{name} family {cpu['family']} model {cpu['model']}" if cpu.get("family") else name
+
+
 def markdown(records: list[dict]) -> str:
     """One line per recorded setting: mean (min-max) over its seeds, as the README's GRPO trade-off table."""
-    lines = ["| setting | seeds | ATEN_CPU_CAPABILITY (used) | after SFT: greedy accuracy | mean tokens "
+    lines = ["| setting | seeds | host | ATEN_CPU_CAPABILITY (used) | after SFT: greedy accuracy | mean tokens "
              "| after GRPO: greedy accuracy | mean tokens | token cut | accuracy change (points) | commit |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for rec in records:
         rows = rec["results"]
-        lines.append(f"| {setting_name(rec)} | {','.join(str(r['seed']) for r in rows)} | {rec['capability']} "
+        lines.append(f"| {setting_name(rec)} | {','.join(str(r['seed']) for r in rows)} | {host_name(rec)} | "
+                     f"{rec['capability']} "
                      f"({rec['capability_used']}) | {toy_seeds.seed_cell(rows, 'sft_accuracy', 100, unit='%')} | "
                      f"{toy_seeds.seed_cell(rows, 'sft_tokens')} | " + " | ".join(toy_seeds.grpo_cells(rows))
                      + f" | {str(rec['git_commit'])[:7]} |")
     if records:
-        lines.append(f"\n{records[0]['device']}; every record of `bench/results/toy_levers-cpu.json`; held-out: the "
+        lines.append(f"\nEvery record of `bench/results/toy_levers-cpu.json`; host: the CPU's name, family and model; held-out: the "
                      f"demo's 200 test problems, greedy decoding; mean (min-max) over the seeds; the demo's GRPO "
                      f"(lr 5e-5, 40 steps, rewards format + cosine + Kimi length) where no setting says otherwise.")
     return "\n".join(lines)

@@ -33,7 +33,9 @@ def test_table_line_is_mean_and_range_over_the_settings_seeds():
     record = {"overrides": ["grpo.max_steps=80"], "verbose_fraction": None, "results": rows, "capability": "native",
               "capability_used": "AVX2", "git_commit": "abcdef123", "device": "CPU: test"}
     line = toy_levers.markdown([record]).splitlines()[2]
-    assert line.startswith("| grpo.max_steps=80 | 0,1 | native (AVX2) | 93.0% (90.0-96.0) | 55.0 (50.0-60.0) |")
+    assert line.startswith("| grpo.max_steps=80 | 0,1 | test | native (AVX2) | 93.0% (90.0-96.0) | 55.0 (50.0-60.0) |")
+    record["cpu"] = {"family": "26", "model": "2"}
+    assert "| test family 26 model 2 | native (AVX2) |" in toy_levers.markdown([record])
     assert "| 26.7% (20.0-33.3) | -0.5 (-2.0 to 1.0) | abcdef1 |" in line
 
 
