@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 from bench.common import append_record, load_records, new_record, results_path  # noqa: E402
 
 RECHECK_PREFIXES = ("check:", "let me verify again:")
-KINDS = ("same expression, other result", "other expression", "fewer steps", "more steps", "same steps")
+KINDS = ("same expression, other result", "other expression", "fewer steps", "more steps", "same steps, other answer")
 
 
 def reasoning_steps(text: str) -> list[str]:
@@ -49,12 +49,13 @@ def first_difference(before: list[str], after: list[str]) -> tuple[int, str, str
 
 
 def flip_kind(before_text: str, after_text: str) -> str:
-    """One of KINDS: how the after-solution leaves the before-solution (re-checks aside)."""
+    """One of KINDS: how the after-solution leaves the before-solution (re-checks aside). Asked only of
+    problems whose verdict flipped, so equal steps mean the boxed answer alone changed."""
     before, after = reasoning_steps(before_text), reasoning_steps(after_text)
     difference = first_difference(before, after)
     if difference is None:
         if len(after) == len(before):
-            return "same steps"
+            return "same steps, other answer"
         return "fewer steps" if len(after) < len(before) else "more steps"
     _, old, new = difference
     if "=" in old and "=" in new and old.rsplit("=", 1)[0] == new.rsplit("=", 1)[0]:
@@ -105,7 +106,8 @@ def compare(rows: list[dict], before: tuple, after: tuple) -> dict:
 
 def markdown(records: list[dict]) -> str:
     """One line per recorded comparison, as the README shows them."""
-    lines = ["| models compared | greedy accuracy | mean tokens | problems lost | gained | lost by how the solution changed |",
+    lines = ["| models compared | greedy accuracy | mean tokens | problems lost | gained "
+             "| lost by how the solution changed |",
              "|---|---|---|---|---|---|"]
     for rec in records:
         summary = rec["results"][0]
