@@ -93,10 +93,10 @@ def markdown(records: list[dict]) -> str:
                      f"{toy_seeds.seed_cell(rows, 'sft_tokens')} | " + " | ".join(toy_seeds.grpo_cells(rows))
                      + f" | {str(rec['git_commit'])[:7]} |")
     if records:
-        lines.append(f"\nEvery record of `bench/results/toy_levers-cpu.json`; host: the CPU's name, family and model; "
-                     f"held-out: the "
-                     f"demo's 200 test problems, greedy decoding; mean (min-max) over the seeds; the demo's GRPO "
-                     f"(lr 5e-5, 40 steps, rewards format + cosine + Kimi length) where no setting says otherwise.")
+        lines.append("\nEvery record of `bench/results/toy_levers-cpu.json`; host: the CPU's name, family and model; "
+                     "held-out: the demo's 200 test problems, greedy decoding; mean (min-max) over the seeds; the "
+                     "demo's GRPO (lr 5e-5, 40 steps, rewards format + cosine + Kimi length) where no setting says "
+                     "otherwise.")
     return "\n".join(lines)
 
 

