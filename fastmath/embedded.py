@@ -53,6 +53,7 @@ from fastmath.synthetic import make_splits, write_jsonl
 
 EMBEDDED_VERSION = "v2"  # v2: sums and differences by columns (fastmath.synthetic); a new version rebuilds the cache
 COMPLETE_MARKER = "COMPLETE"
+_PROGRESS_BAR_SWITCH = threading.Lock()  # see _build: transformers' progress-bar switch is process-wide
 
 PAD_TOKEN, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 REASONING_TOKENS = ("<think>", "</think>", "\\boxed{")
@@ -133,13 +134,16 @@ def _build(root: Path, seed: int) -> None:
         write_jsonl(rows, root / "data" / f"{name}.jsonl")
     tokenizer = build_tokenizer([_chat_text(row) for row in splits["train"]])
     model = build_model(tokenizer, seed)
-    bar_was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # the one-line message above is all a build prints
-    try:
-        model.save_pretrained(root / "model", safe_serialization=True)
-    finally:
-        if bar_was_enabled:
-            hf_logging.enable_progress_bar()
+    # The one-line message above is all a build prints. The switch is process-wide, so two threads building at
+    # once take turns: otherwise the first to finish turns the bar back on while the other is still saving.
+    with _PROGRESS_BAR_SWITCH:
+        bar_was_enabled = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            model.save_pretrained(root / "model", safe_serialization=True)
+        finally:
+            if bar_was_enabled:
+                hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(root / "model")
     marker = {"version": EMBEDDED_VERSION, "seed": seed, "vocab_size": len(tokenizer),
               "parameters": sum(p.numel() for p in model.parameters())}
