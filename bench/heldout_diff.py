@@ -143,8 +143,14 @@ def main() -> None:
     config = load_config(args.config)
     rows = heldout_rows(config)
     problems, answers = [row["problem"] for row in rows], [str(row["answer"]) for row in rows]
+    import os
+
+    import torch
+
+    # Greedy decoding depends on the fp32 arithmetic too: a comparison is only that run's under the same one.
     record = new_record("heldout_diff", "cpu", label=args.label, before=args.before, after=args.after,
-                        config=args.config)
+                        config=args.config, capability=os.environ.get("ATEN_CPU_CAPABILITY", "native"),
+                        capability_used=torch.backends.cpu.get_cpu_capability())
     summary = compare(rows, decode(args.before, config, problems, answers),
                       decode(args.after, config, problems, answers))
     record["results"] = [summary]
