@@ -7,7 +7,7 @@ wrote "17-9=8", the same expression with another result). The re-check steps ("c
 again: ... ok") are left out of the comparison: removing them is what the length rewards ask for.
 
 Both models decode the demo's held-out problems greedily with the held-out check's own code
-(`fastmath.heldout.greedy_completions`, `heldout.*` of the config), and math-verify judges the answers. One
+(`fastmath.heldout.judged_completions`, `heldout.*` of the config), and math-verify judges the answers. One
 record per invocation in bench/results/heldout_diff-cpu.json.
 
     .venv/bin/python bench/heldout_diff.py --before runs/toy_levers/verbose0.8-native/seed1/hf \
@@ -65,22 +65,13 @@ def flip_kind(before_text: str, after_text: str) -> str:
     return "other expression"
 
 
-def decode(model_path: str, config, problems: list[str], answers: list[str]) -> tuple[list[str], list[int], list[bool]]:
-    """Greedy completions, their token counts and math-verify's verdicts, the way the held-out check makes them."""
+def decode(model_path: str, config, rows: list[dict]) -> tuple[list[str], list[int], list[bool]]:
+    """Greedy completions, their token counts and math-verify's verdicts, from the held-out check's own code."""
     import torch
 
-    from fastmath.answers import AnswerChecker
-    from fastmath.data import Formatter, prompt_settings
-    from fastmath.heldout import greedy_completions
-    from fastmath.model import load_causal_lm, load_tokenizer
+    from fastmath.heldout import judged_completions
 
-    tokenizer = load_tokenizer(model_path, config.model.trust_remote_code)
-    formatter = Formatter(tokenizer, config.data.prompt_field, **prompt_settings(config, "heldout"))
-    model = load_causal_lm(model_path, "sdpa", config.model.trust_remote_code)
-    texts, tokens, _ = greedy_completions(model, tokenizer, formatter, problems, config.heldout.max_new_tokens,
-                                          config.heldout.batch_size, torch.device("cpu"))
-    with AnswerChecker(1, config.heldout.answer_timeout_s) as checker:
-        verdicts = checker.check([formatter.judged(text) for text in texts], answers)
+    texts, tokens, _, verdicts = judged_completions(model_path, config, rows, torch.device("cpu"))
     return texts, tokens, [bool(v.correct) for v in verdicts]
 
 
@@ -137,22 +128,20 @@ def main() -> None:
     if not (args.before and args.after and args.label):
         parser.error("--before, --after and --label are needed to compare (or --table to print the records)")
 
+    import os
+
+    import torch
+
     from fastmath.config import load_config
     from fastmath.heldout import heldout_rows
 
     config = load_config(args.config)
     rows = heldout_rows(config)
-    problems, answers = [row["problem"] for row in rows], [str(row["answer"]) for row in rows]
-    import os
-
-    import torch
-
     # Greedy decoding depends on the fp32 arithmetic too: a comparison is only that run's under the same one.
     record = new_record("heldout_diff", "cpu", label=args.label, before=args.before, after=args.after,
                         config=args.config, capability=os.environ.get("ATEN_CPU_CAPABILITY", "native"),
                         capability_used=torch.backends.cpu.get_cpu_capability())
-    summary = compare(rows, decode(args.before, config, problems, answers),
-                      decode(args.after, config, problems, answers))
+    summary = compare(rows, decode(args.before, config, rows), decode(args.after, config, rows))
     record["results"] = [summary]
     append_record(record, path)
     print(f"{args.label}: {summary['before_accuracy']:.1%} -> {summary['after_accuracy']:.1%} greedy, "

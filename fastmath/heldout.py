@@ -40,16 +40,8 @@ def heldout_accuracy(model_path: str, config: Config, dist_info: DistInfo) -> di
     result = None
     if dist_info.is_main:
         rows = heldout_rows(config)
-        tokenizer = load_tokenizer(model_path, config.model.trust_remote_code)
-        formatter = Formatter(tokenizer, config.data.prompt_field, **prompt_settings(config, "heldout"))
-        model = load_causal_lm(model_path, "sdpa", config.model.trust_remote_code).to(dist_info.device)
-        texts, tokens, truncated = greedy_completions(model, tokenizer, formatter, [r["problem"] for r in rows],
-                                                      config.heldout.max_new_tokens, config.heldout.batch_size,
-                                                      dist_info.device)
-        del model
-        with AnswerChecker(1, config.heldout.answer_timeout_s) as checker:
-            verdicts = checker.check([formatter.judged(t) for t in texts], [str(r["answer"]) for r in rows])
-            correct = sum(bool(v.correct) for v in verdicts)
+        _, tokens, truncated, verdicts = judged_completions(model_path, config, rows, dist_info.device)
+        correct = sum(bool(v.correct) for v in verdicts)
         n = len(rows)
         # Undecided checks score as wrong; counted here so a slow checker cannot pass for a worse model.
         undecided = {status: sum(v.status == status for v in verdicts) for status in ("timeout", "error")}
@@ -58,6 +50,20 @@ def heldout_accuracy(model_path: str, config: Config, dist_info: DistInfo) -> di
                   "answer_errors": undecided["error"]}
     barrier()
     return result
+
+
+def judged_completions(model_path: str, config: Config, rows: list[dict], device: torch.device):
+    """(texts, token counts, how many hit heldout.max_new_tokens, math-verify verdicts) of the model at
+    `model_path` on `rows`: greedy decoding, answers judged on the text the prompt's opening completes."""
+    tokenizer = load_tokenizer(model_path, config.model.trust_remote_code)
+    formatter = Formatter(tokenizer, config.data.prompt_field, **prompt_settings(config, "heldout"))
+    model = load_causal_lm(model_path, "sdpa", config.model.trust_remote_code).to(device)
+    texts, tokens, truncated = greedy_completions(model, tokenizer, formatter, [r["problem"] for r in rows],
+                                                  config.heldout.max_new_tokens, config.heldout.batch_size, device)
+    del model
+    with AnswerChecker(1, config.heldout.answer_timeout_s) as checker:
+        verdicts = checker.check([formatter.judged(t) for t in texts], [str(r["answer"]) for r in rows])
+    return texts, tokens, truncated, verdicts
 
 
 @torch.no_grad()

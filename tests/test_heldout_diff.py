@@ -14,8 +14,7 @@ def test_re_checks_are_not_steps():
 
 def test_the_synthetic_re_checks_are_the_ones_left_out():
     # If synthetic.py renamed its re-check steps, the comparison would count their removal as a change.
-    rows = [row for row in make_splits(seed=0, verbose_fraction=1.0)["train"][:200]]
-    for row in rows:
+    for row in make_splits(seed=0, verbose_fraction=1.0)["train"][:200]:
         steps = heldout_diff.reasoning_steps(row["solution"])
         assert steps and not any(" ok" in step for step in steps), row["solution"]
 
