@@ -85,7 +85,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.chunking import MAX_BLOCK_V, add_weight_grad, check_lm_head, logits_buffer, row_tile
+from kernels.chunking import (
+    MAX_BLOCK_V, add_weight_grad, check_lm_head, logits_buffer, row_tile, weight_grad_accumulator,
+)
 from kernels.chunking import default_chunk_size as _default_chunk_size
 from kernels.dispatch import all_interpreted, check_float_dtype, use_triton
 
@@ -501,7 +503,7 @@ def _launch_cross_entropy(logits, labels, bias, opts, grad_scale):
 
 
 def _fp32_accumulator(param, needed):
-    """fp32 gradient accumulator (float64 for a float64 parameter, on the reference path)."""
+    """fp32 bias-gradient accumulator (float64 for a float64 parameter, on the reference path)."""
     return torch.zeros(param.shape, dtype=_compute_dtype(param), device=param.device) if needed else None
 
 
@@ -510,7 +512,7 @@ def _accumulate_grads(dlogits, h, weight, rows, grad_hidden, grad_weight32, grad
     if grad_hidden is not None:
         grad_hidden[rows] = dlogits @ weight
     if grad_weight32 is not None:
-        add_weight_grad(grad_weight32, dlogits, h)
+        add_weight_grad(grad_weight32, dlogits, h, overwrite=rows.start == 0)
     if grad_bias32 is not None:
         grad_bias32 += dlogits.sum(0, dtype=grad_bias32.dtype)
 
@@ -533,7 +535,8 @@ def _chunked_linear_cross_entropy(hidden, weight, bias, labels, opts, chunk, gra
     logits_buf = logits_buffer(hidden, min(chunk, n), v) if use_triton else None
     need_h, need_w, need_b = need if grad_scale is not None else (False, False, False)
     grad_hidden = torch.empty_like(hidden) if need_h else None
-    grad_weight32, grad_bias32 = _fp32_accumulator(weight, need_w), _fp32_accumulator(bias, need_b)
+    grad_weight32 = weight_grad_accumulator(weight, _compute_dtype(weight), n) if need_w else None
+    grad_bias32 = _fp32_accumulator(bias, need_b)
     losses = torch.empty(n, dtype=compute, device=hidden.device)
     z_losses = torch.empty_like(losses)
     for start in range(0, n, chunk):

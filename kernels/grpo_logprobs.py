@@ -29,7 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.chunking import MAX_BLOCK_V, add_weight_grad, default_chunk_size, logits_buffer, row_tile
+from kernels.chunking import (
+    MAX_BLOCK_V, add_weight_grad, default_chunk_size, logits_buffer, row_tile, weight_grad_accumulator,
+)
 from kernels.dispatch import all_interpreted, use_triton
 from kernels.grpo_inputs import check_linear_inputs, check_temperature, check_values, compute_dtype
 
@@ -218,10 +220,11 @@ def accumulate_grads(dlogits, h, w, rows, grad_hidden, grad_weight_acc):
         grad_hidden[rows] = dlogits @ w
     if grad_weight_acc is None:
         return
+    # The first chunk overwrites the uninitialised accumulator (`ChunkLoop.grad_buffers`).
     if grad_weight_acc.dtype == torch.float64:
-        grad_weight_acc.addmm_(dlogits.T, h)
+        grad_weight_acc.addmm_(dlogits.T, h, beta=0 if rows.start == 0 else 1)
     else:
-        add_weight_grad(grad_weight_acc, dlogits, h)
+        add_weight_grad(grad_weight_acc, dlogits, h, overwrite=rows.start == 0)
 
 
 def fp16_gradient_scale(coef, dtype, use_triton):
@@ -278,7 +281,7 @@ class ChunkLoop:
         """(d hidden in hidden's dtype, d weight accumulator in the compute dtype), None where not needed."""
         need_h, need_w = need
         return (torch.empty_like(self.hidden) if need_h else None,
-                torch.zeros(weight.shape, dtype=compute_dtype(weight), device=weight.device) if need_w else None)
+                weight_grad_accumulator(weight, compute_dtype(weight), self.n) if need_w else None)
 
 
 def logprob_pass(hidden, weight, targets, inv_t, chunk, entropy, use_triton):

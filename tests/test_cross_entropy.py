@@ -425,6 +425,30 @@ def test_weight_grad_fallback_accumulates_the_same_sum(monkeypatch):
     assert_close(fallback - 1, exact, atol=atol, rtol=0.0, name="16-bit product then fp32 add")
 
 
+@pytest.mark.parametrize("method", ["fp32", "16bit_then_add"])
+def test_first_chunk_overwrites_an_uninitialised_accumulator(monkeypatch, method):
+    """overwrite=True writes the product over whatever the accumulator held (NaN here: beta = 0 must not read
+    it), and the next chunk adds to it; two chunks give the one-matmul product."""
+    gen = torch.Generator().manual_seed(1)
+    dlogits, h = torch.randn(40, 30, generator=gen).bfloat16(), torch.randn(40, 8, generator=gen).bfloat16()
+    monkeypatch.setattr(chunking, "weight_grad_method", lambda *args: method)
+    acc = torch.full((30, 8), float("nan"))
+    chunking.add_weight_grad(acc, dlogits[:25], h[:25], overwrite=True)
+    chunking.add_weight_grad(acc, dlogits[25:], h[25:])
+    expected = dlogits.T.double() @ h.double()
+    magnitude = tolerances.dot_magnitude(dlogits.T, h)
+    atol = 2 * tolerances.unit_roundoff(torch.bfloat16) * (magnitude + 1) + tolerances.reduction_atol(
+        torch.float32, 40, 1.0) * magnitude  # fmt: skip
+    assert_close(acc.double(), expected, atol=atol, rtol=0.0, name=f"{method}: chunk 1 overwrites, chunk 2 adds")
+
+
+def test_weight_grad_accumulator_is_zero_without_rows():
+    """No rows, no chunk to overwrite it: the accumulator must start at 0 (the gradient of an empty batch)."""
+    weight = torch.randn(5, 3)
+    assert torch.equal(chunking.weight_grad_accumulator(weight, torch.float32, 0), torch.zeros(5, 3))
+    assert chunking.weight_grad_accumulator(weight, torch.float32, 4).shape == (5, 3)
+
+
 # --------------------------------------------------------------------------------------------------
 # Dispatch and argument checks
 # --------------------------------------------------------------------------------------------------
