@@ -14,6 +14,8 @@ Settings:
                              The seed's SFT data are long R1 traces throughout, so a larger F is closer to it.
 
     .venv/bin/python bench/toy_levers.py --verbose-fraction 0.8 --seeds 0,1,2 --parallel 3
+    .venv/bin/python bench/toy_levers.py --verbose-fraction 0.8 --set sft.epochs=15 --capability avx2
+        # a longer SFT (a --set that changes SFT runs both stages; --sft-from is for GRPO-only settings)
     .venv/bin/python bench/toy_levers.py --verbose-fraction 0.8 --set grpo.lr=3e-5 \
         --sft-from runs/toy_levers/verbose0.8-native       # GRPO only, from that setting's SFT exports
     .venv/bin/python bench/toy_levers.py --table      # every recorded setting, one line each
@@ -61,6 +63,15 @@ def parse_sets(items: list[str]) -> list[str]:
         if "=" not in item or not item.split("=", 1)[0].strip():
             raise SystemExit(f"--set takes KEY=VALUE, got {item!r}")
     return list(items)
+
+
+def refuse_sft_settings_in_grpo_only(sets: list[str], sft_from) -> None:
+    """A GRPO-only run (--sft-from) starts from finished SFT models: an sft.* setting would change nothing and
+    still name the record, so it is refused."""
+    sft_keys = [item.split("=", 1)[0].strip() for item in sets if item.strip().startswith("sft.")]
+    if sft_from and sft_keys:
+        raise SystemExit(f"--sft-from runs GRPO only, so {', '.join(sft_keys)} would have no effect; "
+                         "drop --sft-from to train SFT with it")
 
 
 def setting_name(record: dict) -> str:
@@ -143,6 +154,7 @@ def main():
         raise SystemExit(f"--verbose-fraction must be in [0, 1], got {args.verbose_fraction}")
     seeds, sets = toy_seeds.parse_seeds(args.seeds), parse_sets(args.sets)
     toy_seeds.refuse_grpo_without_vectors(args.capability, "demo")  # every setting ends with GRPO
+    refuse_sft_settings_in_grpo_only(sets, args.sft_from)
     if args.collect and args.sft_from:
         raise SystemExit("--collect reads whole runs; it does not combine with --sft-from")
     name = "_".join([f"verbose{args.verbose_fraction:g}"] * (args.verbose_fraction is not None)
