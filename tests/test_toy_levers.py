@@ -28,6 +28,13 @@ def test_settings_are_parsed_and_named():
         "SFT data 80% verbose, grpo.lr=1e-4")
 
 
+def test_a_grpo_only_run_refuses_sft_settings():
+    toy_levers.refuse_sft_settings_in_grpo_only(["sft.epochs=15"], None)
+    toy_levers.refuse_sft_settings_in_grpo_only(["grpo.beta=0.1"], "runs/x")
+    with pytest.raises(SystemExit, match="sft.epochs would have no effect"):
+        toy_levers.refuse_sft_settings_in_grpo_only(["grpo.beta=0.1", " sft.epochs=15"], "runs/x")
+
+
 def test_table_line_is_mean_and_range_over_the_settings_seeds():
     rows = [row(0, 0.90, 0.91, 60.0, 40.0), row(1, 0.96, 0.94, 50.0, 40.0)]
     record = {"overrides": ["grpo.max_steps=80"], "verbose_fraction": None, "results": rows, "capability": "native",
