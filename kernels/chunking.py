@@ -97,6 +97,15 @@ def add_weight_grad(
         grad_weight32.add_(dlogits.T @ h)
 
 
+def accumulate_chunk_grads(dlogits, h, w, rows: slice, grad_hidden, grad_weight_acc) -> None:
+    """One chunk's rows of d hidden (dlogits @ w) and its share of d weight (`add_weight_grad`), either None
+    when not needed. The chunk at row 0 overwrites the uninitialised accumulator (`weight_grad_accumulator`)."""
+    if grad_hidden is not None:
+        grad_hidden[rows] = dlogits @ w
+    if grad_weight_acc is not None:
+        add_weight_grad(grad_weight_acc, dlogits, h, overwrite=rows.start == 0)
+
+
 def weight_grad_accumulator(param: torch.Tensor, dtype: torch.dtype, rows: int) -> torch.Tensor:
     """The [V, d] accumulator `add_weight_grad` fills over `rows` rows of chunks: uninitialised when a first
     chunk will overwrite it, zeros when there are no rows (the gradient of an empty batch is 0)."""

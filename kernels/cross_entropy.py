@@ -86,7 +86,7 @@ import triton
 import triton.language as tl
 
 from kernels.chunking import (
-    MAX_BLOCK_V, add_weight_grad, check_lm_head, logits_buffer, row_tile, weight_grad_accumulator,
+    MAX_BLOCK_V, accumulate_chunk_grads, check_lm_head, logits_buffer, row_tile, weight_grad_accumulator,
 )
 from kernels.chunking import default_chunk_size as _default_chunk_size
 from kernels.dispatch import all_interpreted, check_float_dtype, use_triton
@@ -509,10 +509,7 @@ def _fp32_accumulator(param, needed):
 
 def _accumulate_grads(dlogits, h, weight, rows, grad_hidden, grad_weight32, grad_bias32):
     """Turn one chunk's dlogits [c, V] into its rows of d hidden and its share of d weight / d bias (fp32)."""
-    if grad_hidden is not None:
-        grad_hidden[rows] = dlogits @ weight
-    if grad_weight32 is not None:
-        add_weight_grad(grad_weight32, dlogits, h, overwrite=rows.start == 0)
+    accumulate_chunk_grads(dlogits, h, weight, rows, grad_hidden, grad_weight32)
     if grad_bias32 is not None:
         grad_bias32 += dlogits.sum(0, dtype=grad_bias32.dtype)
 

@@ -22,7 +22,7 @@ from dataclasses import replace
 import torch
 
 from kernels import grpo_logprobs, grpo_policy_loss
-from kernels.chunking import default_chunk_size
+from kernels.chunking import accumulate_chunk_grads, default_chunk_size
 from kernels.dispatch import use_triton
 from kernels.grpo_inputs import (
     LossInputs,
@@ -35,7 +35,6 @@ from kernels.grpo_inputs import (
 )
 from kernels.grpo_logprobs import (
     ChunkLoop,
-    accumulate_grads,
     fp16_gradient_scale,
     grad_pass,
     linear_logprobs_reference,
@@ -93,7 +92,7 @@ def _token_level_pass(hidden, weight, targets, tok, opts: LossOptions, chunk, ne
         dlogp, terms[:, rows] = token_terms(logp, tok.rows(rows), None, None, opts, write_grad, use_triton)
         if write_grad:
             dlogits = row_dlogits(logits, targets[rows], (logp, m, log_s), dlogp, inv_t, use_triton, numerators)
-            accumulate_grads(dlogits, hidden[rows].to(loop.dtype), loop.w, rows, grad_hidden, grad_weight_acc)
+            accumulate_chunk_grads(dlogits, hidden[rows].to(loop.dtype), loop.w, rows, grad_hidden, grad_weight_acc)
     return entropy, terms, grad_hidden, grad_weight_acc
 
 

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from kernels.chunking import (
-    MAX_BLOCK_V, add_weight_grad, default_chunk_size, logits_buffer, row_tile, weight_grad_accumulator,
+    MAX_BLOCK_V, accumulate_chunk_grads, default_chunk_size, logits_buffer, row_tile, weight_grad_accumulator,
 )
 from kernels.dispatch import all_interpreted, use_triton
 from kernels.grpo_inputs import check_linear_inputs, check_temperature, check_values, compute_dtype
@@ -213,20 +213,6 @@ def row_dlogits(logits, targets, row_stats, coef, inv_t, use_triton, numerators=
     return grad.scatter_(1, targets.unsqueeze(1), -torch.expm1(logp).unsqueeze(1) * g)
 
 
-def accumulate_grads(dlogits, h, w, rows, grad_hidden, grad_weight_acc):
-    """One chunk's rows of d hidden, and its share of d weight added into the accumulator (fp32, or float64 on
-    the float64 reference path, where the operands already are float64)."""
-    if grad_hidden is not None:
-        grad_hidden[rows] = dlogits @ w
-    if grad_weight_acc is None:
-        return
-    # The first chunk overwrites the uninitialised accumulator (`ChunkLoop.grad_buffers`).
-    if grad_weight_acc.dtype == torch.float64:
-        grad_weight_acc.addmm_(dlogits.T, h, beta=0 if rows.start == 0 else 1)
-    else:
-        add_weight_grad(grad_weight_acc, dlogits, h, overwrite=rows.start == 0)
-
-
 def fp16_gradient_scale(coef, dtype, use_triton):
     """The fp32 factor taken out of the coefficients d loss / d logp before the row kernels write
     coef (onehot - softmax) / T into fp16 dlogits, or None where none is needed.
@@ -302,7 +288,7 @@ def grad_pass(hidden, weight, targets, row_stats, coef, inv_t, chunk, need, use_
     for rows, logits, _ in loop:
         stats = tuple(t[rows] for t in row_stats)
         dlogits = row_dlogits(logits, targets[rows], stats, coef[rows], inv_t, use_triton)
-        accumulate_grads(dlogits, hidden[rows].to(loop.dtype), loop.w, rows, grad_hidden, grad_weight_acc)
+        accumulate_chunk_grads(dlogits, hidden[rows].to(loop.dtype), loop.w, rows, grad_hidden, grad_weight_acc)
     return grad_hidden, grad_weight_acc
 
 
