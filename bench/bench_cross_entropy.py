@@ -6,6 +6,9 @@ weight):
     compile   torch.compile of the same function (first call, the compile, excluded from timings)
     liger     Liger-Kernel's LigerFusedLinearCrossEntropyLoss (skipped when liger_kernel is missing)
     fastmath  kernels.fused_linear_cross_entropy (Triton on CUDA; the chunked PyTorch path on CPU)
+    fastmath@<M>MiB  the same with chunk_bytes = M MiB of logits per chunk instead of the default 512 MiB
+              (--chunk-mib M[,M...]): fewer chunks, fewer passes over the fp32 d weight accumulator, more memory
+              (kernels/chunking.py); what a larger model.lm_head_chunk_mib would buy
 
 What is measured (mode "full" = forward + backward, the only mode that matters for training):
     time      CUDA: triton.testing.do_bench (min / median / max over its repetitions); CPU: perf_counter
@@ -29,9 +32,11 @@ name, versions, git commit, date, shapes and min / median / max), and plotted to
     python bench/bench_cross_entropy.py                                  # the preset for this machine
     python bench/bench_cross_entropy.py --sizes gpu-quick --providers liger,fastmath
     python bench/bench_cross_entropy.py --sizes 8192x4096x151936 --dtype bf16
+    python bench/bench_cross_entropy.py --sizes gpu-quick --providers fastmath --chunk-mib 1024,2048,4096
 """
 
 import argparse
+import functools
 import gc
 import itertools
 import statistics
@@ -71,6 +76,9 @@ def eager_loss(hidden, weight, labels):
 
 def make_provider(name):
     """The loss function of a provider, or a string saying why it cannot run here."""
+    if name.startswith("fastmath@") and name.endswith("MiB"):
+        mib = int(name.removeprefix("fastmath@").removesuffix("MiB"))
+        return functools.partial(fused_linear_cross_entropy, chunk_bytes=mib * 2**20)
     if name == "torch":
         return eager_loss
     if name == "compile":
@@ -185,12 +193,24 @@ def parse_sizes(text, device):
         raise SystemExit(f"--sizes: a preset {sorted(PRESETS)} or NxdxV[,NxdxV...], got {text!r}") from None
 
 
+def parse_chunk_mib(text):
+    try:
+        budgets = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--chunk-mib: comma-separated positive integers (MiB), got {text!r}") from None
+    if any(mib < 1 for mib in budgets):
+        raise SystemExit(f"--chunk-mib: budgets must be >= 1 MiB, got {text!r}")
+    return budgets
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", help="preset (gpu, gpu-quick, cpu) or NxdxV[,NxdxV...]")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--providers", help=f"comma-separated subset of {PROVIDERS}; default: all on CUDA, "
                         "torch,fastmath on CPU")
+    parser.add_argument("--chunk-mib", default="",
+                        help="comma-separated logits budgets (MiB) of extra fastmath@<M>MiB providers, e.g. 2048,4096")
     parser.add_argument("--reps", type=int, default=3, help="timed runs per provider on CPU")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--no-plot", action="store_true")
@@ -199,6 +219,7 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     names = (args.providers or (",".join(PROVIDERS) if device.type == "cuda" else "torch,fastmath")).split(",")
+    names += [f"fastmath@{mib}MiB" for mib in parse_chunk_mib(args.chunk_mib)]
     providers = {name: make_provider(name) for name in names}
     record = common.new_record(
         "cross_entropy", device, dtype=str(dtype).removeprefix("torch."), mode="full", reduction="mean",

@@ -12,7 +12,8 @@
 #   2. floor     bench/common.py: bf16 8192^3 matmul TFLOP/s and 2 GiB copy GB/s  -> bench/results/floor-<gpu>.json
 #   3. tests     the CUDA correctness tests of every kernel, bf16 included (pytest: test_cross_entropy,
 #                test_attention, test_hf_packed, and test_grpo_kernels when that file exists)
-#   4. kernels   bench_cross_entropy.py --sizes gpu-quick; bench_attention.py --quick --plot
+#   4. kernels   bench_cross_entropy.py --sizes gpu-quick --chunk-mib 2048,4096 (the default 512 MiB chunk
+#                against larger ones); bench_attention.py --quick --plot
 #   5. e2e       bench_sft_e2e.py --preset gpu-quick: one SFT step of Qwen2.5-style 0.5B and 1.5B at 4k and 16k
 #                tokens, fastmath vs HF vs Liger vs TRL (each present package), with its own time budget
 #   6. grpo      bench_grpo.py --quick, when that file exists and has a --quick option
@@ -55,7 +56,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 # The stages' command lines (script and arguments), shared by the run and by --check.
 FLOOR=(bench/common.py)
-CROSS_ENTROPY=(bench/bench_cross_entropy.py --sizes gpu-quick)
+CROSS_ENTROPY=(bench/bench_cross_entropy.py --sizes gpu-quick --chunk-mib 2048,4096)
 ATTENTION=(bench/bench_attention.py --quick --plot)
 SFT_E2E=(bench/bench_sft_e2e.py --preset gpu-quick)  # the run adds --time-budget, cut to what is left
 TESTS=(tests/test_cross_entropy.py tests/test_attention.py tests/test_hf_packed.py)

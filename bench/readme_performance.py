@@ -143,9 +143,13 @@ def fused_loss_rows(record: dict, what: str, baselines: tuple[tuple[str, str], .
 
 
 def cross_entropy_rows(record: dict) -> list[list[str]]:
+    # Larger chunk budgets (bench_cross_entropy.py --chunk-mib) sit beside the baselines, named as ours.
+    budgets = sorted({r["provider"] for r in record["results"] if r["provider"].startswith("fastmath@")},
+                     key=lambda name: int(name.removeprefix("fastmath@").removesuffix("MiB")))
     return fused_loss_rows(record, "linear cross-entropy (chunked path)",
                            (("torch", "eager `F.cross_entropy(h @ W.T)`"), ("compile", "`torch.compile` of it"),
-                            ("liger", "Liger")))
+                            ("liger", "Liger"),
+                            *((name, f"fastmath with {name.removeprefix('fastmath@')} chunks") for name in budgets)))
 
 
 def grpo_rows(record: dict) -> list[list[str]]:

@@ -58,6 +58,10 @@ class ModelConfig:
                       "= when the device is CUDA and liger_kernel imports, always = required (an error otherwise), "
                       "never = PyTorch's modules.", choices=("auto", "always", "never"))
     trust_remote_code: bool = _opt(False, "Passed to transformers when loading the model and tokenizer.")
+    lm_head_chunk_mib: int = _opt(0, "Logits budget of one chunk in the fused LM-head losses of SFT and GRPO, MiB "
+                                  "(0 = the kernels' default: 512 of the input dtype on the Triton path, 64 of fp32 "
+                                  "on the PyTorch path). Larger: fewer passes over the fp32 d weight accumulator, "
+                                  "more memory (kernels/chunking.py).")
 
 
 @dataclass
@@ -140,7 +144,6 @@ class SFTConfig:
                                "Trainer counts it).")
     weight_decay: float | None = _opt(None, "SFT's AdamW weight decay (null = optim.weight_decay).")
     grad_clip: float | None = _opt(None, "SFT's gradient-norm clip (null = optim.grad_clip).")
-    loss_chunk_size: int = _opt(0, "Rows per chunk in the linear cross-entropy (0 = automatic).")
     log_every: int = _opt(1, "Write a metrics line every N steps.")
     eval_every: int = _opt(0, "Validation loss every N steps (0 = only before and after training).")
     save_every: int | None = _opt(None, "SFT checkpoint interval in steps (null = checkpoint.save_every).")
@@ -290,7 +293,10 @@ RENAMED = {
     "eval.num_problems": "heldout.num_problems",
     "eval.max_new_tokens": "heldout.max_new_tokens",
     "eval.split": "heldout.split",
+    "sft.loss_chunk_size": "model.lm_head_chunk_mib",
 }
+# What else changed with a renamed key, said in the same error.
+RENAMED_NOTES = {"sft.loss_chunk_size": "rows per chunk became a logits budget in MiB, for both stages"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,7 +421,9 @@ def _build(cls, raw: Any, prefix: str):
     unknown = sorted((str(name) for name in set(raw) - set(fields)))
     for name in unknown:
         if prefix + name in RENAMED:
-            raise ConfigError(f"config key '{prefix + name}' was renamed to '{RENAMED[prefix + name]}'")
+            note = RENAMED_NOTES.get(prefix + name)
+            raise ConfigError(f"config key '{prefix + name}' was renamed to '{RENAMED[prefix + name]}'"
+                              + (f" ({note})" if note else ""))
     if unknown:
         key = prefix + unknown[0]
         close = difflib.get_close_matches(unknown[0], fields, n=1)

@@ -45,7 +45,7 @@ RANGES = {
     "sft.warmup_ratio": "[0, 1)",
     "sft.weight_decay": ">= 0",
     "sft.grad_clip": ">= 0",
-    "sft.loss_chunk_size": ">= 0",
+    "model.lm_head_chunk_mib": ">= 0",
     "sft.log_every": "> 0",
     "sft.eval_every": ">= 0",
     "sft.save_every": ">= 0",

@@ -39,7 +39,7 @@ from fastmath.config import Config
 from fastmath.data import DataReport, Formatter, prompt_settings, text_field, read_rows
 from fastmath.distributed import DistInfo, all_reduce_max, all_reduce_sum
 from fastmath.errors import ConfigError, DataError, FastmathError
-from fastmath.model import load_causal_lm, load_tokenizer, mixed_precision, parallelize
+from fastmath.model import lm_head_chunk_bytes, load_causal_lm, load_tokenizer, mixed_precision, parallelize
 from fastmath.policy import PolicyWithGRPOLoss, Sequence, empty_update_batch, gathered_weights, pack_sequences
 from fastmath.answers import AnswerChecker
 from fastmath.rewards import compute_rewards
@@ -357,15 +357,16 @@ def build_policy(config: Config, init_path: str, dist_info: DistInfo) -> Policy:
                         importance_sampling_level=g.importance_sampling_level,
                         max_completion_length=g.max_completion_length)
     causal_lm = load_causal_lm(init_path, m.attn_implementation, m.trust_remote_code, m.liger, dist_info.device)
-    model = parallelize(PolicyWithGRPOLoss(causal_lm, g.temperature, loss_options), dist_info.world_size,
+    chunk_bytes = lm_head_chunk_bytes(m)
+    model = parallelize(PolicyWithGRPOLoss(causal_lm, g.temperature, loss_options, chunk_bytes), dist_info.world_size,
                         dist_info.device, m.activation_checkpointing, m.compile, bf16)
     model.train()
     ref_model = None
     if g.beta > 0:
         ref_lm = load_causal_lm(init_path, m.attn_implementation, m.trust_remote_code, m.liger, dist_info.device)
         ref_lm.requires_grad_(False)
-        ref_model = parallelize(PolicyWithGRPOLoss(ref_lm, g.temperature, loss_options), dist_info.world_size,
-                                dist_info.device, False, m.compile, bf16).eval()
+        ref_model = parallelize(PolicyWithGRPOLoss(ref_lm, g.temperature, loss_options, chunk_bytes),
+                                dist_info.world_size, dist_info.device, False, m.compile, bf16).eval()
     optim = optim_settings(config, "grpo")
     return Policy(causal_lm, model, ref_model, build_optimizer(model, optim), optim, autocast)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fastmath.config import ModelConfig
 from fastmath.errors import ConfigError, ModelError, one_line
 from fastmath.packing import PackedBatch
 from kernels import fused_linear_cross_entropy
@@ -131,10 +132,10 @@ def load_causal_lm(path: str, attn_implementation: str, trust_remote_code: bool 
 class CausalLMWithLinearLoss(nn.Module):
     """Packed row -> summed next-token loss, through final hidden states and lm_head (no logits)."""
 
-    def __init__(self, causal_lm: nn.Module, loss_chunk_size: int = 0):
+    def __init__(self, causal_lm: nn.Module, chunk_bytes: int | None = None):
         super().__init__()
         self.causal_lm = causal_lm
-        self.loss_chunk_size = loss_chunk_size or None
+        self.chunk_bytes = chunk_bytes
         # Gemma-2-style models cap their logits (c * tanh(z / c)); the loss applies the same cap per chunk.
         self.softcap = getattr(causal_lm.config, "final_logit_softcapping", None) or None
 
@@ -154,7 +155,12 @@ class CausalLMWithLinearLoss(nn.Module):
             hidden, weight = hidden.to(dtype), weight.to(dtype)
             bias = None if bias is None else bias.to(dtype)
         return fused_linear_cross_entropy(hidden.flatten(0, 1), weight, batch.targets.flatten(), bias=bias,
-                                          reduction="sum", chunk_size=self.loss_chunk_size, softcap=self.softcap)
+                                          reduction="sum", chunk_bytes=self.chunk_bytes, softcap=self.softcap)
+
+
+def lm_head_chunk_bytes(model_config: ModelConfig) -> int | None:
+    """model.lm_head_chunk_mib as the kernels' chunk_bytes (None: their default budget)."""
+    return model_config.lm_head_chunk_mib * 2**20 or None
 
 
 def mixed_precision(precision: str, device: torch.device):

@@ -96,12 +96,12 @@ def empty_update_batch(pad_id: int) -> UpdateBatch:
 class PolicyWithGRPOLoss(nn.Module):
     """Packed row -> completion-token log-probs, or the GRPO loss and its stats (the FSDP root)."""
 
-    def __init__(self, causal_lm: nn.Module, temperature: float, loss_options: dict, chunk_size: int | None = None):
+    def __init__(self, causal_lm: nn.Module, temperature: float, loss_options: dict, chunk_bytes: int | None = None):
         super().__init__()
         self.causal_lm = causal_lm
         self.temperature = temperature
         self.loss_options = loss_options
-        self.chunk_size = chunk_size
+        self.chunk_bytes = chunk_bytes  # the LM-head chunks' logits budget (None: the kernels' default)
 
     def _completion_hidden(self, packed: PackedBatch):
         decoder = self.causal_lm.get_decoder()
@@ -124,13 +124,13 @@ class PolicyWithGRPOLoss(nn.Module):
         hidden, weight, targets = self._completion_hidden(batch.packed)
         if mode == "logprobs":
             logprobs, entropy = fused_linear_logprobs(hidden, weight, targets, temperature=self.temperature,
-                                                      return_entropy=True, chunk_size=self.chunk_size)
+                                                      return_entropy=True, chunk_bytes=self.chunk_bytes)
             return logprobs, entropy
         return fused_linear_grpo_loss(
             hidden, weight, targets, batch.old_logprobs, batch.advantages, batch.seq_ids, mask=batch.mask,
             ref_logprobs=batch.ref_logprobs, importance_weights=importance_weights,
             num_items_in_batch=num_items_in_batch, num_sequences=num_sequences, temperature=self.temperature,
-            chunk_size=self.chunk_size, **self.loss_options)
+            chunk_bytes=self.chunk_bytes, **self.loss_options)
 
 
 # ---------------------------------------------------------------------------------------------

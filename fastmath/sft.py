@@ -33,8 +33,8 @@ from fastmath.data import Document, Formatter, load_documents, prompt_settings
 from fastmath.distributed import DistInfo, all_reduce_sum
 from fastmath.errors import ConfigError, FastmathError
 from fastmath.metrics import attention_dims, peak_flops, peak_memory_bytes, training_flops
-from fastmath.model import (CausalLMWithLinearLoss, count_parameters, load_causal_lm, load_tokenizer, mixed_precision,
-                            parallelize)
+from fastmath.model import (CausalLMWithLinearLoss, count_parameters, lm_head_chunk_bytes, load_causal_lm,
+                            load_tokenizer, mixed_precision, parallelize)
 from fastmath.packing import PackedBatch, collate_packed, count_loss_tokens, empty_batch, plan_epoch
 from fastmath.stage import (OptimSettings, Stage, build_optimizer, clip_gradients, data_source, optim_settings,
                             reduce_and_read, schedule_length, set_lr, start_model)
@@ -160,7 +160,7 @@ def setup(config: Config, dist_info: DistInfo) -> Setup:
                       config.run.seed, config.sft.max_steps)
     causal_lm = load_causal_lm(model_path, config.model.attn_implementation, config.model.trust_remote_code,
                                config.model.liger, dist_info.device)
-    model = parallelize(CausalLMWithLinearLoss(causal_lm, config.sft.loss_chunk_size), dist_info.world_size,
+    model = parallelize(CausalLMWithLinearLoss(causal_lm, lm_head_chunk_bytes(config.model)), dist_info.world_size,
                         dist_info.device, config.model.activation_checkpointing, config.model.compile, bf16)
     model.train()
     return Setup(model_path, tokenizer, causal_lm, model, plan, val_docs,

@@ -1,8 +1,15 @@
 """What the fused LM-head kernels (cross-entropy, GRPO) share about working a chunk of rows at a time.
 
 Default chunk: the rows whose logits fit in a byte budget, fp32 on the PyTorch path (64 MiB), the input dtype
-on the Triton path (512 MiB, rounded down to whole 128-row tensor-core tiles). d weight is accumulated in fp32
-across chunks, because summing many bf16 partial products in bf16 loses the small ones.
+on the Triton path (512 MiB, rounded down to whole 128-row tensor-core tiles); `chunk_bytes` sets another budget.
+d weight is accumulated in fp32 across chunks, because summing many bf16 partial products in bf16 loses the
+small ones.
+
+Why a larger budget can pay on a GPU: k = ceil(N / c) chunks make about 2k passes over the [V, d] fp32
+accumulator (each chunk after the first reads and writes it), 2.5 GB per pass at V = 152k, d = 4096. At N = 16k
+rows of bf16, 512 MiB is c = 1,664 and k = 10: about 47 GB of traffic, ~14 ms at 3.35 TB/s, beside the 6NdV =
+61 TFLOP of matmuls (~90 ms at ~700 TFLOP/s). 2 GiB (c = 7,040, k = 3) cuts the traffic to ~12 GB for 1.5 GiB
+more memory. The default stays 512 MiB until a GPU run of bench/bench_cross_entropy.py --chunk-mib says more.
 """
 from __future__ import annotations
 
@@ -48,11 +55,13 @@ def logits_buffer(like: torch.Tensor, rows: int, v: int) -> torch.Tensor:
     return like.new_empty((rows, padded_row_stride(v)))[:, :v]
 
 
-def default_chunk_size(n: int, v: int, use_triton: bool, itemsize: int) -> int:
-    """Rows per chunk for n rows of a V-wide vocabulary (itemsize: bytes of the input dtype)."""
+def default_chunk_size(n: int, v: int, use_triton: bool, itemsize: int, chunk_bytes: int | None = None) -> int:
+    """Rows per chunk for n rows of a V-wide vocabulary (itemsize: bytes of the input dtype): as many as keep
+    one chunk's logits within `chunk_bytes` (default: 64 MiB of fp32 on the PyTorch path, 512 MiB of the input
+    dtype on the Triton path, whose rows are also rounded down to whole 128-row tensor-core tiles); at least 1."""
     if not use_triton:
-        return max(1, min(n, CHUNK_LOGITS_BYTES // (4 * v)))
-    rows = TRITON_CHUNK_LOGITS_BYTES // (itemsize * v)
+        return max(1, min(n, (chunk_bytes or CHUNK_LOGITS_BYTES) // (4 * v)))
+    rows = (chunk_bytes or TRITON_CHUNK_LOGITS_BYTES) // (itemsize * v)
     rows = rows - rows % 128 if rows >= 128 else max(rows, 1)  # whole tensor-core tiles
     return max(1, min(n, rows))
 
@@ -113,9 +122,9 @@ def weight_grad_accumulator(param: torch.Tensor, dtype: torch.dtype, rows: int) 
     return make(param.shape, dtype=dtype, device=param.device)
 
 
-def check_lm_head(hidden: torch.Tensor, weight: torch.Tensor, chunk_size) -> tuple[int, int, int]:
-    """The checks every fused LM-head function makes on hidden [N, d], weight [V, d] and chunk_size (one
-    ValueError naming the argument); returns (N, d, V)."""
+def check_lm_head(hidden: torch.Tensor, weight: torch.Tensor, chunk_size, chunk_bytes=None) -> tuple[int, int, int]:
+    """The checks every fused LM-head function makes on hidden [N, d], weight [V, d], chunk_size and
+    chunk_bytes (one ValueError naming the argument); returns (N, d, V)."""
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be 2-D [N, d], got shape {tuple(hidden.shape)}")
     if weight.dim() != 2:
@@ -132,4 +141,10 @@ def check_lm_head(hidden: torch.Tensor, weight: torch.Tensor, chunk_size) -> tup
         raise ValueError(f"weight dtype ({weight.dtype}) must equal hidden dtype ({hidden.dtype})")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if chunk_bytes is not None:
+        if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes must be a positive int or None, got {chunk_bytes!r}")
+        if chunk_size is not None:
+            raise ValueError(f"give chunk_size (rows, {chunk_size}) or chunk_bytes (a logits budget, "
+                             f"{chunk_bytes}), not both")
     return n, d, v

@@ -335,7 +335,7 @@ def linear_cross_entropy_reference(
     over with autograd).
     """
     opts = _check_options(ignore_index, label_smoothing, z_loss_scale, softcap, temperature, reduction)
-    _check_inputs(hidden, weight, labels, bias, None, opts)
+    _check_inputs(hidden, weight, labels, bias, None, None, opts)
     check_float_dtype("linear_cross_entropy_reference", "hidden", hidden, triton=False)
     compute = _compute_dtype(hidden)
     logits = hidden.to(compute) @ weight.to(compute).T
@@ -399,8 +399,8 @@ def _check_logits(logits, labels, opts):
     _check_labels(labels, logits.shape[0], logits.shape[1], opts.ignore_index)
 
 
-def _check_inputs(hidden, weight, labels, bias, chunk_size, opts):
-    n, _, v = check_lm_head(hidden, weight, chunk_size)
+def _check_inputs(hidden, weight, labels, bias, chunk_size, chunk_bytes, opts):
+    n, _, v = check_lm_head(hidden, weight, chunk_size, chunk_bytes)
     if bias is not None:
         if bias.shape != (v,):
             raise ValueError(f"bias must have shape [V] = ({v},), got {tuple(bias.shape)}")
@@ -699,6 +699,7 @@ def fused_linear_cross_entropy(
     return_z_loss: bool = False,
     chunk_size: int | None = None,
     backend: str = "auto",
+    chunk_bytes: int | None = None,
 ):
     """Cross-entropy of `hidden @ weight.T + bias` against `labels`, without materialising the logits.
 
@@ -722,6 +723,8 @@ def fused_linear_cross_entropy(
         chunk_size: rows per chunk; default: as many rows as keep one chunk's logits under 512 MiB
             (Triton path, input dtype, multiple of 128 rows) or 64 MiB (PyTorch path, fp32).
         backend: "auto" | "triton" | "reference" (see the module docstring).
+        chunk_bytes: that logits budget instead of the default (not with chunk_size): more rows per chunk
+            mean fewer passes over the fp32 d weight accumulator (kernels/chunking.py) and more memory.
 
     Returns:
         the fp32 loss (a scalar for "mean" / "sum", [N] for "none"), or `CrossEntropyOutput(loss, z_loss)`
@@ -730,15 +733,15 @@ def fused_linear_cross_entropy(
 
     Raises ValueError naming the argument for shape / dtype / device mismatches, non-integer labels,
     labels outside [0, V) other than ignore_index (checked on CPU tensors only: no host sync on an
-    accelerator), a bad option or chunk_size;
+    accelerator), a bad option, chunk_size or chunk_bytes;
     RuntimeError for backend="triton" on CPU tensors without the Triton interpreter.
     """
     opts = _check_options(ignore_index, label_smoothing, z_loss_scale, softcap, temperature, reduction)
-    _check_inputs(hidden, weight, labels, bias, chunk_size, opts)
+    _check_inputs(hidden, weight, labels, bias, chunk_size, chunk_bytes, opts)
     use_triton = _use_triton(backend, hidden.device, hidden.dtype)
     check_float_dtype("fused_linear_cross_entropy", "hidden", hidden, use_triton)
     n, v = hidden.shape[0], weight.shape[0]
-    chunk = chunk_size or _default_chunk_size(n, v, use_triton, hidden.element_size())
+    chunk = chunk_size or _default_chunk_size(n, v, use_triton, hidden.element_size(), chunk_bytes)
     needs_grad = (
         torch.is_grad_enabled() and hidden.requires_grad,
         torch.is_grad_enabled() and weight.requires_grad,

@@ -155,11 +155,11 @@ def fused_linear_grpo_loss(hidden, weight, targets, old_logprobs, advantages, se
                            ref_logprobs=None, beta=0.0, epsilon_low=0.2, epsilon_high=0.2, loss_type="dapo",
                            importance_sampling_level="token", max_completion_length=None, num_items_in_batch=None,
                            num_sequences=None, importance_weights=None, temperature=1.0, chunk_size=None,
-                           backend="auto"):
+                           backend="auto", chunk_bytes=None):
     """From final hidden states to the GRPO loss in one chunked pass (module docstring).
 
-    hidden [N, d], weight [V, d] (same float dtype), targets [N] (the sampled token ids), temperature and
-    chunk_size as in `fused_linear_logprobs`; every other argument as in `grpo_loss` (a Liger-style drop-in
+    hidden [N, d], weight [V, d] (same float dtype), targets [N] (the sampled token ids), temperature,
+    chunk_size and chunk_bytes as in `fused_linear_logprobs`; every other argument as in `grpo_loss` (a Liger-style drop-in
     signature: internally the options travel as one `LossOptions` and the tensors as one `LossInputs`).
     Gradients for hidden and weight are computed during the forward (backward only scales them). Token level:
     6NdV FLOPs, one pass; sequence level: 8NdV, two passes.
@@ -178,9 +178,9 @@ def fused_linear_grpo_loss(hidden, weight, targets, old_logprobs, advantages, se
                         num_items_in_batch, num_sequences)
     triton_path = _use_triton(backend, hidden.device, hidden.dtype)
     name, n, device = "fused_linear_grpo_loss", hidden.shape[0], hidden.device
-    checks = check_linear_inputs(name, hidden, weight, targets, chunk_size, triton_path)
+    checks = check_linear_inputs(name, hidden, weight, targets, chunk_size, triton_path, chunk_bytes)
     check_values(checks + check_loss_inputs(name, n, device, inputs, opts, triton_path))
-    chunk = chunk_size or default_chunk_size(n, weight.shape[0], triton_path, hidden.element_size())
+    chunk = chunk_size or default_chunk_size(n, weight.shape[0], triton_path, hidden.element_size(), chunk_bytes)
     tok = token_inputs(n, device, inputs, opts, compute_dtype(hidden))
     need = tuple(torch.is_grad_enabled() and t.requires_grad for t in (hidden, weight))
     loss, sums = _LinearGRPOLoss.apply(hidden, weight, targets.long().contiguous(), tok, opts, chunk, need,

@@ -166,9 +166,9 @@ def check_loss_inputs(function, n, device, inputs: LossInputs, opts: LossOptions
     return checks
 
 
-def check_linear_inputs(function, hidden, weight, targets, chunk_size, triton) -> list:
+def check_linear_inputs(function, hidden, weight, targets, chunk_size, triton, chunk_bytes=None) -> list:
     """Shapes, dtypes and devices of the LM-head inputs; returns the targets' value check."""
-    n, _, v = check_lm_head(hidden, weight, chunk_size)
+    n, _, v = check_lm_head(hidden, weight, chunk_size, chunk_bytes)
     check_float_dtype(function, "hidden", hidden, triton)
     if targets.dim() != 1 or targets.shape[0] != n:
         raise ValueError(f"targets must be 1-D with N = {n} entries (one per row), got shape {tuple(targets.shape)}")

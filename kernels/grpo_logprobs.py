@@ -338,7 +338,7 @@ def _use_triton(backend: str, device: torch.device, dtype: torch.dtype | None = 
 
 
 def fused_linear_logprobs(hidden, weight, targets, *, temperature=1.0, return_entropy=False, chunk_size=None,
-                          backend="auto"):
+                          backend="auto", chunk_bytes=None):
     """Log-probs of `targets` under softmax(hidden @ weight.T / temperature), without the [N, V] logits.
 
     Args:
@@ -349,6 +349,7 @@ def fused_linear_logprobs(hidden, weight, targets, *, temperature=1.0, return_en
         chunk_size: rows per chunk; default: rows whose logits fit 512 MiB (Triton, input dtype, multiple of
             128) or 64 MiB (PyTorch, fp32).
         backend: "auto" | "triton" | "reference".
+        chunk_bytes: that logits budget instead of the default (not with chunk_size; kernels/chunking.py).
 
     Dtypes (kernels/dispatch.py's policy): fp16 / bf16 / fp32 on both paths, logits in the input dtype (Triton)
     or fp32 (PyTorch), every sum in fp32; float64 on the reference path only, computed in float64 end to end (the
@@ -360,10 +361,11 @@ def fused_linear_logprobs(hidden, weight, targets, *, temperature=1.0, return_en
     accelerator; kernels/grpo_inputs.py).
     """
     use_triton_path = _use_triton(backend, hidden.device, hidden.dtype)
-    check_values(check_linear_inputs("fused_linear_logprobs", hidden, weight, targets, chunk_size, use_triton_path))
+    check_values(check_linear_inputs("fused_linear_logprobs", hidden, weight, targets, chunk_size, use_triton_path,
+                                     chunk_bytes))
     check_temperature(temperature)
     n, v = hidden.shape[0], weight.shape[0]
-    chunk = chunk_size or default_chunk_size(n, v, use_triton_path, hidden.element_size())
+    chunk = chunk_size or default_chunk_size(n, v, use_triton_path, hidden.element_size(), chunk_bytes)
     logp, entropy = _LinearLogprobs.apply(
         hidden, weight, targets.long().contiguous(), 1.0 / temperature, chunk, return_entropy, use_triton_path
     )

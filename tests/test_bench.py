@@ -12,6 +12,7 @@ from tests.conftest import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
 
+import bench_cross_entropy  # noqa: E402
 import bench_sft_e2e as e2e  # noqa: E402
 import common  # noqa: E402
 import readme_performance  # noqa: E402
@@ -138,6 +139,29 @@ def test_readme_says_plainly_what_no_gpu_has_measured(tmp_path):
     assert "Measured on **NVIDIA H200**" in section
     assert "| qwen2.5-0.5b@4096 | fastmath | 4,096 (4,096-4,096) | 20.0%" in section  # MFU: 1e14 / 1 s / 5e14
     assert "Not yet measured on a GPU: the measured matmul rate" in section and "qwen2.5-7b@32768" in section
+
+
+def test_cross_entropy_chunk_budgets_are_measured_and_shown(tmp_path):
+    """--chunk-mib adds fastmath@<M>MiB providers to the run (each measured with its own chunk budget), and the
+    README rows show them beside the baselines."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench_cross_entropy.py"), "--sizes", "600x16x1000",
+                           "--providers", "torch,fastmath", "--chunk-mib", "1,2", "--reps", "1", "--no-plot",
+                           "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    record = json.loads((tmp_path / "cross_entropy-cpu.json").read_text())[-1]
+    rows = {r["provider"]: r for r in record["results"]}
+    assert set(rows) == {"torch", "fastmath", "fastmath@1MiB", "fastmath@2MiB"}
+    assert all("time_ms" in row for row in rows.values())
+    # 1 MiB of fp32 logits at V = 1000 is 262 rows: 3 chunks of the 600, each holding a [262, V] buffer; the
+    # default 64 MiB takes all 600 rows in one chunk, so its extra memory is larger.
+    assert rows["fastmath@1MiB"]["extra_mib"] < rows["fastmath"]["extra_mib"]
+    cells = " ".join(" ".join(row) for row in readme_performance.cross_entropy_rows(record))
+    assert "fastmath with 1MiB chunks" in cells and "fastmath with 2MiB chunks" in cells
+    with pytest.raises(SystemExit, match="--chunk-mib"):
+        bench_cross_entropy.parse_chunk_mib("512,big")
+    with pytest.raises(SystemExit, match=">= 1 MiB"):
+        bench_cross_entropy.parse_chunk_mib("0")
 
 
 def test_plot_writes_pngs(tmp_path):

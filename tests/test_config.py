@@ -91,7 +91,8 @@ def test_readme_config_reference_matches_the_code():
 
 @pytest.mark.parametrize("old, new", [("sft.keep_checkpoints", "checkpoint.keep"), ("sft.adam_beta2", "optim.adam_beta2"),
                                       ("grpo.eval_num_problems", "heldout.num_problems"),
-                                      ("eval.max_new_tokens", "heldout.max_new_tokens")])
+                                      ("eval.max_new_tokens", "heldout.max_new_tokens"),
+                                      ("sft.loss_chunk_size", "model.lm_head_chunk_mib")])
 def test_old_key_names_its_new_key(tmp_path, old, new):
     section, name = old.split(".")
     path = tmp_path / "c.yaml"
@@ -99,6 +100,11 @@ def test_old_key_names_its_new_key(tmp_path, old, new):
     for source, overrides in ((path, []), (None, [f"{old}=1"])):
         with pytest.raises(ConfigError, match=f"config key '{old}' was renamed to '{new}'"):
             load_config(source, overrides)
+
+
+def test_a_renamed_key_whose_unit_changed_says_so():
+    with pytest.raises(ConfigError, match="rows per chunk became a logits budget in MiB"):
+        load_config(None, ["sft.loss_chunk_size=1024"])
 
 
 def test_stage_overrides_of_shared_settings_are_optional():

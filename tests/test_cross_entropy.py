@@ -342,6 +342,31 @@ def test_default_chunk_sizes():
     assert ce._default_chunk_size(100, 151936, True, 2) == 100
     assert ce._default_chunk_size(16384, 151936, False, 2) == 110  # 64 MiB of fp32
     assert ce._default_chunk_size(10, 2**31, True, 4) == 1
+    # kernels/chunking.py's arithmetic for a 2 GiB budget, and a budget below one row still gives one row.
+    assert ce._default_chunk_size(16384, 151936, True, 2, 2 * 2**30) == 7040
+    assert ce._default_chunk_size(16384, 151936, False, 2, 2**30) == 1766  # fp32 logits on the PyTorch path
+    assert ce._default_chunk_size(16384, 151936, True, 2, 1) == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chunk_bytes_sets_the_rows_per_chunk(backend):
+    """chunk_bytes is a logits budget: on either path it gives the rows chunk_size names for the same budget
+    (bit-identical losses and gradients: same chunks, same order). The one-chunk result differs in the last bits
+    of d weight (another fp32 sum order), so a budget that was ignored would fail here."""
+    hidden, weight, b, labels = make_inputs(29, 37, 8, seed=5)
+    logit_bytes = 4  # fp32 inputs: fp32 logits on both paths
+
+    def run(**chunking):
+        loss, grads, _ = loss_and_grads(ce.fused_linear_cross_entropy, hidden, weight, b, labels, "sum",
+                                        backend=backend, **chunking)
+        return [loss, *grads]
+
+    whole = run(chunk_size=29)
+    for rows in (3, 7):
+        by_rows, by_bytes = run(chunk_size=rows), run(chunk_bytes=rows * 37 * logit_bytes + logit_bytes - 1)
+        for got, want in zip(by_bytes, by_rows):
+            assert torch.equal(got, want)
+        assert not all(torch.equal(got, one) for got, one in zip(by_bytes, whole))
 
 
 @interpreted_only
@@ -518,6 +543,10 @@ def test_bad_inputs_raise(change, match):
         (dict(chunk_size=-3), "chunk_size"),
         (dict(chunk_size=2.5), "chunk_size"),
         (dict(chunk_size=True), "chunk_size"),
+        (dict(chunk_bytes=0), "chunk_bytes"),
+        (dict(chunk_bytes=2.5e6), "chunk_bytes"),
+        (dict(chunk_bytes=True), "chunk_bytes"),
+        (dict(chunk_size=4, chunk_bytes=2**20), "chunk_size .* or chunk_bytes"),
         (dict(label_smoothing=-0.1), "label_smoothing"),
         (dict(label_smoothing=1.5), "label_smoothing"),
         (dict(z_loss_scale=-1.0), "z_loss_scale"),
@@ -534,6 +563,7 @@ def test_bad_options_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ce.fused_linear_cross_entropy(hidden, weight, labels, **kwargs)
     kwargs.pop("chunk_size", None)
+    kwargs.pop("chunk_bytes", None)
     if kwargs:
         with pytest.raises(ValueError, match=match):
             ce.cross_entropy(hidden @ weight.T, labels, **kwargs)

@@ -317,6 +317,26 @@ def logprobs_and_grads(fn, hidden, weight, targets, **kw):
     return [logp.detach(), entropy.detach(), hidden.grad.clone(), weight.grad.clone()]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chunk_bytes_sets_the_rows_per_chunk(backend):
+    """chunk_bytes (a logits budget) gives the chunks chunk_size names for the same budget, bit for bit, in the
+    log-probs pass and the fused loss (token and sequence level); a budget that was ignored would give the one
+    chunk of the default, whose d weight sums in another order."""
+    batch = make_batch()
+    n, v = batch["hidden"].shape[0], batch["weight"].shape[0]
+    budget = 5 * v * 4 + 3  # fp32 logits: 5 rows on either path
+    h, w, y = batch["hidden"], batch["weight"], batch["targets"]
+    for level in LEVELS:
+        kw = dict(loss_kwargs(batch, "dapo", level), backend=backend)
+        whole, by_rows, by_bytes = (run_fused(grpo.fused_linear_grpo_loss, batch, **kw, **chunking)
+                                    for chunking in (dict(chunk_size=n), dict(chunk_size=5), dict(chunk_bytes=budget)))
+        assert torch.equal(by_bytes[0], by_rows[0]) and all(map(torch.equal, by_bytes[1], by_rows[1]))
+        assert not torch.equal(by_bytes[1][1], whole[1][1])
+    by_rows = logprobs_and_grads(grpo.fused_linear_logprobs, h, w, y, chunk_size=5, backend=backend)
+    by_bytes = logprobs_and_grads(grpo.fused_linear_logprobs, h, w, y, chunk_bytes=budget, backend=backend)
+    assert all(map(torch.equal, by_bytes, by_rows))
+
+
 def eager_logprobs(hidden, weight, targets, *, temperature=1.0, return_entropy=True):
     logq = torch.log_softmax((hidden @ weight.T).float() / temperature, dim=1)
     return logq.gather(1, targets.unsqueeze(1)).squeeze(1), -(logq.exp() * logq).sum(1)
@@ -765,6 +785,8 @@ def _bad(name, value):
         (None, dict(num_sequences=torch.ones(2)), "num_sequences"),
         (None, dict(temperature=0.0), "temperature"),
         (None, dict(chunk_size=0), "chunk_size"),
+        (None, dict(chunk_bytes=-1), "chunk_bytes"),
+        (None, dict(chunk_size=4, chunk_bytes=2**20), "chunk_size .* or chunk_bytes"),
         (None, dict(backend="cuda"), "backend"),
     ],
 )
@@ -778,7 +800,7 @@ def test_bad_inputs_raise(change, kwargs, match):
         grpo.fused_linear_grpo_loss(batch["hidden"], batch["weight"], batch["targets"], batch["old_logprobs"],
                                     batch["advantages"], batch["seq_ids"], **kw)
     linear_only = (change is not None and change[0] in ("hidden", "weight", "targets")) or {
-        "temperature", "chunk_size"} & set(kwargs)
+        "temperature", "chunk_size", "chunk_bytes"} & set(kwargs)
     if not linear_only:
         logp = torch.zeros(37)
         with pytest.raises(ValueError, match=match):

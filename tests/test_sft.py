@@ -124,6 +124,32 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, embedded_cache, dist_
         run_sft(changed, dist_info)
 
 
+def test_lm_head_chunk_budget_reaches_both_stages_kernels(tmp_path, embedded_cache, dist_info, monkeypatch):
+    """model.lm_head_chunk_mib is the kernels' chunk_bytes in the SFT loss and in both GRPO wrappers (policy and
+    reference); 0 leaves the kernels their default."""
+    import fastmath.model
+    from fastmath.grpo_stage import build_policy
+
+    seen = []
+    real = fastmath.model.fused_linear_cross_entropy
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("chunk_bytes"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fastmath.model, "fused_linear_cross_entropy", spy)
+    for mib, expected in ((3, 3 * 2**20), (0, None)):
+        seen.clear()
+        config = load_config(None, _tiny_run(tmp_path, embedded_cache, f"mib{mib}", "sft.max_steps=1",
+                                             "data.validation=", f"model.lm_head_chunk_mib={mib}"))
+        run_sft(config, dist_info)
+        assert seen and set(seen) == {expected}
+        config = load_config(None, [*_tiny_run(tmp_path, embedded_cache, f"grpo{mib}"), "grpo.beta=0.1",
+                                    f"model.lm_head_chunk_mib={mib}"])
+        policy = build_policy(config, str(tmp_path / f"mib{mib}" / "hf"), dist_info)
+        assert policy.model.chunk_bytes == policy.ref_model.chunk_bytes == expected
+
+
 def test_corrupt_checkpoint_is_one_clear_error(tmp_path, embedded_cache, dist_info):
     config = load_config(None, _tiny_run(tmp_path, embedded_cache, "run", "sft.max_steps=2", "data.validation="))
     run_sft(config, dist_info)
