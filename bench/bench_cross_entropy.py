@@ -76,9 +76,6 @@ def eager_loss(hidden, weight, labels):
 
 def make_provider(name):
     """The loss function of a provider, or a string saying why it cannot run here."""
-    if name.startswith("fastmath@") and name.endswith("MiB"):
-        mib = int(name.removeprefix("fastmath@").removesuffix("MiB"))
-        return functools.partial(fused_linear_cross_entropy, chunk_bytes=mib * 2**20)
     if name == "torch":
         return eager_loss
     if name == "compile":
@@ -219,8 +216,9 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     names = (args.providers or (",".join(PROVIDERS) if device.type == "cuda" else "torch,fastmath")).split(",")
-    names += [f"fastmath@{mib}MiB" for mib in parse_chunk_mib(args.chunk_mib)]
     providers = {name: make_provider(name) for name in names}
+    providers.update({f"fastmath@{mib}MiB": functools.partial(fused_linear_cross_entropy, chunk_bytes=mib * 2**20)
+                      for mib in parse_chunk_mib(args.chunk_mib)})
     record = common.new_record(
         "cross_entropy", device, dtype=str(dtype).removeprefix("torch."), mode="full", reduction="mean",
     )

@@ -139,12 +139,10 @@ def check_lm_head(hidden: torch.Tensor, weight: torch.Tensor, chunk_size, chunk_
         raise ValueError(f"hidden must be floating point, got {hidden.dtype}")
     if weight.dtype != hidden.dtype:
         raise ValueError(f"weight dtype ({weight.dtype}) must equal hidden dtype ({hidden.dtype})")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    if chunk_bytes is not None:
-        if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
-            raise ValueError(f"chunk_bytes must be a positive int or None, got {chunk_bytes!r}")
-        if chunk_size is not None:
-            raise ValueError(f"give chunk_size (rows, {chunk_size}) or chunk_bytes (a logits budget, "
-                             f"{chunk_bytes}), not both")
+    for name, value in (("chunk_size", chunk_size), ("chunk_bytes", chunk_bytes)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+    if chunk_size is not None and chunk_bytes is not None:
+        raise ValueError(f"give chunk_size (rows, {chunk_size}) or chunk_bytes (a logits budget, {chunk_bytes}), "
+                         "not both")
     return n, d, v

@@ -159,8 +159,9 @@ def fused_linear_grpo_loss(hidden, weight, targets, old_logprobs, advantages, se
     """From final hidden states to the GRPO loss in one chunked pass (module docstring).
 
     hidden [N, d], weight [V, d] (same float dtype), targets [N] (the sampled token ids), temperature,
-    chunk_size and chunk_bytes as in `fused_linear_logprobs`; every other argument as in `grpo_loss` (a Liger-style drop-in
-    signature: internally the options travel as one `LossOptions` and the tensors as one `LossInputs`).
+    chunk_size and chunk_bytes as in `fused_linear_logprobs`; every other argument as in `grpo_loss` (a
+    Liger-style drop-in signature: internally the options travel as one `LossOptions` and the tensors as one
+    `LossInputs`).
     Gradients for hidden and weight are computed during the forward (backward only scales them). Token level:
     6NdV FLOPs, one pass; sequence level: 8NdV, two passes.
 
