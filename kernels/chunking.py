@@ -50,9 +50,23 @@ def row_tile(v: int, max_block: int = MAX_BLOCK_V) -> tuple[int, int]:
     return block, max(1, min(16, block // (32 * ELEMENTS_PER_THREAD)))
 
 
+def new_rows(like: torch.Tensor, rows: int, stride: int) -> torch.Tensor:
+    """The uninitialised [rows, stride] storage behind `logits_buffer` (one place, so a test can poison it)."""
+    return like.new_empty((rows, stride))
+
+
 def logits_buffer(like: torch.Tensor, rows: int, v: int) -> torch.Tensor:
-    """An uninitialised [rows, V] view of `like`'s dtype and device whose rows start at 32-byte boundaries."""
-    return like.new_empty((rows, padded_row_stride(v)))[:, :v]
+    """A [rows, V] view of `like`'s dtype and device whose rows start at 32-byte boundaries.
+
+    The view's values are uninitialised (each chunk's matmul writes them), but the padding between rows
+    (stride - V elements per row) is zeroed: a matmul on a row-strided operand may read whole blocks across it
+    (a CPU bf16 matmul was seen to), and uninitialised bits there can be NaN, which 0 * NaN spreads into the
+    gradient. The Triton row kernels never read it (their loads are masked to V). Cost: rows * (stride - V)
+    elements, under 16 per row."""
+    stride = padded_row_stride(v)
+    buf = new_rows(like, rows, stride)
+    buf[:, v:].zero_()
+    return buf[:, :v]
 
 
 def default_chunk_size(n: int, v: int, use_triton: bool, itemsize: int, chunk_bytes: int | None = None) -> int:
