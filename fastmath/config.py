@@ -106,6 +106,22 @@ class OptimConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How the training ranks split the model and its gradients (FSDP2), and the memory plan a run checks."""
+
+    gradient_sync: str = _opt("micro_batch", "When FSDP reduce-scatters gradients: micro_batch = after every "
+                              "micro-batch's backward (gradients stay sharded: 4 bytes x parameters / ranks each), "
+                              "step = after the last micro-batch only (fewer collectives, but every rank holds "
+                              "the full fp32 gradient, 4 bytes x parameters, until then).",
+                              choices=("micro_batch", "step"))
+    replicate: int = _opt(1, "HSDP: split the ranks into this many replica groups (e.g. the number of nodes); "
+                          "parameters are sharded within a group and replicated across groups, so the "
+                          "all-gathers stay inside a node. 1 = plain FSDP over every rank.")
+    memory_check: bool = _opt(True, "On CUDA, simulate the step (the memory planner) before loading anything and "
+                              "stop when it cannot fit the device's memory; false skips the check.")
+
+
+@dataclass
 class CheckpointConfig:
     save_every: int = _opt(0, "Checkpoint every N steps (0 = only at the end); sft/grpo.save_every override it.")
     keep: int = _opt(2, "Checkpoints of this run kept per stage: the newest N (a run never deletes one it did "
@@ -276,6 +292,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     heldout: HeldoutConfig = field(default_factory=HeldoutConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)

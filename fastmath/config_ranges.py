@@ -28,6 +28,7 @@ RANGES = {
     "optim.adam_eps": "> 0",
     "optim.weight_decay": ">= 0",
     "optim.grad_clip": ">= 0",
+    "parallel.replicate": "> 0",
     "checkpoint.save_every": ">= 0",
     "checkpoint.keep": "> 0",
     "heldout.num_problems": ">= 0",

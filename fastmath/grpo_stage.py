@@ -39,13 +39,13 @@ from fastmath.config import Config
 from fastmath.data import DataReport, Formatter, prompt_settings, text_field, read_rows
 from fastmath.distributed import DistInfo, all_reduce_max, all_reduce_sum
 from fastmath.errors import ConfigError, DataError, FastmathError
-from fastmath.model import lm_head_chunk_bytes, load_causal_lm, load_tokenizer, mixed_precision, parallelize
+from fastmath.model import lm_head_chunk_bytes, load_parallel_model, load_tokenizer, mixed_precision
 from fastmath.policy import PolicyWithGRPOLoss, Sequence, empty_update_batch, gathered_weights, pack_sequences
 from fastmath.answers import AnswerChecker
 from fastmath.rewards import compute_rewards
 from fastmath.rollout import Completion, Sampling, make_generator
-from fastmath.stage import (OptimSettings, Stage, build_optimizer, clip_gradients, data_source, optim_settings,
-                            reduce_and_read, schedule_length, set_lr, start_model)
+from fastmath.stage import (OptimSettings, Stage, build_optimizer, clip_gradients, data_source, micro_batches,
+                            optim_settings, reduce_and_read, schedule_length, set_lr, start_model)
 from kernels.grpo import group_advantages, reward_sums
 
 # Config keys a resumed GRPO run must not change (they shape the data order or the update).
@@ -250,6 +250,7 @@ def attach_logprobs(model, ref_model, batches, g, autocast) -> list[torch.Tensor
                     b.old_logprobs = model(b, mode="logprobs")[0].float()
                 if ref_model is not None:
                     b.ref_logprobs = ref_model(b, mode="logprobs")[0].float()
+                    release_gathered(ref_model)
     weights = []
     for b in batches:
         if g.vllm_is_correction and b.sampler_logprobs is not None and b.old_logprobs is not None:
@@ -257,6 +258,14 @@ def attach_logprobs(model, ref_model, batches, g, autocast) -> list[torch.Tensor
         else:
             weights.append(None)
     return weights
+
+
+def release_gathered(model) -> None:
+    """Free a no-grad forward's all-gathered parameters. FSDP2 keeps the root's gathered parameters (embeddings,
+    final norm, LM head: 2 * V * d bf16 bytes, 3 GiB at 14B) after its forward, expecting a backward to use them;
+    a frozen reference model never runs one, so they would stay gathered for the whole run."""
+    if hasattr(model, "reshard"):
+        model.reshard()
 
 
 @dataclass
@@ -270,7 +279,7 @@ class UpdateResult:
 
 def update_policy(model, optimizer, batches, weights, global_tokens: float, global_seqs: float, g,
                   optim: OptimSettings, step: int, world: int, autocast, global_rows: float = 0.0,
-                  horizon: int = 0) -> UpdateResult:
+                  horizon: int = 0, gradient_sync: str = "micro_batch") -> UpdateResult:
     """num_iterations optimizer steps on this rank's packed rows (every rank calls this with as many rows).
 
     Each micro-batch's loss is its share of the global loss (global token / sequence counts); for bnpo it is the
@@ -285,7 +294,6 @@ def update_policy(model, optimizer, batches, weights, global_tokens: float, glob
         return UpdateResult(0.0, torch.tensor(0.0), 0.0, torch.zeros(6, dtype=torch.float64), skipped=False)
     device = batches[0].seq_ids.device
     params = [p for p in model.parameters() if p.requires_grad]
-    fsdp = hasattr(model, "set_requires_gradient_sync")
     total_updates = (horizon or g.max_steps) * g.num_iterations
     share = 1.0 / max(1.0, global_rows) if g.loss_type == "bnpo" else 1.0
     stats_total = torch.zeros(6, dtype=torch.float64, device=device)
@@ -293,9 +301,7 @@ def update_policy(model, optimizer, batches, weights, global_tokens: float, glob
     for it in range(g.num_iterations):
         lr = set_lr(optimizer, optim, step * g.num_iterations + it, total_updates)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for micro, batch in enumerate(batches):
-            if fsdp:
-                model.set_requires_gradient_sync(micro == len(batches) - 1)
+        for micro, batch in micro_batches(model, batches, gradient_sync):
             with autocast():
                 loss, stats = model(batch, num_items_in_batch=max(1.0, global_tokens),
                                     num_sequences=max(1.0, global_seqs), importance_weights=weights[micro])
@@ -356,17 +362,18 @@ def build_policy(config: Config, init_path: str, dist_info: DistInfo) -> Policy:
     loss_options = dict(beta=g.beta, epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high, loss_type=g.loss_type,
                         importance_sampling_level=g.importance_sampling_level,
                         max_completion_length=g.max_completion_length)
-    causal_lm = load_causal_lm(init_path, m.attn_implementation, m.trust_remote_code, m.liger, dist_info.device)
     chunk_bytes = lm_head_chunk_bytes(m)
-    model = parallelize(PolicyWithGRPOLoss(causal_lm, g.temperature, loss_options, chunk_bytes), dist_info.world_size,
-                        dist_info.device, m.activation_checkpointing, m.compile, bf16)
+
+    def wrap(lm):
+        return PolicyWithGRPOLoss(lm, g.temperature, loss_options, chunk_bytes)
+
+    causal_lm, model = load_parallel_model(init_path, wrap, m, dist_info, bf16, config.parallel.replicate)
     model.train()
     ref_model = None
-    if g.beta > 0:
-        ref_lm = load_causal_lm(init_path, m.attn_implementation, m.trust_remote_code, m.liger, dist_info.device)
-        ref_lm.requires_grad_(False)
-        ref_model = parallelize(PolicyWithGRPOLoss(ref_lm, g.temperature, loss_options, chunk_bytes),
-                                dist_info.world_size, dist_info.device, False, m.compile, bf16).eval()
+    if g.beta > 0:  # frozen, in the compute dtype, sharded like the policy and resharded after each forward
+        _, ref_model = load_parallel_model(init_path, wrap, m, dist_info, bf16, config.parallel.replicate,
+                                           trainable=False)
+        ref_model.eval()
     optim = optim_settings(config, "grpo")
     return Policy(causal_lm, model, ref_model, build_optimizer(model, optim), optim, autocast)
 
@@ -495,7 +502,8 @@ def train(stage: Stage, config: Config, dist_info: DistInfo, policy: Policy, gen
             seqs, g.tokens_per_micro_batch, tokenizer.pad_token_id, device, g.completions_per_micro_batch)
         weights = attach_logprobs(policy.model, policy.ref_model, batches, g, policy.autocast)
         result = update_policy(policy.model, policy.optimizer, batches, weights, global_tokens, global_seqs, g,
-                               policy.optim, step, world, policy.autocast, global_rows, horizon)
+                               policy.optim, step, world, policy.autocast, global_rows, horizon,
+                               config.parallel.gradient_sync)
         if result.skipped:
             skipped_steps += 1
             guard.failed(step + 1)

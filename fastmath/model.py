@@ -105,9 +105,11 @@ def use_liger(setting: str, device: torch.device) -> bool:
 
 
 def load_causal_lm(path: str, attn_implementation: str, trust_remote_code: bool = False, liger: str = "never",
-                   device: torch.device | None = None) -> nn.Module:
-    """Load an HF causal LM in fp32 (master weights) with packed attention registered, and Liger-Kernel's
-    modules when `use_liger(liger, device)` (decided before loading, so `always` fails fast)."""
+                   device: torch.device | None = None, dtype: torch.dtype = torch.float32,
+                   on_meta: bool = False) -> nn.Module:
+    """Load an HF causal LM (fp32 master weights by default) with packed attention registered, and Liger-Kernel's
+    modules when `use_liger(liger, device)` (decided before loading, so `always` fails fast). on_meta: build it
+    from its config on the meta device, weights unread (`fastmath.sharded_load` fills each rank's shard later)."""
     from transformers import AutoModelForCausalLM
 
     with_liger = use_liger(liger, device or torch.device("cpu"))
@@ -115,12 +117,16 @@ def load_causal_lm(path: str, attn_implementation: str, trust_remote_code: bool 
         from kernels.hf import register
 
         register()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                     attn_implementation=attn_implementation,
-                                                     trust_remote_code=trust_remote_code)
-    except Exception as err:
-        raise ModelError(f"could not load the model: {_load_problem(path, err)}") from None
+    if on_meta:
+        from fastmath.sharded_load import build_on_meta
+
+        model = build_on_meta(path, attn_implementation, trust_remote_code, dtype)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
+                                                         trust_remote_code=trust_remote_code)
+        except Exception as err:
+            raise ModelError(f"could not load the model: {_load_problem(path, err)}") from None
     model.config.use_cache = False
     if with_liger:
         from kernels.hf import apply_liger
@@ -182,9 +188,26 @@ def decoder_layers(causal_lm: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
+def fsdp_mesh(world_size: int, replicate: int, device: torch.device):
+    """The device mesh FSDP2 shards over: 1-D over every rank, or (replicate, world / replicate) for HSDP, where
+    parameters are sharded along the second dimension (within a node when replicate = nodes) and replicated
+    along the first (gradients all-reduced across replicas after the reduce-scatter within each)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if replicate < 1 or world_size % replicate:
+        raise ConfigError(f"parallel.replicate ({replicate}) must divide the number of processes ({world_size})")
+    if replicate == 1:
+        return init_device_mesh(device.type, (world_size,), mesh_dim_names=("shard",))
+    return init_device_mesh(device.type, (replicate, world_size // replicate), mesh_dim_names=("replicate", "shard"))
+
+
 def parallelize(wrapper: CausalLMWithLinearLoss, world_size: int, device: torch.device,
-                activation_checkpointing: bool, compile_layers: bool, bf16: bool) -> nn.Module:
-    """Apply activation checkpointing, compile and FSDP2 in that order; returns the module to train."""
+                activation_checkpointing: bool, compile_layers: bool, bf16: bool, replicate: int = 1,
+                mesh=None) -> nn.Module:
+    """Apply activation checkpointing, compile and FSDP2 in that order; returns the module to train.
+
+    With several processes the parameters stay where they are (the meta device for a model built by
+    `load_parallel_model`, which then fills each shard), else the model moves to `device`."""
     causal_lm = wrapper.causal_lm
     if activation_checkpointing:
         causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -194,13 +217,50 @@ def parallelize(wrapper: CausalLMWithLinearLoss, world_size: int, device: torch.
     if world_size > 1:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        mesh = mesh if mesh is not None else fsdp_mesh(world_size, replicate, device)
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
         for layer in decoder_layers(causal_lm):
-            fully_shard(layer, mp_policy=policy)
-        fully_shard(wrapper, mp_policy=policy)
+            fully_shard(layer, mesh=mesh, mp_policy=policy)
+        fully_shard(wrapper, mesh=mesh, mp_policy=policy)
     else:
         wrapper.to(device)
     return wrapper
+
+
+def load_parallel_model(path: str, wrap, model_config: ModelConfig, dist_info, bf16: bool, replicate: int = 1,
+                        trainable: bool = True) -> tuple[nn.Module, nn.Module]:
+    """(HF model, wrapped and parallelised model) for a stage: the trained policy, or (trainable=False) a frozen
+    reference kept in the compute dtype (bf16 under mixed precision: it never steps, so it needs no fp32 master
+    copy, half the bytes). `wrap` turns the HF model into the stage's loss module.
+
+    One process: `from_pretrained` and a move to the device. Several: built on the meta device, sharded, then
+    each rank reads only its shard's rows (`fastmath.sharded_load`): no rank ever holds the full model."""
+    m = model_config
+    dtype = torch.float32 if trainable or not bf16 else torch.bfloat16
+    sharded = dist_info.world_size > 1
+    causal_lm = load_causal_lm(path, m.attn_implementation, m.trust_remote_code, m.liger, dist_info.device,
+                               dtype=dtype, on_meta=sharded)
+    if not trainable:
+        causal_lm.requires_grad_(False)
+    model = parallelize(wrap(causal_lm), dist_info.world_size, dist_info.device,
+                        m.activation_checkpointing and trainable, m.compile, bf16, replicate)
+    if sharded:
+        from fastmath.sharded_load import materialize_from_safetensors
+
+        if not looks_local(path):
+            path = _download(path)
+        materialize_from_safetensors(causal_lm, path, dist_info.device)
+    return causal_lm, model
+
+
+def _download(model_id: str) -> str:
+    """A hub id's local snapshot folder (config and safetensors only; each rank finds the same cached copy)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors"])
+    except Exception as err:
+        raise ModelError(f"could not fetch '{model_id}': {one_line(err)}") from None
 
 
 def count_parameters(causal_lm: nn.Module) -> dict[str, int]:

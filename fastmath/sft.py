@@ -33,11 +33,11 @@ from fastmath.data import Document, Formatter, load_documents, prompt_settings
 from fastmath.distributed import DistInfo, all_reduce_sum
 from fastmath.errors import ConfigError, FastmathError
 from fastmath.metrics import attention_dims, peak_flops, peak_memory_bytes, training_flops
-from fastmath.model import (CausalLMWithLinearLoss, count_parameters, lm_head_chunk_bytes, load_causal_lm,
-                            load_tokenizer, mixed_precision, parallelize)
+from fastmath.model import (CausalLMWithLinearLoss, count_parameters, lm_head_chunk_bytes, load_parallel_model,
+                            load_tokenizer, mixed_precision)
 from fastmath.packing import PackedBatch, collate_packed, count_loss_tokens, empty_batch, plan_epoch
-from fastmath.stage import (OptimSettings, Stage, build_optimizer, clip_gradients, data_source, optim_settings,
-                            reduce_and_read, schedule_length, set_lr, start_model)
+from fastmath.stage import (OptimSettings, Stage, build_optimizer, clip_gradients, data_source, micro_batches,
+                            optim_settings, reduce_and_read, schedule_length, set_lr, start_model)
 
 # Config keys that shape the data order or the update; a resumed run must not change them.
 _RESUME_INVARIANT = ("run.seed", "model.name_or_path", "data.train", "data.max_length", "data.overlong",
@@ -81,18 +81,15 @@ def batch_for(plan: StepPlan, row: list[int] | None, pad_id: int) -> PackedBatch
 
 
 def accumulate_gradients(model, batches: list[PackedBatch], global_loss_tokens: int, world_size: int,
-                         device: torch.device, autocast) -> torch.Tensor:
+                         device: torch.device, autocast, gradient_sync: str = "micro_batch") -> torch.Tensor:
     """Backward over this rank's micro-batches; returns their summed (unscaled) loss as a float64 tensor.
 
     Each micro-batch's summed loss is scaled by world_size / global_loss_tokens: FSDP averages the
-    ranks' gradients, so the result is d(sum of all token losses of the step / their count). FSDP's
-    gradient reduction runs only after the last micro-batch.
+    ranks' gradients, so the result is d(sum of all token losses of the step / their count). When FSDP
+    reduces the gradients is parallel.gradient_sync (`stage.micro_batches`).
     """
-    fsdp = hasattr(model, "set_requires_gradient_sync")
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for micro, batch in enumerate(batches):
-        if fsdp:
-            model.set_requires_gradient_sync(micro == len(batches) - 1)
+    for _, batch in micro_batches(model, batches, gradient_sync):
         with autocast():
             loss = model(batch.to(device))
         (loss * (world_size / global_loss_tokens)).backward()
@@ -158,10 +155,9 @@ def setup(config: Config, dist_info: DistInfo) -> Setup:
                           f"processes ({dist_info.world_size})")
     plan = plan_steps(train_docs, config.sft.tokens_per_micro_batch, config.sft.global_batch, config.sft.epochs,
                       config.run.seed, config.sft.max_steps)
-    causal_lm = load_causal_lm(model_path, config.model.attn_implementation, config.model.trust_remote_code,
-                               config.model.liger, dist_info.device)
-    model = parallelize(CausalLMWithLinearLoss(causal_lm, lm_head_chunk_bytes(config.model)), dist_info.world_size,
-                        dist_info.device, config.model.activation_checkpointing, config.model.compile, bf16)
+    chunk_bytes = lm_head_chunk_bytes(config.model)
+    causal_lm, model = load_parallel_model(model_path, lambda lm: CausalLMWithLinearLoss(lm, chunk_bytes),
+                                           config.model, dist_info, bf16, config.parallel.replicate)
     model.train()
     return Setup(model_path, tokenizer, causal_lm, model, plan, val_docs,
                  [count_loss_tokens(doc.loss_mask) for doc in train_docs], count_parameters(causal_lm),
@@ -225,7 +221,8 @@ def train(s: Setup, config: Config, dist_info: DistInfo, stage: Stage, optimizer
 
         # Micro-steps: each row's summed loss, scaled so the step's gradient is the global token mean.
         batches = [batch_for(plan, row, s.tokenizer.pad_token_id) for row in my_rows]
-        loss_sum = accumulate_gradients(s.model, batches, global_loss_tokens, world, device, s.autocast)
+        loss_sum = accumulate_gradients(s.model, batches, global_loss_tokens, world, device, s.autocast,
+                                        config.parallel.gradient_sync)
         real = [b for b, row in zip(batches, my_rows) if row is not None]
         real_tokens = sum(b.num_tokens for b in real)
         flops = training_flops(s.params["matmul"], real_tokens, [n for b in real for n in b.doc_lengths],

@@ -21,7 +21,7 @@ from fastmath.distributed import all_reduce_sum, barrier, init_distributed, shut
 from fastmath.grpo_stage import attach_logprobs, build_update_batches, update_policy  # noqa: E402
 from fastmath.model import load_causal_lm, load_tokenizer, parallelize  # noqa: E402
 from fastmath.policy import PolicyWithGRPOLoss, Sequence, gathered_weights  # noqa: E402
-from fastmath.stage import build_optimizer, optim_settings  # noqa: E402
+from fastmath.stage import build_optimizer, micro_batches, optim_settings  # noqa: E402
 
 
 def fixed_sequences(tokenizer) -> list[Sequence]:
@@ -53,9 +53,7 @@ def main(model_dir: str, out_dir: str, overrides: list[str]) -> None:
     batches, _, tokens, n_seqs, _ = build_update_batches(seqs, budget=96, pad_id=tok.pad_token_id, device=info.device)
     weights = attach_logprobs(model, None, batches, g, lambda: torch.autocast("cpu", enabled=False))
     # The raw gradient of the step first (Adam would hide a wrong gradient scale), then the real update.
-    for micro, b in enumerate(batches):
-        if hasattr(model, "set_requires_gradient_sync"):
-            model.set_requires_gradient_sync(micro == len(batches) - 1)
+    for micro, b in micro_batches(model, batches, config.parallel.gradient_sync):
         loss, _ = model(b, num_items_in_batch=tokens, num_sequences=n_seqs, importance_weights=weights[micro])
         (loss * info.world_size).backward()
     grads = {name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
@@ -64,7 +62,8 @@ def main(model_dir: str, out_dir: str, overrides: list[str]) -> None:
     optimizer.zero_grad(set_to_none=True)
     result = update_policy(model, optimizer, batches, weights, tokens, n_seqs, g, optim_settings(config, "grpo"),
                            0, info.world_size,
-                           lambda: torch.autocast("cpu", enabled=False))
+                           lambda: torch.autocast("cpu", enabled=False),
+                           gradient_sync=config.parallel.gradient_sync)
     full = {name: t.clone() for name, t in gathered_weights(lm, bucket_bytes=32 * 1024)}
     out = Path(out_dir)
     torch.save(full, out / f"weights_rank{info.rank}.pt")
