@@ -2,7 +2,7 @@
 
 Layout of `<output_dir>/checkpoints/step_00000120/`:
   model_and_optim/    DCP shards of the model and AdamW state (each rank writes its own shard)
-  rng_rank{r}.pt      python / numpy / torch (and CUDA) RNG states of rank r
+  rng_rank{r}.pt      python / numpy / torch (and CUDA) RNG states of rank r, as tensors and plain values
   trainer_state.json  step, tokens seen, the resolved config
   MANIFEST.sha256     the SHA-256 of every file above (`sha256sum -c` reads it)
   COMPLETE            written last
@@ -14,6 +14,8 @@ the previous complete checkpoints intact and at most one unfinished `.tmp` folde
 
 Loading checks the manifest: with run.resume=auto a checkpoint that fails falls back to the previous one
 (saying which file failed); a checkpoint named by path stops the run with a `CheckpointError` naming the file.
+Nothing in a checkpoint folder is unpickled or run (fastmath/safe_load.py): the RNG file is read with
+`weights_only=True` and DCP's metadata with a restricted unpickler. The manifest catches damage, not intent.
 The data order and learning rate are pure functions of the step and the config, so (model, optimizer, RNG,
 step) is the whole state of a run.
 
@@ -42,6 +44,8 @@ from fastmath.durable import (MANIFEST, files_under, fsync_tree, manifest_proble
                               replace_dir_durably, settle_replacement, sha256_file, write_file_durably,
                               write_manifest)
 from fastmath.errors import CheckpointError, ConfigError, first_line
+from fastmath.safe_load import (SafeFileSystemReader, SafeLoadPlanner, dcp_metadata_problem, load_plain,
+                                 shape_problem)
 
 MARKER = "COMPLETE"
 _STEP_NAME = re.compile(r"step_(\d+)")
@@ -235,6 +239,9 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
         raise CheckpointError(f"checkpoint {path} is corrupt: {problem}")
     if not (path / _DCP_METADATA).is_file():
         raise CheckpointError(f"checkpoint {path} is corrupt: {_DCP_METADATA} is missing")
+    unsafe = dcp_metadata_problem(path / "model_and_optim")
+    if unsafe:
+        raise CheckpointError(f"checkpoint {path} is refused: model_and_optim/{unsafe}")
     try:
         state = json.loads((path / "trainer_state.json").read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -244,11 +251,18 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
                               f"resuming with {dist_info.world_size} is not supported yet")
     model_state, optim_state = get_state_dict(model, optimizer)
     target = {"model": model_state, "optim": optim_state}
+    other_model = shape_problem(path / "model_and_optim", {"model": model_state})
+    if other_model:
+        raise CheckpointError(f"checkpoint {path} does not fit this model: {other_model}")
     try:
-        dcp.load(target, checkpoint_id=str(path / "model_and_optim"))
-        rng = torch.load(path / f"rng_rank{dist_info.rank}.pt", weights_only=False)
+        rng = load_plain(path / f"rng_rank{dist_info.rank}.pt")
+        _check_rng_state(rng)
+    except CheckpointError as err:
+        raise CheckpointError(f"checkpoint {path} is refused: {err}") from None
+    try:
+        dcp.load(target, storage_reader=SafeFileSystemReader(path / "model_and_optim"), planner=SafeLoadPlanner())
     except (Exception, CheckpointException) as err:  # CheckpointException derives from BaseException
-        raise CheckpointError(f"checkpoint {path} is corrupt: {first_line(err)}") from None
+        raise CheckpointError(f"checkpoint {path} is corrupt: {_cause(err)}") from None
     set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"])
     _set_rng_state(rng)
     return state
@@ -261,16 +275,42 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _cause(err: BaseException) -> str:
+    """The first line of a load failure; for DCP's wrapped exceptions (which list every rank's traceback), the
+    message of the first rank's own exception, where our CheckpointError from the safe reader lands."""
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        inner = inner[0] if isinstance(inner, tuple) else inner
+        if isinstance(inner, BaseException):
+            return first_line(inner)
+    return first_line(err)
+
+
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG state as tensors and plain values, so that the file loads with weights_only=True."""
+    version, mt, gauss = random.getstate()
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, torch.tensor(mt, dtype=torch.int64), gauss],
+             "numpy": [kind, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
+def _check_rng_state(state) -> None:
+    if not (isinstance(state, dict) and {"python", "numpy", "torch"} <= set(state)
+            and isinstance(state["python"], list) and isinstance(state["numpy"], list)):
+        raise CheckpointError("its RNG state file is not in the form fastmath writes (written by an older "
+                              "fastmath, or altered)")
+
+
 def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(int(x) for x in mt.tolist()), gauss))
+    kind, key, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])

@@ -17,7 +17,8 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from pathlib import Path
+import stat
+from pathlib import Path, PurePosixPath
 
 MANIFEST = "MANIFEST.sha256"
 _CHUNK = 1 << 20
@@ -119,13 +120,31 @@ def read_manifest(root: str | Path) -> dict[str, str] | None:
     return digests or None
 
 
+def is_plain_relative(name: str) -> bool:
+    """A relative POSIX path that stays inside its folder: not absolute, no '..' / '.' / empty part, no NUL or
+    backslash. Paths read from files (manifest lines, DCP's shard names) must be of this form."""
+    if not name or "\0" in name or "\\" in name or PurePosixPath(name).is_absolute():
+        return False
+    return all(part not in ("", ".", "..") for part in name.split("/"))
+
+
 def manifest_problem(root: str | Path, digests: dict[str, str], names: list[str]) -> str | None:
-    """The first of `names` that is missing or differs from its manifest checksum, described; None if all match."""
+    """The first of `names` that is missing or differs from its manifest checksum, described; None if all match.
+
+    A name is a path read from a file: one that leaves the folder, or a file that is not a regular file (a link,
+    a device, a pipe: it could point anywhere, or never end), is refused before anything is read."""
     root = Path(root)
     for name in names:
+        if not is_plain_relative(name):
+            return f"{MANIFEST} names {name[:80]!r}, a path outside the checkpoint folder"
         path = root / name
-        if not path.is_file():
+        try:
+            mode = path.lstat().st_mode
+        except OSError:
             return f"{name} is missing"
+        if not stat.S_ISREG(mode) or any(stat.S_ISLNK(p.lstat().st_mode) for p in path.parents
+                                         if p != root and root in p.parents):
+            return f"{name} is not a regular file in the checkpoint folder (a link, a device or a pipe)"
         if sha256_file(path) != digests[name]:
             return f"{name} does not match its checksum in {MANIFEST}"
     return None

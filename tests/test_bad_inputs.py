@@ -45,6 +45,7 @@ KINDS = {
     "run": "`train.py {}` (own process)",
     "completion": "GRPO completion {}",
     "checkpoint": "checkpoint: {}",
+    "unsafe": "checkpoint folder rewritten by another hand (manifest recomputed): {}, then resumed",
 }
 SKIP_KINDS = ("row", "chat", "prompt")
 
@@ -387,7 +388,50 @@ CHECKPOINTS = [
          "run.output_dir", shown="a finished run's folder, then `run.resume=never`"),
 ]
 
-CATALOGUE = ARGS + YAML + FILES + ROWS + CHATS + PROMPTS + COMPLETIONS + CHECKPOINTS + RUNS
+# A checkpoint folder rewritten by whoever can write it, MANIFEST.sha256 recomputed to match (a checksum is no
+# security boundary). Payloads would create a marker file if anything unpickled them; the test checks it never
+# appears. Loaded into the model of the finished run above.
+UNSAFE = [
+    Case("unsafe-rng-pickle-exec", "unsafe", "rng-pickle-exec",
+         f"checkpoint {STEP4} is refused: rng_rank0.pt is not tensors and plain values as fastmath writes them, and "
+         f"is refused unread (nothing in a checkpoint folder is run)",
+         shown="`rng_rank0.pt` replaced by a pickle that calls `exec`"),
+    Case("unsafe-rng-torch-save-payload", "unsafe", "rng-torch-save",
+         f"checkpoint {STEP4} is refused: rng_rank0.pt is not tensors and plain values...",
+         shown="`rng_rank0.pt` replaced by `torch.save` of a dict holding an object whose `__reduce__` calls `exec`"),
+    Case("unsafe-rng-old-numpy-state", "unsafe", "rng-numpy-array",
+         f"checkpoint {STEP4} is refused: rng_rank0.pt is not tensors and plain values...",
+         shown="`rng_rank0.pt` holding a numpy array (how fastmath wrote RNG states before)"),
+    Case("unsafe-metadata-pickle-exec", "unsafe", "metadata-exec",
+         f"checkpoint {STEP4} is refused: model_and_optim/.metadata is refused unread: it refers to builtins.exec, "
+         f"which a DCP metadata file never holds (nothing in a checkpoint folder is run)",
+         shown="DCP's `.metadata` replaced by a pickle that calls `exec`"),
+    Case("unsafe-metadata-os-system", "unsafe", "metadata-system",
+         f"checkpoint {STEP4} is refused: model_and_optim/.metadata is refused unread: it refers to posix.system...",
+         shown="DCP's `.metadata` replaced by a pickle that calls `os.system`"),
+    Case("unsafe-metadata-shard-outside", "unsafe", "metadata-shard-path",
+         f"checkpoint {STEP4} is refused: model_and_optim/.metadata is refused unread: it names the shard file "
+         f"'../../../../etc/hostname', which is not a file in its folder...",
+         shown="DCP's `.metadata` rewritten so a shard is read from `../../../../etc/hostname`"),
+    Case("unsafe-metadata-not-metadata", "unsafe", "metadata-dict",
+         f"checkpoint {STEP4} is refused: model_and_optim/.metadata is refused unread: it holds a dict, not DCP "
+         f"metadata...", shown="DCP's `.metadata` replaced by a pickled dict"),
+    Case("unsafe-manifest-parent-path", "unsafe", "manifest-parent",
+         f"checkpoint {STEP4} is corrupt: MANIFEST.sha256 names '../../../../etc/hostname', a path outside the "
+         f"checkpoint folder", shown="a `MANIFEST.sha256` line naming `../../../../etc/hostname`"),
+    Case("unsafe-manifest-absolute-path", "unsafe", "manifest-absolute",
+         f"checkpoint {STEP4} is corrupt: MANIFEST.sha256 names '/dev/zero', a path outside the checkpoint folder",
+         shown="a `MANIFEST.sha256` line naming `/dev/zero` (reading it never ends)"),
+    Case("unsafe-manifest-symlink", "unsafe", "manifest-symlink",
+         f"checkpoint {STEP4} is corrupt: big is not a regular file in the checkpoint folder (a link, a device or a "
+         f"pipe)", shown="a link `big -> /dev/zero` in the folder, listed in the manifest"),
+    Case("unsafe-other-model-size", "unsafe", "other-model",
+         f"checkpoint {STEP4} does not fit this model: model.causal_lm.lm_head.weight is [387, 192] there and "
+         f"[7, 192] in this model (a checkpoint of another model size)",
+         shown="a checkpoint resumed into a model with another vocabulary size"),
+]
+
+CATALOGUE = ARGS + YAML + FILES + ROWS + CHATS + PROMPTS + COMPLETIONS + CHECKPOINTS + UNSAFE + RUNS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,6 +460,8 @@ def _shown_outcome(case: Case) -> str:
         return f"skipped, counted as {_code(case.sees)}"
     if case.kind == "completion":
         return f"scored as {_code(case.sees)}" + (" (counted)" if case.sees in ("no_answer", "timeout") else "")
+    if case.kind == "unsafe":
+        return _code("fastmath: error: " + (case.sees[:-3] + "…" if case.sees.endswith("...") else case.sees))
     if case.kind == "checkpoint":
         return _code(case.sees[:-3] + "…" if case.sees.endswith("...") else case.sees)
     sees = case.sees[:-3] + "…" if case.sees.endswith("...") else case.sees
@@ -605,6 +651,117 @@ def test_damaged_checkpoints_are_named_never_loaded(case, finished_run, tmp_path
     except FastmathError as err:
         line = f"fastmath: error: {err}"
     assert _matches(line, case.sees), line
+
+
+class _Payload:
+    """Unpickled, it would run `call(*args)`."""
+
+    def __init__(self, call, *args):
+        self.call, self.args = call, args
+
+    def __reduce__(self):
+        return self.call, self.args
+
+
+def _tamper(action: str, step: Path, marker: Path) -> None:
+    import os
+    import pickle
+
+    import torch
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    from fastmath.safe_load import read_dcp_metadata
+
+    touch = _Payload(exec, f"open({str(marker)!r}, 'w').close()")
+    metadata = step / "model_and_optim" / ".metadata"
+    if action == "rng-pickle-exec":
+        (step / "rng_rank0.pt").write_bytes(pickle.dumps(touch))
+    elif action == "rng-torch-save":
+        torch.save({"python": touch, "numpy": [], "torch": torch.zeros(1)}, step / "rng_rank0.pt")
+    elif action == "rng-numpy-array":
+        import numpy as np
+
+        torch.save({"python": [], "numpy": np.random.get_state(), "torch": torch.zeros(1)}, step / "rng_rank0.pt")
+    elif action == "metadata-exec":
+        metadata.write_bytes(pickle.dumps(touch))
+    elif action == "metadata-system":
+        metadata.write_bytes(pickle.dumps(_Payload(os.system, f"touch {marker}")))
+    elif action == "metadata-shard-path":
+        meta = read_dcp_metadata(metadata.read_bytes())
+        meta.storage_data = {k: _StorageInfo("../../../../etc/hostname", v.offset, v.length)
+                             for k, v in meta.storage_data.items()}
+        metadata.write_bytes(pickle.dumps(meta))
+    elif action == "metadata-dict":
+        metadata.write_bytes(pickle.dumps({"state_dict_metadata": {}}))
+    elif action in ("manifest-parent", "manifest-absolute"):
+        name = "../../../../etc/hostname" if action == "manifest-parent" else "/dev/zero"
+        with open(step / "MANIFEST.sha256", "a") as handle:
+            handle.write(f"{'0' * 64}  {name}\n")
+        return
+    elif action == "manifest-symlink":
+        (step / "big").symlink_to("/dev/zero")
+        with open(step / "MANIFEST.sha256", "a") as handle:
+            handle.write(f"{'0' * 64}  big\n")
+        return
+    if action != "other-model":
+        from fastmath.durable import MANIFEST, files_under, sha256_file, write_manifest
+
+        write_manifest(step, {n: sha256_file(step / n) for n in files_under(step, (MANIFEST,))})
+
+
+@pytest.mark.parametrize("case", UNSAFE, ids=lambda c: c.id)
+def test_checkpoint_folders_are_data_never_code(case, finished_run, tmp_path, dist_info, monkeypatch):
+    import shutil
+
+    import torch
+
+    from fastmath import checkpoint as ckpt
+    from fastmath.errors import CheckpointError
+    from fastmath.model import CausalLMWithLinearLoss, load_causal_lm
+
+    shutil.copytree(finished_run / "run", tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "code_ran"
+    _tamper(case.input, Path(STEP4), marker)
+    causal_lm = load_causal_lm(str(tmp_path / "run" / "hf"), "sdpa")
+    if case.input == "other-model":
+        causal_lm.lm_head = torch.nn.Linear(causal_lm.lm_head.in_features, 7, bias=False)
+    model = CausalLMWithLinearLoss(causal_lm)
+    with pytest.raises(CheckpointError) as err:
+        ckpt.load_checkpoint(STEP4, model, torch.optim.AdamW(model.parameters()), dist_info)
+    assert _matches(str(err.value), case.sees), str(err.value)
+    assert not marker.exists(), "code from the checkpoint folder ran"
+
+
+def test_dcp_non_tensor_values_are_read_without_code(tmp_path):
+    """DCP stores the optimizer's plain values as torch.save bytes; its own planner loads them with
+    weights_only=False. Ours refuses a payload there, and still reads plain values."""
+    import io
+    import pickle
+
+    import torch
+
+    from fastmath.safe_load import SafeLoadPlanner
+
+    class Item:  # the one field load_bytes reads
+        class dest_index:
+            fqn = "optim.param_groups"
+
+    marker = tmp_path / "code_ran"
+    planner = SafeLoadPlanner(flatten_state_dict=False)
+    planner.state_dict = {}
+    for payload in (_Payload(exec, f"open({str(marker)!r}, 'w').close()"), _Payload(print, "x")):
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        buffer.seek(0)
+        with pytest.raises(pickle.UnpicklingError):
+            planner.load_bytes(Item, buffer)
+    assert not marker.exists()
+    buffer = io.BytesIO()
+    torch.save([{"lr": 1e-3, "betas": (0.9, 0.95), "params": [0, 1]}], buffer)
+    buffer.seek(0)
+    planner.load_bytes(Item, buffer)
+    assert planner.state_dict["optim.param_groups"] == [{"lr": 1e-3, "betas": (0.9, 0.95), "params": [0, 1]}]
 
 
 @pytest.mark.parametrize("case", RUNS, ids=lambda c: c.id)
