@@ -2,7 +2,8 @@
 
 Public API:
     fused_linear_cross_entropy   linear layer + cross-entropy without the [N, V] logits (kernels/cross_entropy.py)
-    FusedLinearCrossEntropyLoss  nn.Module drop-in for Liger-Kernel's LigerFusedLinearCrossEntropyLoss
+    FusedLinearCrossEntropyLoss  Liger-Kernel's LigerFusedLinearCrossEntropyLoss, option for option
+                                 (kernels/liger_compat.py, with Liger's functional form and GRPO module)
     (kernels.cross_entropy.cross_entropy: the non-fused cross-entropy for callers that already hold logits;
      not re-exported here, where its name would shadow the submodule `kernels.cross_entropy`)
     varlen_attention             packed-sequence (varlen) attention, flash-attn layout (kernels/attention.py)
@@ -14,7 +15,8 @@ transformers.
 """
 
 from kernels.attention import varlen_attention
-from kernels.cross_entropy import CrossEntropyOutput, FusedLinearCrossEntropyLoss, fused_linear_cross_entropy
+from kernels.cross_entropy import CrossEntropyOutput, fused_linear_cross_entropy
+from kernels.liger_compat import LigerFusedLinearCrossEntropyLoss as FusedLinearCrossEntropyLoss
 
 __all__ = ["CrossEntropyOutput", "FusedLinearCrossEntropyLoss", "fused_linear_cross_entropy", "varlen_attention"]
 from kernels.grpo import (

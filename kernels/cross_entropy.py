@@ -672,7 +672,7 @@ class _TritonCrossEntropy(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Public functions and the Liger-compatible module
+# Public functions (Liger's module and functional surface: kernels/liger_compat.py)
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -790,60 +790,3 @@ def cross_entropy(
     write_grad = torch.is_grad_enabled() and logits.requires_grad
     loss, z_loss = _TritonCrossEntropy.apply(logits, labels, opts, reduction, write_grad)
     return CrossEntropyOutput(loss, z_loss) if return_z_loss else loss
-
-
-class FusedLinearCrossEntropyLoss(torch.nn.Module):
-    """Drop-in for Liger-Kernel's `LigerFusedLinearCrossEntropyLoss`: same constructor and forward.
-
-    `forward(lin_weight, _input, target, bias=None)` with _input [N, d], lin_weight [V, d], target [N];
-    returns the loss, or `CrossEntropyOutput(loss, z_loss)` (attributes `.loss`, `.z_loss`, like Liger's
-    output) when return_z_loss. `lse_square_scale` is the z-loss scale. Liger-only options raise
-    NotImplementedError when set: ce_weight (class weights), use_token_scaling, return_token_accuracy,
-    return_predicted_tokens. accum_dtype may be None or torch.float32: accumulation is always fp32 here
-    (Liger's None means the parameter dtype). Differences: an all-ignored batch with "mean" gives 0 (Liger:
-    NaN), and the z-loss comes back in fp32.
-    """
-
-    def __init__(
-        self,
-        ce_weight: torch.Tensor | None = None,
-        ignore_index: int = -100,
-        lse_square_scale: float = 0.0,
-        label_smoothing: float = 0.0,
-        reduction: str = "mean",
-        softcap: float | None = None,
-        return_z_loss: bool = False,
-        accum_dtype: torch.dtype | None = None,
-        use_token_scaling: bool = False,
-        return_token_accuracy: bool = False,
-        return_predicted_tokens: bool = False,
-    ):
-        super().__init__()
-        unsupported = {
-            "ce_weight": ce_weight is not None,
-            "use_token_scaling": use_token_scaling,
-            "return_token_accuracy": return_token_accuracy,
-            "return_predicted_tokens": return_predicted_tokens,
-        }
-        for name, used in unsupported.items():
-            if used:
-                raise NotImplementedError(f"FusedLinearCrossEntropyLoss: {name} (a Liger-only option) is not supported")
-        if accum_dtype not in (None, torch.float32):
-            raise ValueError(f"accum_dtype must be None or torch.float32 (always fp32 here), got {accum_dtype}")
-        _check_options(ignore_index, label_smoothing, lse_square_scale, softcap, 1.0, reduction)
-        self.ignore_index, self.lse_square_scale, self.label_smoothing = ignore_index, lse_square_scale, label_smoothing
-        self.reduction, self.softcap, self.return_z_loss = reduction, softcap, return_z_loss
-
-    def forward(self, lin_weight, _input, target, bias=None):
-        return fused_linear_cross_entropy(
-            _input, lin_weight, target, bias=bias, ignore_index=self.ignore_index, reduction=self.reduction,
-            label_smoothing=self.label_smoothing, z_loss_scale=self.lse_square_scale, softcap=self.softcap,
-            return_z_loss=self.return_z_loss,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"ignore_index={self.ignore_index}, lse_square_scale={self.lse_square_scale}, "
-            f"label_smoothing={self.label_smoothing}, reduction={self.reduction!r}, softcap={self.softcap}, "
-            f"return_z_loss={self.return_z_loss}"
-        )

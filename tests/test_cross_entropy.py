@@ -6,7 +6,6 @@ carry the `triton` marker and `make test` runs them in a second pytest pass with
 start (`-m triton`). The CUDA tests at the end use the compiled kernels and need a GPU.
 """
 
-import inspect
 from unittest import mock
 
 import pytest
@@ -661,73 +660,6 @@ def test_cross_entropy_all_ignored_and_empty():
         assert torch.equal(loss, torch.zeros_like(loss)) and torch.equal(grad, torch.zeros_like(grad))
     empty, labels = make_logits(0, 9)
     assert ce.cross_entropy(empty, labels, backend="triton").item() == 0.0
-
-
-# --------------------------------------------------------------------------------------------------
-# Liger-Kernel compatibility: same constructor, same forward, same numbers
-# --------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def liger_module_class():
-    liger = pytest.importorskip("liger_kernel.transformers.fused_linear_cross_entropy")
-    return liger.LigerFusedLinearCrossEntropyLoss
-
-
-def test_module_signature_matches_liger(liger_module_class):
-    for name in ("__init__", "forward"):
-        ours = inspect.signature(getattr(ce.FusedLinearCrossEntropyLoss, name)).parameters
-        theirs = inspect.signature(getattr(liger_module_class, name)).parameters
-        assert list(ours) == list(theirs), name
-        assert [p.default for p in ours.values()] == [p.default for p in theirs.values()], name
-
-
-@pytest.mark.triton  # Liger's kernels on CPU tensors need the interpreter too
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("options", ["plain", "smoothing_z_loss"])
-def test_module_matches_liger(liger_module_class, options, reduction):
-    """Softcap is left out: Liger's softcap path does not run in the interpreter (libdevice tanh)."""
-    kwargs = {"plain": {}, "smoothing_z_loss": dict(label_smoothing=0.1, lse_square_scale=1e-2, return_z_loss=True)}
-    kwargs = kwargs[options]
-    hidden, weight, b, labels = make_inputs(24, 160, 16, scale=3.0, seed=5)
-    results = []
-    for module_class in (ce.FusedLinearCrossEntropyLoss, liger_module_class):
-        for t in (hidden, weight, b):
-            t.grad = None
-        out = module_class(reduction=reduction, **kwargs)(weight, hidden, labels, b)
-        loss = out.loss if kwargs.get("return_z_loss") else out
-        backward_weighted(loss)
-        extra = [out.z_loss.detach().float()] if kwargs.get("return_z_loss") else []
-        results.append([loss.detach(), hidden.grad.clone(), weight.grad.clone(), b.grad.clone(), *extra])
-    tol = tolerances.reduction_rtol(torch.float32, 160, chain=4)  # two fp32 paths, longest reduction V = 160
-    for name, ours, liger in zip(("loss", "grad hidden", "grad weight", "grad bias", "z-loss"), *results):
-        assert_close(ours, liger, atol=tol * liger.abs().max().item(), rtol=tol, name=name)
-
-
-def test_module_rejects_liger_only_options():
-    for kwargs in (dict(ce_weight=torch.ones(3)), dict(use_token_scaling=True), dict(return_token_accuracy=True),
-                   dict(return_predicted_tokens=True)):
-        with pytest.raises(NotImplementedError, match=next(iter(kwargs))):
-            ce.FusedLinearCrossEntropyLoss(**kwargs)
-    with pytest.raises(ValueError, match="accum_dtype"):
-        ce.FusedLinearCrossEntropyLoss(accum_dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="label_smoothing"):
-        ce.FusedLinearCrossEntropyLoss(label_smoothing=2.0)
-    assert "lse_square_scale=0.0" in repr(ce.FusedLinearCrossEntropyLoss(accum_dtype=torch.float32))
-
-
-def test_module_passes_options_through():
-    """Softcap (which Liger cannot run in the interpreter) and the z-loss reach the function unchanged."""
-    hidden, weight, b, labels = make_inputs(10, 23, 5, ignore_index=3)
-    module = ce.FusedLinearCrossEntropyLoss(
-        ignore_index=3, lse_square_scale=0.01, label_smoothing=0.2, reduction="sum", softcap=3.0, return_z_loss=True
-    )
-    out = module(weight, hidden, labels, b)
-    expected = ce.fused_linear_cross_entropy(
-        hidden, weight, labels, bias=b, ignore_index=3, z_loss_scale=0.01, label_smoothing=0.2, reduction="sum",
-        softcap=3.0, return_z_loss=True,
-    )
-    assert torch.equal(out.loss, expected.loss) and torch.equal(out.z_loss, expected.z_loss)
 
 
 # --------------------------------------------------------------------------------------------------
