@@ -9,7 +9,7 @@ costs O(n) in the trainer process, never more. The text is the judged one (`fast
 when the chat template's generation prompt pre-fills the reasoning opening (`<think>\n`), that opening and the
 completion together, so an answer is read from the whole assistant turn whatever the template.
 
-Checking: math-verify parses the boxed content and the gold answer (fractions, decimals, LaTeX, intervals,
+Checking (mode 'last_box', the default): math-verify parses the boxed content and the gold answer (fractions, decimals, LaTeX, intervals,
 sets, equations all go through sympy) and compares them. Parsing adversarial text can take unbounded time,
 sometimes inside C code where no signal reaches, so every item runs in a worker process under two limits:
     1. inside the worker, SIGALRM after `timeout_s`; the exception it raises derives from BaseException, so
@@ -19,6 +19,8 @@ sometimes inside C code where no signal reaches, so every item runs in a worker 
        worker): a worker still busy then is killed and replaced, and only that item is lost.
 A timeout scores as wrong, is counted (`counts["timeout"]`), and never raises. A batch therefore waits for a
 slow item at most its own limit plus the grace, while the other workers go on with the rest.
+Mode 'seed_parse' (`grpo.answer_check`) is the seed's check instead: math-verify parses the whole completion with
+the seed's options, so an unboxed final answer can count; same pool, same limits.
 
 Gold answers (`gold_answer_text`, `AnswerChecker.gold_answers`): a row's answer is used only when it is a
 mathematical value. The rule, applied in this order; the first failure is the row's skip reason:
@@ -186,6 +188,42 @@ def _check_one(item: tuple[str | None, str]) -> tuple[str, bool | None]:
     return ("correct" if ok else "wrong"), ok
 
 
+def _seed_parse(completion: str):
+    """The seed's answer extraction (its grpo_rewards.check_answer): math-verify over the whole completion, LaTeX
+    only, boxed content first, then the first match of any anchored LaTeX answer ('The final answer is $5$'),
+    with nits and malformed_operators off and equations and units on."""
+    from latex2sympy2_extended import NormalizationConfig
+    from math_verify import LatexExtractionConfig, parse
+
+    options = NormalizationConfig(nits=False, malformed_operators=False, basic_latex=True, equations=True,
+                                  boxed="all", units=True)
+    config = LatexExtractionConfig(normalization_config=options, boxed_match_priority=0,
+                                   try_extract_without_anchor=False)
+    return parse(completion, extraction_config=[config], extraction_mode="first_match", parsing_timeout=None)
+
+
+def _check_whole(item: tuple[str, str]) -> tuple[str, bool | None]:
+    """(judged completion, gold) -> (status, correct), the seed's way: its whole-completion parse, verified with
+    the completion's parse in math-verify's gold position as the seed calls it (verify(answer, gold))."""
+    from math_verify import verify
+
+    text, gold = item
+    try:
+        gold_parsed, problem = _parsed_gold(gold)
+        if gold_parsed is None:
+            return "error", None
+        answer = _seed_parse(text)
+        if not answer:
+            return "no_answer", False
+        ok = bool(verify(answer, gold_parsed, timeout_seconds=None))
+    except Exception:  # sympy can raise almost anything on hostile input; counted, scores 0
+        return "error", None
+    return ("correct" if ok else "wrong"), ok
+
+
+CHECK_MODES = ("last_box", "seed_parse")
+
+
 def _gold_problem(gold: str) -> str | None:
     try:
         return _parsed_gold(gold)[1]
@@ -219,6 +257,8 @@ def _worker_main(conn) -> None:  # pragma: no cover - runs in the worker
     # math-verify warns on every call that its own (signal-based) timeout is off: ours replaces it, since
     # both would share the one ITIMER_REAL of the process.
     logging.getLogger("math_verify").setLevel(logging.ERROR)
+    # The seed's options keep equations=True, which latex2sympy2_extended still applies but warns about per call.
+    logging.getLogger("latex2sympy2_extended").setLevel(logging.ERROR)
     # One check before reporting ready: the first parse builds math-verify's grammar and imports the rest of
     # sympy (about a second), a one-time cost that must not count against the first item's limit.
     _check_one(("\\frac{1}{2}", "0.5"))
@@ -267,22 +307,28 @@ class AnswerChecker:
     engine can deadlock the child. Use as a context manager or call `close()`.
     """
 
-    def __init__(self, workers: int = 2, timeout_s: float = 5.0):
+    def __init__(self, workers: int = 2, timeout_s: float = 5.0, mode: str = "last_box"):
         if workers < 1 or not timeout_s > 0:
             raise ConfigError(f"answer checker needs workers >= 1 and timeout > 0, got {workers}, {timeout_s}")
-        self.workers, self.timeout_s = workers, timeout_s
+        if mode not in CHECK_MODES:
+            raise ConfigError(f"answer check mode must be one of {list(CHECK_MODES)}, got {mode!r}")
+        self.workers, self.timeout_s, self.mode = workers, timeout_s, mode
         self.counts: Counter = Counter()  # cumulative statuses, for the run's metrics
         self.restarts = 0                 # workers killed for overrunning an item
         self._ctx = multiprocessing.get_context("spawn")
         self._pool: list[_Worker] = []
 
     def check(self, completions: list[str], golds: list[str]) -> list[Verdict]:
-        """One Verdict per completion: its last boxed answer against the gold answer at the same position."""
+        """One Verdict per completion against the gold answer at the same position: its last boxed answer
+        (mode 'last_box'), or the seed's parse of the whole completion (mode 'seed_parse')."""
         if len(completions) != len(golds):
             raise ValueError(f"{len(completions)} completions but {len(golds)} gold answers")
-        items = [(extract_boxed(text), gold) for text, gold in zip(completions, golds)]
+        if self.mode == "seed_parse":
+            fn, items = _check_whole, list(zip(completions, golds))
+        else:
+            fn, items = _check_one, [(extract_boxed(text), gold) for text, gold in zip(completions, golds)]
         out = []
-        for result in self._map(_check_one, items):
+        for result in self._map(fn, items):
             status, correct = {_TIMEOUT: ("timeout", None), _ERROR: ("error", None)}.get(result, result)
             self.counts[status] += 1
             out.append(Verdict(correct, status))

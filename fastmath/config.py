@@ -88,6 +88,12 @@ class DataConfig:
     overlong: str = _opt("drop", "What to do with examples longer than max_length.", choices=("drop", "truncate"))
     loss_on: str = _opt("completion", "Which tokens carry loss.", choices=("completion", "all"))
     max_rows: int = _opt(0, "Use only the first N usable rows (0 = all); for quick experiments.")
+    bos: str = _opt("tokenizer", "Beginning-of-sequence token before every templated prompt: tokenizer = when the "
+                    "tokenizer's own config adds one on encode (R1-Distill's add_bos_token: true; Qwen's add "
+                    "none) and the template has not rendered it already; never = no BOS added.",
+                    choices=("tokenizer", "never"))
+    mask_pad_tokens: bool = _opt(False, "SFT: no loss on any token equal to the tokenizer's pad token, as the seed's "
+                                 "collator did (R1-Distill's pad token is its eos, so no eos is learned).")
 
 
 @dataclass
@@ -184,6 +190,7 @@ class GRPOConfig:
     temperature: float = _opt(1.0, "Sampling temperature (also divides the trainer's logits).")
     top_p: float = _opt(1.0, "Nucleus sampling threshold.")
     min_p: float = _opt(0.0, "Min-p sampling threshold (0 = off).")
+    top_k: int = _opt(0, "Sample among the k most likely tokens only (0 = off; TRL's GRPO default is 50).")
     stop: list[str] = _opt([], "Stop strings for generation (eos always stops).")
     system_prompt: str | None = _opt(None, "GRPO's system message (null = data.system_prompt; '' = none).")
     user_prefix: str | None = _opt(None, "GRPO's text before the problem in the user turn (null = data.user_prefix).")
@@ -203,6 +210,15 @@ class GRPOConfig:
                             "\\boxed{} after </think>; box_before_think_end = a \\boxed{} before </think> (the "
                             "seed's format_reward2, which lets inference stop at </think>).",
                             choices=("box_after_think", "box_before_think_end"))
+    length_span: str = _opt("group", "Completions whose shortest and longest set the Kimi length reward's scale: "
+                            "group = the G completions of one prompt (Kimi k1.5); rank_batch = every completion "
+                            "one rank scores in one call (the seed: 2 prompts x 8 on each of 8 ranks).",
+                            choices=("group", "rank_batch"))
+    answer_check: str = _opt("last_box", "How the GRPO rewards judge an answer: last_box = the last balanced "
+                             "\\boxed{} with math-verify's default options (as the held-out check and eval); "
+                             "seed_parse = math-verify parses the whole completion with the seed's options "
+                             "(boxed first, nits and malformed_operators off), so an unboxed 'final answer "
+                             "is $5$' can count.", choices=("last_box", "seed_parse"))
     length_unit: str = _opt("tokens", "Unit of completion length for the length rewards.", choices=("tokens", "chars"))
     cosine_max_length: int = _opt(0, "Length at which the cosine reward reaches its end values, in length_unit "
                                   "(0 = max_completion_length, times 4 for chars).")
@@ -266,6 +282,7 @@ class EvalConfig:
     temperature: float = _opt(1.0, "Sampling temperature (the seed recommends 1.0; 0 = greedy).")
     top_p: float = _opt(0.9, "Nucleus sampling threshold (the seed recommends 0.9).")
     min_p: float = _opt(0.05, "Min-p sampling threshold (the seed recommends 0.05; 0 = off).")
+    top_k: int = _opt(0, "Sample among the k most likely tokens only (0 = off).")
     stop: list[str] = _opt([], "Stop strings (eos always stops); the answer is the last \\boxed{} of the text "
                            "(with the pre-filled reasoning opening); the seed stops at </think>.")
     system_prompt: str | None = _opt(None, "The eval's system message (null = data.system_prompt; '' = none).")

