@@ -3,7 +3,7 @@
 Layout of `<output_dir>/checkpoints/step_00000120/`:
   model_and_optim/    DCP shards of the model and AdamW state (each rank writes its own shard)
   rng_rank{r}.pt      python / numpy / torch (and CUDA) RNG states of rank r, as tensors and plain values
-  trainer_state.json  step, tokens seen, the resolved config
+  trainer_state.json  step, tokens seen, the resolved config, fingerprints of the inputs (fastmath/fingerprint.py)
   MANIFEST.sha256     the SHA-256 of every file above (`sha256sum -c` reads it)
   COMPLETE            written last
 
@@ -86,7 +86,9 @@ def _step_of(path: Path) -> int:
 # ---- save ----------------------------------------------------------------------------------------------
 
 def save_checkpoint(output_dir: str | Path, step: int, tokens_seen: int, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, config: dict, dist_info: DistInfo, keep: int) -> Path:
+                    optimizer: torch.optim.Optimizer, config: dict, dist_info: DistInfo, keep: int,
+                    inputs: dict | None = None) -> Path:
+    """Write checkpoint `step`; `inputs` (fingerprints of what the run read) goes into trainer_state.json."""
     final = step_dir(output_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     if dist_info.is_main:
@@ -97,7 +99,8 @@ def save_checkpoint(output_dir: str | Path, step: int, tokens_seen: int, model: 
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / "model_and_optim"))
     torch.save(_rng_state(), tmp / f"rng_rank{dist_info.rank}.pt")
     if dist_info.is_main:
-        state = {"step": step, "tokens_seen": tokens_seen, "world_size": dist_info.world_size, "config": config}
+        state = {"step": step, "tokens_seen": tokens_seen, "world_size": dist_info.world_size, "config": config,
+                 "inputs": inputs or {}}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2, default=str))
     barrier()
     fsync_tree(tmp)  # every rank: on a multi-node file system each flushes what it wrote

@@ -38,7 +38,8 @@ class RunConfig:
     seed: int = _opt(0, "Seed for data order, initialisation and sampling.")
     stages: list[str] = _opt(["sft"], "Stages to run in order.", choices=("sft", "grpo", "eval"))
     resume: str = _opt("auto", "'auto' resumes from the newest complete checkpoint in output_dir, "
-                       "'never' starts fresh (refuses a non-empty checkpoint folder), or a checkpoint path.")
+                       "'never' starts fresh (refuses a folder holding checkpoints, an export, a summary or metrics.jsonl of an "
+                       "earlier run), or a checkpoint path. A fresh start under 'auto' refuses an earlier export too.")
     cache_dir: str = _opt("", "Where the embedded default is built (default: $FASTMATH_CACHE or ~/.cache/fastmath).")
     report_to: list[str] = _opt(["jsonl"], "Where each stage's metrics go: metrics.jsonl always, plus TensorBoard "
                                 "event files (<stage folder>/tensorboard) and/or wandb (offline unless WANDB_MODE "

@@ -28,6 +28,8 @@ from fastmath.distributed import DistInfo
 from fastmath.errors import CheckpointError, ConfigError
 from fastmath.metrics import MetricsWriter
 from fastmath.model import resolve_model_path
+from fastmath.fingerprint import input_change, input_fingerprint
+from fastmath.output_lock import rank0_decides, refuse_overwrite
 from fastmath.tracking import Tracker
 
 TRAINING_STAGES = ("sft", "grpo")
@@ -68,6 +70,26 @@ def start_model(config: Config, stage: str) -> str:
             if (export / "config.json").is_file():
                 return str(export)
     return resolve_model_path(config.model.name_or_path, config.run.cache_dir)
+
+
+def stage_inputs(config: Config, stage: str) -> dict[str, str]:
+    """What a training stage reads, by setting: its data files, its start model (weights and tokenizer), and a
+    chat template file; fingerprinted by content (fastmath/fingerprint.py) and kept with each checkpoint."""
+    from fastmath.data import TEMPLATE_DIR
+
+    if stage == "sft":
+        d = config.data
+        sources = {"data.train": data_source(config, d.train, "train"), "model": start_model(config, "sft")}
+        if d.validation:
+            sources["data.validation"] = data_source(config, d.validation, "validation")
+    else:
+        sources = {"grpo.prompts": data_source(config, config.grpo.prompts, "train"),
+                   "model": start_model(config, "grpo")}
+    template = config.data.chat_template
+    if template != "model":
+        shipped = TEMPLATE_DIR / f"{template}.jinja"
+        sources["data.chat_template"] = str(shipped) if "/" not in template and shipped.is_file() else template
+    return sources
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,6 +266,7 @@ class Stage:
         section = getattr(config, name)
         self.save_every = config.checkpoint.save_every if section.save_every is None else section.save_every
         self.tracker: Tracker | None = None
+        self.inputs: dict | None = None  # fingerprints of what the stage reads (rank 0), stored with checkpoints
 
     # -- resume -------------------------------------------------------------------------------------------
 
@@ -259,11 +282,19 @@ class Stage:
 
     def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> ResumePoint:
         """Load the checkpoint run.resume picks (none for a fresh start) and check it fits this config."""
-        path = ckpt.find_resume_point(self.out_dir, self._resume_mode(), self.dist_info)
+        mode = self._resume_mode()
+        if self.dist_info.is_main:
+            self.inputs = {key: input_fingerprint(source) for key, source in stage_inputs(self.config, self.name).items()}
+        path = ckpt.find_resume_point(self.out_dir, mode, self.dist_info)
         if path is None:
+            refuse_overwrite(self.out_dir, mode, self.dist_info.is_main)  # a fresh start replaces nothing
             return ResumePoint()
         state = ckpt.load_checkpoint(path, model, optimizer, self.dist_info)
         check_resume_compatible(state["config"], self.config, path, self.invariant)
+        change = rank0_decides(input_change(state.get("inputs"), self.inputs) if self.dist_info.is_main else None)
+        if change:
+            raise CheckpointError(f"checkpoint {path} was made from other inputs: {change}; resume with the same "
+                                  f"content, or start over in a fresh run.output_dir")
         if self.dist_info.is_main:
             print(f"resumed {self.name.upper()} from {path} at step {state['step']}", flush=True)
         return ResumePoint(state["step"], state.get("tokens_seen", 0), path)
@@ -288,7 +319,7 @@ class Stage:
     def save(self, step: int, tokens_seen: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Path:
         """Checkpoint; checkpoint.py prunes to checkpoint.keep of this run's own, never its newest."""
         return ckpt.save_checkpoint(self.out_dir, step, tokens_seen, model, optimizer, to_dict(self.config),
-                                    self.dist_info, self.config.checkpoint.keep)
+                                    self.dist_info, self.config.checkpoint.keep, inputs=self.inputs)
 
     # -- held-out check -----------------------------------------------------------------------------------
 

@@ -43,9 +43,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def run_stages(config) -> None:
     """Run the stages of `run.stages` in order, in one process group."""
     from fastmath.distributed import barrier, init_distributed, shutdown
+    from fastmath.output_lock import lock_output_dir
 
     dist_info = init_distributed()
+    lock = None
     try:
+        lock = lock_output_dir(config.run.output_dir, dist_info.is_main)  # one run per output folder
         for stage in config.run.stages:
             if stage == "sft":
                 from fastmath.sft import run_sft
@@ -64,6 +67,8 @@ def run_stages(config) -> None:
         # called without an active exception"). Not in `finally`: after a failure on one rank this would hang.
         barrier()
     finally:
+        if lock is not None:
+            lock.release()
         shutdown()
 
 

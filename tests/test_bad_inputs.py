@@ -46,6 +46,9 @@ KINDS = {
     "completion": "GRPO completion {}",
     "checkpoint": "checkpoint: {}",
     "unsafe": "checkpoint folder rewritten by another hand (manifest recomputed): {}, then resumed",
+    "overwrite": "output folder: {}",
+    "lock": "output folder lock: {}",
+    "changed": "resume after {}",
 }
 SKIP_KINDS = ("row", "chat", "prompt")
 
@@ -431,7 +434,70 @@ UNSAFE = [
          shown="a checkpoint resumed into a model with another vocabulary size"),
 ]
 
-CATALOGUE = ARGS + YAML + FILES + ROWS + CHATS + PROMPTS + COMPLETIONS + CHECKPOINTS + UNSAFE + RUNS
+# A fresh start in a folder that holds an earlier run's files (no checkpoint left): `<files>|<run.resume>`.
+OVERWRITES = [
+    Case("overwrite-never-export-and-metrics", "overwrite", "hf/config.json,summary.json,metrics.jsonl|never",
+         "run.resume=never starts fresh, but run/hf, run/summary.json, run/metrics.jsonl from an earlier run would "
+         "be replaced; move them away, or use another run.output_dir",
+         shown="a finished run whose `checkpoints/` was deleted, then `run.resume=never`"),
+    Case("overwrite-never-metrics-only", "overwrite", "metrics.jsonl|never",
+         "run.resume=never starts fresh, but run/metrics.jsonl from an earlier run would be replaced; move it away, "
+         "or use another run.output_dir", shown="a folder holding only `metrics.jsonl`, then `run.resume=never`"),
+    Case("overwrite-never-summary-only", "overwrite", "summary.json|never",
+         "run.resume=never starts fresh, but run/summary.json from an earlier run would be replaced...",
+         shown="a folder holding only `summary.json`, then `run.resume=never`"),
+    Case("overwrite-auto-export", "overwrite", "hf/config.json,metrics.jsonl|auto",
+         "run.resume=auto starts fresh, but run/hf from an earlier run would be replaced; move it away, or use "
+         "another run.output_dir", shown="a finished run whose `checkpoints/` was deleted, then `run.resume=auto`"),
+]
+
+# A second run in an output folder another run holds (the lock `<output_dir>/.fastmath.lock`).
+LOCKS = [
+    Case("lock-held-by-another-process", "lock", "process",
+         "run.output_dir run is in use by another fastmath run (PID {pid} on {host}, since ...",
+         shown="a second run while another process holds the folder's lock"),
+    Case("lock-held-by-this-process", "lock", "same",
+         "run.output_dir run is in use by another fastmath run (PID {pid} on {host}, since ...",
+         shown="a second run from the same process (another open of the lock file)"),
+    Case("lock-file-no-flock-live", "lock", "no-flock-live",
+         "run.output_dir run is in use by another fastmath run (PID {pid} on {host}, since ...",
+         shown="a file system without flock: a lock file naming a live process on this host"),
+    Case("lock-file-no-flock-other-host", "lock", "no-flock-other-host",
+         "run.output_dir run is in use by another fastmath run (PID 12345 on node-7, since ...",
+         shown="a file system without flock: a lock file naming a process on another host"),
+]
+
+# A finished 2-step SFT run of its own data file, model folder and template file; one input changed in place (same
+# path), then resumed: `<input>|<change>`.
+CHANGED = [
+    Case("changed-data-same-size", "changed", "train.jsonl|flip",
+         "checkpoint run/checkpoints/step_00000002 was made from other inputs: data.train inputs/train.jsonl has other "
+         "content than when the checkpoint was made (same size, other bytes); resume with the same content, or start "
+         "over in a fresh run.output_dir", shown="the training file regenerated in place, same size"),
+    Case("changed-data-row-added", "changed", "train.jsonl|append",
+         "checkpoint run/checkpoints/step_00000002 was made from other inputs: data.train inputs/train.jsonl has other "
+         "content than when the checkpoint was made (...", shown="a row appended to the training file"),
+    Case("changed-model-weights", "changed", "model/model.safetensors|flip",
+         "checkpoint run/checkpoints/step_00000002 was made from other inputs: model inputs/model: model.safetensors "
+         "has other content than when the checkpoint was made (same size, other bytes)...",
+         shown="the start model's weights overwritten in place"),
+    Case("changed-tokenizer", "changed", "model/tokenizer.json|append",
+         "checkpoint run/checkpoints/step_00000002 was made from other inputs: model inputs/model: tokenizer.json has "
+         "other content...", shown="the start model's tokenizer.json edited"),
+    Case("changed-model-file-added", "changed", "model/added_tokens.json|create",
+         "checkpoint run/checkpoints/step_00000002 was made from other inputs: model inputs/model holds "
+         "added_tokens.json, which it did not when the checkpoint was made...",
+         shown="a file added to the start model's folder"),
+    Case("changed-model-file-removed", "changed", "model/generation_config.json|delete",
+         "checkpoint run/checkpoints/step_00000002 was made from other inputs: model inputs/model has lost "
+         "generation_config.json since the checkpoint was made...", shown="a file removed from the start model's folder"),
+    Case("changed-template", "changed", "template.jinja|append",
+         "checkpoint run/checkpoints/step_00000002 was made from other inputs: data.chat_template inputs/template.jinja "
+         "has other content...", shown="the chat template file edited"),
+]
+
+CATALOGUE = (ARGS + YAML + FILES + ROWS + CHATS + PROMPTS + COMPLETIONS + CHECKPOINTS + UNSAFE + OVERWRITES + LOCKS
+             + CHANGED + RUNS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,7 +526,7 @@ def _shown_outcome(case: Case) -> str:
         return f"skipped, counted as {_code(case.sees)}"
     if case.kind == "completion":
         return f"scored as {_code(case.sees)}" + (" (counted)" if case.sees in ("no_answer", "timeout") else "")
-    if case.kind == "unsafe":
+    if case.kind in ("unsafe", "overwrite", "lock", "changed"):
         return _code("fastmath: error: " + (case.sees[:-3] + "…" if case.sees.endswith("...") else case.sees))
     if case.kind == "checkpoint":
         return _code(case.sees[:-3] + "…" if case.sees.endswith("...") else case.sees)
@@ -762,6 +828,220 @@ def test_dcp_non_tensor_values_are_read_without_code(tmp_path):
     buffer.seek(0)
     planner.load_bytes(Item, buffer)
     assert planner.state_dict["optim.param_groups"] == [{"lr": 1e-3, "betas": (0.9, 0.95), "params": [0, 1]}]
+
+
+@pytest.mark.parametrize("case", OVERWRITES, ids=lambda c: c.id)
+def test_a_fresh_start_never_replaces_an_earlier_run(case, tmp_path, dist_info, embedded_cache, monkeypatch):
+    from fastmath.config import load_config
+    from fastmath.errors import ConfigError
+    from fastmath.stage import Stage
+
+    monkeypatch.chdir(tmp_path)
+    files, mode = case.input.split("|")
+    for name in files.split(","):
+        Path("run", name).parent.mkdir(parents=True, exist_ok=True)
+        Path("run", name).write_text("{}\n")
+    before = {p: p.read_bytes() for p in Path("run").rglob("*") if p.is_file()}
+    config = load_config(None, ["run.output_dir=run", f"run.resume={mode}", f"run.cache_dir={embedded_cache}"])
+    stage = Stage("sft", config, dist_info, Path("run"), invariant=(), heldout=False)
+    with pytest.raises(ConfigError) as err:
+        stage.resume(None, None)
+    assert _matches(str(err.value), case.sees), str(err.value)
+    assert {p: p.read_bytes() for p in Path("run").rglob("*") if p.is_file()} == before
+
+
+def test_a_run_killed_before_its_first_checkpoint_restarts_under_auto(tmp_path, dist_info, embedded_cache,
+                                                                      monkeypatch):
+    """metrics.jsonl without a checkpoint or an export is a run killed early: auto restarts it (cut back to 0)."""
+    from fastmath.config import load_config
+    from fastmath.stage import Stage
+
+    monkeypatch.chdir(tmp_path)
+    Path("run").mkdir()
+    Path("run", "metrics.jsonl").write_text('{"step": 1}\n')
+    stage = Stage("sft", load_config(None, ["run.output_dir=run", f"run.cache_dir={embedded_cache}"]), dist_info,
+                  Path("run"), invariant=(), heldout=False)
+    assert stage.resume(None, None).step == 0
+
+
+def _own_inputs_run(base: Path, cache: Path) -> list[str]:
+    return [f"run.output_dir={base / 'run'}", f"run.cache_dir={cache}", f"data.train={base / 'inputs/train.jsonl'}",
+            f"model.name_or_path={base / 'inputs/model'}", f"data.chat_template={base / 'inputs/template.jinja'}",
+            "data.max_rows=32", "sft.tokens_per_micro_batch=512", "data.max_length=256", "sft.global_batch=2",
+            "sft.epochs=1", "sft.max_steps=2", "checkpoint.save_every=2", "heldout.num_problems=0", "data.validation="]
+
+
+@pytest.fixture(scope="module")
+def own_inputs_run(tmp_path_factory, embedded_cache, assets, tokenizer, dist_info):
+    """A finished 2-step SFT run that read its own copies of the data, the model folder and a template file."""
+    import shutil
+
+    from fastmath.config import load_config
+    from fastmath.sft import run_sft
+
+    base = tmp_path_factory.mktemp("own_inputs")
+    (base / "inputs").mkdir()
+    shutil.copy(assets.data_dir / "train.jsonl", base / "inputs" / "train.jsonl")
+    shutil.copytree(assets.model_dir, base / "inputs" / "model")
+    (base / "inputs" / "template.jinja").write_text(tokenizer.chat_template)
+    run_sft(load_config(None, _own_inputs_run(base, embedded_cache)), dist_info)
+    return base
+
+
+def _change(path: Path, how: str) -> None:
+    if how == "flip":  # one byte in the middle, size unchanged
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        path.write_bytes(bytes(data))
+    elif how == "append":
+        with open(path, "ab") as handle:
+            handle.write(b"\n")
+    elif how == "create":
+        path.write_text("{}\n")
+    else:
+        path.unlink()
+
+
+@pytest.mark.parametrize("case", CHANGED, ids=lambda c: c.id)
+def test_resume_against_other_content_is_refused_naming_the_file(case, own_inputs_run, tmp_path, embedded_cache,
+                                                                 dist_info, monkeypatch):
+    import shutil
+
+    import torch
+
+    from fastmath.config import load_config
+    from fastmath.errors import CheckpointError
+    from fastmath.model import CausalLMWithLinearLoss, load_causal_lm
+    from fastmath.stage import Stage
+
+    for name in ("run", "inputs"):
+        shutil.copytree(own_inputs_run / name, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    config = load_config(None, [x.replace(str(own_inputs_run) + "/", "") for x in
+                                _own_inputs_run(own_inputs_run, embedded_cache)])
+    model = CausalLMWithLinearLoss(load_causal_lm("run/hf", "sdpa"))
+    optimizer = torch.optim.AdamW(model.parameters())
+    assert Stage("sft", config, dist_info, Path("run"), (), False).resume(model, optimizer).step == 2  # unchanged
+    target, how = case.input.split("|")
+    _change(Path("inputs", target), how)
+    with pytest.raises(CheckpointError) as err:
+        Stage("sft", config, dist_info, Path("run"), (), False).resume(model, optimizer)
+    assert _matches(str(err.value), case.sees), str(err.value)
+
+
+def test_big_files_are_fingerprinted_by_samples(tmp_path, monkeypatch):
+    """Above the whole-file limit: size and evenly spaced blocks, the first and the last included."""
+    from fastmath import fingerprint
+
+    monkeypatch.setattr(fingerprint, "FULL_HASH_BYTES", 1000)
+    monkeypatch.setattr(fingerprint, "SAMPLE_BYTES", 10)
+    monkeypatch.setattr(fingerprint, "SAMPLES", 4)
+    path = tmp_path / "big.bin"
+    path.write_bytes(bytes(range(256)) * 40)  # 10,240 bytes; samples at 0, 3410, 6820, 10230
+    base = fingerprint.file_fingerprint(path)
+    for where, seen in ((0, True), (10239, True), (3415, True), (5000, False)):
+        data = bytearray(path.read_bytes())
+        data[where] ^= 0xFF
+        changed = tmp_path / "changed.bin"
+        changed.write_bytes(bytes(data))
+        assert (fingerprint.file_fingerprint(changed) != base) == seen, where
+    path.write_bytes(bytes(range(256)) * 40 + b"x")
+    assert fingerprint.file_fingerprint(path)["size"] == 10241
+
+
+def _hold_lock_in_child(folder: Path):
+    """A child process that holds the folder's lock until its stdin closes; returns (process, pid)."""
+    from tests.conftest import subprocess_env
+
+    code = ("import sys; from fastmath.output_lock import acquire_output_lock; "
+            f"acquire_output_lock({str(folder)!r}); print('held', flush=True); sys.stdin.read()")
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                             env=subprocess_env())
+    assert child.stdout.readline().strip() == "held"
+    return child, child.pid
+
+
+@pytest.mark.parametrize("case", LOCKS, ids=lambda c: c.id)
+def test_a_second_run_in_a_held_folder_is_refused_naming_the_holder(case, tmp_path, monkeypatch):
+    import errno
+    import fcntl
+    import os
+    import socket
+
+    from fastmath import output_lock
+    from fastmath.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    child, pid, held = None, os.getpid(), None
+    if case.input == "process":
+        child, pid = _hold_lock_in_child(tmp_path / "run")
+    elif case.input == "same":
+        held = output_lock.acquire_output_lock("run")
+    else:
+        def no_flock(fd, op):
+            raise OSError(errno.ENOLCK, "No locks available")
+
+        monkeypatch.setattr(fcntl, "flock", no_flock)
+        host = socket.gethostname() if case.input == "no-flock-live" else "node-7"
+        pid = os.getpid() if case.input == "no-flock-live" else 12345
+        Path("run").mkdir()
+        Path("run", output_lock.LOCK_NAME).write_text(json.dumps({"pid": pid, "host": host, "started": "then"}))
+    try:
+        with pytest.raises(ConfigError) as err:
+            output_lock.acquire_output_lock("run")
+    finally:
+        if child is not None:
+            child.stdin.close()
+            child.wait(timeout=30)
+        if held is not None:
+            held.release()
+    expected = case.sees.replace("{pid}", str(pid)).replace("{host}", socket.gethostname())
+    assert _matches(str(err.value), expected), str(err.value)
+
+
+def test_a_lock_whose_holder_is_gone_is_taken(tmp_path, monkeypatch):
+    """flock: the kernel dropped a killed holder's lock. Without flock: a lock file naming a dead process on this
+    host is stale and taken over; the lock is released at the end."""
+    import errno
+    import fcntl
+    import socket
+
+    from fastmath import output_lock
+
+    child, _ = _hold_lock_in_child(tmp_path / "run")
+    child.kill()
+    child.wait(timeout=30)
+    output_lock.acquire_output_lock(tmp_path / "run").release()
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+
+    def no_flock(fd, op):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    lock_file = tmp_path / "run" / output_lock.LOCK_NAME
+    lock_file.write_text(json.dumps({"pid": dead_pid, "host": socket.gethostname()}))
+    lock = output_lock.acquire_output_lock(tmp_path / "run")
+    assert json.loads(lock_file.read_text())["pid"] != dead_pid
+    lock.release()
+    assert not lock_file.exists()
+
+
+def test_train_holds_the_lock_for_the_whole_run(tmp_path, dist_info, monkeypatch, capsys):
+    """Through the entry point: a second run in a held folder ends in one line; the first releases at the end."""
+    from fastmath import output_lock, train
+
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    monkeypatch.setattr("fastmath.distributed.shutdown", lambda: None)  # keep the session's process group
+    monkeypatch.setattr(train, "preflight", lambda config: None)
+    monkeypatch.setattr("fastmath.sft.run_sft",
+                        lambda config, info: seen.append(train.main(["run.output_dir=run", "data.validation="])))
+    assert train.main(["run.output_dir=run", "data.validation="]) == 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert seen == [2] and len(lines) == 1 and "is in use by another fastmath run" in lines[0], lines
+    output_lock.acquire_output_lock("run").release()  # released when the run ended
 
 
 @pytest.mark.parametrize("case", RUNS, ids=lambda c: c.id)
