@@ -8,6 +8,9 @@
                                   token level (GRPO) or sequence level (GSPO)
     kernels/grpo_fused_loss.py    fused_linear_grpo_loss: log-probs and loss in one chunked pass (GSPO in two)
     kernels/grpo_inputs.py        the options / inputs records and the argument checks they all share
+    kernels/trl_compat.py         TRL GRPOConfig options -> these functions' arguments (or a named refusal), TRL's
+                                  entropy-quantile / off-policy masks as weights, TRL's per-sequence clip metrics
+    kernels/liger_compat.py       Liger's LigerFusedLinearGRPOLoss (batch x time) over the fused loss
 
 Every file reads in the house order (Triton kernels, PyTorch reference, launchers, autograd.Function, public
 function) and its docstring holds the math. Each public function dispatches by `backend=` ("auto": Triton for

@@ -155,7 +155,8 @@ def fused_linear_grpo_loss(hidden, weight, targets, old_logprobs, advantages, se
                            ref_logprobs=None, beta=0.0, epsilon_low=0.2, epsilon_high=0.2, loss_type="dapo",
                            importance_sampling_level="token", max_completion_length=None, num_items_in_batch=None,
                            num_sequences=None, importance_weights=None, temperature=1.0, chunk_size=None,
-                           backend="auto", chunk_bytes=None):
+                           backend="auto", chunk_bytes=None, delta=None, use_bias_correction_kl=False,
+                           sapo_temperature_pos=1.0, sapo_temperature_neg=1.05):
     """From final hidden states to the GRPO loss in one chunked pass (module docstring).
 
     hidden [N, d], weight [V, d] (same float dtype), targets [N] (the sampled token ids), temperature,
@@ -174,7 +175,7 @@ def fused_linear_grpo_loss(hidden, weight, targets, old_logprobs, advantages, se
     seq_ids, mask) run on CPU tensors only: no host sync on an accelerator (kernels/grpo_inputs.py).
     """
     opts = loss_options(beta, epsilon_low, epsilon_high, loss_type, importance_sampling_level, max_completion_length,
-                        temperature)
+                        temperature, delta, use_bias_correction_kl, sapo_temperature_pos, sapo_temperature_neg)
     inputs = LossInputs(old_logprobs, advantages, seq_ids, mask, ref_logprobs, importance_weights,
                         num_items_in_batch, num_sequences)
     triton_path = _use_triton(backend, hidden.device, hidden.dtype)

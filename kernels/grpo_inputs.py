@@ -23,7 +23,9 @@ import torch
 from kernels.chunking import check_lm_head
 from kernels.dispatch import check_float_dtype
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+# The loss types whose per-token term is TRL's clipped surrogate -min(r A, clip(r) A) (the others: cispo, sapo).
+CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 LEVELS = ("token", "sequence")
 INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
@@ -44,6 +46,10 @@ class LossOptions:
     level: str = "token"  # importance_sampling_level
     max_completion_length: int | None = None
     temperature: float = 1.0
+    delta: float | None = None  # two-sided clipping's upper bound on the ratio (INTELLECT-2)
+    use_bias_correction_kl: bool = False  # the KL term times the ratio (DeepSeek-V3.2)
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,8 @@ def _check_count(name, value):
 
 
 def loss_options(beta=0.0, epsilon_low=0.2, epsilon_high=0.2, loss_type="dapo", importance_sampling_level="token",
-                 max_completion_length=None, temperature=1.0) -> LossOptions:
+                 max_completion_length=None, temperature=1.0, delta=None, use_bias_correction_kl=False,
+                 sapo_temperature_pos=1.0, sapo_temperature_neg=1.05) -> LossOptions:
     """The checked `LossOptions` of the public arguments (ValueError naming the argument)."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
@@ -109,8 +116,25 @@ def loss_options(beta=0.0, epsilon_low=0.2, epsilon_high=0.2, loss_type="dapo", 
     if loss_type == "dr_grpo" and max_completion_length is None:
         raise ValueError("loss_type='dr_grpo' needs max_completion_length (its normaliser is S * L_max)")
     check_temperature(temperature)
+    if delta is not None:
+        check_finite("delta", delta)
+        if loss_type not in CLIPPED_LOSS_TYPES:
+            raise ValueError(f"delta applies to the clipped loss types {CLIPPED_LOSS_TYPES}, not {loss_type!r}")
+        if not delta > 1.0 + epsilon_high:
+            raise ValueError(f"delta ({delta}) must exceed 1 + epsilon_high ({1.0 + epsilon_high}): a smaller upper "
+                             "bound is not supported")
+    if not isinstance(use_bias_correction_kl, bool):
+        raise ValueError(f"use_bias_correction_kl must be True or False, got {use_bias_correction_kl!r}")
+    if use_bias_correction_kl and importance_sampling_level == "sequence":
+        raise ValueError("use_bias_correction_kl is supported at importance_sampling_level='token' only")
+    check_finite("sapo_temperature_pos", sapo_temperature_pos)
+    check_finite("sapo_temperature_neg", sapo_temperature_neg)
+    if not (sapo_temperature_pos > 0 and sapo_temperature_neg > 0):
+        raise ValueError(f"sapo_temperature_pos and sapo_temperature_neg must be > 0, got {sapo_temperature_pos}, "
+                         f"{sapo_temperature_neg}")
     return LossOptions(float(beta), float(epsilon_low), float(epsilon_high), loss_type, importance_sampling_level,
-                       max_completion_length, float(temperature))
+                       max_completion_length, float(temperature), None if delta is None else float(delta),
+                       use_bias_correction_kl, float(sapo_temperature_pos), float(sapo_temperature_neg))
 
 
 def check_float_input(function, name, t, triton):

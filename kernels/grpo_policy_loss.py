@@ -1,5 +1,6 @@
 """The GRPO loss of packed per-token log-probs (`grpo_loss`): TRL 1.16 `GRPOTrainer._compute_loss`, the forms of
-its loss types "grpo", "bnpo", "dr_grpo", "dapo", at token level (GRPO) or sequence level (GSPO).
+its loss types "grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", at token level (GRPO) or sequence
+level (GSPO).
 
 Batches are packed and padding-free: every per-token tensor is flat [N] (the completion tokens of all sequences
 of the micro-batch, one after another); `seq_ids[N]` names each token's sequence in 0..S-1 (the tokens of a
@@ -9,14 +10,20 @@ sequence need not be contiguous); per-sequence tensors are [S]. With old_t the s
     sequence level (GSPO):   lr_t = lr_s = sum_{u in s} m_u (logp_u - old_u) / max(sum_{u in s} m_u, 1)
                              (Zheng et al., 2025, arXiv:2507.18071)
     r_t = exp(lr_t),  A_t = advantages[s(t)]
-    pl_t = -min(r_t A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t) * w_t      (w_t: importance_weights, 1)
-    kl_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1                        (k3 estimator, Schulman 2020)
+    pl_t = -min(r'_t A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t) * w_t     (w_t: importance_weights, 1;
+                                                   r' = min(r, delta) with two-sided clipping, else r)
+         = -sg[min(r_t, eps_high)] A_t logp_t * w_t                          ("cispo"; sg: no gradient)
+         = -sigmoid(tau_t (r_t - 1)) (4 / tau_t) A_t * w_t                   ("sapo"; tau_t = sapo_temperature_pos
+                                                                             when A_t > 0, else ..._neg)
+    kl_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1                        (k3 estimator, Schulman 2020;
+                                                   times r_t with use_bias_correction_kl, token level only)
     l_t  = pl_t + beta * kl_t
     loss = sum_t m_t c_s(t) l_t, the normaliser c_s by loss type, with GLOBAL counts (S_g = num_sequences or
     the local S; D_g = num_items_in_batch or the local masked token count):
-        "grpo":     c_s = 1 / (max(n_s, 1) * S_g)      n_s = masked tokens of sequence s (local: a sequence lives
+        "grpo", "sapo": c_s = 1 / (max(n_s, 1) * S_g)  n_s = masked tokens of sequence s (local: a sequence lives
                                                        in one micro-batch)
-        "dapo":     c_s = 1 / max(D_g, 1)              one token mean over the whole step
+        "dapo", "cispo": c_s = 1 / max(D_g, 1)         one token mean over the whole step
+        "luspo":    c_s = 1 / S_g                      a sum over each sequence's tokens, averaged over sequences
         "bnpo":     c_s = 1 / max(D, 1)                D = this call's own masked token count, always (TRL's
                                                        bnpo: the micro-batch's token mean; num_items_in_batch is
                                                        not used, and the caller averages over its micro-batches)
@@ -26,7 +33,11 @@ step (a trainer whose gradient reduction averages over ranks multiplies by the w
 (TRL divides each by its gradient accumulation steps). Fully-masked sequences add 0.
 Gradient (clipping makes pl flat in r where TRL flags a token as clipped):
     g_t = d pl_t / d lr_t = 0 if (r_t < 1 - eps_low and A_t < 0) or (r_t > 1 + eps_high and A_t > 0)
+                               or (r_t > delta and A_t < 0)   (delta > 1 + eps_high is required)
                             else -A_t r_t w_t
+          cispo: d pl_t / d logp_t = -min(r_t, eps_high) A_t w_t (at either level: the ratio is a constant)
+          sapo:  g_t = -4 A_t r_t s_t (1 - s_t) w_t, s_t = sigmoid(tau_t (r_t - 1))
+          bias-corrected KL: d (beta kl_t r_t) / d logp_t = beta r_t (1 - exp(ref_t - logp_t) + kl_t)
     token level:     d loss / d logp_t = m_t c_s (g_t + beta (1 - exp(ref_t - logp_t)))
     sequence level:  d loss / d logp_u = m_u c_s (-A_s r_s wbar_s [unless clipped] + beta (1 - exp(ref_u - logp_u)))
                      wbar_s = sum_{t in s} m_t w_t / max(n_s, 1)
@@ -35,8 +46,11 @@ Log-ratios are not clamped before exp, as in TRL: r overflows fp32 only past log
 diverged, and then the loss should read inf rather than a clamped number. Per-sequence sums (sequence-level
 log-ratios, importance weights) use `index_add_`, whose adds are atomic and in no fixed order on CUDA (not
 bitwise reproducible run to run at sequence level; token counts are exact).
-Not supported (TRL options): the loss types "cispo", "sapo", "luspo", "vespo"; `delta`; the KL bias correction;
-top-entropy masking; the off-policy mask.
+Clip statistics: TRL's for the clipped types; for cispo the high count is TRL's cispo_clip_ratio numerator
+(r > eps_high and A > 0) and the low count 0; sapo clips nothing (both 0).
+Not supported (TRL options; kernels/trl_compat.py refuses them by name): the loss type "vespo";
+top_entropy_quantile; off_policy_mask_threshold; the entropy bonus; use_bias_correction_kl at sequence level;
+delta <= 1 + epsilon_high.
 """
 from __future__ import annotations
 
@@ -93,7 +107,13 @@ def _grpo_token_kernel(
     beta,
     clip_low,  # 1 - eps_low
     clip_high,  # 1 + eps_high
+    ratio_cap,  # delta (HAS_DELTA), or eps_high (LOSS_KIND 1, cispo)
+    sapo_pos,  # sapo temperatures (LOSS_KIND 2)
+    sapo_neg,
     # Compile-time switches
+    LOSS_KIND: tl.constexpr,  # 0 clipped surrogate, 1 cispo, 2 sapo
+    HAS_DELTA: tl.constexpr,
+    BIAS_CORRECTION: tl.constexpr,
     HAS_OLD: tl.constexpr,
     HAS_REF: tl.constexpr,
     KL_IN_LOSS: tl.constexpr,
@@ -128,19 +148,45 @@ def _grpo_token_kernel(
         lr = tl.zeros([BLOCK], dtype=tl.float32)
         grad_w = w
     ratio = tl.exp(lr)
-    # 2. Clipped surrogate; flat in the ratio exactly where TRL counts a token as clipped.
-    clipped_ratio = tl.minimum(tl.maximum(ratio, clip_low), clip_high)
-    loss = -tl.minimum(ratio * adv, clipped_ratio * adv) * w
-    low = (ratio < clip_low) & (adv < 0.0)
-    high = (ratio > clip_high) & (adv > 0.0)
-    grad = tl.where(low | high, 0.0, -adv * ratio) * grad_w
-    # 3. KL to the reference policy (k3): in the loss when beta > 0, in the stats whenever given.
+    # 2. The policy term and its gradient d pl / d lr (cispo: d pl / d logp), by loss kind.
+    if LOSS_KIND == 1:  # cispo: a clipped, constant coefficient on logp
+        cr = tl.minimum(ratio, ratio_cap)
+        loss = -cr * adv * logp * w
+        low = ratio != ratio  # TRL counts no low clipping for cispo (False, NaN aside)
+        high = (ratio > ratio_cap) & (adv > 0.0)
+        grad = -cr * adv * w
+    elif LOSS_KIND == 2:  # sapo: a soft gate instead of clipping
+        tau = tl.where(adv > 0.0, sapo_pos, sapo_neg)
+        gate = tl.sigmoid(tau * (ratio - 1.0))
+        loss = -gate * (4.0 / tau) * adv * w
+        low = ratio != ratio
+        high = ratio != ratio
+        grad = -4.0 * adv * ratio * gate * (1.0 - gate) * grad_w
+    else:  # clipped surrogate; flat in the ratio exactly where TRL counts a token as clipped (or delta caps it)
+        clipped_ratio = tl.minimum(tl.maximum(ratio, clip_low), clip_high)
+        capped = ratio
+        if HAS_DELTA:
+            capped = tl.minimum(ratio, ratio_cap)
+        loss = -tl.minimum(capped * adv, clipped_ratio * adv) * w
+        low = (ratio < clip_low) & (adv < 0.0)
+        high = (ratio > clip_high) & (adv > 0.0)
+        flat = low | high
+        if HAS_DELTA:
+            flat = flat | ((ratio > ratio_cap) & (adv < 0.0))
+        grad = tl.where(flat, 0.0, -adv * ratio) * grad_w
+    # 3. KL to the reference policy (k3): in the loss when beta > 0, in the stats whenever given; times the
+    #    (token) ratio with the bias correction.
     kl = tl.zeros([BLOCK], dtype=tl.float32)
     if HAS_REF:
         delta = tl.load(ref_ptr + offs, mask=ok, other=0.0).to(tl.float32) - logp
         e = tl.exp(delta)
         kl = e - delta - 1.0
-        if KL_IN_LOSS:
+        if BIAS_CORRECTION:
+            if KL_IN_LOSS:
+                loss += beta * kl * ratio
+                grad += beta * ratio * ((1.0 - e) + kl)
+            kl = kl * ratio
+        elif KL_IN_LOSS:
             loss += beta * kl
             grad += beta * (1.0 - e)
     # 4. Outputs: masked, normalised; masked and out-of-range tokens give exact zeros.
@@ -216,11 +262,13 @@ class GRPOStats(NamedTuple):
 def grpo_loss_reference(
     logprobs, old_logprobs, advantages, seq_ids, *, mask=None, ref_logprobs=None, beta=0.0, epsilon_low=0.2,
     epsilon_high=0.2, loss_type="dapo", importance_sampling_level="token", max_completion_length=None,
-    num_items_in_batch=None, num_sequences=None, importance_weights=None,
+    num_items_in_batch=None, num_sequences=None, importance_weights=None, delta=None, use_bias_correction_kl=False,
+    sapo_temperature_pos=1.0, sapo_temperature_neg=1.05,
 ):
     """The definition, TRL's formulas on packed tensors through autograd; same arguments and result as
     `grpo_loss` (module docstring), computed in fp32 (float64 for float64 log-probs)."""
-    opts = loss_options(beta, epsilon_low, epsilon_high, loss_type, importance_sampling_level, max_completion_length)
+    opts = loss_options(beta, epsilon_low, epsilon_high, loss_type, importance_sampling_level, max_completion_length,
+                        1.0, delta, use_bias_correction_kl, sapo_temperature_pos, sapo_temperature_neg)
     inputs = LossInputs(old_logprobs, advantages, seq_ids, mask, ref_logprobs, importance_weights,
                         num_items_in_batch, num_sequences)
     check_logprobs("grpo_loss_reference", logprobs, "logprobs", triton=False)
@@ -259,25 +307,39 @@ def loss_definition(logprobs, inputs: LossInputs, opts: LossOptions):
         log_ratio = (per_seq(log_ratio * m) / count.clamp(min=1))[seq]
     ratio = torch.exp(log_ratio)
     adv = const(inputs.advantages)[seq]
-    clipped = torch.clamp(ratio, 1 - opts.epsilon_low, 1 + opts.epsilon_high)
-    per_token = -torch.min(ratio * adv, clipped * adv)
+    never = torch.zeros_like(ratio, dtype=torch.bool)
+    if opts.loss_type == "cispo":
+        per_token = -torch.clamp(ratio, max=opts.epsilon_high).detach() * adv * logp
+        low, high = never, (ratio > opts.epsilon_high) & (adv > 0)
+    elif opts.loss_type == "sapo":
+        tau = torch.where(adv > 0, opts.sapo_temperature_pos, opts.sapo_temperature_neg)
+        per_token = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv
+        low, high = never, never
+    else:
+        clipped = torch.clamp(ratio, 1 - opts.epsilon_low, 1 + opts.epsilon_high)
+        capped = ratio if opts.delta is None else torch.clamp(ratio, max=opts.delta)
+        per_token = -torch.min(capped * adv, clipped * adv)
+        low = (ratio < 1 - opts.epsilon_low) & (adv < 0)
+        high = (ratio > 1 + opts.epsilon_high) & (adv > 0)
     if inputs.importance_weights is not None:
         per_token = per_token * const(inputs.importance_weights)
     kl = torch.zeros_like(logp)
     if inputs.ref_logprobs is not None:
         delta = const(inputs.ref_logprobs) - logp
         kl = torch.exp(delta) - delta - 1
+        if opts.use_bias_correction_kl:
+            kl = kl * ratio
         if opts.beta != 0.0:
             per_token = per_token + opts.beta * kl
     n_seq_global, n_items = global_counts(inputs, n_seqs, m, opts.loss_type)
-    if opts.loss_type == "grpo":
+    if opts.loss_type in ("grpo", "sapo"):
         loss = (per_seq(per_token * m) / count.clamp(min=1)).sum() / n_seq_global
     elif opts.loss_type == "dr_grpo":
         loss = (per_token * m).sum() / (n_seq_global * opts.max_completion_length)
+    elif opts.loss_type == "luspo":
+        loss = (per_token * m).sum() / n_seq_global
     else:
         loss = (per_token * m).sum() / n_items
-    low = (ratio < 1 - opts.epsilon_low) & (adv < 0)
-    high = (ratio > 1 + opts.epsilon_high) & (adv > 0)
     sums = [m.sum(), (low * m).sum(), (high * m).sum(), (kl * m).sum(), (ratio * m).sum(), m.new_zeros(())]
     return loss, GRPOStats(*(t.detach() for t in sums))
 
@@ -315,10 +377,12 @@ def token_inputs(n, device, inputs: LossInputs, opts: LossOptions, dtype) -> Tok
     n_seqs = inputs.advantages.shape[0]
     count = torch.zeros(n_seqs, dtype=dtype, device=device).index_add_(0, seq, m)
     n_seq_global, n_items = global_counts(inputs, n_seqs, m, opts.loss_type)
-    if opts.loss_type == "grpo":
+    if opts.loss_type in ("grpo", "sapo"):
         coef = 1.0 / (count.clamp(min=1) * n_seq_global)
     elif opts.loss_type == "dr_grpo":
         coef = (1.0 / (n_seq_global * opts.max_completion_length)).expand(n_seqs).contiguous()
+    elif opts.loss_type == "luspo":
+        coef = (1.0 / n_seq_global).expand(n_seqs).contiguous()
     else:
         coef = (1.0 / n_items).expand(n_seqs).contiguous()
     return TokenInputs(const(inputs.old_logprobs), const(inputs.ref_logprobs), const(inputs.importance_weights),
@@ -349,13 +413,27 @@ def _torch_token_terms(logp, tok, seq_lr, seq_w, opts, write_grad):
         lr = logp - tok.old.to(dtype) if tok.old is not None else torch.zeros_like(logp)
         grad_w = w
     ratio = torch.exp(lr)
-    clipped = ratio.clamp(1 - opts.epsilon_low, 1 + opts.epsilon_high)
-    loss = -torch.minimum(ratio * adv, clipped * adv)
+    never = torch.zeros_like(ratio, dtype=torch.bool)
+    if opts.loss_type == "cispo":
+        cr = ratio.clamp(max=opts.epsilon_high)
+        loss, grad = -cr * adv * logp, -cr * adv
+        low, high = never, (ratio > opts.epsilon_high) & (adv > 0)
+        grad_w = w  # the coefficient multiplies each token's own logp, at either level
+    elif opts.loss_type == "sapo":
+        tau = torch.where(adv > 0, opts.sapo_temperature_pos, opts.sapo_temperature_neg)
+        gate = torch.sigmoid(tau * (ratio - 1))
+        loss, grad = -gate * (4 / tau) * adv, -4 * adv * ratio * gate * (1 - gate)
+        low, high = never, never
+    else:
+        clipped = ratio.clamp(1 - opts.epsilon_low, 1 + opts.epsilon_high)
+        capped = ratio if opts.delta is None else ratio.clamp(max=opts.delta)
+        loss = -torch.minimum(capped * adv, clipped * adv)
+        low = (ratio < 1 - opts.epsilon_low) & (adv < 0)
+        high = (ratio > 1 + opts.epsilon_high) & (adv > 0)
+        flat = low | high if opts.delta is None else low | high | ((ratio > opts.delta) & (adv < 0))
+        grad = torch.where(flat, 0.0, -adv * ratio)
     if w is not None:
         loss = loss * w
-    low = (ratio < 1 - opts.epsilon_low) & (adv < 0)
-    high = (ratio > 1 + opts.epsilon_high) & (adv > 0)
-    grad = torch.where(low | high, 0.0, -adv * ratio)
     if grad_w is not None:
         grad = grad * grad_w
     kl = torch.zeros_like(logp)
@@ -363,7 +441,12 @@ def _torch_token_terms(logp, tok, seq_lr, seq_w, opts, write_grad):
         delta = tok.ref.to(dtype) - logp
         e = torch.exp(delta)
         kl = e - delta - 1
-        if opts.beta != 0.0:
+        if opts.use_bias_correction_kl:
+            if opts.beta != 0.0:
+                loss = loss + opts.beta * kl * ratio
+                grad = grad + opts.beta * ratio * ((1 - e) + kl)
+            kl = kl * ratio
+        elif opts.beta != 0.0:
             loss = loss + opts.beta * kl
             grad = grad + opts.beta * (1 - e)
     on = m != 0
@@ -387,6 +470,10 @@ def _launch_token_terms(logp, tok, seq_lr, seq_w, opts, write_grad):
         either(dlogp), terms,
         n, terms.stride(0),
         opts.beta, 1.0 - opts.epsilon_low, 1.0 + opts.epsilon_high,
+        opts.epsilon_high if opts.loss_type == "cispo" else (opts.delta or 0.0),
+        opts.sapo_temperature_pos, opts.sapo_temperature_neg,
+        LOSS_KIND={"cispo": 1, "sapo": 2}.get(opts.loss_type, 0), HAS_DELTA=opts.delta is not None,
+        BIAS_CORRECTION=opts.use_bias_correction_kl,
         HAS_OLD=tok.old is not None, HAS_REF=tok.ref is not None, KL_IN_LOSS=tok.ref is not None and opts.beta != 0,
         HAS_IW=tok.iw is not None, SEQ_LEVEL=seq_level, WRITE_GRAD=write_grad, BLOCK=_TOKEN_BLOCK,
     )
@@ -441,6 +528,7 @@ def _use_triton(backend: str, device: torch.device, dtype: torch.dtype | None = 
 def grpo_loss(logprobs, old_logprobs, advantages, seq_ids, *, mask=None, ref_logprobs=None, beta=0.0,
               epsilon_low=0.2, epsilon_high=0.2, loss_type="dapo", importance_sampling_level="token",
               max_completion_length=None, num_items_in_batch=None, num_sequences=None, importance_weights=None,
+              delta=None, use_bias_correction_kl=False, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05,
               backend="auto"):
     """The GRPO loss of packed per-token log-probs (module docstring): TRL 1.16's `_compute_loss`.
 
@@ -451,7 +539,8 @@ def grpo_loss(logprobs, old_logprobs, advantages, seq_ids, *, mask=None, ref_log
         mask: [N] bool or 0 / 1: tokens that count (None: all).
         ref_logprobs: [N] reference-policy log-probs (needed when beta > 0; gives stats.kl_sum when given).
         beta: KL coefficient >= 0. epsilon_low / epsilon_high: clip range [1 - eps_low, 1 + eps_high].
-        loss_type: "grpo" | "bnpo" | "dr_grpo" | "dapo". importance_sampling_level: "token" | "sequence" (GSPO).
+        loss_type: "grpo" | "bnpo" | "dr_grpo" | "dapo" | "luspo" | "cispo" | "sapo" (module docstring).
+        importance_sampling_level: "token" | "sequence" (GSPO).
         max_completion_length: L_max, needed by "dr_grpo".
         num_items_in_batch: the step's global masked-token count ("dapo"; default: local count; "bnpo" always
             uses the local count, as TRL does).
@@ -459,6 +548,9 @@ def grpo_loss(logprobs, old_logprobs, advantages, seq_ids, *, mask=None, ref_log
             Both may be numbers or one-element tensors (no host sync).
         importance_weights: [N] truncated importance-sampling weights (vLLM vs trainer), multiplying the
             policy term before the KL term is added (TRL's importance_sampling_ratio).
+        delta: None, or two-sided clipping's upper bound on the ratio (> 1 + epsilon_high; clipped types).
+        use_bias_correction_kl: the KL term times the ratio (token level).
+        sapo_temperature_pos / sapo_temperature_neg: SAPO's gate temperatures for A > 0 / A <= 0.
         backend: "auto" | "triton" | "reference" (the autograd definition).
 
     Dtypes (kernels/dispatch.py's policy): every float input fp16 / bf16 / fp32 on both paths, computed in fp32;
@@ -469,7 +561,8 @@ def grpo_loss(logprobs, old_logprobs, advantages, seq_ids, *, mask=None, ref_log
     the argument. Value checks (seq_ids in range, mask 0 / 1) run on CPU tensors only: no host sync on an
     accelerator (kernels/grpo_inputs.py).
     """
-    opts = loss_options(beta, epsilon_low, epsilon_high, loss_type, importance_sampling_level, max_completion_length)
+    opts = loss_options(beta, epsilon_low, epsilon_high, loss_type, importance_sampling_level, max_completion_length,
+                        1.0, delta, use_bias_correction_kl, sapo_temperature_pos, sapo_temperature_neg)
     inputs = LossInputs(old_logprobs, advantages, seq_ids, mask, ref_logprobs, importance_weights,
                         num_items_in_batch, num_sequences)
     triton_path = _use_triton(backend, logprobs.device, logprobs.dtype)

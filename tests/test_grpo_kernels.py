@@ -871,20 +871,23 @@ def _advantage_launch(rewards_dtype, n_groups, group_size, scale, std_given=Fals
 
 
 def _token_launch(logp="fp32", old="fp32", ref="fp32", iw="fp32", *, has_old, has_ref, kl, has_iw, seq, grad,
-                  n=1000):
+                  n=1000, kind=0, delta=False, bias_correction=False):
     """`_launch_token_terms`' launch of _grpo_token_kernel: a pointer whose flag is off is the fp32 mask."""
     args = dict(
         logp_ptr=f"*{logp}", old_ptr=f"*{old}" if has_old else "*fp32", ref_ptr=f"*{ref}" if has_ref else "*fp32",
         iw_ptr=f"*{iw}" if has_iw else "*fp32", mask_ptr="*fp32", seq_ptr="*i64", adv_ptr="*fp32", coef_ptr="*fp32",
         seq_lr_ptr="*fp32", seq_w_ptr="*fp32", dlogp_ptr="*fp32", terms_ptr="*fp32", beta="fp32", clip_low="fp32",
-        clip_high="fp32", **({} if n == 1 else dict(n_tokens="i32", terms_stride="i32")),
+        clip_high="fp32", ratio_cap="fp32", sapo_pos="fp32", sapo_neg="fp32",
+        **({} if n == 1 else dict(n_tokens="i32", terms_stride="i32")),
     )
-    switches = dict(HAS_OLD=has_old, HAS_REF=has_ref, KL_IN_LOSS=kl, HAS_IW=has_iw, SEQ_LEVEL=seq, WRITE_GRAD=grad)
-    constexprs = dict(**switches, BLOCK=grpo_policy_loss._TOKEN_BLOCK,
+    switches = dict(HAS_DELTA=delta, BIAS_CORRECTION=bias_correction, HAS_OLD=has_old, HAS_REF=has_ref, KL_IN_LOSS=kl, HAS_IW=has_iw, SEQ_LEVEL=seq, WRITE_GRAD=grad)
+    constexprs = dict(**switches, LOSS_KIND=kind, BLOCK=grpo_policy_loss._TOKEN_BLOCK,
                       **(dict(n_tokens=1, terms_stride=1) if n == 1 else {}))
     flags = "-".join(k.lower() for k, on in switches.items() if on) or "none"
     dtypes = logp if len({logp, old, ref, iw}) == 1 else f"{logp}-{old}-{ref}-{iw}"
-    return _sm90("_grpo_token_kernel", args, constexprs, aligned=n != 1, name=f"token-{dtypes}-{flags}-n{n}")
+    kind_name = ("", "-cispo", "-sapo")[kind]
+    return _sm90("_grpo_token_kernel", args, constexprs, aligned=n != 1,
+                 name=f"token-{dtypes}-{flags}{kind_name}-n{n}")
 
 
 def _row_launch(kernel, logits_dtype, v, entropy=None):
@@ -926,6 +929,13 @@ SM90_LAUNCHES = [
     _token_launch("bf16", "fp32", "fp32", "fp32", has_old=True, has_ref=True, kl=False, has_iw=True, seq=True,
                   grad=False),
     _token_launch(has_old=True, has_ref=True, kl=True, has_iw=True, seq=False, grad=True, n=1),
+    # TRL's newer options: cispo and sapo at both levels, delta, the bias-corrected KL.
+    *(_token_launch(has_old=True, has_ref=True, kl=True, has_iw=True, seq=s, grad=True, kind=k)
+      for k in (1, 2) for s in (False, True)),
+    _token_launch("bf16", "bf16", "bf16", "bf16", has_old=True, has_ref=True, kl=True, has_iw=True, seq=True,
+                  grad=True, delta=True),
+    *(_token_launch(has_old=True, has_ref=True, kl=kl, has_iw=True, seq=False, grad=True, kind=k,
+                    bias_correction=True) for k in (0, 1) for kl in (False, True)),
     # fused_linear_logprobs / the fused losses: logits in the input dtype, each BLOCK_V / num_warps step, V = 1.
     *(_row_launch("_logprob_rows_kernel", dtype, 53, entropy) for dtype in _FLOAT_TYPES for entropy in (False, True)),
     *(_row_launch("_logprob_rows_kernel", "bf16", v, True) for v in (3000, 152064, 1)),

@@ -8,6 +8,7 @@ compared is TRL's own loss code, not a transcription of it.
 """
 
 import itertools
+import types
 from collections import defaultdict
 from types import SimpleNamespace
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 import kernels.grpo as grpo
+import kernels.trl_compat as trl_compat
 from tests.closeness import assert_close
 from tests.tolerances import reduction_atol, reduction_rtol, tiny_atol
 
@@ -35,6 +37,9 @@ class IdentityAccelerator:
         return tensor
 
     def gather(self, tensor):
+        return tensor
+
+    def pad_across_processes(self, tensor, dim=0, pad_index=0):
         return tensor
 
     gather_for_metrics = gather
@@ -62,21 +67,25 @@ def padded_batch(seed=0):
     )
 
 
-def trl_loss(batch, loss_type, level, beta, with_iw, eps=(0.2, 0.28), accumulation=1):
+def trl_loss(batch, loss_type, level, beta, with_iw, eps=(0.2, 0.28), accumulation=1, top_entropy_quantile=1.0,
+             off_policy_mask_threshold=None, **options):
     """TRL's `_compute_loss` on the padded batch as one of `accumulation` micro-batches of a step: (loss,
     d loss / d logps [B, T], logged metrics)."""
     logps = batch["logps"].clone().requires_grad_()
     b, t = logps.shape
     stand_in = SimpleNamespace(
         _get_per_token_logps_and_entropies=lambda *args, **kwargs: (logps, batch["entropies"], None),
-        aux_loss_enabled=False, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
+        aux_loss_enabled=False, top_entropy_quantile=top_entropy_quantile,
+        off_policy_mask_threshold=off_policy_mask_threshold, get_off_policy_mask=GRPOTrainer.get_off_policy_mask,
         importance_sampling_level=level, beta=beta, loss_type=loss_type, epsilon_low=eps[0], epsilon_high=eps[1],
-        args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1),
+        args=SimpleNamespace(**{**dict(use_bias_correction_kl=False, delta=None, sapo_temperature_pos=1.0,
+                                        sapo_temperature_neg=1.05), **options}, steps_per_generation=1),
         use_vllm=with_iw, vllm_importance_sampling_correction=with_iw, model=SimpleNamespace(training=True),
         current_gradient_accumulation_steps=accumulation, max_completion_length=T_MAX,
         accelerator=IdentityAccelerator(),
         _metrics={"train": defaultdict(list)}, _entropy_bonus_enabled=False,
     )
+    stand_in.get_high_entropy_mask = types.MethodType(GRPOTrainer.get_high_entropy_mask, stand_in)
     mask = batch["completion_mask"] * batch["tool_mask"]
     inputs = dict(
         prompt_ids=torch.zeros(b, 3, dtype=torch.long), prompt_mask=torch.ones(b, 3, dtype=torch.long),
@@ -222,3 +231,118 @@ def test_group_advantages_equal_trl(backend, scale):
         atol = atol / (denom + 1e-4)
         assert_close(ours.advantages, trl_advantages(rewards, group_size, scale), atol=atol,
                      rtol=reduction_rtol(torch.float32, n, chain=3), name=f"advantages vs TRL ({scale}, G={group_size})")
+
+
+# TRL 1.16's newer options: the loss types luspo, cispo, sapo; two-sided clipping (delta); the bias-corrected KL.
+# Each (loss_type, level, options, eps); both betas, with the vLLM importance-sampling ratios.
+OPTION_CASES = [
+    ("luspo", "token", {}, (0.2, 0.28)),
+    ("luspo", "sequence", {}, (0.2, 0.28)),
+    ("cispo", "token", {}, (0.2, 1.1)),
+    ("cispo", "sequence", {}, (0.2, 1.1)),
+    ("sapo", "token", dict(sapo_temperature_pos=1.0, sapo_temperature_neg=1.05), (0.2, 0.28)),
+    ("sapo", "sequence", dict(sapo_temperature_pos=0.7, sapo_temperature_neg=2.0), (0.2, 0.28)),
+    ("grpo", "token", dict(delta=1.35), (0.2, 0.28)),
+    ("dapo", "sequence", dict(delta=1.3), (0.2, 0.28)),
+    ("dapo", "token", dict(use_bias_correction_kl=True), (0.2, 0.28)),
+    ("cispo", "token", dict(use_bias_correction_kl=True), (0.2, 1.1)),
+]
+OPTION_BACKEND_CASES = [("reference", *c, beta) for c in OPTION_CASES for beta in (0.0, 0.04)] + [
+    pytest.param("triton", *c, 0.04, marks=pytest.mark.triton) for c in OPTION_CASES]
+
+
+@pytest.mark.parametrize("backend,loss_type,level,options,eps,beta", OPTION_BACKEND_CASES)
+def test_newer_trl_options_equal_trl(backend, loss_type, level, options, eps, beta):
+    batch = padded_batch(seed=2)
+    trl_value, trl_grad, metrics = trl_loss(batch, loss_type, level, beta, True, eps=eps, **options)
+    p, real = packed(batch)
+    logprobs = p.pop("logprobs").clone().requires_grad_()
+    loss, stats = grpo.grpo_loss(
+        logprobs, p.pop("old_logprobs"), p.pop("advantages"), p.pop("seq_ids"), beta=beta, loss_type=loss_type,
+        importance_sampling_level=level, epsilon_low=eps[0], epsilon_high=eps[1], max_completion_length=T_MAX,
+        num_items_in_batch=p["mask"].sum(), backend=backend, **options, **p,
+    )
+    loss.backward()
+    n = int(real.sum())
+    spread = max(t.abs().max().item() for t in (logprobs.detach(), batch["old"][real], batch["ref"][real]))
+    rtol = reduction_rtol(torch.float32, n, chain=3) * (1 + 2 * spread)
+    magnitude = (logprobs.grad.abs().sum().item() + abs(trl_value.item())) * (1 + spread)  # cispo: A r logp terms
+    assert_close(loss.detach(), trl_value, atol=rtol * magnitude, rtol=0.0, name=f"loss vs TRL ({loss_type}, {level})")
+    assert_close(logprobs.grad, trl_grad[real], atol=rtol * trl_grad.abs().max().item(), rtol=rtol,
+                 name="d loss / d logprobs vs TRL")
+    assert trl_grad[~real].abs().max() == 0
+    if beta:
+        assert_close(stats.kl_mean, torch.tensor(metrics["kl"][0]), atol=tiny_atol(torch.float32), rtol=rtol,
+                     name="kl metric")
+    if level == "token" and loss_type == "cispo":
+        assert stats.high_clipped > 0
+        assert_close(stats.clip_high_fraction, torch.tensor(metrics["cispo_clip_ratio"][0]),
+                     atol=tiny_atol(torch.float32), rtol=rtol, name="cispo_clip_ratio")
+    elif level == "token" and loss_type != "sapo":
+        assert_close(stats.clip_region_fraction, torch.tensor(metrics["clip_ratio/region_mean"][0]),
+                     atol=tiny_atol(torch.float32), rtol=rtol, name="clip_ratio/region_mean")
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("quantile,threshold", [(0.6, None), (1.0, 0.05), (0.8, 0.02)])
+def test_entropy_and_off_policy_masks_equal_trl(quantile, threshold, level):
+    """top_entropy_quantile and off_policy_mask_threshold through `policy_term_weights` (the entropies and the
+    current log-probs read first, as a fused caller would from a no-grad fused_linear_logprobs pass)."""
+    batch = padded_batch(seed=3)
+    trl_value, trl_grad, _ = trl_loss(batch, "grpo", level, 0.04, True, top_entropy_quantile=quantile,
+                                      off_policy_mask_threshold=threshold)
+    p, real = packed(batch)
+    logprobs = p.pop("logprobs").clone().requires_grad_()
+    weights = trl_compat.policy_term_weights(
+        p["advantages"], p["seq_ids"], p["mask"], importance_weights=p.pop("importance_weights"), logprobs=logprobs,
+        sampling_logprobs=p["old_logprobs"], off_policy_mask_threshold=threshold, entropies=batch["entropies"][real],
+        top_entropy_quantile=quantile)
+    assert weights is not None and (weights == 0).any()
+    loss, _ = grpo.grpo_loss(logprobs, p.pop("old_logprobs"), p.pop("advantages"), p.pop("seq_ids"), beta=0.04,
+                             loss_type="grpo", importance_sampling_level=level, epsilon_low=0.2, epsilon_high=0.28,
+                             importance_weights=weights, **p)
+    loss.backward()
+    rtol = reduction_rtol(torch.float32, int(real.sum()), chain=3) * 10
+    assert_close(loss.detach(), trl_value, atol=rtol * (1 + abs(trl_value.item())), rtol=0.0, name="loss vs TRL")
+    assert_close(logprobs.grad, trl_grad[real], atol=rtol * trl_grad.abs().max().item(), rtol=rtol,
+                 name="d loss / d logprobs vs TRL")
+
+
+@pytest.mark.parametrize("level,delta", [("token", None), ("sequence", None), ("token", 1.3)])
+def test_clip_metrics_equal_trl(level, delta):
+    """TRL's per-sequence clip metrics (sequence level: over sequences; min / max of per-sequence fractions)."""
+    batch = padded_batch()
+    _, _, metrics = trl_loss(batch, "dapo", level, 0.0, True, **({} if delta is None else dict(delta=delta)))
+    p, _ = packed(batch)
+    ours = trl_compat.trl_clip_metrics(p["logprobs"], p["old_logprobs"], p["advantages"], p["seq_ids"], p["mask"],
+                                       epsilon_low=0.2, epsilon_high=0.28, importance_sampling_level=level, delta=delta)
+    for key, value in ours.items():  # counts divided once: TRL's division rounds to fp32
+        assert value == pytest.approx(metrics[key][0], rel=2 * torch.finfo(torch.float32).eps, abs=1e-15), key
+    if level == "sequence":  # the per-sequence mean is not the token-weighted one here
+        _, stats = grpo.grpo_loss(p["logprobs"], p["old_logprobs"], p["advantages"], p["seq_ids"], mask=p["mask"],
+                                  importance_sampling_level=level, epsilon_low=0.2, epsilon_high=0.28)
+        assert stats.clip_region_fraction.item() != pytest.approx(ours["clip_ratio/region_mean"])
+
+
+def test_grpo_config_maps_or_is_refused_by_name():
+    from trl import GRPOConfig
+
+    config = GRPOConfig(output_dir="/tmp/unused", use_cpu=True, bf16=False, loss_type="sapo", beta=0.02, epsilon=0.1, epsilon_high=0.3,
+                        sapo_temperature_neg=1.5, top_entropy_quantile=0.5, max_completion_length=T_MAX)
+    loss, weights = trl_compat.grpo_loss_kwargs(config)
+    assert loss["loss_type"] == "sapo" and loss["epsilon_low"] == 0.1 and loss["epsilon_high"] == 0.3
+    assert loss["sapo_temperature_neg"] == 1.5 and weights["top_entropy_quantile"] == 0.5
+    batch = padded_batch()
+    p, _ = packed(batch)
+    grpo.grpo_loss(p.pop("logprobs"), p.pop("old_logprobs"), p.pop("advantages"), p.pop("seq_ids"), **loss, **p)
+    for option, value in (("loss_type", "vespo"), ("entropy_coef", 0.01), ("use_adaptive_entropy", True)):
+        bad = types.SimpleNamespace(**{**vars(config), option: value})
+        with pytest.raises(ValueError, match=option):
+            trl_compat.grpo_loss_kwargs(bad)
+    for kwargs, match in ((dict(delta=1.1), "delta"), (dict(use_bias_correction_kl=True,
+                                                            importance_sampling_level="sequence"), "use_bias_corr"),
+                          (dict(loss_type="vespo"), "loss_type")):
+        p, _ = packed(batch)
+        with pytest.raises(ValueError, match=match):
+            grpo.grpo_loss(p.pop("logprobs"), p.pop("old_logprobs"), p.pop("advantages"), p.pop("seq_ids"),
+                           epsilon_high=0.28, **kwargs, **p)
