@@ -116,11 +116,9 @@ def loss_options(beta=0.0, epsilon_low=0.2, epsilon_high=0.2, loss_type="dapo", 
     if loss_type == "dr_grpo" and max_completion_length is None:
         raise ValueError("loss_type='dr_grpo' needs max_completion_length (its normaliser is S * L_max)")
     check_temperature(temperature)
-    if delta is not None:
+    if delta is not None:  # TRL and Liger use it in the clipped loss types only (cispo / sapo: no effect)
         check_finite("delta", delta)
-        if loss_type not in CLIPPED_LOSS_TYPES:
-            raise ValueError(f"delta applies to the clipped loss types {CLIPPED_LOSS_TYPES}, not {loss_type!r}")
-        if not delta > 1.0 + epsilon_high:
+        if loss_type in CLIPPED_LOSS_TYPES and not delta > 1.0 + epsilon_high:
             raise ValueError(f"delta ({delta}) must exceed 1 + epsilon_high ({1.0 + epsilon_high}): a smaller upper "
                              "bound is not supported")
     if not isinstance(use_bias_correction_kl, bool):

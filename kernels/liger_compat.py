@@ -242,3 +242,169 @@ class LigerFusedLinearCrossEntropyLoss(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"ignore_index={self.ignore_index}, lse_square_scale={self.lse_square_scale}, "
                 f"label_smoothing={self.label_smoothing}, reduction={self.reduction!r}, softcap={self.softcap}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# GRPO: Liger's LigerFusedLinearGRPOLoss over the packed fused loss
+# ----------------------------------------------------------------------------------------------------
+
+GRPO_OPTIONS = {
+    "beta": ("computed", "k3 KL; with no reference log-probs and use_ref_model=False the KL is 0, as in Liger"),
+    "compiled": ("accepted", "torch.compile of Liger's loss math; no effect on the result here"),
+    "use_ref_model": ("computed", "reference log-probs from ref_input / ref_weight / ref_bias when not given"),
+    "chunk_size": ("computed", "sequences per chunk -> chunk_size * T rows per chunk"),
+    "epsilon_low": ("computed", ""),
+    "epsilon_high": ("computed", "cispo: the ratio cap"),
+    "loss_type": ("computed", "grpo, bnpo, dr_grpo, dapo, cispo, sapo; luspo at sequence level without KL or "
+                              "vllm_is_ratio (elsewhere Liger's luspo weights unmasked tokens); vespo refused"),
+    "max_completion_length": ("computed", "dr_grpo"),
+    "importance_sampling_level": ("computed", "token, sequence"),
+    "sapo_temperature_pos": ("computed", ""),
+    "sapo_temperature_neg": ("computed", ""),
+    "temperature": ("computed", ""),
+    "delta": ("computed", "must exceed 1 + epsilon_high; refused otherwise"),
+    "use_bias_correction_kl": ("computed", "token level; refused at sequence level"),
+    "vespo_k_pos": ("refused", "vespo only (refused)"),
+    "vespo_lambda_pos": ("refused", "vespo only (refused)"),
+    "vespo_k_neg": ("refused", "vespo only (refused)"),
+    "vespo_lambda_neg": ("refused", "vespo only (refused)"),
+    "bias": ("computed", "forward argument: an extra input column of ones (copies hidden and weight)"),
+    "ref_input / ref_weight / ref_bias": ("computed", "forward arguments"),
+    "vllm_is_ratio": ("computed", "forward argument, [B, T], [B, 1] or [B]"),
+    "num_items_in_batch": ("computed", "forward argument; divided by the world size, as Liger"),
+}
+
+
+def _with_bias_column(hidden, weight, bias):
+    """hidden @ weight.T + bias as one matmul: [hidden, 1] @ [weight, bias].T (exact: the extra term is bias)."""
+    if bias is None:
+        return hidden, weight
+    ones = hidden.new_ones(hidden.shape[0], 1)
+    return torch.cat([hidden, ones], dim=1), torch.cat([weight, bias.to(weight.dtype)[:, None]], dim=1)
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class LigerFusedLinearGRPOLoss(torch.nn.Module):
+    """Liger's `LigerFusedLinearGRPOLoss` (liger_kernel.chunked_loss): the same constructor and forward, batch x
+    time inputs, `(loss, metrics)` back, with metrics = (KL mean when beta != 0, clip fraction), both
+    token-weighted over attention_mask as Liger's. A thin adapter: it flattens the batch (every position a token,
+    attention_mask its mask, the row its sequence) and calls `fused_linear_grpo_loss` once.
+
+    _input [B, T, d], lin_weight [V, d], selected_token_ids [B, T], attention_mask [B, T], advantages [B];
+    ref_per_token_logps / old_per_token_logps [B, T]; ref_input [B, T, d] with ref_weight [V, d] (and ref_bias)
+    give the reference log-probs when they are not passed (use_ref_model); vllm_is_ratio [B, T], [B, 1] or [B].
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.04,
+        compiled: bool = True,
+        use_ref_model: bool = True,
+        chunk_size: int = 1,
+        epsilon_low: float = 0.2,
+        epsilon_high: float = 0.2,
+        loss_type: str = "dapo",
+        max_completion_length: int | None = None,
+        importance_sampling_level: str = "token",
+        sapo_temperature_pos: float = 1.0,
+        sapo_temperature_neg: float = 1.05,
+        temperature: float = 1.0,
+        delta: float | None = None,
+        use_bias_correction_kl: bool = False,
+        vespo_k_pos: float = 2.0,
+        vespo_lambda_pos: float = 3.0,
+        vespo_k_neg: float = 3.0,
+        vespo_lambda_neg: float = 2.0,
+    ):
+        super().__init__()
+        if loss_type == "vespo":
+            raise ValueError("loss_type='vespo' is not supported by fastmath's GRPO kernels")
+        if importance_sampling_level == "sequence" and loss_type in ("cispo", "sapo"):
+            raise ValueError(f"Sequence-level importance sampling is not supported for loss_type='{loss_type}' "
+                             "(Liger's rule)")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size (sequences per chunk) must be a positive int, got {chunk_size!r}")
+        if delta is not None and not delta > 0:
+            raise ValueError(f"delta must be positive, got {delta}")
+        # The remaining checks (ranges, delta > 1 + epsilon_high, ...) are the kernel's own, made at the first call.
+        self.beta, self.compiled, self.use_ref_model, self.chunk_size = beta, compiled, use_ref_model, chunk_size
+        self.epsilon_low, self.epsilon_high, self.loss_type = epsilon_low, epsilon_high, loss_type
+        self.max_completion_length, self.importance_sampling_level = max_completion_length, importance_sampling_level
+        self.sapo_temperature_pos, self.sapo_temperature_neg = sapo_temperature_pos, sapo_temperature_neg
+        self.temperature, self.delta, self.use_bias_correction_kl = temperature, delta, use_bias_correction_kl
+        self.vespo_k_pos, self.vespo_lambda_pos = vespo_k_pos, vespo_lambda_pos
+        self.vespo_k_neg, self.vespo_lambda_neg = vespo_k_neg, vespo_lambda_neg
+
+    def forward(
+        self,
+        _input,
+        lin_weight,
+        selected_token_ids,
+        attention_mask,
+        advantages,
+        bias=None,
+        ref_per_token_logps=None,
+        old_per_token_logps=None,
+        ref_input=None,
+        ref_weight=None,
+        ref_bias=None,
+        vllm_is_ratio=None,
+        num_items_in_batch=None,
+    ):
+        from kernels.grpo_fused_loss import fused_linear_grpo_loss
+        from kernels.grpo_logprobs import fused_linear_logprobs
+
+        if _input.dim() != 3:
+            raise ValueError(f"_input must be [B, T, d], got shape {tuple(_input.shape)}")
+        b, t, d = _input.shape
+        for name, x in (("selected_token_ids", selected_token_ids), ("attention_mask", attention_mask)):
+            if not isinstance(x, torch.Tensor) or x.shape != (b, t):
+                raise ValueError(f"{name} must be [B, T] = ({b}, {t}), got {getattr(x, 'shape', x)}")
+        if not isinstance(advantages, torch.Tensor) or advantages.shape != (b,):
+            raise ValueError(f"advantages must be [B] = ({b},), got {getattr(advantages, 'shape', advantages)}")
+        if self.loss_type == "luspo" and (self.importance_sampling_level != "sequence" or self.beta != 0.0
+                                          or vllm_is_ratio is not None):
+            raise ValueError("loss_type='luspo' is supported at importance_sampling_level='sequence' with beta = 0 "
+                             "and no vllm_is_ratio only (Liger's luspo weights unmasked tokens otherwise)")
+        hidden = _input.reshape(b * t, d)
+        targets = selected_token_ids.reshape(b * t)
+        flat = lambda x: None if x is None else x.reshape(b * t)  # noqa: E731
+        ref = flat(ref_per_token_logps)
+        if ref is None and self.use_ref_model:
+            if ref_input is None or ref_weight is None:
+                raise ValueError("use_ref_model=True needs ref_per_token_logps, or ref_input and ref_weight")
+            with torch.no_grad():
+                ref = fused_linear_logprobs(*_with_bias_column(ref_input.reshape(b * t, -1), ref_weight, ref_bias),
+                                            targets, temperature=self.temperature)
+        iw = None
+        if vllm_is_ratio is not None:
+            ratio = vllm_is_ratio if vllm_is_ratio.dim() == 2 else vllm_is_ratio.reshape(b, 1)
+            if ratio.shape not in ((b, t), (b, 1)):
+                raise ValueError(f"vllm_is_ratio must be [B, T], [B, 1] or [B], got {tuple(vllm_is_ratio.shape)}")
+            iw = ratio.expand(b, t).reshape(b * t)
+        world = _world_size()
+        if num_items_in_batch is None and world > 1 and self.loss_type in ("dapo", "cispo"):
+            num_items_in_batch = attention_mask.float().sum()
+            torch.distributed.all_reduce(num_items_in_batch)  # Liger's normaliser: every rank's tokens
+        if num_items_in_batch is not None:
+            num_items_in_batch = num_items_in_batch / world
+        # Without reference log-probs (use_ref_model=False) Liger's KL is against the policy itself: 0, no gradient.
+        beta = self.beta if ref is not None else 0.0
+        h, w = _with_bias_column(hidden, lin_weight, bias)
+        loss, stats = fused_linear_grpo_loss(
+            h, w, targets, flat(old_per_token_logps), advantages, torch.arange(b, device=_input.device)
+            .repeat_interleave(t), mask=flat(attention_mask), ref_logprobs=ref, beta=beta,
+            epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, loss_type=self.loss_type,
+            importance_sampling_level=self.importance_sampling_level,
+            max_completion_length=self.max_completion_length, num_items_in_batch=num_items_in_batch,
+            importance_weights=iw, temperature=self.temperature, chunk_size=self.chunk_size * t, delta=self.delta,
+            use_bias_correction_kl=self.use_bias_correction_kl, sapo_temperature_pos=self.sapo_temperature_pos,
+            sapo_temperature_neg=self.sapo_temperature_neg,
+        )
+        clip = (stats.low_clipped + stats.high_clipped) / stats.tokens.clamp(min=1)
+        metrics = (clip,) if self.beta == 0.0 else (stats.kl_mean if ref is not None else clip.new_zeros(()), clip)
+        return loss, metrics

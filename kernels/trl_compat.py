@@ -31,7 +31,7 @@ TRL_OPTIONS = {
     "beta": ("computed", "k3 KL to ref_logprobs"),
     "epsilon": ("computed", "epsilon_low"),
     "epsilon_high": ("computed", "epsilon_high (cispo: the ratio cap)"),
-    "delta": ("computed", "must exceed 1 + epsilon_high; clipped loss types"),
+    "delta": ("computed", "must exceed 1 + epsilon_high; no effect on cispo / sapo, as in TRL"),
     "importance_sampling_level": ("computed", "token, sequence (GSPO)"),
     "max_completion_length": ("computed", "dr_grpo's normaliser"),
     "temperature": ("computed", "fused loss: logits / T"),

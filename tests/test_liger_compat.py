@@ -188,3 +188,129 @@ def test_functional_refusals():
         compat.liger_fused_linear_cross_entropy(hidden, weight, target, return_z_loss=1)
     with pytest.raises(ValueError, match="ce_weight must"):
         compat.liger_fused_linear_cross_entropy(hidden, weight, target, None, torch.ones(4))
+
+
+# --------------------------------------------------------------------------------------------------
+# GRPO: LigerFusedLinearGRPOLoss (Liger's is PyTorch: compiled=False runs it on CPU without the interpreter)
+# --------------------------------------------------------------------------------------------------
+
+liger_grpo = pytest.importorskip("liger_kernel.chunked_loss.grpo_loss")
+
+
+def grpo_batch(b=3, t=47, d=31, v=123, seed=0, bias=False):
+    """Liger's "random shape" (3, 47, 31, 123): policy and reference hidden states, masks with padding, old and
+    reference log-probs near the policy's, advantages of both signs."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(b, t, d, generator=gen) / d**0.5).requires_grad_()
+    weight = (torch.randn(v, d, generator=gen) * 2).requires_grad_()
+    lin_bias = (torch.randn(v, generator=gen) * 0.1).requires_grad_() if bias else None
+    ids = torch.randint(0, v, (b, t), generator=gen)
+    mask = torch.ones(b, t, dtype=torch.long)
+    mask[0, 30:] = 0
+    mask[1, :5] = 0
+    with torch.no_grad():
+        logits = (hidden @ weight.T + (0 if lin_bias is None else lin_bias))
+        logp = torch.log_softmax(logits, -1).gather(-1, ids[..., None]).squeeze(-1)
+    return dict(
+        _input=hidden, lin_weight=weight, selected_token_ids=ids, attention_mask=mask,
+        advantages=torch.tensor([1.3, -0.7, 0.4][:b]), bias=lin_bias,
+        ref_per_token_logps=logp + 0.1 * torch.randn(b, t, generator=gen),
+        old_per_token_logps=logp + 0.25 * torch.randn(b, t, generator=gen),
+        ref_input=(hidden.detach() + 0.05 * torch.randn(b, t, d, generator=gen)),
+        ref_weight=weight.detach() + 0.05 * torch.randn(v, d, generator=gen),
+        ref_bias=None if lin_bias is None else lin_bias.detach() * 0.9,
+        vllm_is_ratio=0.8 + 0.4 * torch.rand(b, t, generator=gen),
+    )
+
+
+def run_grpo(module, batch, **drop):
+    args = {k: v for k, v in batch.items() if k not in drop}
+    leaves = [args["_input"], args["lin_weight"]] + ([args["bias"]] if args.get("bias") is not None else [])
+    for x in leaves:
+        x.grad = None
+    loss, metrics = module(**args)
+    (loss * 1.5).backward()
+    return [loss.detach(), *[m.detach() for m in metrics], *[x.grad.clone() for x in leaves]], len(metrics)
+
+
+# Liger's test_correctness grid, one case per (loss type, level), the other parameters rotated through its values:
+# (beta, eps_low, eps_high, temperature), (use_ref_model, ref log-probs given, old log-probs given), delta, bias.
+_SETTINGS = [(0.1, 0.2, 0.2, 1.0), (0.0, 0.1, 0.1, 2.0)]
+_REFS = [(True, True, True), (True, False, False), (False, False, True)]
+GRPO_CASES = [
+    (loss_type, level, _SETTINGS[i % 2], _REFS[i % 3], (None, 2.0)[(i // 2) % 2], i % 3 == 1)
+    for i, (loss_type, level) in enumerate(
+        (lt, lv) for lt in ("bnpo", "grpo", "dr_grpo", "dapo", "cispo", "sapo") for lv in ("token", "sequence"))
+    if not (level == "sequence" and loss_type in ("cispo", "sapo"))
+] + [("luspo", "sequence", (0.0, 0.2, 0.2, 1.0), (False, False, True), None, False)]
+
+
+@pytest.mark.parametrize("loss_type,level,settings,refs,delta,bias", GRPO_CASES)
+def test_grpo_module_equals_liger(loss_type, level, settings, refs, delta, bias):
+    beta, eps_low, eps_high, temperature = settings
+    use_ref_model, give_ref, give_old = refs
+    kwargs = dict(beta=beta, compiled=False, use_ref_model=use_ref_model, epsilon_low=eps_low, epsilon_high=eps_high,
+                  loss_type=loss_type, max_completion_length=64, importance_sampling_level=level,
+                  temperature=temperature, delta=delta)
+    batch = grpo_batch(bias=bias)
+    drop = {"vllm_is_ratio"} | ({"ref_per_token_logps"} if not give_ref else set()) | \
+        ({"old_per_token_logps"} if not give_old else set())
+    ours, n_ours = run_grpo(compat.LigerFusedLinearGRPOLoss(**kwargs), batch, **dict.fromkeys(drop))
+    theirs, n_theirs = run_grpo(liger_grpo.LigerFusedLinearGRPOLoss(**kwargs), batch, **dict.fromkeys(drop))
+    assert n_ours == n_theirs
+    names = ["loss", *(["kl metric"] if n_ours == 2 else []), "clip metric", "d input", "d weight", "d bias"]
+    # Two fp32 evaluations: the log-softmax over V, the sums over the batch's tokens, the gradient matmuls.
+    tol = tolerances.reduction_rtol(torch.float32, 3 * 47 + 123, chain=4)
+    for name, a, b in zip(names, ours, theirs):
+        assert_close(a, b, atol=tol * b.abs().max().item() + tolerances.tiny_atol(torch.float32), rtol=tol, name=name)
+
+
+@pytest.mark.parametrize("loss_type,beta", [("dapo", 0.1), ("cispo", 0.0), ("sapo", 0.1), ("grpo", 0.0)])
+def test_grpo_module_vllm_is_ratio_and_bias_correction_equal_liger(loss_type, beta):
+    """Liger's test_correctness_with_vllm_is_ratio ([B, T] and [B, 1] ratios) and, for dapo / grpo, its
+    test_correctness_with_bias_correction_kl (token level), with num_items_in_batch."""
+    batch = grpo_batch(seed=1)
+    for ratio in (batch["vllm_is_ratio"], batch["vllm_is_ratio"][:, :1]):
+        kwargs = dict(beta=beta, compiled=False, loss_type=loss_type, epsilon_high=3.0 if loss_type == "cispo" else 0.2,
+                      use_bias_correction_kl=loss_type in ("dapo", "grpo"))
+        args = dict(batch, vllm_is_ratio=ratio, num_items_in_batch=torch.tensor(150.0))
+        ours, _ = run_grpo(compat.LigerFusedLinearGRPOLoss(**kwargs), args)
+        theirs, _ = run_grpo(liger_grpo.LigerFusedLinearGRPOLoss(**kwargs), args)
+        tol = tolerances.reduction_rtol(torch.float32, 3 * 47 + 123, chain=4)
+        for a, b in zip(ours, theirs):
+            assert_close(a, b, atol=tol * b.abs().max().item() + tolerances.tiny_atol(torch.float32), rtol=tol,
+                         name=f"{loss_type}")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("loss_type,level", [("dapo", "token"), ("grpo", "sequence")])
+def test_grpo_module_triton_path_equals_liger(loss_type, level):
+    """The adapter on the Triton path (interpreted), bias and reference model included."""
+    batch = grpo_batch(b=2, t=13, bias=True)
+    kwargs = dict(beta=0.1, compiled=False, loss_type=loss_type, importance_sampling_level=level, delta=2.0)
+    ours, _ = run_grpo(compat.LigerFusedLinearGRPOLoss(**kwargs), batch, ref_per_token_logps=None)
+    theirs, _ = run_grpo(liger_grpo.LigerFusedLinearGRPOLoss(**kwargs), batch, ref_per_token_logps=None)
+    tol = tolerances.reduction_rtol(torch.float32, 2 * 13 + 123, chain=4)
+    for a, b in zip(ours, theirs):
+        assert_close(a, b, atol=tol * b.abs().max().item() + tolerances.tiny_atol(torch.float32), rtol=tol,
+                     name=loss_type)
+
+
+def test_grpo_signature_and_refusals():
+    for name in ("__init__", "forward"):
+        a = inspect.signature(getattr(compat.LigerFusedLinearGRPOLoss, name)).parameters
+        b = inspect.signature(getattr(liger_grpo.LigerFusedLinearGRPOLoss, name)).parameters
+        assert list(a) == list(b) and [p.default for p in a.values()] == [p.default for p in b.values()], name
+    with pytest.raises(ValueError, match="vespo"):
+        compat.LigerFusedLinearGRPOLoss(loss_type="vespo")
+    with pytest.raises(ValueError, match="Sequence-level"):
+        compat.LigerFusedLinearGRPOLoss(loss_type="cispo", importance_sampling_level="sequence")
+    batch = grpo_batch()
+    with pytest.raises(ValueError, match="delta"):
+        compat.LigerFusedLinearGRPOLoss(delta=1.1)(**batch)
+    with pytest.raises(ValueError, match="luspo"):
+        compat.LigerFusedLinearGRPOLoss(loss_type="luspo", beta=0.0)(**batch)
+    # Liger's 4th positional argument is attention_mask: a [B, T] mask, not old log-probs.
+    with pytest.raises(ValueError, match="attention_mask"):
+        compat.LigerFusedLinearGRPOLoss()(batch["_input"], batch["lin_weight"], batch["selected_token_ids"],
+                                          batch["old_per_token_logps"][:, :3], batch["advantages"])
