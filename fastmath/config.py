@@ -300,8 +300,37 @@ class EvalConfig:
     vllm_enforce_eager: bool = _opt(False, "Run vLLM's model eagerly (no compile / CUDA-graph warm-up).")
     answer_workers: int = _opt(2, "Processes checking answers with math-verify.")
     answer_timeout_s: float = _opt(5.0, "Time limit per answer check; a timeout counts as wrong and is counted.")
-    output: str = _opt("eval", "Folder under run.output_dir for the table, results.json, samples.jsonl and plot.")
+    output: str = _opt("eval", "Folder under run.output_dir for the table, results.json, samples.jsonl, "
+                       "token_records.jsonl (the token scheduler's training data) and plot.")
+    token_scheduler: str = _opt("", "A trained token scheduler folder (python -m fastmath.token_scheduler train): "
+                                "each problem also gets its predicted budget, reported beside the fixed ones ('' = "
+                                "none).")
     compare: list[str] = _opt([], "Other results.json files (or folders holding one) drawn in the same plot.")
+
+
+@dataclass
+class SchedulerConfig:
+    """The token scheduler (fastmath/token_scheduler.py): a ModernBERT regressor from problem text to the tokens the
+    policy spends, and the rule that turns its prediction into a budget. Defaults: the tiny one for the embedded
+    default; configs/token_scheduler_modernbert_base.yaml holds the seed's settings."""
+
+    model: str = _opt("tiny", "'tiny' = a small ModernBERT built from its config (no download) on the policy's "
+                      "tokenizer; or an HF id / local path of a ModernBERT checkpoint (the seed: "
+                      "answerdotai/ModernBERT-base) and its tokenizer.")
+    tiny_hidden_size: int = _opt(64, "Width of the tiny ModernBERT.")
+    tiny_layers: int = _opt(2, "Layers of the tiny ModernBERT.")
+    tiny_heads: int = _opt(2, "Attention heads of the tiny ModernBERT.")
+    max_length: int = _opt(256, "Problem tokens read (longer problems are cut), as the seed's 256.")
+    label_scale: float = _opt(128.0, "Tokens are regressed as tokens / label_scale (the seed: 12800).")
+    epochs: int = _opt(30, "Passes over the training records (the seed: 3).")
+    batch_size: int = _opt(32, "Problems per optimizer step (the seed: 32).")
+    lr: float = _opt(1e-3, "Peak learning rate, AdamW, cosine to 0 without warmup (the seed: 1e-5).")
+    weight_decay: float = _opt(0.0, "AdamW weight decay (the seed: 0).")
+    val_fraction: float = _opt(0.1, "Records held out to report the prediction error (the seed: 0.1).")
+    margin_ratio: float = _opt(0.5, "Budget rule: ceil(predicted tokens x (1 + margin_ratio) + margin_tokens), "
+                               "clipped to [min_budget, the largest fixed budget].")
+    margin_tokens: int = _opt(0, "Budget rule: tokens added after the ratio.")
+    min_budget: int = _opt(1, "Budget rule: the smallest budget given.")
 
 
 @dataclass
@@ -316,6 +345,7 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
 
 # Keys that moved to another section: a run that still uses one gets an error naming the new key.

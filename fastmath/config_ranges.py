@@ -97,6 +97,19 @@ RANGES = {
     "eval.vllm_cpu_kv_cache_gib": "> 0",
     "eval.answer_workers": "> 0",
     "eval.answer_timeout_s": "> 0",
+    "scheduler.tiny_hidden_size": "> 0",
+    "scheduler.tiny_layers": "> 0",
+    "scheduler.tiny_heads": "> 0",
+    "scheduler.max_length": "> 0",
+    "scheduler.label_scale": "> 0",
+    "scheduler.epochs": "> 0",
+    "scheduler.batch_size": "> 0",
+    "scheduler.lr": "> 0",
+    "scheduler.weight_decay": ">= 0",
+    "scheduler.val_fraction": "[0, 1)",
+    "scheduler.margin_ratio": ">= 0",
+    "scheduler.margin_tokens": ">= 0",
+    "scheduler.min_budget": "> 0",
 }
 
 # Why a bound is where it is, where the range alone does not say it.

@@ -25,6 +25,10 @@ What it does, in order:
        seed's `</think>` stay in the text) against the gold answer with `AnswerChecker`
        (math-verify in a worker pool with a time limit per item; the same path as the GRPO rewards). A
        timed-out check counts as wrong and is reported. Identical (answer, gold) pairs are checked once.
+    5b. Token scheduler (`eval.token_scheduler`, a trained folder): each problem also gets the scheduler's budget
+       (its predicted tokens through the `scheduler.*` margin rule, at most the largest fixed budget), derived from
+       the same samples as a fixed budget is; its row `sched` sits beside the fixed budgets (results.json
+       "scheduled", with the mean budget given).
     6. Metrics (`fastmath/eval_metrics.py` has the definitions): per budget, pass@1 +- its standard error
        (std of per-problem pass rates, ddof 1, / sqrt(problems)), majority-vote accuracy, mean / median
        output tokens, truncation rate. Ranks send their samples to rank 0, which writes:
@@ -32,8 +36,10 @@ What it does, in order:
 Outputs in run.output_dir/<eval.output>/:
     table.md           the table printed to the console
     results.json       settings, data report, answer-check counts, timings, the metrics per budget
-    samples.jsonl      every sample at every budget: problem, id, sample, budget, tokens, truncated, answer,
-                       gold, correct, status (of the answer check), text (judged: pre-filled opening + sample)
+    samples.jsonl      every sample at every budget: problem, id, sample, budget, scheduled, tokens, truncated,
+                       answer, gold, correct, status (of the answer check), text (judged: pre-filled opening + sample)
+    token_records.jsonl  per problem: its text and each sample's tokens at the sampling budget, their mean and the
+                       pass rate: the token scheduler's training data (fastmath/token_scheduler.py)
     accuracy_vs_tokens.png   pass@1 (+- SE) against mean output tokens, one point per budget, one line per
                        model (this one and any `eval.compare` results), as in the seed paper's figure
     metrics.jsonl      the metrics per budget for `run.report_to` (TensorBoard / wandb get the same): one
@@ -73,6 +79,8 @@ class EvalProblem:
     answer: str
     ids: list[int]    # the templated prompt
     prefill: str = ""  # the reasoning opening the templated prompt ends with (Formatter.reasoning_prefix)
+    budget: int | None = None       # the token scheduler's budget for it (eval.token_scheduler), else None
+    predicted: float | None = None  # the scheduler's predicted tokens
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,9 +211,13 @@ def evaluate(generator: Generator, problems: list[EvalProblem], e: EvalConfig, t
         for p, group in zip(chunk, groups):
             for j, c in enumerate(group):
                 stats["generated_tokens"] += len(c.token_ids)
-                for budget, tokens, text, truncated in at_budgets(c, budgets, tokenizer, tokenizer.eos_token_id):
+                seen = at_budgets(c, budgets, tokenizer, tokenizer.eos_token_id)
+                if p.budget is not None:  # the scheduler's own budget for this problem, from the same sample
+                    seen += at_budgets(c, [p.budget], tokenizer, tokenizer.eos_token_id)
+                for n, (budget, tokens, text, truncated) in enumerate(seen):
                     rows.append({"problem": p.key, "id": p.id, "sample": j, "budget": budget, "tokens": tokens,
-                                 "truncated": truncated, "text": p.prefill + text, "gold": p.answer})
+                                 "truncated": truncated, "text": p.prefill + text, "gold": p.answer,
+                                 "scheduled": n == len(budgets)})
         t1 = time.perf_counter()
         verdicts = check_answers(checker, [r["text"] for r in rows], [r["gold"] for r in rows])
         stats["check_s"] += time.perf_counter() - t1
@@ -213,7 +225,7 @@ def evaluate(generator: Generator, problems: list[EvalProblem], e: EvalConfig, t
             r.update(answer=answer, correct=correct, status=status)
         records += rows
         for r in rows:
-            if r["budget"] == budgets[-1]:
+            if r["budget"] == budgets[-1] and not r["scheduled"]:
                 shown["n"] += 1
                 shown["correct"] += r["correct"]
                 shown["tokens"] += r["tokens"]
@@ -225,8 +237,26 @@ def evaluate(generator: Generator, problems: list[EvalProblem], e: EvalConfig, t
 
 
 def metrics_from_records(records: list[dict]) -> list[BudgetMetrics]:
+    """Metrics per fixed budget (the scheduled records are left out; `scheduled_metrics` has them)."""
     return budget_metrics(SampleResult(r["problem"], r["sample"], r["budget"], r["tokens"], r["answer"],
-                                       bool(r["correct"]), bool(r["truncated"])) for r in records)
+                                       bool(r["correct"]), bool(r["truncated"])) for r in records
+                          if not r.get("scheduled"))
+
+
+def scheduled_metrics(records: list[dict], problems: list[EvalProblem]) -> dict | None:
+    """The metrics of the scheduler's per-problem budgets (budget 'scheduled'), with the mean budget given and the
+    mean predicted tokens; None when no scheduler was used."""
+    mine = [r for r in records if r.get("scheduled")]
+    if not mine:
+        return None
+    # One pseudo-budget (1) for all of them: each record keeps its own problem's cut in `tokens` and `truncated`.
+    (m,) = budget_metrics(SampleResult(r["problem"], r["sample"], 1, r["tokens"], r["answer"], bool(r["correct"]),
+                                       bool(r["truncated"])) for r in mine)
+    given = [p for p in problems if p.budget is not None]
+    out = m.to_dict()
+    out.update(budget="scheduled", mean_budget=sum(p.budget for p in given) / len(given),
+               mean_predicted_tokens=sum(p.predicted for p in given) / len(given))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,8 +333,10 @@ def run_eval(config: Config, dist_info: DistInfo) -> dict | None:
     generator = None
     try:
         problems, report = load_problems(config, formatter, checker)
-        mine = problems[dist_info.rank::world]
         budgets = sorted(e.budgets)
+        if e.token_scheduler:
+            schedule_problems(problems, e.token_scheduler, config, budgets[-1])
+        mine = problems[dist_info.rank::world]
         max_model_len = max(len(p.ids) for p in problems) + budgets[-1]
         _check_context(model_path, max_model_len, config.model.trust_remote_code)
         if main:
@@ -335,10 +367,20 @@ def run_eval(config: Config, dist_info: DistInfo) -> dict | None:
         return None
     results, records = build_results(config, model_path, problems, report, gathered, time.perf_counter() - started)
     write_outputs(results, records, out_dir, e.compare)
+    write_token_records(problems, records, max(e.budgets), out_dir)
     for record in tracker_records(results):
         tracker.write(record)
     tracker.close()
     return results
+
+
+def schedule_problems(problems: list[EvalProblem], folder: str, config: Config, max_budget: int) -> None:
+    """Give each problem the token scheduler's budget (scheduler.* margin rule, at most the largest fixed budget)."""
+    from fastmath.token_scheduler import TokenScheduler, rule_of
+
+    scheduler = TokenScheduler(folder, rule_of(config.scheduler))
+    for p, (predicted, budget) in zip(problems, scheduler.budgets([p.text for p in problems], max_budget)):
+        p.predicted, p.budget = predicted, budget
 
 
 def tracker_records(results: dict) -> list[dict]:
@@ -374,6 +416,7 @@ def build_results(config: Config, model_path: str, problems: list[EvalProblem], 
         "time": {"generate_s": max(p["stats"]["generate_s"] for p in gathered),
                  "check_s": max(p["stats"]["check_s"] for p in gathered), "total_s": seconds},
         "metrics": [m.to_dict() for m in metrics],
+        "scheduled": scheduled_metrics(records, problems),
         "config": to_dict(config),
     }
     return results, records
@@ -385,8 +428,8 @@ def write_outputs(results: dict, records: list[dict], out_dir: Path, compare: li
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "samples.jsonl", "w", encoding="utf-8") as handle:
         for r in records:
-            row = {k: r[k] for k in ("problem", "id", "sample", "budget", "tokens", "truncated", "answer", "gold",
-                                     "correct", "status", "text")}
+            row = {k: r[k] for k in ("problem", "id", "sample", "budget", "scheduled", "tokens", "truncated", "answer",
+                                     "gold", "correct", "status", "text")}
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     table = format_table(results)
@@ -394,6 +437,18 @@ def write_outputs(results: dict, records: list[dict], out_dir: Path, compare: li
     print(table, flush=True)
     plot_accuracy_vs_tokens([results, *others], out_dir / "accuracy_vs_tokens.png")
     print(f"eval outputs in {out_dir}", flush=True)
+
+
+def write_token_records(problems: list[EvalProblem], records: list[dict], budget: int, out_dir: Path) -> Path:
+    """token_records.jsonl: per problem, its text and each sample's tokens at the sampling budget (the token
+    scheduler's training data: python -m fastmath.token_scheduler train --records <this folder>)."""
+    from fastmath.token_scheduler import RECORDS_FILE, token_records
+
+    path = out_dir / RECORDS_FILE
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in token_records(problems, records, budget):
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,15 +473,19 @@ def format_table(results: dict) -> str:
              f"| {'budget':>6} | {'pass@1 ± SE':>15} | {f'maj@{k}':>7} | {'mean tokens':>11} | {'median tokens':>13} "
              f"| {'truncated':>9} |",
              f"|{'-' * 7}:|{'-' * 16}:|{'-' * 8}:|{'-' * 12}:|{'-' * 14}:|{'-' * 10}:|"]
-    for m in results["metrics"]:
+    scheduled = [results["scheduled"]] if results.get("scheduled") else []
+    for m in results["metrics"] + scheduled:
         se = "n/a" if m["pass_at_1_se"] is None else f"{100 * m['pass_at_1_se']:.1f}"
         pass1 = f"{100 * m['pass_at_1']:.1f}% ± {se}"
-        lines.append(f"| {budget_name(m['budget']):>6} | {pass1:>15} "
+        name = budget_name(m["budget"]) if m["budget"] != "scheduled" else "sched"
+        lines.append(f"| {name:>6} | {pass1:>15} "
                      f"| {100 * m['majority']:>6.1f}% | {m['mean_tokens']:>11.1f} | {m['median_tokens']:>13.1f} "
                      f"| {100 * m['truncation_rate']:>8.1f}% |")
     checks = results.get("answer_checks", {})
     notes = [f"SE: std of per-problem pass rates (ddof 1) / sqrt({results['problems']})",
              f"maj@{k}: majority vote, ties to the earliest-drawn answer"]
+    if scheduled:
+        notes.append(f"sched: the token scheduler's budget per problem, mean {scheduled[0]['mean_budget']:.1f}")
     if checks.get("timeout") or checks.get("error"):
         notes.append(f"answer checks timed out / failed: {checks.get('timeout', 0)} / {checks.get('error', 0)} "
                      f"(counted wrong)")

@@ -204,7 +204,7 @@ def test_eval_stage_end_to_end_with_vllm(tmp_path, embedded_cache):
     results = _check_outputs(tmp_path / "vllm" / "eval", 3, 2, [6, 20], world=1)
     assert results["engine"] == "VLLMGenerator" and results["data"]["used"] == 3
     assert sum(results["data"]["skipped"].values()) == 3
-    assert results["sampling"] == {"temperature": 1.0, "top_p": 0.9, "min_p": 0.05, "stop": [], "seed": 0}
+    assert results["sampling"] == {"temperature": 1.0, "top_p": 0.9, "min_p": 0.05, "top_k": 0, "stop": [], "seed": 0}
 
 
 def test_eval_stage_on_two_processes(tmp_path, embedded_cache):
