@@ -24,9 +24,12 @@ the seed's options, so an unboxed final answer can count; same pool, same limits
 
 Gold answers (`gold_answer_text`, `AnswerChecker.gold_answers`): a row's answer is used only when it is a
 mathematical value. The rule, applied in this order; the first failure is the row's skip reason:
-    - JSON type: a string, or an int or finite float (converted to text: integers and integral floats as the
-      integer, other floats as their shortest round-trip decimal without an exponent, 0.1 -> "0.1",
-      1e-07 -> "0.0000001"). A boolean is not a number here; null, lists and objects are refused.
+    - JSON type: a string, or a number. A number read from a JSON file is kept as the text the file holds
+      (`fastmath.data.JsonNumber`: `1e23` is 10^23 exactly, not the float 99999999999999991611392; a number
+      written in exponent form is expanded exactly, `1e23` -> "100000000000000000000000", as math-verify reads
+      no exponent); a number from parquet or the hub, an int or finite float, is converted to text (integers and
+      integral floats as the integer, other floats as their shortest round-trip decimal without an exponent,
+      0.1 -> "0.1", 1e-07 -> "0.0000001"). A boolean is not a number here; null, lists and objects are refused.
     - not empty, and not a placeholder for a missing answer (N/A, n.a., ?, -, ...);
     - no prose: no run of two or more letters outside LaTeX commands (`\\frac`, `\\pi`) and `\\text{...}`-like
       groups, unless it is a function or constant name (sin, log, pi, ...). "five", "see solution" and
@@ -49,6 +52,7 @@ from decimal import Decimal
 from multiprocessing.connection import wait
 from typing import Callable
 
+from fastmath.data import JsonNumber
 from fastmath.errors import ConfigError
 
 # Seconds a worker may overrun its item's limit before the parent kills it: the in-worker alarm normally
@@ -87,6 +91,8 @@ def extract_boxed(text: str) -> str | None:
 # ---------------------------------------------------------------------------------------------
 # Gold answers: the rule that decides which are mathematical values
 
+# A JSON number in exponent form is expanded to plain digits up to this exponent; beyond, it is kept as written.
+MAX_EXPANDED_EXPONENT = 400
 _PLACEHOLDERS = {"n/a", "n.a.", "n.a", "na", "none", "null", "nil", "nan", "unknown", "tbd", "?", "-", "--", "...",
                  "\u2014", "\u2013"}
 # Multi-letter names that stand for a function or a constant when written without a backslash.
@@ -109,6 +115,13 @@ def gold_answer_text(value: object) -> tuple[str | None, str | None]:
     """
     if isinstance(value, bool):
         return None, "gold answer is a boolean, not a number"
+    if isinstance(value, JsonNumber):  # a JSON number, judged as the file wrote it, never through a float
+        if value.lstrip("-") in ("NaN", "Infinity"):
+            return None, "gold answer is not a finite number"
+        exact = Decimal(value)
+        if "e" in value.lower() and abs(exact.adjusted()) <= MAX_EXPANDED_EXPONENT:
+            return format(exact, "f"), None  # 1e23 -> "100000000000000000000000", exactly (math-verify reads no 'e')
+        return str(value), None
     if isinstance(value, int):
         return str(value), None
     if isinstance(value, float):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import difflib
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -374,15 +375,24 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     for item in overrides:
         key, sep, text = item.partition("=")
         key = key.strip()
+        replace = key.endswith(":")  # `sft:={...}` replaces the whole section
+        key = key.removesuffix(":").strip()
         if not sep or not key:
             hint = "; pass a config file with --config" if item.endswith((".yaml", ".yml")) else ""
             raise ConfigError(f"override {item!r} must look like key.sub=value{hint}")
         if not all(key.split(".")):
             raise ConfigError(f"override {item!r}: '{key}' is not a dotted key such as sft.lr")
-        _set_dotted(raw, key, _Override(item, text))
+        _apply_override(raw, key, _Override(item, text), replace)
     config = _build(Config, raw, prefix="")
     validate(config)
     return config
+
+
+# Bounds on a config file: its size, the aliases (`*name`) it may use, and how deeply it nests. The shipped configs
+# are under 8 KiB with no alias; a 462-byte file of nested aliases otherwise expands to billions of nodes.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_YAML_ALIASES = 100
+MAX_YAML_DEPTH = 50
 
 
 def _read_config_file(path: Path) -> dict:
@@ -391,7 +401,9 @@ def _read_config_file(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES >> 20} MiB; a config is a few KiB")
+        raw = _load_yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path} is not UTF-8 text") from None
     except yaml.YAMLError as err:
@@ -405,15 +417,54 @@ def _read_config_file(path: Path) -> dict:
     return raw
 
 
+def _load_yaml(text: str):
+    """YAML text through the bounded loader; every failure is a yaml.YAMLError with a one-line problem."""
+    loader = _UniqueKeyLoader(text)
+    try:
+        return loader.get_single_data()
+    except RecursionError:
+        raise yaml.YAMLError(f"nested more than {MAX_YAML_DEPTH} levels deep") from None
+    finally:
+        loader.dispose()
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing a key written twice in one mapping (PyYAML keeps the last silently, so a
-    second `sft:` section would drop the first without a word). Keys merged in with `<<:` may be overridden."""
+    """PyYAML's safe loader, bounded, refusing a key written twice in one mapping (PyYAML keeps the last silently,
+    so a second `sft:` section would drop the first without a word). Keys merged in with `<<:` may be overridden.
+
+    Bounds: at most MAX_YAML_ALIASES aliases (each may stand for a whole tree, so a few nested ones make an
+    exponential document) and MAX_YAML_DEPTH levels of nesting; a key must be a plain scalar."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._aliases = 0
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.events.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_YAML_ALIASES:
+                event = self.peek_event()
+                raise yaml.composer.ComposerError(None, None, f"more than {MAX_YAML_ALIASES} aliases (*name)",
+                                                  event.start_mark)
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                event = self.peek_event()
+                raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_YAML_DEPTH} levels deep",
+                                                  event.start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise yaml.constructor.ConstructorError(None, None, "a key must be a plain name, not a list or a "
+                                                        "mapping", key_node.start_mark)
             key = self.construct_object(key_node, deep=True)
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice", key_node.start_mark)
@@ -448,17 +499,43 @@ class _Override:
         if not self.text.strip():
             return ""
         try:
-            return yaml.safe_load(self.text)
+            return _load_yaml(self.text)
         except yaml.YAMLError as err:
             raise ConfigError(f"override {self.item!r}: the value is not valid YAML: {_yaml_problem(err)} "
                               f"(a list is written [a, b])") from None
 
     def as_text(self) -> str:
         try:
-            value = yaml.safe_load(self.text)
+            value = _load_yaml(self.text)
         except yaml.YAMLError:
             return self.text
         return value if isinstance(value, str) else self.text
+
+
+_SECTIONS = {f.name for f in dataclasses.fields(Config)}
+
+
+def _apply_override(raw: dict, key: str, override: _Override, replace: bool) -> None:
+    """`section={k: v, ...}` merges into the section as the file (and earlier overrides) left it: keys it does not
+    name keep their values. `section:={...}` replaces the whole section, so the keys it does not name take their
+    defaults. Any other key is set as given."""
+    if key not in _SECTIONS:
+        if replace:
+            raise ConfigError(f"override {override.item!r}: ':=' replaces a whole section (such as sft:={{lr: 1e-5}}); "
+                              f"'{key}' is not a section, set it with {key}=value")
+        _set_dotted(raw, key, override)
+        return
+    value = override.parse()
+    if not isinstance(value, dict) or replace:
+        raw[key] = value if isinstance(value, dict) else override  # not a mapping: _build names the problem
+        return
+    section = raw.get(key)
+    if isinstance(section, _Override):
+        section = section.parse()
+    if not isinstance(section, dict):  # absent, or a section whose keys are all commented out
+        section = {}
+    section.update(value)
+    raw[key] = section
 
 
 def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
@@ -508,13 +585,24 @@ def _build(cls, raw: Any, prefix: str):
     return cls(**values)
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 80
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 6
+_SHORT.maxlevel = 2
+
+
+def _shown(value: Any) -> str:
+    """A value's repr for an error message, cut to a few lines' worth however large the value is."""
+    return _SHORT.repr(value)
+
+
 def _check_choices(value: Any, choices: tuple | None, key: str) -> None:
     if not choices:
         return
     for item in value if isinstance(value, list) else [value]:
         if item not in choices:
             hint = " (a list is written [a, b])" if isinstance(value, list) and "," in str(item) else ""
-            raise ConfigError(f"config key '{key}': {item!r} is not one of {list(choices)}{hint}")
+            raise ConfigError(f"config key '{key}': {_shown(item)} is not one of {list(choices)}{hint}")
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -551,7 +639,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     elif hint is str:
         if isinstance(value, (str, int, float, datetime.date)) and not isinstance(value, bool):
             return str(value)
-    raise ConfigError(f"config key '{key}' expects {getattr(hint, '__name__', hint)}, got {value!r}")
+    raise ConfigError(f"config key '{key}' expects {getattr(hint, '__name__', hint)}, got {_shown(value)}")
 
 
 # Text settings that mean nothing when empty ('' would name the current folder or no field at all).

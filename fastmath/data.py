@@ -114,9 +114,46 @@ def _open(path: Path):
         raise DataError(f"data file {path} cannot be read: {err.strerror or first_line(err)}") from None
 
 
+# A JSON-lines row larger than this is skipped unread (counted): parsing it would hold it several times over in
+# memory, and no usable example is that long (data.max_length tokens are a few hundred KiB of text).
+MAX_ROW_BYTES = 16 << 20
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+class JsonNumber(str):
+    """A JSON number as the text the file wrote (`1e23`, `0.1`, `12345678901234567890`): gold answers are judged
+    as written, with no detour through a float. Not a string field's value (`text_field` refuses it)."""
+
+
+def parse_json(text: str):
+    """json.loads, keeping every number as its source text (a JsonNumber) and bounded in nesting by Python's
+    recursion limit (RecursionError for a deeper document)."""
+    return json.loads(text, parse_int=JsonNumber, parse_float=JsonNumber, parse_constant=JsonNumber)
+
+
+def _bounded_lines(handle) -> Iterator[bytes | None]:
+    """The file's lines, each read at most MAX_ROW_BYTES at a time; None for a line longer than that (skipped
+    to its end without holding it)."""
+    first = True
+    while raw := handle.readline(MAX_ROW_BYTES + 1):
+        if first and raw.startswith(UTF8_BOM):  # a UTF-8 byte-order mark, as some editors write
+            raw = raw[len(UTF8_BOM):]
+        first = False
+        if len(raw) > MAX_ROW_BYTES and not raw.endswith(b"\n"):
+            while (rest := handle.readline(1 << 20)) and not rest.endswith(b"\n"):
+                pass
+            yield None
+        else:
+            yield raw
+
+
 def _read_jsonl(path: Path, report: DataReport) -> Iterator[dict]:
     with _open(path) as handle:
-        for line_no, raw in enumerate(handle, start=1):
+        for raw in _bounded_lines(handle):
+            if raw is None:
+                report.rows += 1
+                report.skipped[f"row larger than {MAX_ROW_BYTES >> 20} MiB"] += 1
+                continue
             if not raw.strip():
                 continue
             report.rows += 1
@@ -126,9 +163,12 @@ def _read_jsonl(path: Path, report: DataReport) -> Iterator[dict]:
                 report.skipped["not UTF-8"] += 1
                 continue
             try:
-                row = json.loads(text)
+                row = parse_json(text)
             except json.JSONDecodeError:
                 report.skipped["not valid JSON"] += 1
+                continue
+            except RecursionError:
+                report.skipped["nested too deeply"] += 1
                 continue
             if not isinstance(row, dict):
                 report.skipped["not a JSON object"] += 1
@@ -138,16 +178,18 @@ def _read_jsonl(path: Path, report: DataReport) -> Iterator[dict]:
 
 def _looks_like_json_array(path: Path) -> bool:
     with _open(path) as handle:
-        return handle.read(64).lstrip().startswith(b"[")
+        return handle.read(64).removeprefix(UTF8_BOM).lstrip().startswith(b"[")
 
 
 def _read_json_array(path: Path, report: DataReport) -> Iterator[dict]:
     with _open(path) as handle:
         raw = handle.read()
     try:
-        rows = json.loads(raw.decode("utf-8"))
+        rows = parse_json(raw.removeprefix(UTF8_BOM).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"data file {path} is not a readable JSON array: {err}") from None
+        raise DataError(f"data file {path} is not a readable JSON array: {first_line(err)[:200]}") from None
+    except RecursionError:
+        raise DataError(f"data file {path} is nested too deeply to read as a JSON array") from None
     for row in rows:
         report.rows += 1
         if isinstance(row, dict):
@@ -271,12 +313,35 @@ class TemplateRefused(DataError):
         self.detail = detail
 
 
+PROBE_PROBLEM = "What is 12 + 34?"
+# A row whose text has more characters than CHARS_PER_TOKEN_BOUND x data.max_length is not tokenised: tokenising
+# costs memory in proportion to the text (over 10 GB for one 50 MB row), and at that length the row is longer
+# than max_length for any tokenizer that averages fewer characters per token (real ones average 3-5).
+CHARS_PER_TOKEN_BOUND = 32
+
+
+def _squeezed(text: str) -> str:
+    return "".join(text.split()).lower()
+
+
+def special_token_texts(tokenizer) -> list[str]:
+    """The texts of a tokenizer's special tokens (the ones it matches inside ordinary text), longest first."""
+    texts = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for token in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values():
+        if getattr(token, "special", False):
+            texts.add(str(token.content))
+    return sorted((t for t in texts if t), key=len, reverse=True)
+
+
+def _is_text(value: object) -> bool:
+    return isinstance(value, str) and not isinstance(value, JsonNumber)
+
+
 def conversation_problem(messages: object, field_name: str) -> str | None:
     """Why a chat row cannot be trained on (the skip reason), or None when it can (rules: module doc)."""
     if not isinstance(messages, list) or not messages:
         return f"field '{field_name}' is not a non-empty list of messages"
-    if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-               for m in messages):
+    if not all(isinstance(m, dict) and _is_text(m.get("role")) and _is_text(m.get("content")) for m in messages):
         return f"a message in '{field_name}' is not an object with string 'role' and 'content'"
     roles = [m["role"] for m in messages]
     unknown = [r for r in roles if r not in CHAT_ROLES]
@@ -316,6 +381,7 @@ class Formatter:
     bos: str = "tokenizer"
     mask_pad_tokens: bool = False
     reasoning_prefix: str = field(init=False, default="")
+    special_texts: list[str] = field(init=False, default_factory=list)
     bos_id: int | None = field(init=False, default=None)
 
     def __post_init__(self):
@@ -335,6 +401,31 @@ class Formatter:
             raise ConfigError(f"reasoning_prefill must be one of {list(PREFILL_RULES)}, got {self.reasoning_prefill!r}")
         self.reasoning_prefix = reasoning_prefix(self._render(self.prompt_messages("1 + 1 = ?"), True),
                                                  self.reasoning_prefill)
+        self._probe()
+        self.special_texts = special_token_texts(self.tokenizer)
+
+    def _probe(self) -> None:
+        """Stop on a template or tokenizer that would train on something else than the rows: a probe prompt must
+        render with the problem text and the system prompt, and survive tokenising and decoding."""
+        rendered = self._render(self.prompt_messages(PROBE_PROBLEM), True)
+        shown = rendered if len(rendered) <= 160 else rendered[:160] + "..."
+        if PROBE_PROBLEM not in rendered:
+            raise DataError(f"the chat template does not show the problem: the probe problem {PROBE_PROBLEM!r} renders "
+                            f"as {shown!r}; a template must render the messages it is given (data.chat_template)")
+        if self.system_prompt and self.system_prompt not in rendered:
+            raise DataError(f"the chat template does not show the system prompt: with {self.system_prompt[:60]!r} "
+                            f"the probe renders as {shown!r} (data.chat_template)")
+        ids = self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        decoded = self.tokenizer.decode(ids)
+        if _squeezed(PROBE_PROBLEM) not in _squeezed(decoded):
+            raise DataError(f"the tokenizer loses text: the probe prompt becomes {len(ids)} tokens that decode to "
+                            f"{decoded[:80]!r} (a model folder without tokenizer.json loads a tokenizer that knows "
+                            f"almost nothing; its vocabulary has {len(self.tokenizer)} tokens)")
+
+    def _special_in(self, text: str) -> str | None:
+        """The first special token (as text) that `text` holds: the tokenizer would turn it into the real control
+        token (an end of turn inside a solution), so such a row is skipped and counted, never trained on."""
+        return next((token for token in self.special_texts if token in text), None)
 
     def prompt_messages(self, prompt: str) -> list[dict]:
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
@@ -398,6 +489,16 @@ class Formatter:
         solution = text_field(row, self.solution_field, report) if prompt is not None else None
         if prompt is None or solution is None:
             return None
+        special = self._special_in(prompt) or self._special_in(solution)
+        if special:
+            report.skipped[f"text holds the special token {special!r}"] += 1
+            return None
+        bound = CHARS_PER_TOKEN_BOUND * self.max_length
+        if len(prompt) + len(solution) > bound:
+            if self.overlong == "drop" or len(prompt) >= bound:
+                report.skipped[f"text longer than {bound} characters (32 x max_length), not tokenised"] += 1
+                return None
+            solution = solution[: bound - len(prompt)]  # past max_length tokens anyway; truncated below
         if self.reasoning_prefix:  # the prompt opens the reasoning block: one <think> in the trained text
             solution = without_reasoning_open(solution)
         completion = self.tokenizer(solution, add_special_tokens=False)["input_ids"]
@@ -411,6 +512,14 @@ class Formatter:
         problem = conversation_problem(messages, self.messages_field)
         if problem is not None:
             report.skipped[problem] += 1
+            return None
+        special = next(filter(None, (self._special_in(m["content"]) for m in messages)), None)
+        if special:
+            report.skipped[f"text holds the special token {special!r}"] += 1
+            return None
+        bound = CHARS_PER_TOKEN_BOUND * self.max_length
+        if sum(len(m["content"]) for m in messages) > bound:
+            report.skipped[f"text longer than {bound} characters (32 x max_length), not tokenised"] += 1
             return None
         if self.system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": self.system_prompt}] + messages
@@ -439,7 +548,7 @@ def text_field(row: dict, name: str, report: DataReport) -> str | None:
         report.skipped[f"missing field '{name}'"] += 1
         return None
     value = row[name]
-    if not isinstance(value, str):
+    if not isinstance(value, str) or isinstance(value, JsonNumber):
         report.skipped[f"field '{name}' is not a string"] += 1
         return None
     if not value.strip():

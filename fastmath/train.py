@@ -7,6 +7,7 @@ data, bad checkpoint) ends the run with one line, `fastmath: error: <cause>`, an
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import yaml  # noqa: E402
 
 from fastmath.config import help_text, load_config  # noqa: E402
 from fastmath.errors import FastmathError, one_line  # noqa: E402
+from fastmath.launch_env import check_launch_env  # noqa: E402
 from fastmath.preflight import preflight  # noqa: E402
 
 
@@ -77,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         config = load_config(args.config, args.overrides)
+        check_launch_env(os.environ)  # before anything waits for peers
         preflight(config)  # paths, before seconds to minutes of loading
         run_stages(config)
     except FastmathError as err:
@@ -92,7 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# An error line is read by a person: at most this many characters (a message built from hostile input could
+# otherwise be megabytes long).
+MAX_ERROR_CHARS = 1000
+
+
 def _fail(message: str) -> int:
+    message = " ".join(message.split())
+    if len(message) > MAX_ERROR_CHARS:
+        message = f"{message[:MAX_ERROR_CHARS]}... ({len(message) - MAX_ERROR_CHARS} more characters)"
     print(f"fastmath: error: {message}", file=sys.stderr, flush=True)
     return 2
 

@@ -49,6 +49,8 @@ KINDS = {
     "overwrite": "output folder: {}",
     "lock": "output folder lock: {}",
     "changed": "resume after {}",
+    "env": "`{} train.py`",
+    "template": "{}",
 }
 SKIP_KINDS = ("row", "chat", "prompt")
 
@@ -73,6 +75,17 @@ ARGS = [
     Case("key-below-a-value", "args", "sft.lr.x=1", "config key 'sft.lr' expects float, got {'x': '1'}"),
     Case("section-below-a-value", "args", "run.name=y run.name.x=1", "override run.name.x: 'name' is not a section"),
     Case("section-set-to-a-number", "args", "sft=3", "'sft' must be a mapping, got int"),
+    Case("replace-syntax-on-a-key", "args", "sft.lr:=1e-5",
+         "override 'sft.lr:=1e-5': ':=' replaces a whole section (such as sft:={lr: 1e-5}); 'sft.lr' is not a section, "
+         "set it with sft.lr=value"),
+    Case("replace-section-with-a-number", "args", "sft:=3", "'sft' must be a mapping, got int"),
+    Case("override-alias-bomb", "args",
+         "'sft={a: &a [1,1,1,1,1,1,1,1,1,1], b: &b [" + ",".join(["*a"] * 60) + "], c: [" + ",".join(["*b"] * 60) + "]}'",
+         "override 'sft={a: &a [1,1,1,1,1,1,1,1,1,1], b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a,*a,*a,*a,*a,*a,*a,*a,*a,*a,*a,*a,*a,...",
+         shown="'sft={a: &a [...], b: &b [*a x 60], c: [*b x 60]}' (an alias bomb in an override)"),
+    Case("override-huge-value", "args", "run.seed=" + "x" * 20000,
+         "config key 'run.seed' expects int, got '" + "x" * 37 + "..." + "x" * 38 + "'",
+         shown="run.seed=xxx... (20,000 characters; the error shows 80)"),
     # keys
     Case("unknown-section", "args", "sftt.lr=1", "unknown config key 'sftt'; did you mean 'sft'? (known in this section: ..."),
     Case("unknown-key-typo", "args", "sft.epoch=3",
@@ -260,6 +273,30 @@ YAML = [
     Case("yaml-not-utf8", "yaml", b"run:\n  name: caf\xe9\n", "config file c.yaml is not UTF-8 text"),
     Case("yaml-value-is-a-mapping", "yaml", "run:\n  name: {a: 1}\n", "config key 'run.name' expects str, got {'a': 1}"),
     Case("yaml-stages-null", "yaml", "run:\n  stages:\n", "config key 'run.stages[0]' expects str, got None"),
+    # bounded: aliases, nesting, size, keys
+    Case("yaml-alias-bomb", "yaml", "run:\n  seed: [&a [x,x,x,x,x,x,x,x,x], &b [*a,*a,*a,*a,*a,*a,*a,*a,*a], &c [*b,*b,*b,*b,*b,*b,*b,*b,*b], &d [*c,*c,*c,*c,*c,*c,*c,*c,*c], &e [*d,*d,*d,*d,*d,*d,*d,*d,*d], &f [*e,*e,*e,*e,*e,*e,*e,*e,*e], &g [*f,*f,*f,*f,*f,*f,*f,*f,*f], &h [*g,*g,*g,*g,*g,*g,*g,*g,*g], &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]]\n",
+         "config key 'run.seed' expects int, got [['x', 'x', 'x', 'x', 'x', 'x', ...], [[...], [...], [...], [...], "
+         "[...], [...], ...], [[...], [...], [...], [...], [...], [...], ...], [[...], [...], [...], [...], [...], "
+         "[...], ...], [[...], [...], [...], [...], [...], [...], ...], [[...], [...], [...], [...], [...], [...], "
+         "...], ...]", shown="a 9-level alias bomb in `run.seed` (72 aliases, 9^9 leaves once expanded)"),
+    Case("yaml-alias-bomb-in-a-section", "yaml",
+         "run:\n  name: &a [x,x,x,x,x,x,x,x,x,x]\nsft:\n  lr: &b [" + ",".join(["*a"] * 60) + "]\n  epochs: [" +
+         ",".join(["*b"] * 60) + "]\n", "config file c.yaml is not valid YAML: more than 100 aliases (*name)...",
+         shown="a section whose values are 120 aliases of aliases"),
+    Case("yaml-deep-nesting", "yaml", "sft: " + "[" * 200 + "]" * 200 + "\n",
+         "config file c.yaml is not valid YAML: nested more than 50 levels deep...", shown="`sft: [[[...]]]`, 200 deep"),
+    Case("yaml-very-deep-nesting", "yaml", "sft: " + "[" * 100000 + "\n",
+         "config file c.yaml is not valid YAML: nested more than 50 levels deep...",
+         shown="`sft: [[[...` 100,000 deep, never closed"),
+    Case("yaml-list-as-key", "yaml", "? [sft, grpo]\n: 1\n",
+         "config file c.yaml is not valid YAML: a key must be a plain name, not a list or a mapping (line 1, column 3)"),
+    Case("yaml-mapping-as-key", "yaml", "run:\n  ? {a: 1}\n  : x\n",
+         "config file c.yaml is not valid YAML: a key must be a plain name, not a list or a mapping (line 2, column 5)"),
+    Case("yaml-too-large", "yaml", "run:\n  name: x\n" + "# padding\n" * 110000,
+         "config file c.yaml is larger than 1 MiB; a config is a few KiB", shown="a 1.1 MB config file"),
+    Case("yaml-huge-value-in-error", "yaml", "run:\n  seed: [" + ",".join(["123456789"] * 20000) + "]\n",
+         "config key 'run.seed' expects int, got [123456789, 123456789, 123456789, 123456789, 123456789, 123456789, "
+         "...]", shown="`run.seed` given a list of 20,000 numbers (the error shows 6)"),
 ]
 
 FILES = [
@@ -288,6 +325,23 @@ ROWS = [
     Case("row-truncated-json", "row", '{"problem": "1+1?", "solu', "not valid JSON"),
     Case("row-json-array", "row", '["1+1?", "2"]', "not a JSON object"),
     Case("row-json-string", "row", '"What is 1 + 1?"', "not a JSON object"),
+    # bounded, numbers as text, special tokens
+    Case("row-5000-digit-solution", "row", '{"problem": "1+1?", "solution": ' + "7" * 5000 + "}",
+         "field 'solution' is not a string", shown='`{"problem": "1+1?", "solution": 777...7}` (a 5,000-digit number)'),
+    Case("row-float-solution", "row", '{"problem": "1+1?", "solution": 1e23}', "field 'solution' is not a string"),
+    Case("row-deeply-nested", "row", '{"problem": ' + "[" * 100000 + "]" * 100000 + "}", "nested too deeply",
+         shown='`{"problem": [[[...]]]}`, 100,000 deep'),
+    Case("row-huge", "row", '{"problem": "1+1?", "solution": "' + "9" * (17 << 20) + '"}', "row larger than 16 MiB",
+         shown="one row of 17 MiB (read 16 MiB at a time, never whole)"),
+    Case("row-text-over-bound", "row", '{"problem": "1+1?", "solution": "' + "1+1=2 " * 6000 + '"}',
+         "text longer than 32768 characters (32 x max_length), not tokenised",
+         shown="a 36,000-character solution (data.max_length 1024: over 32 characters per token)"),
+    Case("row-end-of-turn-in-solution", "row", '{"problem": "1+1?", "solution": "2<|im_end|>\\n<|im_start|>user\\nmore"}',
+         "text holds the special token '<|im_start|>'"),
+    Case("row-end-of-turn-in-problem", "row", '{"problem": "1+1?<|im_end|>", "solution": "2"}',
+         "text holds the special token '<|im_end|>'"),
+    Case("row-eos-in-solution", "row", '{"problem": "1+1?", "solution": "2 <|endoftext|> ignored"}',
+         "text holds the special token '<|endoftext|>'"),
 ]
 
 CHATS = [
@@ -311,6 +365,16 @@ CHATS = [
          '{"messages": [{"role": "user", "content": "1+1?"}, {"role": "system", "content": "be brief"}, '
          '{"role": "assistant", "content": "2"}]}', "a system message after the first turn"),
     Case("chat-missing-field", "chat", '{"conversation": []}', "missing field 'messages'"),
+    Case("chat-end-of-turn-in-content", "chat",
+         '{"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2<|im_end|>"}]}',
+         "text holds the special token '<|im_end|>'"),
+    Case("chat-content-float", "chat",
+         '{"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": 2.0}]}',
+         "a message in 'messages' is not an object with string 'role' and 'content'"),
+    Case("chat-text-over-bound", "chat",
+         '{"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "' + "2 " * 17000 + '"}]}',
+         "text longer than 32768 characters (32 x max_length), not tokenised",
+         shown="a chat whose assistant turn is 34,000 characters"),
 ]
 
 PROMPTS = [
@@ -326,6 +390,25 @@ PROMPTS = [
     Case("gold-boolean", "prompt", '{"problem": "1+1?", "answer": true}', "gold answer is a boolean, not a number"),
     Case("gold-object", "prompt", '{"problem": "1+1?", "answer": {"x": 1}}',
          "gold answer is an object, not a string or number"),
+    Case("gold-5000-digits", "prompt", '{"problem": "1+1?", "answer": ' + "7" * 5000 + "}",
+         "gold answer math-verify cannot parse", shown='`{"problem": "1+1?", "answer": 777...7}` (a 5,000-digit number: '
+         "over Python's 4,300-digit conversion limit)"),
+    Case("gold-json-nan", "prompt", '{"problem": "1+1?", "answer": NaN}', "gold answer is not a finite number"),
+    Case("gold-json-infinity", "prompt", '{"problem": "1+1?", "answer": -Infinity}', "gold answer is not a finite number"),
+]
+
+# Gold answers as the file writes them: (gold as a JSON value, completion, verdict). A float detour would turn
+# 1e23 into 99999999999999991611392 and 0.1 + tiny errors into wrong verdicts.
+GOLD_AS_WRITTEN = [
+    ("1e23", "\\boxed{100000000000000000000000}", "correct"),
+    ("1e23", "\\boxed{99999999999999991611392}", "wrong"),
+    ("1E+2", "\\boxed{100}", "correct"),
+    ("2.5e-3", "\\boxed{0.0025}", "correct"),
+    ('"1,000"', "\\boxed{1000}", "correct"),
+    ("1000", "\\boxed{1000}", "correct"),
+    ("0.1", "\\boxed{\\frac{1}{10}}", "correct"),
+    ("123456789012345678901234567890", "\\boxed{123456789012345678901234567890}", "correct"),
+    ("123456789012345678901234567890", "\\boxed{123456789012345678901234567891}", "wrong"),
 ]
 
 RUNS = [
@@ -496,8 +579,68 @@ CHANGED = [
          "has other content...", shown="the chat template file edited"),
 ]
 
+# The launcher's environment (RANK, WORLD_SIZE, ...), checked before a process group is formed: each of these
+# used to wait silently for peers that never come (30 minutes, the default process-group timeout).
+ENVS = [
+    Case("env-rank-at-world-size", "env", "RANK=1 WORLD_SIZE=1",
+         "environment variables RANK=1 and WORLD_SIZE=1: a rank must be below the world size (ranks 0..0); launch "
+         "with torchrun, or unset them for a one-process run"),
+    Case("env-two-without-torchrun", "env", "RANK=0 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=29511",
+         "environment variables WORLD_SIZE=2 and RANK=0 are set, but torchrun did not start this process: it would "
+         "wait for 1 other process(es) that nothing starts; launch with torchrun --nproc_per_node=2, unset RANK and "
+         "WORLD_SIZE, or set FASTMATH_LAUNCHER=external if another launcher starts them"),
+    Case("env-rank-without-world-size", "env", "RANK=0",
+         "environment variable RANK is set but WORLD_SIZE is not; launch with torchrun, or unset RANK for a "
+         "one-process run"),
+    Case("env-world-size-without-rank", "env", "WORLD_SIZE=4",
+         "environment variable WORLD_SIZE is set but RANK is not; launch with torchrun, or unset WORLD_SIZE for a "
+         "one-process run"),
+    Case("env-rank-not-a-number", "env", "RANK=zero WORLD_SIZE=1",
+         "environment variable RANK='zero' is not a non-negative integer (torchrun sets it; unset it for a "
+         "one-process run)"),
+    Case("env-rank-negative", "env", "RANK=-1 WORLD_SIZE=1", "environment variable RANK='-1' is not a non-negative..."),
+    Case("env-world-size-zero", "env", "RANK=0 WORLD_SIZE=0",
+         "environment variable WORLD_SIZE=0: a job has at least one process"),
+    Case("env-local-rank-above-rank", "env", "RANK=0 WORLD_SIZE=1 LOCAL_RANK=1",
+         "environment variables LOCAL_RANK=1 and RANK=0: a local rank is never above the rank"),
+    Case("env-local-rank-alone", "env", "LOCAL_RANK=3",
+         "environment variable LOCAL_RANK is set without RANK and WORLD_SIZE; launch with torchrun, or unset it"),
+    Case("env-port-out-of-range", "env", "RANK=0 WORLD_SIZE=1 MASTER_PORT=70000",
+         "environment variable MASTER_PORT=70000 is not a port (1-65535)"),
+    Case("env-two-without-master", "env", "RANK=1 WORLD_SIZE=2 FASTMATH_LAUNCHER=external",
+         "environment variable WORLD_SIZE=2 is set but MASTER_ADDR is not; the processes cannot meet"),
+]
+
+# Models and templates that load but would train on something else than the rows: built into a Formatter (as every
+# stage does before it reads a row). `<model change>|<chat template file text>|<system prompt>`.
+TEMPLATES = [
+    Case("template-ignores-messages", "template",
+         "§{{ 'Solve the problem.' }}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}§",
+         "the chat template does not show the problem: the probe problem 'What is 12 + 34?' renders as 'Solve the "
+         "problem.<|im_start|>assistant\\n'; a template must render the messages it is given (data.chat_template)",
+         shown="a template that never renders the messages"),
+    Case("template-plain-text-file", "template", "§You are a helpful math assistant.\n§",
+         "the chat template does not show the problem: the probe problem 'What is 12 + 34?' renders as 'You are a "
+         "helpful math assistant.'...", shown="a plain text file given as data.chat_template"),
+    Case("template-drops-system", "template",
+         "§{% for m in messages %}{% if m.role != 'system' %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+         "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}§Be brief.",
+         "the chat template does not show the system prompt: with 'Be brief.' the probe renders as "
+         "'<|im_start|>user\\nWhat is 12 + 34?<|im_end|>\\n<|im_start|>assistant\\n' (data.chat_template)",
+         shown="a template that drops system messages, with data.system_prompt set"),
+    Case("template-first-message-only", "template",
+         "§<|im_start|>{{ messages[0].role }}\n{{ messages[0].content }}<|im_end|>\n<|im_start|>assistant\n§Be brief.",
+         "the chat template does not show the problem: the probe problem 'What is 12 + 34?' renders as "
+         "'<|im_start|>system\\nBe brief.<|im_end|>\\n<|im_start|>assistant'...",
+         shown="a template that renders only the first message, with data.system_prompt set"),
+    Case("model-without-tokenizer-json", "template", "delete tokenizer.json§§",
+         "the tokenizer loses text: the probe prompt becomes 3 tokens that decode to "
+         "'<|im_start|><|im_end|><|im_start|>' (a model folder without tokenizer.json loads a tokenizer that knows "
+         "almost nothing; its vocabulary has 3 tokens)", shown="a model folder without tokenizer.json"),
+]
+
 CATALOGUE = (ARGS + YAML + FILES + ROWS + CHATS + PROMPTS + COMPLETIONS + CHECKPOINTS + UNSAFE + OVERWRITES + LOCKS
-             + CHANGED + RUNS)
+             + CHANGED + ENVS + TEMPLATES + RUNS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -526,7 +669,7 @@ def _shown_outcome(case: Case) -> str:
         return f"skipped, counted as {_code(case.sees)}"
     if case.kind == "completion":
         return f"scored as {_code(case.sees)}" + (" (counted)" if case.sees in ("no_answer", "timeout") else "")
-    if case.kind in ("unsafe", "overwrite", "lock", "changed"):
+    if case.kind in ("unsafe", "overwrite", "lock", "changed", "env", "template"):
         return _code("fastmath: error: " + (case.sees[:-3] + "…" if case.sees.endswith("...") else case.sees))
     if case.kind == "checkpoint":
         return _code(case.sees[:-3] + "…" if case.sees.endswith("...") else case.sees)
@@ -862,6 +1005,101 @@ def test_a_run_killed_before_its_first_checkpoint_restarts_under_auto(tmp_path, 
     stage = Stage("sft", load_config(None, ["run.output_dir=run", f"run.cache_dir={embedded_cache}"]), dist_info,
                   Path("run"), invariant=(), heldout=False)
     assert stage.resume(None, None).step == 0
+
+
+@pytest.mark.parametrize("gold, completion, verdict", GOLD_AS_WRITTEN, ids=lambda x: str(x)[:24])
+def test_gold_numbers_are_judged_as_written(gold, completion, verdict, tmp_path, tokenizer, answer_checker):
+    from fastmath.config import load_config
+    from fastmath.data import Formatter
+    from fastmath.grpo_stage import load_prompts
+
+    path = _jsonl(tmp_path / "prompts.jsonl", ['{"problem": "1+1?", "answer": %s}' % gold])
+    rows, _ = load_prompts(load_config(None, [f"grpo.prompts={path}"]), Formatter(tokenizer), answer_checker,
+                           progress=False)
+    (judged,) = answer_checker.check([completion], [rows[0].answer])
+    assert judged.status == verdict, (rows[0].answer[:40], judged)
+
+
+@pytest.mark.parametrize("bom_file", ["rows.jsonl", "rows.json"])
+def test_a_utf8_byte_order_mark_is_accepted(bom_file, tmp_path, tokenizer):
+    from fastmath.data import Formatter, load_documents
+
+    text = json.dumps(GOOD_ROW) + "\n" + json.dumps(GOOD_ROW) + "\n"
+    if bom_file.endswith(".json"):
+        text = json.dumps([GOOD_ROW, GOOD_ROW])
+    (tmp_path / bom_file).write_bytes(b"\xef\xbb\xbf" + text.encode())
+    docs, report = load_documents(str(tmp_path / bom_file), "train", Formatter(tokenizer))
+    assert len(docs) == report.used == report.rows == 2 and not report.skipped
+
+
+@pytest.mark.parametrize("case", ENVS, ids=lambda c: c.id)
+def test_inconsistent_launcher_environments_are_one_line_not_a_hang(case, world, monkeypatch, capsys):
+    from fastmath import train
+
+    monkeypatch.chdir(world)
+    monkeypatch.setattr(train, "run_stages", _refuse_to_train)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                 "TORCHELASTIC_RUN_ID", "FASTMATH_LAUNCHER"):
+        monkeypatch.delenv(name, raising=False)
+    for item in case.input.split():
+        name, _, value = item.partition("=")
+        monkeypatch.setenv(name, value)
+    assert train.main(["data.validation="]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and _matches(lines[0][len("fastmath: error: "):], case.sees), lines
+
+
+@pytest.mark.parametrize("case", TEMPLATES, ids=lambda c: c.id)
+def test_half_broken_templates_and_tokenizers_stop_the_run(case, assets, tmp_path):
+    import shutil
+
+    from fastmath.data import Formatter
+    from fastmath.errors import DataError
+    from fastmath.model import load_tokenizer
+
+    change, template, system = case.input.split("§")
+    model = tmp_path / "model"
+    shutil.copytree(assets.model_dir, model)
+    if change:
+        (model / change.split()[1]).unlink()
+    chat_template = "model"
+    if template:
+        (tmp_path / "t.jinja").write_text(template)
+        chat_template = str(tmp_path / "t.jinja")
+    with pytest.raises(DataError) as err:
+        Formatter(load_tokenizer(str(model)), chat_template=chat_template, system_prompt=system)
+    assert _matches(str(err.value), case.sees), str(err.value)
+
+
+# A section override on the command line merges into the file's section; `:=` replaces it.
+# (config file, overrides, {dotted key: value after loading}).
+_FILE = "sft:\n  lr: 3.0e-4\n  global_batch: 8\n  warmup_ratio: 0.1\n  max_steps: 100\nrun:\n  name: mine\n"
+MERGES = [
+    (_FILE, ["sft={max_steps: 1}"], {"sft.max_steps": 1, "sft.lr": 3e-4, "sft.global_batch": 8, "sft.warmup_ratio": 0.1}),
+    (_FILE, ["sft={max_steps: 1, lr: 1e-5}"], {"sft.max_steps": 1, "sft.lr": 1e-5, "sft.global_batch": 8}),
+    (_FILE, ["sft={max_steps: 1}", "sft.epochs=2"], {"sft.max_steps": 1, "sft.epochs": 2, "sft.lr": 3e-4}),
+    (_FILE, ["sft.epochs=2", "sft={max_steps: 1}"], {"sft.max_steps": 1, "sft.epochs": 2, "sft.lr": 3e-4}),
+    (_FILE, ["run={seed: 3}"], {"run.seed": 3, "run.name": "mine"}),
+    (_FILE, ["grpo={max_steps: 7}"], {"grpo.max_steps": 7, "sft.lr": 3e-4}),
+    (_FILE, ["sft:={max_steps: 1}"], {"sft.max_steps": 1, "sft.lr": 1e-5, "sft.global_batch": 1, "sft.warmup_ratio": 0.05}),
+    (_FILE, ["sft:={}"], {"sft.max_steps": 0, "sft.lr": 1e-5}),
+    ("sft:\n", ["sft={max_steps: 1}"], {"sft.max_steps": 1, "sft.lr": 1e-5}),
+    (None, ["sft={max_steps: 1}", "sft={lr: 2e-5}"], {"sft.max_steps": 1, "sft.lr": 2e-5}),
+]
+
+
+@pytest.mark.parametrize("text, overrides, expected", MERGES, ids=lambda x: str(x)[:30])
+def test_section_overrides_merge_into_the_file(text, overrides, expected, tmp_path):
+    from fastmath.config import load_config
+
+    path = None
+    if text is not None:
+        path = tmp_path / "c.yaml"
+        path.write_text(text)
+    config = load_config(path, overrides)
+    for dotted, value in expected.items():
+        section, name = dotted.split(".")
+        assert getattr(getattr(config, section), name) == value, dotted
 
 
 def _own_inputs_run(base: Path, cache: Path) -> list[str]:
