@@ -55,7 +55,9 @@ def one_seed(seed: int, work: Path, args, env: dict) -> list[dict]:
     epochs = (1, 3, 10)
     # Eager vLLM: 8 engine starts of under a second instead of ~40 s each on CPU (the demo's GRPO sampled as fast
     # eagerly after its first step, which is ~3 s slower: configs/demo.yaml).
-    common = [f"run.seed={seed}", "run.resume=never", "heldout.num_problems=0",
+    # The replication's records are of the embedded data as built (half the SFT rows verbose), whatever the
+    # demo's own data setting now is.
+    common = [f"run.seed={seed}", "run.resume=never", "heldout.num_problems=0", "data.embedded_verbose_fraction=0.5",
               "grpo.vllm_enforce_eager=true", "eval.vllm_enforce_eager=true"]
     runs, seconds, commands = {}, {}, {}
 

@@ -79,6 +79,8 @@ def main() -> None:
     parser.add_argument("--sft-epochs", type=int, default=3)
     parser.add_argument("--samples", type=int, default=8, help="samples per problem in both evals")
     parser.add_argument("--work", default="runs/token_scheduler_toy")
+    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every step (the machine is "
+                        "shared: one thread each does not fight the others for the two cores)")
     parser.add_argument("--table", action="store_true", help="print the recorded runs and exit")
     args = parser.parse_args()
     path = results_path("token_scheduler", "cpu")
@@ -92,25 +94,25 @@ def main() -> None:
     common = ["run.resume=never", "heldout.num_problems=0", "eval.generator=vllm", "eval.vllm_enforce_eager=true",
               f"eval.samples={args.samples}", f"eval.budgets=[{','.join(map(str, BUDGETS))}]", "eval.answer_workers=1"]
     record = new_record("token_scheduler", "cpu", sft_epochs=args.sft_epochs, samples=args.samples, budgets=BUDGETS,
-                        seeds=seeds, command=" ".join(sys.argv))
+                        seeds=seeds, child_threads=args.threads, command=" ".join(sys.argv))
     times = {}
     policy = work / "policy"
     times["sft_s"] = run(train_py(f"run.output_dir={policy}", "run.stages=[sft]", f"sft.epochs={args.sft_epochs}",
-                                  *common), work / "sft.log")
+                                  *common), work / "sft.log", args.threads)
     times["records_s"] = run(train_py(f"run.output_dir={policy}", "run.stages=[eval]", f"eval.model={policy / 'hf'}",
                                       "eval.benchmark_split=validation", "eval.output=records", *common),
-                             work / "records.log")
+                             work / "records.log", args.threads)
     for seed in seeds:
         sched = work / f"scheduler-{seed}"
         times[f"train_scheduler_{seed}_s"] = run(
             [sys.executable, "-m", "fastmath.token_scheduler", "train", "--records", str(policy / "records"),
              "--out", str(sched), f"run.seed={seed}"], work / f"scheduler-{seed}.log",
-            threads=1)  # a 0.1 M-parameter model: one thread beats two (no hand-offs per tiny matmul)
+            args.threads)
         out = f"eval-{seed}"
         times[f"eval_{seed}_s"] = run(train_py(f"run.output_dir={policy}", "run.stages=[eval]", f"run.seed={seed}",
                                                f"eval.model={policy / 'hf'}", "eval.benchmark_split=test",
                                                f"eval.output={out}", f"eval.token_scheduler={sched}", *common),
-                                      work / f"{out}.log")
+                                      work / f"{out}.log", args.threads)
         results = json.loads((policy / out / "results.json").read_text())
         report = json.loads((sched / "scheduler.json").read_text())["report"]
         record["results"].append({"seed": seed, **compare(results), "scheduler": report})

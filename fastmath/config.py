@@ -90,6 +90,9 @@ class DataConfig:
     overlong: str = _opt("drop", "What to do with examples longer than max_length.", choices=("drop", "truncate"))
     loss_on: str = _opt("completion", "Which tokens carry loss.", choices=("completion", "all"))
     max_rows: int = _opt(0, "Use only the first N usable rows (0 = all); for quick experiments.")
+    embedded_verbose_fraction: float = _opt(0.5, "Share of the embedded train rows (data.train: embedded) that carry "
+                                            "the verbose solution: the same problems, tokenizer and model, only which "
+                                            "rows show the re-checks changes (0.5 = the embedded data as built).")
     bos: str = _opt("tokenizer", "Beginning-of-sequence token before every templated prompt: tokenizer = when the "
                     "tokenizer's own config adds one on encode (R1-Distill's add_bos_token: true; Qwen's add "
                     "none) and the template has not rendered it already; never = no BOS added.",

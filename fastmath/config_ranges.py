@@ -23,6 +23,7 @@ RANGES = {
     "run.seed": "[0, 4294967296)",  # numpy's seed must fit in 32 bits
     "data.max_length": "> 0",
     "data.max_rows": ">= 0",
+    "data.embedded_verbose_fraction": "[0, 1]",
     "optim.adam_beta1": "[0, 1)",
     "optim.adam_beta2": "[0, 1)",
     "optim.adam_eps": "> 0",

@@ -49,6 +49,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 from transformers.utils import logging as hf_logging
 
+from fastmath.errors import DataError
 from fastmath.synthetic import make_splits, write_jsonl
 
 EMBEDDED_VERSION = "v2"  # v2: sums and differences by columns (fastmath.synthetic); a new version rebuilds the cache
@@ -125,6 +126,23 @@ def ensure_embedded_assets(cache_dir: str | Path | None = None, seed: int = 0) -
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return _assets(root)
+
+
+def embedded_train_with_verbose_fraction(assets: EmbeddedAssets, fraction: float) -> Path:
+    """The embedded train problems, in the same order, with `fraction` of them carrying the verbose solution
+    (make_splits' own choice of rows): data/train-verbose<F>.jsonl, written once beside train.jsonl. The tokenizer
+    and model stay those built from the embedded data; only which rows show the re-checks changes."""
+    path = assets.data_dir / f"train-verbose{fraction:g}.jsonl"
+    if path.is_file():
+        return path
+    seed = json.loads((assets.root / COMPLETE_MARKER).read_text(encoding="utf-8"))["seed"]
+    rows = make_splits(seed=seed, verbose_fraction=fraction)["train"]
+    built = [json.loads(line)["uid"] for line in (assets.data_dir / "train.jsonl").read_text("utf-8").splitlines()]
+    if [row["uid"] for row in rows] != built:  # the generator changed under a cached build: say so, never mix
+        raise DataError(f"the embedded data in {assets.root} were built by another version of fastmath.synthetic; "
+                        f"delete that folder to rebuild it")
+    write_jsonl(rows, path)  # atomic: processes writing it at once each replace it with the same bytes
+    return path
 
 
 def _build(root: Path, seed: int) -> None:

@@ -39,10 +39,15 @@ TRAINING_STAGES = ("sft", "grpo")
 
 
 def embedded_data_file(config: Config, split: str) -> str:
-    """The embedded data's `<split>.jsonl` (built on first use)."""
-    from fastmath.embedded import ensure_embedded_assets
+    """The embedded data's `<split>.jsonl` (built on first use); for the train split with another
+    `data.embedded_verbose_fraction`, the same problems with that share of verbose solutions (written once)."""
+    from fastmath.embedded import embedded_train_with_verbose_fraction, ensure_embedded_assets
 
-    return str(ensure_embedded_assets(config.run.cache_dir or None).data_dir / f"{split}.jsonl")
+    assets = ensure_embedded_assets(config.run.cache_dir or None)
+    fraction = config.data.embedded_verbose_fraction
+    if split == "train" and fraction != 0.5:
+        return str(embedded_train_with_verbose_fraction(assets, fraction))
+    return str(assets.data_dir / f"{split}.jsonl")
 
 
 def data_source(config: Config, source: str, split: str) -> str:

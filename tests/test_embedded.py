@@ -189,3 +189,29 @@ def test_initial_weights_ignore_and_keep_the_callers_rng(tokenizer):
     for (name, a), b, c in zip(first.state_dict().items(), second.state_dict().values(), third.state_dict().values()):
         assert torch.equal(a, b), name
     assert not all(torch.equal(a, c) for a, c in zip(first.state_dict().values(), third.state_dict().values()))
+
+
+def test_verbose_fraction_keeps_the_problems_and_the_demo_uses_the_recorded_setting(embedded_cache):
+    """data.embedded_verbose_fraction: the same train problems in the same order, that share of them verbose,
+    byte for byte the file bench/toy_levers.py --verbose-fraction writes (the records the demo relies on); other
+    splits and the default stay the built files. The demo runs the recorded 80% / 15-epoch setting."""
+    from fastmath.config import load_config
+    from fastmath.stage import data_source
+    from fastmath.synthetic import make_splits
+    from tests.conftest import REPO
+
+    assets = ensure_embedded_assets(embedded_cache)
+    config = load_config(None, [f"run.cache_dir={embedded_cache}", "data.embedded_verbose_fraction=0.8"])
+    path = data_source(config, "embedded", "train")
+    assert path.endswith("train-verbose0.8.jsonl")
+    rows = [json.loads(line) for line in open(path, encoding="utf-8")]
+    built = [json.loads(line) for line in open(assets.data_dir / "train.jsonl", encoding="utf-8")]
+    assert [r["uid"] for r in rows] == [r["uid"] for r in built]
+    assert [r["answer"] for r in rows] == [r["answer"] for r in built]
+    assert sum(r["style"] == "verbose" for r in rows) == round(0.8 * len(rows))
+    assert rows == make_splits(seed=0, verbose_fraction=0.8)["train"]
+    assert data_source(config, "embedded", "validation") == str(assets.data_dir / "validation.jsonl")
+    default = load_config(None, [f"run.cache_dir={embedded_cache}"])
+    assert data_source(default, "embedded", "train") == str(assets.data_dir / "train.jsonl")
+    demo = load_config(REPO / "configs" / "demo.yaml")
+    assert (demo.data.embedded_verbose_fraction, demo.sft.epochs) == (0.8, 15)
