@@ -65,7 +65,8 @@ def linear_grpo_loss_reference(
     float64 inputs), `linear_logprobs_reference`, then `grpo_loss_reference` (same keyword arguments), plus the
     entropy sum over masked tokens."""
     logp, entropy = linear_logprobs_reference(hidden, weight, targets, temperature=temperature, return_entropy=True)
-    loss, stats = grpo_loss_reference(logp, old_logprobs, advantages, seq_ids, **loss_kwargs)
+    entropies = entropy if loss_kwargs.get("entropy_coef") else None
+    loss, stats = grpo_loss_reference(logp, old_logprobs, advantages, seq_ids, entropies=entropies, **loss_kwargs)
     mask = loss_kwargs.get("mask")
     m = torch.ones_like(entropy) if mask is None else mask.to(entropy.dtype)
     return loss, stats._replace(entropy_sum=(entropy * m).sum().detach())
@@ -89,9 +90,11 @@ def _token_level_pass(hidden, weight, targets, tok, opts: LossOptions, chunk, ne
     for rows, logits, scratch in loop:
         logp, m, log_s, entropy[rows], numerators = row_logprobs(logits, targets[rows], inv_t, True, use_triton,
                                                                  scratch)
-        dlogp, terms[:, rows] = token_terms(logp, tok.rows(rows), None, None, opts, write_grad, use_triton)
+        part = tok.rows(rows)
+        dlogp, terms[:, rows] = token_terms(logp, part, None, None, opts, write_grad, use_triton)
         if write_grad:
-            dlogits = row_dlogits(logits, targets[rows], (logp, m, log_s), dlogp, inv_t, use_triton, numerators)
+            ent = None if part.ent_coef is None else (part.ent_coef, entropy[rows])
+            dlogits = row_dlogits(logits, targets[rows], (logp, m, log_s), dlogp, inv_t, use_triton, numerators, ent)
             accumulate_chunk_grads(dlogits, hidden[rows].to(loop.dtype), loop.w, rows, grad_hidden, grad_weight_acc)
     return entropy, terms, grad_hidden, grad_weight_acc
 
@@ -104,7 +107,8 @@ def _sequence_level_pass(hidden, weight, targets, tok, opts: LossOptions, chunk,
     dlogp, terms = token_terms(logp, tok, seq_lr, seq_w, opts, any(need), use_triton)
     grads = (None, None)
     if any(need):
-        grads = grad_pass(hidden, weight, targets, (logp, m, log_s), dlogp, inv_t, chunk, need, use_triton)
+        ent = None if tok.ent_coef is None else (tok.ent_coef, entropy)
+        grads = grad_pass(hidden, weight, targets, (logp, m, log_s), dlogp, inv_t, chunk, need, use_triton, ent)
     return entropy, terms, *grads
 
 
@@ -121,7 +125,8 @@ class _LinearGRPOLoss(torch.autograd.Function):
         level_pass = _token_level_pass if opts.level == "token" else _sequence_level_pass
         # fp16 dlogits: the normalisers' 1/N taken out (grpo_logprobs.fp16_gradient_scale), put back in backward.
         ctx.factor = fp16_gradient_scale(tok.coef, hidden.dtype, use_triton) if any(need) else None
-        run_tok = tok if ctx.factor is None else replace(tok, coef=tok.coef / ctx.factor)
+        run_tok = tok if ctx.factor is None else replace(
+            tok, coef=tok.coef / ctx.factor, ent_coef=None if tok.ent_coef is None else tok.ent_coef / ctx.factor)
         with torch.autocast(hidden.device.type, enabled=False):
             entropy, terms, grad_hidden, grad_weight_acc = level_pass(
                 hidden, weight, targets, run_tok, opts, chunk, need, use_triton
@@ -130,7 +135,10 @@ class _LinearGRPOLoss(torch.autograd.Function):
         ctx.dtypes = (hidden.dtype, weight.dtype)
         sums = torch.cat([terms[1:].sum(dim=1), torch.where(tok.mask != 0, entropy, 0.0).sum().unsqueeze(0)])
         ctx.mark_non_differentiable(sums)
-        return terms[0].sum() if ctx.factor is None else terms[0].sum() * ctx.factor, sums
+        loss = terms[0].sum()
+        if run_tok.ent_coef is not None:  # the entropy bonus, -entropy_coef * masked mean of H
+            loss = loss + (run_tok.ent_coef * entropy).sum()
+        return loss if ctx.factor is None else loss * ctx.factor, sums
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -156,7 +164,7 @@ def fused_linear_grpo_loss(hidden, weight, targets, old_logprobs, advantages, se
                            importance_sampling_level="token", max_completion_length=None, num_items_in_batch=None,
                            num_sequences=None, importance_weights=None, temperature=1.0, chunk_size=None,
                            backend="auto", chunk_bytes=None, delta=None, use_bias_correction_kl=False,
-                           sapo_temperature_pos=1.0, sapo_temperature_neg=1.05):
+                           sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, entropy_coef=0.0):
     """From final hidden states to the GRPO loss in one chunked pass (module docstring).
 
     hidden [N, d], weight [V, d] (same float dtype), targets [N] (the sampled token ids), temperature,
@@ -175,7 +183,8 @@ def fused_linear_grpo_loss(hidden, weight, targets, old_logprobs, advantages, se
     seq_ids, mask) run on CPU tensors only: no host sync on an accelerator (kernels/grpo_inputs.py).
     """
     opts = loss_options(beta, epsilon_low, epsilon_high, loss_type, importance_sampling_level, max_completion_length,
-                        temperature, delta, use_bias_correction_kl, sapo_temperature_pos, sapo_temperature_neg)
+                        temperature, delta, use_bias_correction_kl, sapo_temperature_pos, sapo_temperature_neg,
+                        entropy_coef)
     inputs = LossInputs(old_logprobs, advantages, seq_ids, mask, ref_logprobs, importance_weights,
                         num_items_in_batch, num_sequences)
     triton_path = _use_triton(backend, hidden.device, hidden.dtype)

@@ -50,6 +50,7 @@ class LossOptions:
     use_bias_correction_kl: bool = False  # the KL term times the ratio (DeepSeek-V3.2)
     sapo_temperature_pos: float = 1.0
     sapo_temperature_neg: float = 1.05
+    entropy_coef: float = 0.0  # the entropy bonus: loss - entropy_coef * (masked token mean of the entropy)
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ def _check_count(name, value):
 
 def loss_options(beta=0.0, epsilon_low=0.2, epsilon_high=0.2, loss_type="dapo", importance_sampling_level="token",
                  max_completion_length=None, temperature=1.0, delta=None, use_bias_correction_kl=False,
-                 sapo_temperature_pos=1.0, sapo_temperature_neg=1.05) -> LossOptions:
+                 sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, entropy_coef=0.0) -> LossOptions:
     """The checked `LossOptions` of the public arguments (ValueError naming the argument)."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
@@ -130,9 +131,11 @@ def loss_options(beta=0.0, epsilon_low=0.2, epsilon_high=0.2, loss_type="dapo", 
     if not (sapo_temperature_pos > 0 and sapo_temperature_neg > 0):
         raise ValueError(f"sapo_temperature_pos and sapo_temperature_neg must be > 0, got {sapo_temperature_pos}, "
                          f"{sapo_temperature_neg}")
+    check_finite("entropy_coef", entropy_coef)
     return LossOptions(float(beta), float(epsilon_low), float(epsilon_high), loss_type, importance_sampling_level,
                        max_completion_length, float(temperature), None if delta is None else float(delta),
-                       use_bias_correction_kl, float(sapo_temperature_pos), float(sapo_temperature_neg))
+                       use_bias_correction_kl, float(sapo_temperature_pos), float(sapo_temperature_neg),
+                       float(entropy_coef))
 
 
 def check_float_input(function, name, t, triton):

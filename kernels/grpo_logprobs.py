@@ -106,6 +106,8 @@ def _logprob_grad_rows_kernel(
     m2_ptr,  # [n_rows] fp32, from _logprob_rows_kernel
     log2_s_ptr,  # [n_rows] fp32, from _logprob_rows_kernel
     coef_ptr,  # [n_rows] fp32: d loss / d logp of the row
+    entropy_ptr,  # [n_rows] fp32: the row's entropy H (ENTROPY_GRAD)
+    ent_coef_ptr,  # [n_rows] fp32: d loss / d H of the row (ENTROPY_GRAD)
     # Sizes and strides
     n_cols,
     logits_row_stride,
@@ -113,21 +115,29 @@ def _logprob_grad_rows_kernel(
     scale,  # log2(e) / temperature
     inv_temperature,
     # Compile-time switches
+    ENTROPY_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """One program per row, one pass: x <- coef (onehot(y) - softmax(x / T)) / T, in fp32, rounded once."""
+    """One program per row, one pass: x <- coef (onehot(y) - softmax(x / T)) / T, in fp32, rounded once; with
+    ENTROPY_GRAD also + ent_coef d H / d x = -ent_coef p (log p + H) / T."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * logits_row_stride
     target = tl.load(targets_ptr + row)
     m2 = tl.load(m2_ptr + row)
     log2_s = tl.load(log2_s_ptr + row)
     coef = tl.load(coef_ptr + row) * inv_temperature
+    if ENTROPY_GRAD:
+        ent_coef = tl.load(ent_coef_ptr + row) * inv_temperature
+        h = tl.load(entropy_ptr + row)
     for start in range(0, n_cols, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         ok = offs < n_cols
         x = tl.load(row_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        p = tl.exp2((x * scale - m2) - log2_s)  # (z2 - m) first: exact-ish near the max, like log_softmax
+        log2_p = (x * scale - m2) - log2_s  # (z2 - m) first: exact-ish near the max, like log_softmax
+        p = tl.exp2(log2_p)
         grad = (tl.where(offs == target, 1.0, 0.0) - p) * coef
+        if ENTROPY_GRAD:
+            grad -= ent_coef * p * (log2_p * _LN2 + h)
         tl.store(row_ptr + offs, grad.to(row_ptr.dtype.element_ty), mask=ok)
 
 
@@ -188,8 +198,10 @@ def row_logprobs(logits, targets, inv_t, entropy, use_triton, scratch=None):
     return logp, m.squeeze(1), log_s, ent, numerators
 
 
-def row_dlogits(logits, targets, row_stats, coef, inv_t, use_triton, numerators=None):
-    """coef_t * d logp_t / d x_t = coef_t (onehot - softmax) / T for one chunk, written in place and returned.
+def row_dlogits(logits, targets, row_stats, coef, inv_t, use_triton, numerators=None, entropy_grad=None):
+    """coef_t * d logp_t / d x_t = coef_t (onehot - softmax) / T for one chunk, written in place and returned;
+    entropy_grad = (ent_coef [c], entropy [c]) adds ent_coef_t d H_t / d x_t = -ent_coef_t p (log p + H_t) / T
+    (the fused GRPO loss's entropy bonus; the PyTorch path then holds one more [c, V] temporary).
 
     row_stats: (logp, m, log s) of these rows from `row_logprobs` (same path); coef: [c] in the compute dtype.
     Triton: over the raw logits. PyTorch: over `numerators` from `row_logprobs` when given, else over the raw
@@ -200,17 +212,24 @@ def row_dlogits(logits, targets, row_stats, coef, inv_t, use_triton, numerators=
     if use_triton:
         if c:
             block, warps = row_tile(v, _MAX_BLOCK_V)
+            ent_coef, entropy = entropy_grad if entropy_grad is not None else (coef, coef)
             _logprob_grad_rows_kernel[(c,)](
-                logits, targets, m, log_s, coef, v, logits.stride(0), _LOG2E.value * inv_t, inv_t,
-                BLOCK_V=block, num_warps=warps,
+                logits, targets, m, log_s, coef, entropy, ent_coef, v, logits.stride(0), _LOG2E.value * inv_t, inv_t,
+                ENTROPY_GRAD=entropy_grad is not None, BLOCK_V=block, num_warps=warps,
             )
         return logits
     if numerators is None:
         numerators = logits.mul_(inv_t).sub_(m.unsqueeze(1)).exp_()
+    entropy_term = None
+    if entropy_grad is not None:  # -(e / T) p (log p + H), with p log p = 0 at p = 0
+        ent_coef, entropy = entropy_grad
+        p = numerators * torch.exp(-log_s).unsqueeze(1)
+        entropy_term = (torch.special.xlogy(p, p) + p * entropy.unsqueeze(1)).mul_((-ent_coef * inv_t).unsqueeze(1))
     g = (coef * inv_t).unsqueeze(1)
     grad = numerators.mul_(-g * torch.exp(-log_s).unsqueeze(1))  # -g softmax
     # The target entry as (1 - p) = -expm1(logp): no cancellation when p -> 1.
-    return grad.scatter_(1, targets.unsqueeze(1), -torch.expm1(logp).unsqueeze(1) * g)
+    grad.scatter_(1, targets.unsqueeze(1), -torch.expm1(logp).unsqueeze(1) * g)
+    return grad if entropy_term is None else grad.add_(entropy_term)
 
 
 def fp16_gradient_scale(coef, dtype, use_triton):
@@ -281,13 +300,15 @@ def logprob_pass(hidden, weight, targets, inv_t, chunk, entropy, use_triton):
     return (*out[:3], out[3] if entropy else None)
 
 
-def grad_pass(hidden, weight, targets, row_stats, coef, inv_t, chunk, need, use_triton):
-    """Gradients of sum_t coef_t logp_t for hidden and weight, the logits recomputed chunk by chunk."""
+def grad_pass(hidden, weight, targets, row_stats, coef, inv_t, chunk, need, use_triton, entropy_grad=None):
+    """Gradients of sum_t coef_t logp_t (+ sum_t ent_coef_t H_t with entropy_grad = (ent_coef, entropy), [N]) for
+    hidden and weight, the logits recomputed chunk by chunk."""
     loop = ChunkLoop(hidden, weight, chunk, use_triton, scratch=False)
     grad_hidden, grad_weight_acc = loop.grad_buffers(weight, need)
     for rows, logits, _ in loop:
         stats = tuple(t[rows] for t in row_stats)
-        dlogits = row_dlogits(logits, targets[rows], stats, coef[rows], inv_t, use_triton)
+        ent = None if entropy_grad is None else tuple(t[rows] for t in entropy_grad)
+        dlogits = row_dlogits(logits, targets[rows], stats, coef[rows], inv_t, use_triton, entropy_grad=ent)
         accumulate_chunk_grads(dlogits, hidden[rows].to(loop.dtype), loop.w, rows, grad_hidden, grad_weight_acc)
     return grad_hidden, grad_weight_acc
 

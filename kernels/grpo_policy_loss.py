@@ -48,9 +48,12 @@ log-ratios, importance weights) use `index_add_`, whose adds are atomic and in n
 bitwise reproducible run to run at sequence level; token counts are exact).
 Clip statistics: TRL's for the clipped types; for cispo the high count is TRL's cispo_clip_ratio numerator
 (r > eps_high and A > 0) and the low count 0; sapo clips nothing (both 0).
-Not supported (TRL options; kernels/trl_compat.py refuses them by name): the loss type "vespo";
-top_entropy_quantile; off_policy_mask_threshold; the entropy bonus; use_bias_correction_kl at sequence level;
-delta <= 1 + epsilon_high.
+Entropy bonus (TRL's entropy_coef): loss - entropy_coef * sum_t m_t H_t / max(sum_t m_t, 1), the entropies given
+here (`entropies`, the gradient flows into them) or computed and differentiated inside the fused loss's chunk loop
+(d H / d x = -p (log p + H) / T).
+Not supported (TRL options; kernels/trl_compat.py refuses them by name): the loss type "vespo"; the adaptive
+entropy controller; use_bias_correction_kl at sequence level; delta <= 1 + epsilon_high. TRL's
+top_entropy_quantile and off_policy_mask_threshold enter as importance weights (kernels/trl_compat.py).
 """
 from __future__ import annotations
 
@@ -263,18 +266,33 @@ def grpo_loss_reference(
     logprobs, old_logprobs, advantages, seq_ids, *, mask=None, ref_logprobs=None, beta=0.0, epsilon_low=0.2,
     epsilon_high=0.2, loss_type="dapo", importance_sampling_level="token", max_completion_length=None,
     num_items_in_batch=None, num_sequences=None, importance_weights=None, delta=None, use_bias_correction_kl=False,
-    sapo_temperature_pos=1.0, sapo_temperature_neg=1.05,
+    sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, entropy_coef=0.0, entropies=None,
 ):
     """The definition, TRL's formulas on packed tensors through autograd; same arguments and result as
     `grpo_loss` (module docstring), computed in fp32 (float64 for float64 log-probs)."""
     opts = loss_options(beta, epsilon_low, epsilon_high, loss_type, importance_sampling_level, max_completion_length,
-                        1.0, delta, use_bias_correction_kl, sapo_temperature_pos, sapo_temperature_neg)
+                        1.0, delta, use_bias_correction_kl, sapo_temperature_pos, sapo_temperature_neg, entropy_coef)
     inputs = LossInputs(old_logprobs, advantages, seq_ids, mask, ref_logprobs, importance_weights,
                         num_items_in_batch, num_sequences)
     check_logprobs("grpo_loss_reference", logprobs, "logprobs", triton=False)
     check_values(check_loss_inputs("grpo_loss_reference", logprobs.shape[0], logprobs.device, inputs, opts,
                                    triton=False))
-    return loss_definition(logprobs, inputs, opts)
+    return with_entropy_bonus(*loss_definition(logprobs, inputs, opts), entropies, inputs.mask, opts)
+
+
+def with_entropy_bonus(loss, stats, entropies, mask, opts):
+    """(loss - entropy_coef * masked token mean of `entropies`, stats with entropy_sum) through autograd: TRL's
+    entropy bonus on given entropies [N] (the fused loss computes it inside its chunk loop instead)."""
+    if not opts.entropy_coef:
+        return loss, stats
+    if not isinstance(entropies, torch.Tensor) or entropies.dim() != 1 or not entropies.dtype.is_floating_point:
+        raise ValueError("entropy_coef != 0 needs entropies, a floating [N] tensor of the tokens' entropies")
+    h = entropies.to(loss.dtype)
+    m = torch.ones_like(h) if mask is None else mask.detach().to(loss.dtype)
+    if m.shape != h.shape:
+        raise ValueError(f"entropies must have N = {m.shape[0]} entries (one per token), got {h.shape[0]}")
+    total = (h * m).sum()
+    return loss - opts.entropy_coef * total / m.sum().clamp(min=1), stats._replace(entropy_sum=total.detach())
 
 
 def _device_scalar(value, device, dtype):
@@ -362,11 +380,12 @@ class TokenInputs:
     adv: torch.Tensor  # [S]
     coef: torch.Tensor  # [S]: the normaliser c_s
     count: torch.Tensor  # [S]: masked tokens per sequence
+    ent_coef: torch.Tensor | None = None  # [N]: d loss / d H_t of the entropy bonus, -entropy_coef m_t / max(D, 1)
 
     def rows(self, rows: slice) -> "TokenInputs":
         cut = lambda t: None if t is None else t[rows]  # noqa: E731
         return replace(self, old=cut(self.old), ref=cut(self.ref), iw=cut(self.iw), mask=self.mask[rows],
-                       seq=self.seq[rows])
+                       seq=self.seq[rows], ent_coef=cut(self.ent_coef))
 
 
 def token_inputs(n, device, inputs: LossInputs, opts: LossOptions, dtype) -> TokenInputs:
@@ -385,8 +404,9 @@ def token_inputs(n, device, inputs: LossInputs, opts: LossOptions, dtype) -> Tok
         coef = (1.0 / n_seq_global).expand(n_seqs).contiguous()
     else:
         coef = (1.0 / n_items).expand(n_seqs).contiguous()
+    ent_coef = -opts.entropy_coef * m / m.sum().clamp(min=1) if opts.entropy_coef else None
     return TokenInputs(const(inputs.old_logprobs), const(inputs.ref_logprobs), const(inputs.importance_weights),
-                       m, seq, inputs.advantages.detach().to(dtype).contiguous(), coef, count)
+                       m, seq, inputs.advantages.detach().to(dtype).contiguous(), coef, count, ent_coef)
 
 
 def sequence_inputs(logp, tok: TokenInputs):
@@ -529,7 +549,7 @@ def grpo_loss(logprobs, old_logprobs, advantages, seq_ids, *, mask=None, ref_log
               epsilon_low=0.2, epsilon_high=0.2, loss_type="dapo", importance_sampling_level="token",
               max_completion_length=None, num_items_in_batch=None, num_sequences=None, importance_weights=None,
               delta=None, use_bias_correction_kl=False, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05,
-              backend="auto"):
+              entropy_coef=0.0, entropies=None, backend="auto"):
     """The GRPO loss of packed per-token log-probs (module docstring): TRL 1.16's `_compute_loss`.
 
     Args:
@@ -551,6 +571,8 @@ def grpo_loss(logprobs, old_logprobs, advantages, seq_ids, *, mask=None, ref_log
         delta: None, or two-sided clipping's upper bound on the ratio (> 1 + epsilon_high; clipped types).
         use_bias_correction_kl: the KL term times the ratio (token level).
         sapo_temperature_pos / sapo_temperature_neg: SAPO's gate temperatures for A > 0 / A <= 0.
+        entropy_coef, entropies: TRL's entropy bonus, loss - entropy_coef * sum_t m_t H_t / max(sum_t m_t, 1), with
+            entropies [N] the tokens' entropies (the gradient flows into them); entropies needed when entropy_coef.
         backend: "auto" | "triton" | "reference" (the autograd definition).
 
     Dtypes (kernels/dispatch.py's policy): every float input fp16 / bf16 / fp32 on both paths, computed in fp32;
@@ -562,7 +584,7 @@ def grpo_loss(logprobs, old_logprobs, advantages, seq_ids, *, mask=None, ref_log
     accelerator (kernels/grpo_inputs.py).
     """
     opts = loss_options(beta, epsilon_low, epsilon_high, loss_type, importance_sampling_level, max_completion_length,
-                        1.0, delta, use_bias_correction_kl, sapo_temperature_pos, sapo_temperature_neg)
+                        1.0, delta, use_bias_correction_kl, sapo_temperature_pos, sapo_temperature_neg, entropy_coef)
     inputs = LossInputs(old_logprobs, advantages, seq_ids, mask, ref_logprobs, importance_weights,
                         num_items_in_batch, num_sequences)
     triton_path = _use_triton(backend, logprobs.device, logprobs.dtype)
@@ -570,8 +592,9 @@ def grpo_loss(logprobs, old_logprobs, advantages, seq_ids, *, mask=None, ref_log
     n, device = logprobs.shape[0], logprobs.device
     check_values(check_loss_inputs("grpo_loss", n, device, inputs, opts, triton_path))
     if not triton_path:
-        return loss_definition(logprobs, inputs, opts)
+        return with_entropy_bonus(*loss_definition(logprobs, inputs, opts), entropies, mask, opts)
     tok = token_inputs(n, device, inputs, opts, torch.float32)
     write_grad = torch.is_grad_enabled() and logprobs.requires_grad
     loss, sums = _GRPOLoss.apply(logprobs, tok, opts, write_grad)
-    return loss, GRPOStats(tok.mask.sum(), *sums.unbind(0), sums.new_zeros(()))
+    return with_entropy_bonus(loss, GRPOStats(tok.mask.sum(), *sums.unbind(0), sums.new_zeros(())), entropies, mask,
+                              opts)

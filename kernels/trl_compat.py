@@ -44,8 +44,9 @@ TRL_OPTIONS = {
     "use_vllm": ("computed", "with vllm_importance_sampling_correction: the ratio as importance_weights"),
     "steps_per_generation": ("accepted", "dapo / cispo: num_items_in_batch carries the step's token count"),
     "router_aux_loss_coef": ("accepted", "a MoE router loss the caller adds outside the GRPO loss"),
-    "entropy_coef": ("refused", "the entropy bonus (no entropy gradient in the fused kernels yet)"),
-    "use_adaptive_entropy": ("refused", "the entropy bonus"),
+    "entropy_coef": ("computed", "the entropy bonus, its gradient through the entropy fused into the chunk loop; "
+                                 "refused with top_entropy_quantile < 1"),
+    "use_adaptive_entropy": ("refused", "the adaptive entropy controller (trainer state across steps)"),
     "entropy_coef_min": ("refused", "the adaptive entropy bonus"),
     "entropy_coef_max": ("refused", "the adaptive entropy bonus"),
     "entropy_coef_delta": ("refused", "the adaptive entropy bonus"),
@@ -63,9 +64,12 @@ def grpo_loss_kwargs(config) -> tuple[dict, dict]:
     get = lambda name, default=None: getattr(config, name, default)  # noqa: E731
     if get("loss_type") == "vespo":
         raise ValueError("TRL option loss_type='vespo' is not supported by fastmath's GRPO kernels")
-    if get("entropy_coef", 0.0) or get("use_adaptive_entropy", False):
-        raise ValueError("TRL option entropy_coef / use_adaptive_entropy (the entropy bonus) is not supported by "
+    if get("use_adaptive_entropy", False):
+        raise ValueError("TRL option use_adaptive_entropy (the adaptive entropy controller) is not supported by "
                          "fastmath's GRPO kernels")
+    if get("entropy_coef", 0.0) and get("top_entropy_quantile", 1.0) < 1.0:
+        raise ValueError("TRL options entropy_coef with top_entropy_quantile < 1 (a bonus over the high-entropy "
+                         "tokens only) are not supported together by fastmath's GRPO kernels")
     epsilon = get("epsilon", 0.2)
     loss = dict(
         beta=get("beta", 0.0), epsilon_low=epsilon,
@@ -74,6 +78,7 @@ def grpo_loss_kwargs(config) -> tuple[dict, dict]:
         max_completion_length=get("max_completion_length"), delta=get("delta"),
         use_bias_correction_kl=get("use_bias_correction_kl", False),
         sapo_temperature_pos=get("sapo_temperature_pos", 1.0), sapo_temperature_neg=get("sapo_temperature_neg", 1.05),
+        entropy_coef=get("entropy_coef", 0.0),
     )
     weights = dict(top_entropy_quantile=get("top_entropy_quantile", 1.0),
                    off_policy_mask_threshold=get("off_policy_mask_threshold"))

@@ -91,9 +91,11 @@ def eager_linear_grpo(hidden, weight, targets, old, adv, seq, *, temperature=1.0
     """PyTorch eager the way HF + TRL do it: logits in the input dtype, log-softmax and loss in fp32."""
     logq = torch.log_softmax((hidden @ weight.T).float() / temperature, dim=1)
     logp = logq.gather(1, targets.unsqueeze(1)).squeeze(1)
-    loss, stats = grpo.grpo_loss_reference(logp, old, adv, seq, **kw)
+    entropy = -(logq.exp() * logq).sum(1)
+    loss, stats = grpo.grpo_loss_reference(logp, old, adv, seq, entropies=entropy if kw.get("entropy_coef") else None,
+                                           **kw)
     m = torch.ones_like(logp) if kw.get("mask") is None else kw["mask"].float()
-    return loss, stats._replace(entropy_sum=(-(logq.exp() * logq).sum(1) * m).sum().detach())
+    return loss, stats._replace(entropy_sum=(entropy * m).sum().detach())
 
 
 def reference_results(batch, temperature, **kw):
@@ -162,10 +164,13 @@ def rounding_bounds(batch, kw, dtype, grad_scale=1.5, chain=4, temperature=1.0):
     times a ratio near 1) plus |loss| for the loss."""
     h, w = batch["hidden"].detach().double(), batch["weight"].detach().double()
     logits = (h @ w.T).requires_grad_()
-    logp = torch.log_softmax(logits / temperature, dim=1).gather(1, batch["targets"].unsqueeze(1)).squeeze(1)
+    logq = torch.log_softmax(logits / temperature, dim=1)
+    logp = logq.gather(1, batch["targets"].unsqueeze(1)).squeeze(1)
     logp.retain_grad()
-    f64 = {k: (t.detach().double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
-           for k, t in kw.items() if k != "backend"}
+    if kw.get("entropy_coef"):  # the bonus's terms: its d logits reach the magnitudes below
+        kw = dict(kw, entropies=-(logq.exp() * logq).sum(1))
+    f64 = {k: (t.detach().double() if isinstance(t, torch.Tensor) and t.is_floating_point() and k != "entropies"
+               else t) for k, t in kw.items() if k != "backend"}
     old = logp.detach() if batch["old_logprobs"] is None else batch["old_logprobs"].detach().double()
     loss, _ = grpo.grpo_loss_reference(logp, old,
                                        batch["advantages"].detach().double(), batch["seq_ids"], **f64)
@@ -516,6 +521,29 @@ def test_fused_grpo_loss_matches_truth(backend, loss_type, level, beta):
     ours = run_fused(grpo.fused_linear_grpo_loss, batch, temperature=0.7, chunk_size=7, backend=backend, **kw)
     truth = check_fused_against_truth(ours, batch, 0.7, **kw)
     assert truth[2].low_clipped > 0 and truth[2].high_clipped > 0, "the batch must clip on both sides"
+
+
+# TRL's newer options in the fused loss (each also held to TRL's _compute_loss in tests/test_grpo_trl.py), and
+# the entropy bonus, whose gradient through the entropy the chunk loop computes (d H / d x = -p (log p + H) / T).
+NEWER_OPTIONS = [
+    ("cispo", "token", 0.04, dict(epsilon_high=1.1)),
+    ("cispo", "sequence", 0.0, dict(epsilon_high=1.1)),
+    ("sapo", "token", 0.04, dict(sapo_temperature_neg=1.5)),
+    ("luspo", "sequence", 0.04, {}),
+    ("grpo", "token", 0.04, dict(delta=1.5)),
+    ("dapo", "token", 0.04, dict(use_bias_correction_kl=True)),
+    ("grpo", "token", 0.04, dict(entropy_coef=0.1)),
+    ("dapo", "sequence", 0.0, dict(entropy_coef=0.05)),
+]
+
+
+@pytest.mark.parametrize("loss_type,level,beta,extra", NEWER_OPTIONS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_grpo_newer_options_match_truth(backend, loss_type, level, beta, extra):
+    batch = make_batch(seed=11)
+    kw = loss_kwargs(batch, loss_type, level, beta, **extra)
+    ours = run_fused(grpo.fused_linear_grpo_loss, batch, temperature=0.7, chunk_size=7, backend=backend, **kw)
+    check_fused_against_truth(ours, batch, 0.7, **kw)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -901,8 +929,10 @@ def _row_launch(kernel, logits_dtype, v, entropy=None):
         constexprs["ENTROPY"] = entropy
         name = f"rows-{logits_dtype}-V{v}-{'entropy' if entropy else 'no_entropy'}"
     else:
-        args = dict(common, m2_ptr="*fp32", log2_s_ptr="*fp32", coef_ptr="*fp32", inv_temperature="fp32")
-        name = f"grad_rows-{logits_dtype}-V{v}"
+        args = dict(common, m2_ptr="*fp32", log2_s_ptr="*fp32", coef_ptr="*fp32", entropy_ptr="*fp32",
+                    ent_coef_ptr="*fp32", inv_temperature="fp32")
+        constexprs["ENTROPY_GRAD"] = bool(entropy)
+        name = f"grad_rows-{logits_dtype}-V{v}{'-entropy_grad' if entropy else ''}"
     return _sm90(kernel, args, constexprs, num_warps=warps, aligned=v != 1, name=name)
 
 
@@ -941,6 +971,7 @@ SM90_LAUNCHES = [
     *(_row_launch("_logprob_rows_kernel", "bf16", v, True) for v in (3000, 152064, 1)),
     *(_row_launch("_logprob_grad_rows_kernel", dtype, 53) for dtype in _FLOAT_TYPES),
     *(_row_launch("_logprob_grad_rows_kernel", "bf16", v) for v in (3000, 152064, 1)),
+    *(_row_launch("_logprob_grad_rows_kernel", dtype, 53, True) for dtype in _FLOAT_TYPES),  # the entropy bonus
 ]
 
 

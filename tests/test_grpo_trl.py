@@ -32,6 +32,7 @@ class IdentityAccelerator:
     """One process: reduce / gather are the identity."""
 
     num_processes = 1
+    sync_gradients = True
 
     def reduce(self, tensor, reduction="sum"):
         return tensor
@@ -68,7 +69,7 @@ def padded_batch(seed=0):
 
 
 def trl_loss(batch, loss_type, level, beta, with_iw, eps=(0.2, 0.28), accumulation=1, top_entropy_quantile=1.0,
-             off_policy_mask_threshold=None, **options):
+             off_policy_mask_threshold=None, entropy_coef=0.0, **options):
     """TRL's `_compute_loss` on the padded batch as one of `accumulation` micro-batches of a step: (loss,
     d loss / d logps [B, T], logged metrics)."""
     logps = batch["logps"].clone().requires_grad_()
@@ -83,7 +84,8 @@ def trl_loss(batch, loss_type, level, beta, with_iw, eps=(0.2, 0.28), accumulati
         use_vllm=with_iw, vllm_importance_sampling_correction=with_iw, model=SimpleNamespace(training=True),
         current_gradient_accumulation_steps=accumulation, max_completion_length=T_MAX,
         accelerator=IdentityAccelerator(),
-        _metrics={"train": defaultdict(list)}, _entropy_bonus_enabled=False,
+        _metrics={"train": defaultdict(list)}, _entropy_bonus_enabled=entropy_coef != 0.0, entropy_coef=entropy_coef,
+        use_adaptive_entropy=False,
     )
     stand_in.get_high_entropy_mask = types.MethodType(GRPOTrainer.get_high_entropy_mask, stand_in)
     mask = batch["completion_mask"] * batch["tool_mask"]
@@ -346,3 +348,27 @@ def test_grpo_config_maps_or_is_refused_by_name():
         with pytest.raises(ValueError, match=match):
             grpo.grpo_loss(p.pop("logprobs"), p.pop("old_logprobs"), p.pop("advantages"), p.pop("seq_ids"),
                            epsilon_high=0.28, **kwargs, **p)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("loss_type,level", [("dapo", "token"), ("grpo", "sequence")])
+def test_entropy_bonus_equals_trl(loss_type, level, backend):
+    """TRL's entropy bonus (entropy_coef): loss - coef * masked token mean of H, the gradient into the entropies;
+    the fused loss differentiates H itself (tests/test_grpo_kernels.py, against the fp64 definition)."""
+    batch = padded_batch(seed=4)
+    batch["entropies"] = batch["entropies"].clone().requires_grad_()
+    trl_value, trl_grad, _ = trl_loss(batch, loss_type, level, 0.04, True, entropy_coef=0.05)
+    p, real = packed(batch)
+    logprobs = p.pop("logprobs").clone().requires_grad_()
+    entropies = batch["entropies"].detach()[real].requires_grad_()
+    loss, stats = grpo.grpo_loss(logprobs, p.pop("old_logprobs"), p.pop("advantages"), p.pop("seq_ids"), beta=0.04,
+                                 loss_type=loss_type, importance_sampling_level=level, epsilon_low=0.2,
+                                 epsilon_high=0.28, max_completion_length=T_MAX, num_items_in_batch=p["mask"].sum(),
+                                 entropy_coef=0.05, entropies=entropies, backend=backend, **p)
+    loss.backward()
+    rtol = reduction_rtol(torch.float32, int(real.sum()), chain=3) * 10
+    assert_close(loss.detach(), trl_value, atol=rtol * (1 + abs(trl_value.item())), rtol=0.0, name="loss vs TRL")
+    assert_close(logprobs.grad, trl_grad[real], atol=rtol * trl_grad.abs().max().item(), rtol=rtol, name="d logp")
+    assert_close(entropies.grad, batch["entropies"].grad[real], atol=tiny_atol(torch.float32), rtol=rtol,
+                 name="d loss / d entropies vs TRL")
+    assert entropies.grad.abs().max() > 0 and stats.entropy_sum > 0
