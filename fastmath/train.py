@@ -2,7 +2,8 @@
 
 Runs the stages named in `run.stages` in order. A user mistake (config typo, missing file, unusable
 data, bad checkpoint) ends the run with one line, `fastmath: error: <cause>`, and exit status 2.
-`python fastmath/train.py ...` works too (a one-process group is created).
+`python fastmath/train.py ...` works too (a one-process group is created); `python -m fastmath.launch` takes
+torchrun's arguments and ends a failed run with that line alone (fastmath/launch.py).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import yaml  # noqa: E402
 
 from fastmath.config import help_text, load_config  # noqa: E402
 from fastmath.errors import FastmathError, one_line  # noqa: E402
+from fastmath.launch import QUIET_CHILDREN, record_for_torchrun  # noqa: E402
 from fastmath.launch_env import check_launch_env  # noqa: E402
 from fastmath.preflight import preflight  # noqa: E402
 
@@ -28,8 +30,7 @@ class _OneLineParser(argparse.ArgumentParser):
     """argparse, with its usage errors in the same one-line form as every other user mistake."""
 
     def error(self, message: str):
-        print(f"fastmath: error: {message} (see --help)", file=sys.stderr, flush=True)
-        sys.exit(2)
+        sys.exit(_fail(f"{message} (see --help)"))
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -101,10 +102,14 @@ MAX_ERROR_CHARS = 1000
 
 
 def _fail(message: str) -> int:
+    """Print the one error line (and hand it to torchrun, see fastmath/launch.py); the exit status 2."""
     message = " ".join(message.split())
     if len(message) > MAX_ERROR_CHARS:
         message = f"{message[:MAX_ERROR_CHARS]}... ({len(message) - MAX_ERROR_CHARS} more characters)"
-    print(f"fastmath: error: {message}", file=sys.stderr, flush=True)
+    line = f"fastmath: error: {message}"
+    record_for_torchrun(line)
+    if not os.environ.get(QUIET_CHILDREN):
+        print(line, file=sys.stderr, flush=True)
     return 2
 
 

@@ -50,6 +50,7 @@ KINDS = {
     "lock": "output folder lock: {}",
     "changed": "resume after {}",
     "env": "`{} train.py`",
+    "launch": "`python -m fastmath.launch {}` (own processes)",
     "template": "{}",
 }
 SKIP_KINDS = ("row", "chat", "prompt")
@@ -411,6 +412,12 @@ GOLD_AS_WRITTEN = [
     ("123456789012345678901234567890", "\\boxed{123456789012345678901234567891}", "wrong"),
 ]
 
+# Under torchrun (`python -m fastmath.launch` takes torchrun's arguments): the fastmath line ends the output.
+LAUNCHES = [
+    Case("launch-two-ranks-one-mistake", "launch", "--standalone --nproc_per_node=2 fastmath/train.py run.stages=[sft",
+         "override 'run.stages=[sft': the value is not valid YAML..."),
+]
+
 RUNS = [
     Case("run-unbalanced-list", "run", "run.stages=[sft", "override 'run.stages=[sft': the value is not valid YAML..."),
     Case("run-config-not-a-mapping", "run", "--config list.yaml", "config file list.yaml must hold a mapping of sections, got list"),
@@ -640,7 +647,7 @@ TEMPLATES = [
 ]
 
 CATALOGUE = (ARGS + YAML + FILES + ROWS + CHATS + PROMPTS + COMPLETIONS + CHECKPOINTS + UNSAFE + OVERWRITES + LOCKS
-             + CHANGED + ENVS + TEMPLATES + RUNS)
+             + CHANGED + ENVS + TEMPLATES + RUNS + LAUNCHES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -659,7 +666,7 @@ def _shown_input(case: Case) -> str:
         name, content = case.input
         return KINDS["file"].format(name, _code(content.decode("utf-8", "backslashreplace")))
     text = case.input.decode("utf-8", "backslashreplace") if isinstance(case.input, bytes) else case.input
-    if case.kind in ("args", "run"):
+    if case.kind in ("args", "run", "launch"):
         return KINDS[case.kind].format(text.replace("|", "\\|"))
     return KINDS[case.kind].format(_code(text))
 
@@ -1294,6 +1301,33 @@ def test_whole_runs_end_in_one_line_without_a_traceback(case, world, embedded_ca
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert len(lines) == 1 and _matches(lines[0][len("fastmath: error: "):], case.sees), result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("case", LAUNCHES, ids=lambda c: c.id)
+def test_under_torchrun_the_fastmath_line_is_the_last_thing_seen(case, world):
+    from tests.conftest import subprocess_env
+
+    args = shlex.split(case.input.replace("fastmath/train.py", str(REPO / "fastmath" / "train.py")))
+    result = subprocess.run([sys.executable, "-m", "fastmath.launch", *args], cwd=world, capture_output=True,
+                            text=True, env=subprocess_env(), timeout=300)
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr, result.stderr[-2000:]
+    assert _matches(lines[-1][len("fastmath: error: "):], case.sees), result.stderr[-2000:]
+    assert sum(line.startswith("fastmath: ") for line in lines) == 1, result.stderr[-2000:]  # once, for 2 ranks
+
+
+def test_plain_torchrun_quotes_the_fastmath_line_in_its_report(world):
+    """What remains under plain torchrun: its own traceback and failure table come after the line, and the table
+    quotes it (the worker's error file) instead of '<N/A>'."""
+    from tests.conftest import subprocess_env
+
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                             str(REPO / "fastmath" / "train.py"), "sft.lr=fast"], cwd=world, capture_output=True,
+                            text=True, env=subprocess_env(), timeout=300)
+    assert result.returncode != 0
+    assert "traceback : fastmath: error: config key 'sft.lr' expects float, got 'fast'" in result.stderr, \
+        result.stderr[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------
