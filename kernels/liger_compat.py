@@ -16,6 +16,9 @@ label y_i != ignore_index, ce_i the smoothed cross-entropy without the z-loss, z
 non-ignored rows):
     ce_weight w (no label smoothing):  loss_i = w[y_i] ce_i + zl_i; "mean" divides the ce part by sum_i w[y_i]
                                        and the z-loss by n (Liger's; the z-loss is not class-weighted).
+    ce_weight w with smoothing eps:    ce_i = (1 - eps) w[y_i] (lse_i - z_iy) + (eps / V) sum_v w_v (lse_i - z_iv),
+                                       a class-weighted sum over the vocabulary the kernel does not have: computed
+                                       by PyTorch on fp32 logits, one checkpointed chunk of rows at a time.
     use_token_scaling:                 every row's loss (z-loss included) times s_i = softmax(z_i)[y_i], s_i held
                                        constant (detached), as Liger does.
     return_token_accuracy:             mean over non-ignored rows of [argmax_v z_iv == y_i] ("none": per row, 0 at
@@ -38,7 +41,8 @@ _ACCUM_DTYPES = (None, torch.float32)
 # Option -> how fastmath treats it: "computed" (the same math as Liger), "accepted" (no effect on the result,
 # the reason given), or "refused" (one ValueError naming it, the reason given). The README table comes from here.
 CE_OPTIONS = {
-    "ce_weight": ("computed", "class weights; refused together with label_smoothing > 0"),
+    "ce_weight": ("computed", "class weights; with label_smoothing > 0 on a chunked PyTorch path (checkpointed "
+                              "chunks, the weight gradient accumulated in the weight's dtype)"),
     "ignore_index": ("computed", ""),
     "lse_square_scale": ("computed", "the z-loss"),
     "label_smoothing": ("computed", ""),
@@ -132,9 +136,6 @@ def liger_fused_linear_cross_entropy(
                 not ce_weight.dtype.is_floating_point:
             raise ValueError(f"ce_weight must be a floating tensor of shape [V] = ({weight.shape[0]},), got "
                              f"{getattr(ce_weight, 'shape', ce_weight)}")
-        if label_smoothing > 0:
-            raise ValueError("ce_weight with label_smoothing > 0 is not supported (Liger's class-weighted smoothing "
-                             "term); use one of the two")
     if input.dim() != 2:
         raise ValueError(f"input must be 2-D [N, d], got shape {tuple(input.shape)}")
     chunk = _liger_chunk_rows(input.shape[0], input.shape[1], weight.shape[0], chunk_mem_const)
@@ -180,10 +181,14 @@ def _weighted_rows(input, weight, target, ce_weight, use_token_scaling, valid, n
     ce_part, z_part = row_loss, torch.zeros_like(row_loss)
     if ce_weight is not None:
         w_y = ce_weight.detach().to(row_loss.dtype)[target.masked_fill(~valid, 0)] * valid
-        if lse_square_scale:  # the z-loss unweighted: ce_i = loss_i - zl_i with zl_i's own gradient
-            ce_part = fused_linear_cross_entropy(input, weight, target, reduction="none", **common)
-            z_part = row_loss - ce_part
-        ce_part = ce_part * w_y
+        if label_smoothing:
+            ce_part, z_part = _class_weighted_smoothing(input, weight, target, valid, ce_weight, label_smoothing,
+                                                        lse_square_scale, common)
+        else:
+            if lse_square_scale:  # the z-loss unweighted: ce_i = loss_i - zl_i with zl_i's own gradient
+                ce_part = fused_linear_cross_entropy(input, weight, target, reduction="none", **common)
+                z_part = row_loss - ce_part
+            ce_part = ce_part * w_y
     if reduction == "mean":
         ce_norm = (w_y.sum() if ce_weight is not None else n_valid.to(row_loss.dtype))
         ce_part = ce_part / torch.where(ce_norm == 0, torch.ones_like(ce_norm), ce_norm)
@@ -194,6 +199,36 @@ def _weighted_rows(input, weight, target, ce_weight, use_token_scaling, valid, n
     if reduction == "none":
         return loss, z_loss
     return loss.sum(), z_loss.sum()
+
+
+def _class_weighted_smoothing(input, weight, target, valid, ce_weight, label_smoothing, lse_square_scale, common):
+    """Per-row (class-weighted smoothed cross-entropy, z-loss) by the module docstring's formula, in PyTorch on fp32
+    logits, one checkpointed chunk of rows at a time (its logits recomputed in backward)."""
+    from torch.utils.checkpoint import checkpoint
+
+    w, eps, v = ce_weight.detach().float(), label_smoothing, weight.shape[0]
+    bias, softcap = common["bias"], common["softcap"]
+    y = target.masked_fill(~valid, 0)
+
+    def rows(h, lm_weight, b, y_rows, valid_rows):
+        z = (h @ lm_weight.T).float()
+        if b is not None:
+            z = z + b.float()
+        if softcap is not None:
+            z = softcap * torch.tanh(z / softcap)
+        lse = torch.logsumexp(z, dim=1)
+        nll = lse - z.gather(1, y_rows[:, None]).squeeze(1)
+        smooth = (w * (lse[:, None] - z)).sum(dim=1)
+        ce = ((1 - eps) * w[y_rows] * nll + eps / v * smooth) * valid_rows
+        return ce, lse_square_scale * lse.square() * valid_rows
+
+    step = common["chunk_size"] or max(input.shape[0], 1)
+    parts = [checkpoint(rows, input[i:i + step], weight, bias, y[i:i + step], valid[i:i + step], use_reentrant=False)
+             for i in range(0, input.shape[0], step)]
+    if not parts:
+        empty = input.new_zeros(0, dtype=torch.float32)
+        return empty, empty
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 class LigerFusedLinearCrossEntropyLoss(torch.nn.Module):
@@ -224,9 +259,6 @@ class LigerFusedLinearCrossEntropyLoss(torch.nn.Module):
         if accum_dtype not in _ACCUM_DTYPES:
             raise ValueError(f"accum_dtype must be None or torch.float32 (fastmath accumulates in fp32), got "
                              f"{accum_dtype}")
-        if ce_weight is not None and label_smoothing > 0:
-            raise ValueError("ce_weight with label_smoothing > 0 is not supported (Liger's class-weighted smoothing "
-                             "term); use one of the two")
         self.ce_weight, self.ignore_index, self.lse_square_scale = ce_weight, ignore_index, lse_square_scale
         self.label_smoothing, self.reduction, self.softcap = label_smoothing, reduction, softcap
         self.return_z_loss, self.accum_dtype, self.use_token_scaling = return_z_loss, accum_dtype, use_token_scaling
