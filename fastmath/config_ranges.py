@@ -21,6 +21,7 @@ from fastmath.errors import ConfigError
 
 RANGES = {
     "run.seed": "[0, 4294967296)",  # numpy's seed must fit in 32 bits
+    "run.dist_timeout_minutes": "> 0",
     "data.max_length": "> 0",
     "data.max_rows": ">= 0",
     "data.embedded_verbose_fraction": "[0, 1]",
@@ -56,6 +57,8 @@ RANGES = {
     "grpo.schedule_steps": ">= -1",
     "grpo.completions_per_micro_batch": ">= 0",
     "grpo.prompts_per_step": "> 0",
+    "grpo.vllm_tensor_parallel_size": "> 0",
+    "grpo.vllm_max_num_batched_tokens": "> 0",
     "grpo.num_generations": ">= 2",
     "grpo.max_prompt_length": "> 0",
     "grpo.max_completion_length": "> 0",

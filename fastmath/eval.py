@@ -13,8 +13,9 @@ What it does, in order:
        either, or whose gold answer is not a mathematical value (`AnswerChecker.gold_answers`: prose,
        placeholders, lists, booleans, text math-verify cannot parse), is skipped and counted by reason; no usable problem is a DataError. The first `eval.max_problems` usable ones are kept.
     3. Sampling: k = `eval.samples` completions per problem with vLLM (or HF generate), temperature / top_p /
-       min_p / stop from `eval.*`, ONCE, at the largest budget. Each rank of a torchrun job samples its share
-       of the problems (problem i goes to rank i mod world_size) with its own engine (seed run.seed + rank).
+       min_p / stop from `eval.*`, ONCE, at the largest budget. Each engine of a torchrun job (a rank, or
+       `eval.tensor_parallel_size` consecutive ranks: `fastmath.colocate`, built as GRPO builds its generator)
+       samples its share of the problems (problem i goes to engine i mod engines, seed run.seed + engine).
     4. Budgets: a smaller budget B is derived from those samples by keeping each sample's first B tokens:
        a sample longer than B counts as truncated at B, and its kept tokens are decoded again (special tokens
        skipped) and checked on that truncated text; a sample that ended within B is unchanged. Sampling is
@@ -61,12 +62,13 @@ from tqdm import tqdm
 
 from fastmath.config import Config, EvalConfig, to_dict
 from fastmath.data import DataReport, Formatter, prompt_settings, read_rows, text_field
-from fastmath.distributed import DistInfo
+from fastmath.colocate import join_unit, unit_ranks
+from fastmath.distributed import DistInfo, wait_for_ranks
 from fastmath.errors import ConfigError, DataError, FastmathError, first_line
 from fastmath.eval_metrics import BudgetMetrics, SampleResult, budget_metrics
 from fastmath.metrics import MetricsWriter
 from fastmath.answers import AnswerChecker, extract_boxed
-from fastmath.rollout import Completion, Generator, Sampling
+from fastmath.rollout import Completion, EngineSettings, Generator, Sampling, make_generator
 from fastmath.stage import data_source, start_model
 from fastmath.tracking import Tracker
 
@@ -263,21 +265,13 @@ def scheduled_metrics(records: list[dict], problems: list[EvalProblem]) -> dict 
 # The stage
 
 
-def _make_generator(config: Config, model_path: str, tokenizer, dist_info: DistInfo, max_model_len: int) -> Generator:
-    from fastmath.rollout import HFGenerator, VLLMGenerator, vllm_available
-
+def eval_engine_settings(config: Config, max_model_len: int) -> EngineSettings:
     e = config.eval
-    kind = e.generator
-    if kind == "auto":
-        kind = "vllm" if vllm_available() else "hf"
-        if kind == "hf" and dist_info.is_main:
-            print("fastmath: vLLM is not importable here; eval samples with HF generate (slower)", flush=True)
-    if kind == "vllm":
-        return VLLMGenerator(model_path, max_model_len=max_model_len, seed=config.run.seed + dist_info.rank,
-                             gpu_memory_utilization=e.vllm_gpu_memory_utilization,
-                             cpu_kv_cache_gib=e.vllm_cpu_kv_cache_gib, tokenizer=tokenizer,
-                             tensor_parallel_size=e.tensor_parallel_size, enforce_eager=e.vllm_enforce_eager)
-    return HFGenerator(model_path, tokenizer, dist_info.device, config.model.trust_remote_code, e.batch_size)
+    return EngineSettings(kind=e.generator, max_model_len=max_model_len, seed=config.run.seed,
+                          gpu_memory_utilization=e.vllm_gpu_memory_utilization,
+                          cpu_kv_cache_gib=e.vllm_cpu_kv_cache_gib, tensor_parallel_size=e.tensor_parallel_size,
+                          enforce_eager=e.vllm_enforce_eager, trust_remote_code=config.model.trust_remote_code,
+                          hf_batch_size=e.batch_size)
 
 
 def _check_context(model_path: str, max_model_len: int, trust_remote_code: bool) -> None:
@@ -309,9 +303,7 @@ def run_eval(config: Config, dist_info: DistInfo) -> dict | None:
     """The stage; returns the results (rank 0) or None (other ranks)."""
     e = config.eval
     main, world = dist_info.is_main, dist_info.world_size
-    if e.tensor_parallel_size > 1 and world > 1:
-        raise ConfigError(f"eval.tensor_parallel_size={e.tensor_parallel_size} needs a single process (vLLM starts "
-                          f"its own workers); this job has {world}: run it with python, or set it to 1")
+    unit_ranks(world, e.tensor_parallel_size, "eval.tensor_parallel_size")  # refuse a bad size before any work
     started = time.perf_counter()
     if torch.cuda.is_available():  # an earlier stage's cached blocks would count against vLLM's memory share
         gc.collect()
@@ -336,7 +328,10 @@ def run_eval(config: Config, dist_info: DistInfo) -> dict | None:
         budgets = sorted(e.budgets)
         if e.token_scheduler:
             schedule_problems(problems, e.token_scheduler, config, budgets[-1])
-        mine = problems[dist_info.rank::world]
+        # One engine per generation unit (a rank, or a tensor-parallel group of ranks): the unit's ranks sample
+        # the same problems together and its first rank reports them.
+        unit = join_unit(dist_info.rank, world, e.tensor_parallel_size, "eval.tensor_parallel_size")
+        mine = problems[unit.index::unit.count]
         max_model_len = max(len(p.ids) for p in problems) + budgets[-1]
         _check_context(model_path, max_model_len, config.model.trust_remote_code)
         if main:
@@ -348,12 +343,16 @@ def run_eval(config: Config, dist_info: DistInfo) -> dict | None:
         records, stats = [], {"generate_s": 0.0, "check_s": 0.0, "generated_tokens": 0}
         engine = ""
         if mine:
-            generator = _make_generator(config, model_path, tokenizer, dist_info, max_model_len)
+            generator = make_generator(eval_engine_settings(config, max_model_len), model_path, tokenizer, dist_info,
+                                       unit, verbose=main)
             engine = type(generator).__name__
-            seed = config.run.seed * 100_003 + dist_info.rank
+            seed = config.run.seed * 100_003 + unit.index
             records, stats = evaluate(generator, mine, e, tokenizer, checker, seed, progress=main)
             generator.close()
             generator = None
+            if not unit.reports:  # the unit's first rank holds the same samples
+                records, stats = [], {key: type(value)(0) for key, value in stats.items()}
+        wait_for_ranks("the end of the eval's sampling")
         payload = {"records": records, "stats": stats, "engine": engine, "checks": dict(checker.counts),
                    "checker_restarts": checker.restarts}
     finally:

@@ -162,8 +162,8 @@ ROWS = [
     Row("grpo", "checkpoints", "every 5 steps, 2 kept", "grpo.save_every", 5),
     Row("grpo", "checkpoints kept", "2", "checkpoint.keep", 2),
     Row("grpo", "seed", "2025", "run.seed", 2025),
-    Row("grpo", "rollouts", "vLLM colocated, tensor parallel 4, enforce_eager", None,
-        "vLLM colocated on every rank, tensor parallel 1", "throughput only; sampling settings are the same"),
+    Row("grpo", "rollouts", "vLLM colocated, tensor parallel 4, enforce_eager", "grpo.vllm_tensor_parallel_size", 4,
+        "CUDA graphs kept (grpo.vllm_enforce_eager: false): throughput only; sampling settings are the same"),
     # -- GRPO-only on Qwen3-14B (train_fast_qwen3_14b.py, TRL 0.17 GRPOTrainer): what differs from grpo ---------
     Row("qwen3", "start", "Qwen/Qwen3-14B", "grpo.init_from", "Qwen/Qwen3-14B"),
     Row("qwen3", "chat template", "Qwen3's own", "data.chat_template", "model"),

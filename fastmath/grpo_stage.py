@@ -37,13 +37,14 @@ from tqdm import tqdm
 from fastmath import checkpoint as ckpt
 from fastmath.config import Config
 from fastmath.data import DataReport, Formatter, prompt_settings, text_field, read_rows
-from fastmath.distributed import DistInfo, all_reduce_max, all_reduce_sum
-from fastmath.errors import ConfigError, DataError, FastmathError
+from fastmath.colocate import GenerationUnit, even_share, join_unit, prompt_seed, unit_ranks
+from fastmath.distributed import DistInfo, all_reduce_max, all_reduce_sum, wait_for_ranks
+from fastmath.errors import DataError, FastmathError
 from fastmath.model import lm_head_chunk_bytes, load_parallel_model, load_tokenizer, mixed_precision
 from fastmath.policy import PolicyWithGRPOLoss, Sequence, empty_update_batch, gathered_weights, pack_sequences
 from fastmath.answers import AnswerChecker
 from fastmath.rewards import compute_rewards
-from fastmath.rollout import Completion, Sampling, make_generator
+from fastmath.rollout import Completion, EngineSettings, Sampling, make_generator
 from fastmath.stage import (OptimSettings, Stage, build_optimizer, clip_gradients, data_source, micro_batches,
                             optim_settings, reduce_and_read, schedule_length, set_lr, start_model)
 from kernels.grpo import group_advantages, reward_sums
@@ -136,10 +137,10 @@ def prompt_indices(n_rows: int, step: int, per_step: int, seed: int) -> list[int
 
 
 def sample_groups(generator, rows: list[PromptRow], sampling: Sampling, config: Config, tokenizer,
-                  checker: AnswerChecker) -> list[Group]:
+                  checker: AnswerChecker, seeds: list[int] | None = None) -> list[Group]:
     g = config.grpo
     G = g.num_generations
-    completions = generator.generate([r.ids for r in rows], sampling, G)
+    completions = generator.generate([r.ids for r in rows], sampling, G, seeds)
     flat = [c for group in completions for c in group]
     texts = [r.prefill + c.text for r, group in zip(rows, completions) for c in group]  # judged: prefill + text
     golds = [r.answer for r in rows for _ in range(G)]
@@ -169,36 +170,61 @@ def sample_groups(generator, rows: list[PromptRow], sampling: Sampling, config: 
 
 
 def rollout_step(generator, rows: list[PromptRow], step: int, config: Config, tokenizer, checker: AnswerChecker,
-                 dist_info: DistInfo) -> tuple[list[Group], dict]:
-    """This rank's groups for one step, with dynamic sampling when enabled; returns (groups, counts)."""
+                 dist_info: DistInfo, unit: GenerationUnit | None = None) -> tuple[list[Group], dict]:
+    """This rank's groups for one step, with dynamic sampling when enabled; returns (groups, counts).
+
+    The step's prompts are split as evenly as they go over the generation units (one engine each: a rank, or a
+    tensor-parallel group of ranks, `fastmath.colocate`); every rank of a unit generates the unit's prompts with
+    the same seeds, then keeps its own even share of the groups for the update. Seeds are per prompt, from its
+    position in the step, so a prompt's completions do not depend on the split."""
     g = config.grpo
-    per_rank = g.prompts_per_step // dist_info.world_size
-    mine = prompt_indices(len(rows), step, g.prompts_per_step, config.run.seed)
-    mine = mine[dist_info.rank * per_rank:(dist_info.rank + 1) * per_rank]
+    G, seed = g.num_generations, config.run.seed
+    unit = unit or GenerationUnit(dist_info.rank, dist_info.world_size, 0, 1)
+    share = even_share(g.prompts_per_step, unit.index, unit.count)
+    mine = prompt_indices(len(rows), step, g.prompts_per_step, seed)[share]
     sampling = Sampling(temperature=g.temperature, top_p=g.top_p, min_p=g.min_p, top_k=g.top_k,
                         max_tokens=g.max_completion_length, stop=list(g.stop),
-                        seed=config.run.seed * 100_003 + step * 97 + dist_info.rank)
-    groups = sample_groups(generator, [rows[i] for i in mine], sampling, config, tokenizer, checker)
-    counts = {"groups_sampled": len(groups), "groups_dropped": 0, "resample_rounds": 0}
+                        seed=seed * 100_003 + step * 97 + unit.index)
+    seeds = [prompt_seed(seed, step, i, G) for i in range(share.start, share.stop)]
+    groups = sample_groups(generator, [rows[i] for i in mine], sampling, config, tokenizer, checker, seeds)
+    target = len(mine)
     if not g.dynamic_sampling:
-        return groups, counts
+        groups = groups[even_share(len(groups), unit.rank_in_unit, unit.size)]
+        return groups, {"groups_sampled": len(groups), "groups_dropped": 0, "resample_rounds": 0}
     kept = [grp for grp in groups if not grp.zero_variance]
     all_sampled = list(groups)
-    rng = random.Random(config.run.seed * 7_919 + step * 31 + dist_info.rank)
+    rng = random.Random(seed * 7_919 + step * 31 + unit.index)  # the same extra prompts on a unit's ranks
+    rounds = 0
     for round_ in range(1, g.max_resample_rounds + 1):
-        if len(kept) >= per_rank:
+        if not _unit_wants_more(len(kept) < target, unit, dist_info.device):
             break
-        extra = [rows[i] for i in rng.sample(range(len(rows)), min(len(rows), per_rank - len(kept)))]
+        extra = [rows[i] for i in rng.sample(range(len(rows)), min(len(rows), max(0, target - len(kept))))]
         sampling.seed += 1
-        more = sample_groups(generator, extra, sampling, config, tokenizer, checker)
+        # Positions past the step's prompts, disjoint across units and rounds (a unit asks for <= its share).
+        first = g.prompts_per_step * round_ + share.start
+        more = sample_groups(generator, extra, sampling, config, tokenizer, checker,
+                             [prompt_seed(seed, step, first + j, G) for j in range(len(extra))])
         all_sampled += more
         kept += [grp for grp in more if not grp.zero_variance]
-        counts["resample_rounds"] = round_
-    counts["groups_sampled"] = len(all_sampled)
-    counts["groups_dropped"] = len(all_sampled) - len(kept)
-    # Metrics describe everything sampled this step; the update sees the informative groups only.
-    counts["all_sampled"] = all_sampled
-    return kept[:per_rank], counts
+        rounds = round_
+    kept = kept[:target]
+    # Metrics describe everything sampled this step, once per unit; the update sees the informative groups only.
+    reports = unit.reports
+    counts = {"groups_sampled": len(all_sampled) if reports else 0,
+              "groups_dropped": len(all_sampled) - len(kept) if reports else 0,
+              "resample_rounds": rounds if reports else 0, "all_sampled": all_sampled if reports else []}
+    return kept[even_share(len(kept), unit.rank_in_unit, unit.size)], counts
+
+
+def _unit_wants_more(wants: bool, unit: GenerationUnit, device: torch.device) -> bool:
+    """Whether any rank of the unit wants another resampling round (they generate together, so all go on or all
+    stop: a reward check that timed out on one rank only must not split them). One small collective and host
+    sync per round, tensor-parallel units only."""
+    if unit.size == 1:
+        return wants
+    flag = torch.tensor([int(wants)], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=unit.group)
+    return bool(flag.item())
 
 
 def advantages_for(groups: list[Group], config: Config, dist_info: DistInfo) -> list[list[float]]:
@@ -397,7 +423,6 @@ class WeightSync:
     def __call__(self) -> float:
         """Sync; returns the seconds it took."""
         started = time.perf_counter()
-        self.generator.wake()
         self.bytes = 0
         with torch.no_grad():
             self.generator.load_weights(self._counted(gathered_weights(self.causal_lm, self.bucket_bytes,
@@ -418,9 +443,7 @@ def _sequences(groups: list[Group], advantages: list[list[float]], mask_truncate
 
 def run_grpo(config: Config, dist_info: DistInfo) -> dict:
     g = config.grpo
-    if g.prompts_per_step % dist_info.world_size:
-        raise ConfigError(f"grpo.prompts_per_step ({g.prompts_per_step}) must be a multiple of the number of "
-                          f"processes ({dist_info.world_size})")
+    unit_ranks(dist_info.world_size, g.vllm_tensor_parallel_size, "grpo.vllm_tensor_parallel_size")  # refuse now
     stage = Stage("grpo", config, dist_info, Path(config.run.output_dir) / "grpo", _RESUME_INVARIANT,
                   heldout=g.prompts == "embedded")
     ckpt.seed_all(config.run.seed)
@@ -441,6 +464,16 @@ def run_grpo(config: Config, dist_info: DistInfo) -> dict:
             close()
 
 
+def grpo_engine_settings(config: Config) -> EngineSettings:
+    g = config.grpo
+    return EngineSettings(kind=g.generator, max_model_len=g.max_prompt_length + g.max_completion_length,
+                          seed=config.run.seed, gpu_memory_utilization=g.vllm_gpu_memory_utilization,
+                          cpu_kv_cache_gib=g.vllm_cpu_kv_cache_gib, tensor_parallel_size=g.vllm_tensor_parallel_size,
+                          sleep_mode=g.vllm_sleep, enforce_eager=g.vllm_enforce_eager,
+                          max_num_batched_tokens=g.vllm_max_num_batched_tokens,
+                          trust_remote_code=config.model.trust_remote_code)
+
+
 def _train(stage: Stage, config: Config, dist_info: DistInfo, init_path: str, tokenizer, checker: AnswerChecker,
            rows: list[PromptRow], cleanup: list) -> dict:
     g = config.grpo
@@ -451,13 +484,10 @@ def _train(stage: Stage, config: Config, dist_info: DistInfo, init_path: str, to
     before = stage.before(resume, lambda: {"heldout": stage.heldout(init_path)})
 
     # 3. Generator (starts from the initial weights; a resumed run pushes the checkpoint's in) ---------------
-    generator = make_generator(g.generator, init_path, tokenizer, dist_info.device,
-                               max_model_len=g.max_prompt_length + g.max_completion_length,
-                               seed=config.run.seed + dist_info.rank,
-                               gpu_memory_utilization=g.vllm_gpu_memory_utilization,
-                               cpu_kv_cache_gib=g.vllm_cpu_kv_cache_gib, sleep_mode=g.vllm_sleep,
-                               trust_remote_code=config.model.trust_remote_code,
-                               enforce_eager=g.vllm_enforce_eager)
+    unit = join_unit(dist_info.rank, dist_info.world_size, g.vllm_tensor_parallel_size,
+                     "grpo.vllm_tensor_parallel_size")
+    generator = make_generator(grpo_engine_settings(config), init_path, tokenizer, dist_info, unit,
+                               verbose=dist_info.is_main)
     cleanup.append(generator.close)
     sync = WeightSync(generator, policy.causal_lm, g.sync_bucket_mib, dist_info.device)
     if resume.step:
@@ -469,7 +499,7 @@ def _train(stage: Stage, config: Config, dist_info: DistInfo, init_path: str, to
 
     # 4. The loop; then the final checkpoint, the export and the held-out check of the final policy ----------
     tokens_seen, skipped_steps = train(stage, config, dist_info, policy, generator, sync, tokenizer, checker,
-                                       rows, resume.step, resume.tokens_seen)
+                                       rows, resume.step, resume.tokens_seen, unit)
     if resume.step < g.max_steps:
         stage.save(g.max_steps, tokens_seen, policy.model, policy.optimizer)
     export_dir = ckpt.export_hf(policy.causal_lm, tokenizer, stage.out_dir / "hf", dist_info)
@@ -481,7 +511,7 @@ def _train(stage: Stage, config: Config, dist_info: DistInfo, init_path: str, to
 
 def train(stage: Stage, config: Config, dist_info: DistInfo, policy: Policy, generator, sync: WeightSync,
           tokenizer, checker: AnswerChecker, rows: list[PromptRow], start_step: int,
-          tokens_seen: int) -> tuple[int, int]:
+          tokens_seen: int, unit: GenerationUnit | None = None) -> tuple[int, int]:
     """The loop: rollouts, advantages, packed update, weight sync, metrics, checkpoint; returns
     (tokens seen, skipped steps). tokens seen counts the packed update rows' tokens (prompt + completion)."""
     g = config.grpo
@@ -491,10 +521,12 @@ def train(stage: Stage, config: Config, dist_info: DistInfo, policy: Policy, gen
     horizon = schedule_length(g, g.max_steps, prompt_rows=len(rows))  # the seed's runs past the stop
     for step in range(start_step, g.max_steps):
         t0 = time.perf_counter()
-        groups, counts = rollout_step(generator, rows, step, config, tokenizer, checker, dist_info)
+        groups, counts = rollout_step(generator, rows, step, config, tokenizer, checker, dist_info, unit)
         t_gen = time.perf_counter() - t0
         sampled = counts.pop("all_sampled", groups)
         generator.sleep()
+        # Rollouts take as long as their longest completion: meet here, so a stalled rank is named.
+        wait_for_ranks(f"the end of step {step + 1}'s rollout")
 
         # Advantages, sequences, packed rows; every rank runs as many micro-batches as the busiest one.
         t1 = time.perf_counter()
@@ -522,7 +554,7 @@ def train(stage: Stage, config: Config, dist_info: DistInfo, policy: Policy, gen
         record.update({"loss": result.loss, "lr": result.lr, "skipped_steps": skipped_steps,
                        "tokens_seen": tokens_seen, "time/generate_s": t_gen, "time/update_s": t_update,
                        "time/sync_s": t_sync, "generate_tokens_per_s": record["completion_tokens"] / max(t_gen, 1e-9),
-                       "sync_gb_per_s": sync.bytes / 1e9 / max(t_sync, 1e-9),
+                       "sync_bytes": sync.bytes, "sync_gb_per_s": sync.bytes / 1e9 / max(t_sync, 1e-9),
                        "answer_timeouts": checker.counts["timeout"], "checker_restarts": checker.restarts})
         record["update_tokens_per_s"] = record["tokens"] * g.num_iterations / max(t_update, 1e-9)
 

