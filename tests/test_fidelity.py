@@ -340,8 +340,8 @@ def test_top_k_reaches_both_generators(assets):
             raise Captured(params)
 
     vllm = pytest.importorskip("vllm", reason="vLLM is not installed here")
-    engine = object.__new__(VLLMGenerator)
-    engine.llm = FakeLLM()
+    engine = VLLMGenerator("model", max_model_len=64, seed=0, gpu_memory_utilization=0.1, cpu_kv_cache_gib=1,
+                           engine=FakeLLM())
     with pytest.raises(Captured) as caught:
         engine.generate([prompt], Sampling(top_k=50), 2)
     assert isinstance(caught.value.args[0], vllm.SamplingParams) and caught.value.args[0].top_k == 50
