@@ -245,10 +245,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     unsafe = dcp_metadata_problem(path / "model_and_optim")
     if unsafe:
         raise CheckpointError(f"checkpoint {path} is refused: model_and_optim/{unsafe}")
-    try:
-        state = json.loads((path / "trainer_state.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"checkpoint {path} has an unreadable trainer_state.json: {err}") from None
+    state = _trainer_state(path)
     if state.get("world_size") != dist_info.world_size:
         raise CheckpointError(f"checkpoint {path} was written by {state.get('world_size')} processes; "
                               f"resuming with {dist_info.world_size} is not supported yet")
@@ -268,6 +265,23 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
         raise CheckpointError(f"checkpoint {path} is corrupt: {_cause(err)}") from None
     set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"])
     _set_rng_state(rng)
+    return state
+
+
+def _trainer_state(path: Path) -> dict:
+    """trainer_state.json, checked to have the form fastmath writes before any field is used."""
+    try:
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise CheckpointError(f"checkpoint {path} has an unreadable trainer_state.json: "
+                              f"{first_line(err)[:200]}") from None
+    form = {"step": int, "config": dict, "inputs": dict}
+    bad = [key for key, kind in form.items()
+           if key in state and not isinstance(state[key], kind) or key == "step" and key not in state] \
+        if isinstance(state, dict) else ["the whole file"]
+    if bad or isinstance(state.get("step"), bool) or state["step"] < 0:
+        raise CheckpointError(f"checkpoint {path} has a trainer_state.json not in the form fastmath writes "
+                              f"({(bad or ['step'])[0]})")
     return state
 
 

@@ -36,7 +36,7 @@ RANGES = {
     "heldout.num_problems": ">= 0",
     "heldout.max_new_tokens": "> 0",
     "heldout.batch_size": "> 0",
-    "heldout.answer_timeout_s": "> 0",
+    "heldout.answer_timeout_s": "(0, 86400]",
     "sft.epochs": "> 0",
     "sft.max_steps": ">= 0",
     "sft.schedule_epochs": ">= 0",
@@ -72,7 +72,7 @@ RANGES = {
     "grpo.cosine_max_length": ">= 0",
     "grpo.overlong_buffer": ">= 0",
     "grpo.reward_workers": "> 0",
-    "grpo.reward_timeout_s": "> 0",
+    "grpo.reward_timeout_s": "(0, 86400]",
     "grpo.epsilon_low": "[0, 1)",
     "grpo.epsilon_high": ">= 0",
     "grpo.beta": ">= 0",
@@ -100,7 +100,7 @@ RANGES = {
     "eval.vllm_gpu_memory_utilization": "(0, 1]",
     "eval.vllm_cpu_kv_cache_gib": "> 0",
     "eval.answer_workers": "> 0",
-    "eval.answer_timeout_s": "> 0",
+    "eval.answer_timeout_s": "(0, 86400]",
     "scheduler.tiny_hidden_size": "> 0",
     "scheduler.tiny_layers": "> 0",
     "scheduler.tiny_heads": "> 0",
@@ -118,6 +118,9 @@ RANGES = {
 
 # Why a bound is where it is, where the range alone does not say it.
 REASONS = {
+    "heldout.answer_timeout_s": "seconds per answer check; the worker's alarm timer overflows far above a day",
+    "grpo.reward_timeout_s": "seconds per answer check; the worker's alarm timer overflows far above a day",
+    "eval.answer_timeout_s": "seconds per answer check; the worker's alarm timer overflows far above a day",
     "grpo.num_generations": "a group of one completion has advantage 0, so GRPO would train on nothing",
     "grpo.temperature": "it divides the logits; for greedy decoding use the eval stage's temperature 0",
     "grpo.vllm_is_cap": "it caps an importance weight whose unclipped value is 1 when sampler and trainer agree",

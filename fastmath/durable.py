@@ -21,6 +21,8 @@ import stat
 from pathlib import Path, PurePosixPath
 
 MANIFEST = "MANIFEST.sha256"
+# A manifest line is ~100 bytes; a checkpoint of a few thousand files is well under this.
+MAX_MANIFEST_BYTES = 16 << 20
 _CHUNK = 1 << 20
 
 
@@ -107,8 +109,11 @@ def write_manifest(root: str | Path, digests: dict[str, str]) -> None:
 
 def read_manifest(root: str | Path) -> dict[str, str] | None:
     """{relative path: sha256} from the folder's manifest; None if it has none or it is unreadable."""
+    path = Path(root) / MANIFEST
     try:
-        text = (Path(root) / MANIFEST).read_text(encoding="utf-8")
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            return None
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return None
     digests = {}

@@ -10,6 +10,7 @@ torchrun marks the processes it starts with TORCHELASTIC_RUN_ID. Another launche
 """
 from __future__ import annotations
 
+import socket
 from typing import Mapping
 
 from fastmath.errors import ConfigError
@@ -65,7 +66,19 @@ def launch_problem(env: Mapping[str, str]) -> str | None:
                 f"if another launcher starts them")
     if world > 1 and not env.get("MASTER_ADDR"):
         return f"environment variable WORLD_SIZE={world} is set but MASTER_ADDR is not; the processes cannot meet"
+    address = env.get("MASTER_ADDR", "").strip()
+    if address and not _resolves(address):
+        return (f"environment variable MASTER_ADDR={address[:80]!r} does not resolve to an address (the process "
+                f"group would retry it until its timeout); fix it, or unset it for a one-process run")
     return None
+
+
+def _resolves(host: str) -> bool:
+    try:
+        socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError):  # socket.gaierror is an OSError; an over-long label is a UnicodeError
+        return False
+    return True
 
 
 def check_launch_env(env: Mapping[str, str]) -> None:

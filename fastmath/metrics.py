@@ -107,7 +107,7 @@ class MetricsWriter:
         for line in self.path.read_text(encoding="utf-8").splitlines():
             try:
                 json.loads(line)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # a line cut short, or not JSON a writer of ours made
                 continue
             kept.append(line + "\n")
         return kept

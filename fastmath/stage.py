@@ -243,7 +243,8 @@ def check_resume_compatible(saved: dict, config: Config, path: Path, invariant: 
     current, defaults = to_dict(config), to_dict(Config())
     for key in invariant:
         section, name = key.split(".")
-        old, new = saved.get(section, {}).get(name, defaults[section][name]), current[section][name]
+        saved_section = saved.get(section) if isinstance(saved.get(section), dict) else {}
+        old, new = saved_section.get(name, defaults[section][name]), current[section][name]
         if old != new:
             raise CheckpointError(f"checkpoint {path} was made with {key}={old!r}, this run has {new!r}; "
                                   f"resume with the same value or use a fresh run.output_dir")
@@ -346,7 +347,12 @@ class Stage:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(before, indent=2))
             return before
-        return json.loads(path.read_text()) if path.is_file() else {}
+        try:
+            before = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        except (OSError, ValueError, RecursionError) as err:
+            raise CheckpointError(f"{path} is not the JSON fastmath wrote ({str(err)[:120]}); move it away to "
+                                  f"measure the 'before' column again") from None
+        return before if isinstance(before, dict) else {}
 
     def finish(self, summary: dict) -> dict:
         """Write summary.json, print the before/after table, close the metrics writers."""

@@ -154,9 +154,13 @@ ARGS = [
     Case("top-p-zero", "args", "grpo.top_p=0", "config key 'grpo.top_p' must be in (0, 1], got 0.0"),
     Case("top-p-above-1", "args", "eval.top_p=1.5", "config key 'eval.top_p' must be in (0, 1], got 1.5"),
     Case("min-p-one", "args", "eval.min_p=1", "config key 'eval.min_p' must be in [0, 1), got 1.0"),
-    Case("reward-timeout-zero", "args", "grpo.reward_timeout_s=0", "config key 'grpo.reward_timeout_s' must be > 0, got 0.0"),
+    Case("reward-timeout-zero", "args", "grpo.reward_timeout_s=0",
+         "config key 'grpo.reward_timeout_s' must be in (0, 86400], got 0.0..."),
     Case("answer-timeout-negative", "args", "eval.answer_timeout_s=-5",
-         "config key 'eval.answer_timeout_s' must be > 0, got -5.0"),
+         "config key 'eval.answer_timeout_s' must be in (0, 86400], got -5.0..."),
+    Case("answer-timeout-overflow", "args", "heldout.answer_timeout_s=1e300",
+         "config key 'heldout.answer_timeout_s' must be in (0, 86400], got 1e+300 (seconds per answer check; the "
+         "worker's alarm timer overflows far above a day)"),
     Case("reward-workers-zero", "args", "grpo.reward_workers=0", "config key 'grpo.reward_workers' must be > 0, got 0"),
     Case("clip-epsilon-one", "args", "grpo.epsilon_low=1", "config key 'grpo.epsilon_low' must be in [0, 1), got 1.0"),
     Case("kl-beta-negative", "args", "grpo.beta=-0.1", "config key 'grpo.beta' must be >= 0, got -0.1"),
@@ -518,6 +522,18 @@ UNSAFE = [
     Case("unsafe-manifest-symlink", "unsafe", "manifest-symlink",
          f"checkpoint {STEP4} is corrupt: big is not a regular file in the checkpoint folder (a link, a device or a "
          f"pipe)", shown="a link `big -> /dev/zero` in the folder, listed in the manifest"),
+    Case("unsafe-state-not-an-object", "unsafe", "state-list",
+         f"checkpoint {STEP4} has a trainer_state.json not in the form fastmath writes (the whole file)",
+         shown="`trainer_state.json` holding a JSON list"),
+    Case("unsafe-state-step-text", "unsafe", "state-step-text",
+         f"checkpoint {STEP4} has a trainer_state.json not in the form fastmath writes (step)",
+         shown='`trainer_state.json` with `"step": "4"`'),
+    Case("unsafe-state-deep", "unsafe", "state-deep",
+         f"checkpoint {STEP4} has an unreadable trainer_state.json: maximum recursion depth exceeded...",
+         shown="`trainer_state.json` nested 100,000 deep"),
+    Case("unsafe-manifest-huge", "unsafe", "manifest-huge",
+         f"checkpoint {STEP4} is corrupt: MANIFEST.sha256 is missing or unreadable...",
+         shown="a 17 MiB `MANIFEST.sha256` (its lines are never read)"),
     Case("unsafe-other-model-size", "unsafe", "other-model",
          f"checkpoint {STEP4} does not fit this model: model.causal_lm.lm_head.weight is [387, 192] there and "
          f"[7, 192] in this model (a checkpoint of another model size)",
@@ -614,6 +630,9 @@ ENVS = [
          "environment variable LOCAL_RANK is set without RANK and WORLD_SIZE; launch with torchrun, or unset it"),
     Case("env-port-out-of-range", "env", "RANK=0 WORLD_SIZE=1 MASTER_PORT=70000",
          "environment variable MASTER_PORT=70000 is not a port (1-65535)"),
+    Case("env-master-addr-unresolvable", "env", "RANK=0 WORLD_SIZE=1 MASTER_ADDR=nonexistent.invalid MASTER_PORT=29555",
+         "environment variable MASTER_ADDR='nonexistent.invalid' does not resolve to an address (the process group "
+         "would retry it until its timeout); fix it, or unset it for a one-process run"),
     Case("env-two-without-master", "env", "RANK=1 WORLD_SIZE=2 FASTMATH_LAUNCHER=external",
          "environment variable WORLD_SIZE=2 is set but MASTER_ADDR is not; the processes cannot meet"),
 ]
@@ -689,6 +708,49 @@ def catalogue_markdown() -> str:
     rows = ["| # | input | what the user sees |", "|---|---|---|"]
     rows += [f"| {i} | {_shown_input(c)} | {_shown_outcome(c)} |" for i, c in enumerate(CATALOGUE, start=1)]
     return "\n".join(rows)
+
+
+# The classes of the trust model (README), with how many inputs of each the tests try: catalogue rows by id, plus
+# the parametrised tables and single tests outside the catalogue (named with their counts).
+def _ids(*prefixes: str) -> list[str]:
+    return [c.id for c in CATALOGUE if c.id.startswith(prefixes)]
+
+
+def trust_classes() -> list[tuple[str, list[str], dict[str, int]]]:
+    return [
+        ("Code from a checkpoint folder, paths read from files", _ids("unsafe-"),
+         {"DCP non-tensor values (2 payloads, 1 plain value)": 3}),
+        ("Silent overwrite, concurrent runs", _ids("overwrite-", "lock-"),
+         {"restart under auto, stale lock taken over (2 ways), lock held through train.py": 4}),
+        ("Identity by content", _ids("changed-"), {"sampled fingerprint of a big file (4 changes, 1 size)": 5}),
+        ("Unbounded work from small inputs", _ids("yaml-alias", "yaml-deep", "yaml-very-deep", "yaml-too-large",
+                                                  "yaml-huge", "yaml-list-as-key", "yaml-mapping-as-key",
+                                                  "override-alias-bomb", "override-huge-value",
+                                                  "answer-timeout-overflow", "row-huge",
+                                                  "row-deeply-nested", "row-text-over-bound", "chat-text-over-bound"), {}),
+        ("Launcher environment (silent hangs)", _ids("env-"), {}),
+        ("Numbers as text, byte-order mark", _ids("gold-json-", "gold-5000-digits", "row-5000-digit", "row-float",
+                                                  "chat-content-float"),
+         {"gold answers judged as written": len(GOLD_AS_WRITTEN), "BOM (.jsonl, .json)": 2}),
+        ("Half-broken models and templates, special tokens in text",
+         _ids("template-", "model-without-tokenizer", "row-end-of-turn", "row-eos", "chat-end-of-turn"), {}),
+        ("Config override semantics", _ids("replace-"), {"section merges and replacements": len(MERGES)}),
+        ("One line under torchrun", _ids("launch-"), {"plain torchrun quotes the line": 1}),
+    ]
+
+
+def trust_classes_markdown() -> str:
+    rows = ["| class | inputs tried | of which outside the catalogue table |", "|---|---|---|"]
+    for name, ids, extra in trust_classes():
+        outside = "; ".join(f"{n}: {label}" for label, n in extra.items()) if extra else "none"
+        rows.append(f"| {name} | {len(ids) + sum(extra.values())} | {outside} |")
+    return "\n".join(rows)
+
+
+def test_trust_classes_are_counted_in_the_readme():
+    assert all(ids or extra for _, ids, extra in trust_classes())
+    assert trust_classes_markdown() in (REPO / "README.md").read_text(encoding="utf-8"), \
+        "README's trust-model table is stale: paste tests.test_bad_inputs.trust_classes_markdown() into it"
 
 
 def test_catalogue_is_complete_and_unique():
@@ -913,6 +975,15 @@ def _tamper(action: str, step: Path, marker: Path) -> None:
         name = "../../../../etc/hostname" if action == "manifest-parent" else "/dev/zero"
         with open(step / "MANIFEST.sha256", "a") as handle:
             handle.write(f"{'0' * 64}  {name}\n")
+        return
+    elif action.startswith("state-"):
+        state = json.loads((step / "trainer_state.json").read_text())
+        text = {"state-list": "[1, 2]", "state-step-text": json.dumps(dict(state, step="4")),
+                "state-deep": "[" * 100000 + "]" * 100000}[action]
+        (step / "trainer_state.json").write_text(text)
+    elif action == "manifest-huge":
+        with open(step / "MANIFEST.sha256", "a") as handle:
+            handle.write(f"{'0' * 64}  padding\n" * ((17 << 20) // 74 + 1))
         return
     elif action == "manifest-symlink":
         (step / "big").symlink_to("/dev/zero")
