@@ -389,9 +389,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         key = key.removesuffix(":").strip()
         if not sep or not key:
             hint = "; pass a config file with --config" if item.endswith((".yaml", ".yml")) else ""
-            raise ConfigError(f"override {item!r} must look like key.sub=value{hint}")
+            raise ConfigError(f"override {_shown(item)} must look like key.sub=value{hint}")
         if not all(key.split(".")):
-            raise ConfigError(f"override {item!r}: '{key}' is not a dotted key such as sft.lr")
+            raise ConfigError(f"override {_shown(item)}: '{key}' is not a dotted key such as sft.lr")
         _apply_override(raw, key, _Override(item, text), replace)
     config = _build(Config, raw, prefix="")
     validate(config)
@@ -434,6 +434,8 @@ def _load_yaml(text: str):
         return loader.get_single_data()
     except RecursionError:
         raise yaml.YAMLError(f"nested more than {MAX_YAML_DEPTH} levels deep") from None
+    except ValueError as err:  # int() of more than 4,300 digits (Python's limit), inside PyYAML's constructor
+        raise yaml.YAMLError(f"a number PyYAML cannot convert ({first_line(err)[:80]})") from None
     finally:
         loader.dispose()
 
@@ -511,7 +513,7 @@ class _Override:
         try:
             return _load_yaml(self.text)
         except yaml.YAMLError as err:
-            raise ConfigError(f"override {self.item!r}: the value is not valid YAML: {_yaml_problem(err)} "
+            raise ConfigError(f"override {_shown(self.item)}: the value is not valid YAML: {_yaml_problem(err)} "
                               f"(a list is written [a, b])") from None
 
     def as_text(self) -> str:
@@ -531,7 +533,7 @@ def _apply_override(raw: dict, key: str, override: _Override, replace: bool) -> 
     defaults. Any other key is set as given."""
     if key not in _SECTIONS:
         if replace:
-            raise ConfigError(f"override {override.item!r}: ':=' replaces a whole section (such as sft:={{lr: 1e-5}}); "
+            raise ConfigError(f"override {_shown(override.item)}: ':=' replaces a whole section (such as sft:={{lr: 1e-5}}); "
                               f"'{key}' is not a section, set it with {key}=value")
         _set_dotted(raw, key, override)
         return
@@ -662,6 +664,7 @@ NON_EMPTY = ("run.output_dir", "run.resume", "model.name_or_path", "data.train",
 def validate(config: Config) -> None:
     """Every numeric field against its range (fastmath/config_ranges.py), then what one field cannot express."""
     check_ranges(config)
+    _check_text(config)
     for key in NON_EMPTY:
         section, name = key.split(".")
         if not getattr(getattr(config, section), name).strip():
@@ -680,6 +683,25 @@ def validate(config: Config) -> None:
         raise ConfigError("config keys 'sft.schedule_epochs' and 'sft.schedule_steps' both set; set one")
     _validate_grpo(config)
     _validate_eval(config)
+
+
+def _check_text(config: Config) -> None:
+    """Every text setting is text a file system and a terminal take: no NUL, no lone surrogate (undecodable
+    command-line bytes), which would otherwise fail deep inside os or print calls."""
+    for section in dataclasses.fields(config):
+        values = getattr(config, section.name)
+        for f in dataclasses.fields(values):
+            value = getattr(values, f.name)
+            for item in value if isinstance(value, list) else [value]:
+                if not isinstance(item, str):
+                    continue
+                key = f"{section.name}.{f.name}"
+                if "\0" in item:
+                    raise ConfigError(f"config key '{key}' holds a NUL character")
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ConfigError(f"config key '{key}' holds bytes that are not UTF-8 text") from None
 
 
 def _check_distinct(items: list, key: str) -> None:
