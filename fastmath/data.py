@@ -247,6 +247,9 @@ def chat_template_text(setting: str) -> str | None:
         raise ConfigError(f"config key 'data.chat_template': {setting!r} is not 'model', a shipped template "
                           f"({', '.join(shipped_templates())}) or a template file")
     try:
+        if path.stat().st_size > MAX_TEMPLATE_BYTES:
+            raise ConfigError(f"config key 'data.chat_template': {path} is larger than {MAX_TEMPLATE_BYTES >> 20} MiB, "
+                              f"which no chat template is")
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"config key 'data.chat_template': cannot read {path}: {first_line(err)}") from None
@@ -314,6 +317,12 @@ class TemplateRefused(DataError):
 
 
 PROBE_PROBLEM = "What is 12 + 34?"
+# A rendered probe prompt longer than this is a template gone wrong (real ones add a few hundred characters). The
+# sandbox transformers renders templates in bounds `range` but not string repetition, so a template can still
+# allocate much more before this check sees the result.
+MAX_PROBE_CHARS = 100_000
+# A chat template file larger than this is not a chat template (the largest in TRL's collection is ~10 KiB).
+MAX_TEMPLATE_BYTES = 1 << 20
 # A row whose text has more characters than CHARS_PER_TOKEN_BOUND x data.max_length is not tokenised: tokenising
 # costs memory in proportion to the text (over 10 GB for one 50 MB row), and at that length the row is longer
 # than max_length for any tokenizer that averages fewer characters per token (real ones average 3-5).
@@ -409,6 +418,9 @@ class Formatter:
         render with the problem text and the system prompt, and survive tokenising and decoding."""
         rendered = self._render(self.prompt_messages(PROBE_PROBLEM), True)
         shown = rendered if len(rendered) <= 160 else rendered[:160] + "..."
+        if len(rendered) > MAX_PROBE_CHARS:
+            raise DataError(f"the chat template renders a one-line probe prompt as {len(rendered)} characters (more "
+                            f"than {MAX_PROBE_CHARS}); it would add that much to every row (data.chat_template)")
         if PROBE_PROBLEM not in rendered:
             raise DataError(f"the chat template does not show the problem: the probe problem {PROBE_PROBLEM!r} renders "
                             f"as {shown!r}; a template must render the messages it is given (data.chat_template)")

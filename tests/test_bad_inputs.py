@@ -92,6 +92,9 @@ ARGS = [
          "override 'sft.max_steps=" + "9" * 23 + "..." + "9" * 38 + "': the value is not valid YAML: a number PyYAML "
          "cannot convert (Exceeds the limit (4300 digits) for integer string conversion: value has 5000 di...",
          shown="sft.max_steps=999...9 (5,000 digits)"),
+    Case("template-file-too-large", "args", "data.chat_template=big.jinja",
+         "config key 'data.chat_template': big.jinja is larger than 1 MiB, which no chat template is",
+         shown="data.chat_template=big.jinja (a 1 MiB file)"),
     Case("output-dir-nul", "args", "run.output_dir=run\x00x", "config key 'run.output_dir' holds a NUL character",
          shown="run.output_dir=run␀x (a NUL byte)"),
     Case("run-name-undecodable", "args", "run.name=caf\udce9", "config key 'run.name' holds bytes that are not UTF-8 text",
@@ -671,6 +674,9 @@ TEMPLATES = [
          "the chat template does not show the problem: the probe problem 'What is 12 + 34?' renders as "
          "'<|im_start|>system\\nBe brief.<|im_end|>\\n<|im_start|>assistant'...",
          shown="a template that renders only the first message, with data.system_prompt set"),
+    Case("template-renders-megabytes", "template", "§{{ 'x' * 10**7 }}{{ messages[-1].content }}§",
+         "the chat template renders a one-line probe prompt as 10000016 characters (more than 100000); it would add "
+         "that much to every row (data.chat_template)", shown="a template that renders 10 MB around each prompt"),
     Case("model-without-tokenizer-json", "template", "delete tokenizer.json§§",
          "the tokenizer loses text: the probe prompt becomes 3 tokens that decode to "
          "'<|im_start|><|im_end|><|im_start|>' (a model folder without tokenizer.json loads a tokenizer that knows "
@@ -800,6 +806,7 @@ def world(tmp_path_factory) -> Path:
     (root / "config_only_model" / "config.json").write_text("{}\n")
     (root / "empty.jsonl").write_bytes(b"")
     (root / "list.yaml").write_text("- sft\n- grpo\n")
+    (root / "big.jinja").write_text("{{ messages[0].content }}" + " " * (1 << 20))
     for case in FILES:
         name, content = case.input
         (root / name).write_bytes(content)
