@@ -43,6 +43,10 @@ def preflight(config: Config) -> None:
         for i, path in enumerate(config.eval.compare):
             if not Path(path).expanduser().exists():
                 raise DataError(f"eval.compare[{i}] not found: {path}")
+        scheduler = config.eval.token_scheduler
+        if scheduler and not (Path(scheduler).expanduser() / "scheduler.json").is_file():
+            raise DataError(f"eval.token_scheduler {scheduler} is not a trained token scheduler (no scheduler.json); "
+                            f"train one with python -m fastmath.token_scheduler train")
 
 
 def _check_rollout_arithmetic(generator: str) -> None:

@@ -113,5 +113,11 @@ def test_eval_records_train_a_scheduler_that_eval_uses(tmp_path, assets, embedde
 
 
 def test_a_folder_that_is_not_a_scheduler_is_named(tmp_path):
+    from fastmath.preflight import preflight
+
     with pytest.raises(DataError, match="is not a trained token scheduler"):
         TokenScheduler(tmp_path)
+    config = load_config(None, [f"run.output_dir={tmp_path / 'run'}", "run.stages=[eval]",
+                                f"eval.token_scheduler={tmp_path}"])
+    with pytest.raises(DataError, match="eval.token_scheduler .* is not a trained token scheduler"):
+        preflight(config)
