@@ -214,6 +214,21 @@ class GRPOConfig:
     vllm_enforce_eager: bool = _opt(False, "Run vLLM's model eagerly: no torch.compile / CUDA-graph warm-up (starts "
                                     "in seconds instead of ~40 s on CPU; slower generation on GPUs).")
     sync_bucket_mib: int = _opt(256, "Weight sync: parameters gathered and sent to the generator per bucket.")
+    vllm_mode: str = _opt("colocate", "Where rollouts run: colocate = a vLLM engine inside every training process "
+                          "(grpo.generator); server = vLLM servers on their own devices (grpo.server_urls, started "
+                          "with `python -m fastmath.serve --config X`), sent the new weights after every step.",
+                          choices=("colocate", "server"))
+    server_urls: list[str] = _opt(["http://127.0.0.1:8000"], "Server mode: the vLLM servers' base URLs; each "
+                                  "training rank spreads its prompts over all of them.")
+    server_start_timeout_s: float = _opt(300.0, "Server mode: how long to wait for every server's /health at start.")
+    server_request_timeout_s: float = _opt(600.0, "Server mode: limit of one HTTP request and of one weight-sync "
+                                           "collective; a server silent for longer is an error.")
+    server_retries: int = _opt(2, "Server mode: retries of a failed generation request (connection error or 5xx), "
+                               "1 s, 2 s, 4 s... apart; weight-sync requests are not retried.")
+    server_sync_host: str = _opt("", "Server mode: the address the servers reach training rank 0 on for the "
+                                 "weight-sync group ('' = this host's address on the route to the first server).")
+    server_tensor_parallel_size: int = _opt(1, "Server mode: GPUs per server (vLLM tensor parallel), for "
+                                            "`fastmath.serve`.")
     rewards: list[str] = _opt(["accuracy", "format"], "Reward functions, summed with reward_weights.",
                               choices=("accuracy", "format", "cosine", "length", "overlong"))
     reward_weights: list[float] = _opt([], "One weight per reward (empty = all 1.0).")
