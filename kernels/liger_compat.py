@@ -355,9 +355,6 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
         super().__init__()
         if loss_type == "vespo":
             raise ValueError("loss_type='vespo' is not supported by fastmath's GRPO kernels")
-        if importance_sampling_level == "sequence" and loss_type in ("cispo", "sapo"):
-            raise ValueError(f"Sequence-level importance sampling is not supported for loss_type='{loss_type}' "
-                             "(Liger's rule)")
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size (sequences per chunk) must be a positive int, got {chunk_size!r}")
         if delta is not None and not delta > 0:
@@ -390,6 +387,9 @@ class LigerFusedLinearGRPOLoss(torch.nn.Module):
         from kernels.grpo_fused_loss import fused_linear_grpo_loss
         from kernels.grpo_logprobs import fused_linear_logprobs
 
+        if self.importance_sampling_level == "sequence" and self.loss_type in ("cispo", "sapo"):
+            raise ValueError(f"Sequence-level importance sampling is not supported for loss_type='{self.loss_type}' "
+                             "(Liger's rule, raised where Liger raises it: at the call)")
         if _input.dim() != 3:
             raise ValueError(f"_input must be [B, T, d], got shape {tuple(_input.shape)}")
         b, t, d = _input.shape

@@ -307,9 +307,9 @@ def test_grpo_signature_and_refusals():
         assert list(a) == list(b) and [p.default for p in a.values()] == [p.default for p in b.values()], name
     with pytest.raises(ValueError, match="vespo"):
         compat.LigerFusedLinearGRPOLoss(loss_type="vespo")
-    with pytest.raises(ValueError, match="Sequence-level"):
-        compat.LigerFusedLinearGRPOLoss(loss_type="cispo", importance_sampling_level="sequence")
     batch = grpo_batch()
+    with pytest.raises(ValueError, match="Sequence-level"):
+        compat.LigerFusedLinearGRPOLoss(loss_type="cispo", importance_sampling_level="sequence")(**batch)
     with pytest.raises(ValueError, match="delta"):
         compat.LigerFusedLinearGRPOLoss(delta=1.1)(**batch)
     with pytest.raises(ValueError, match="luspo"):
