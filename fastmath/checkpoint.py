@@ -264,7 +264,11 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     except (Exception, CheckpointException) as err:  # CheckpointException derives from BaseException
         raise CheckpointError(f"checkpoint {path} is corrupt: {_cause(err)}") from None
     set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"])
-    _set_rng_state(rng)
+    try:
+        _set_rng_state(rng)
+    except (TypeError, ValueError, RuntimeError, IndexError, AttributeError) as err:
+        raise CheckpointError(f"checkpoint {path} is refused: its RNG state is not in the form fastmath writes "
+                              f"({first_line(err)[:100]})") from None
     return state
 
 

@@ -56,6 +56,9 @@ def input_change(saved: dict | None, current: dict) -> str | None:
     Identity is the content: the same bytes under another path are the same input."""
     for key in sorted(set(saved or {}) & set(current)):
         old, new = saved[key], current[key]
+        if not isinstance(old, dict) or not all(isinstance(v, dict) for v in old.get("files", {}).values()) \
+                or not isinstance(old.get("files", {}), dict):
+            return f"{key}: the checkpoint's fingerprint of it is not in the form fastmath writes"
         if _content(old) == _content(new):
             continue
         where = new.get("path") or new.get("hub")

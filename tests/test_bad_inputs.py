@@ -549,6 +549,12 @@ UNSAFE = [
     Case("unsafe-manifest-huge", "unsafe", "manifest-huge",
          f"checkpoint {STEP4} is corrupt: MANIFEST.sha256 is missing or unreadable...",
          shown="a 17 MiB `MANIFEST.sha256` (its lines are never read)"),
+    Case("unsafe-rng-wrong-form", "unsafe", "rng-wrong-form",
+         f"checkpoint {STEP4} is refused: its RNG state is not in the form fastmath writes (state vector is the wrong "
+         f"size)", shown="`rng_rank0.pt` of plain tensors, but a 5-word Mersenne Twister state"),
+    Case("unsafe-state-inputs-garbage", "unsafe", "state-inputs",
+         f"checkpoint {STEP4} was made from other inputs: data.train: the checkpoint's fingerprint of it is not in "
+         f"the form fastmath writes...", shown='`trainer_state.json` with `"inputs": {"data.train": 5}`'),
     Case("unsafe-other-model-size", "unsafe", "other-model",
          f"checkpoint {STEP4} does not fit this model: model.causal_lm.lm_head.weight is [387, 192] there and "
          f"[7, 192] in this model (a checkpoint of another model size)",
@@ -996,11 +1002,17 @@ def _tamper(action: str, step: Path, marker: Path) -> None:
         with open(step / "MANIFEST.sha256", "a") as handle:
             handle.write(f"{'0' * 64}  {name}\n")
         return
-    elif action.startswith("state-"):
+    elif action in ("state-list", "state-step-text", "state-deep"):
         state = json.loads((step / "trainer_state.json").read_text())
         text = {"state-list": "[1, 2]", "state-step-text": json.dumps(dict(state, step="4")),
                 "state-deep": "[" * 100000 + "]" * 100000}[action]
         (step / "trainer_state.json").write_text(text)
+    elif action == "rng-wrong-form":
+        torch.save({"python": [3, torch.zeros(5, dtype=torch.int64), None], "numpy": ["MT19937", torch.zeros(
+            624, dtype=torch.int64), 0, 0, 0.0], "torch": torch.get_rng_state()}, step / "rng_rank0.pt")
+    elif action == "state-inputs":
+        state = json.loads((step / "trainer_state.json").read_text())
+        (step / "trainer_state.json").write_text(json.dumps(dict(state, inputs={"data.train": 5})))
     elif action == "manifest-huge":
         with open(step / "MANIFEST.sha256", "a") as handle:
             handle.write(f"{'0' * 64}  padding\n" * ((17 << 20) // 74 + 1))
@@ -1017,7 +1029,7 @@ def _tamper(action: str, step: Path, marker: Path) -> None:
 
 
 @pytest.mark.parametrize("case", UNSAFE, ids=lambda c: c.id)
-def test_checkpoint_folders_are_data_never_code(case, finished_run, tmp_path, dist_info, monkeypatch):
+def test_checkpoint_folders_are_data_never_code(case, finished_run, tmp_path, dist_info, embedded_cache, monkeypatch):
     import shutil
 
     import torch
@@ -1034,8 +1046,17 @@ def test_checkpoint_folders_are_data_never_code(case, finished_run, tmp_path, di
     if case.input == "other-model":
         causal_lm.lm_head = torch.nn.Linear(causal_lm.lm_head.in_features, 7, bias=False)
     model = CausalLMWithLinearLoss(causal_lm)
+    optimizer = torch.optim.AdamW(model.parameters())
     with pytest.raises(CheckpointError) as err:
-        ckpt.load_checkpoint(STEP4, model, torch.optim.AdamW(model.parameters()), dist_info)
+        if case.input.startswith("state-inputs"):  # the fingerprints are compared by the stage, after loading
+            from fastmath.config import load_config
+            from fastmath.stage import Stage
+
+            config = load_config(None, ["run.output_dir=run", f"run.cache_dir={embedded_cache}", f"run.resume={STEP4}",
+                                        "data.validation="])
+            Stage("sft", config, dist_info, Path("run"), (), False).resume(model, optimizer)
+        else:
+            ckpt.load_checkpoint(STEP4, model, optimizer, dist_info)
     assert _matches(str(err.value), case.sees), str(err.value)
     assert not marker.exists(), "code from the checkpoint folder ran"
 
