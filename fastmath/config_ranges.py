@@ -21,7 +21,7 @@ from fastmath.errors import ConfigError
 
 RANGES = {
     "run.seed": "[0, 4294967296)",  # numpy's seed must fit in 32 bits
-    "run.dist_timeout_minutes": "> 0",
+    "run.dist_timeout_minutes": "(0, 10080]",
     "data.max_length": "> 0",
     "data.max_rows": ">= 0",
     "data.embedded_verbose_fraction": "[0, 1]",
@@ -122,6 +122,7 @@ RANGES = {
 
 # Why a bound is where it is, where the range alone does not say it.
 REASONS = {
+    "run.dist_timeout_minutes": "at most a week; Python's timedelta overflows far above that",
     "heldout.answer_timeout_s": "seconds per answer check; the worker's alarm timer overflows far above a day",
     "grpo.reward_timeout_s": "seconds per answer check; the worker's alarm timer overflows far above a day",
     "eval.answer_timeout_s": "seconds per answer check; the worker's alarm timer overflows far above a day",

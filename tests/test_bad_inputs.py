@@ -170,6 +170,9 @@ ARGS = [
          "config key 'grpo.reward_timeout_s' must be in (0, 86400], got 0.0..."),
     Case("answer-timeout-negative", "args", "eval.answer_timeout_s=-5",
          "config key 'eval.answer_timeout_s' must be in (0, 86400], got -5.0..."),
+    Case("dist-timeout-overflow", "args", "run.dist_timeout_minutes=1e300",
+         "config key 'run.dist_timeout_minutes' must be in (0, 10080], got 1e+300 (at most a week; Python's timedelta "
+         "overflows far above that)"),
     Case("answer-timeout-overflow", "args", "heldout.answer_timeout_s=1e300",
          "config key 'heldout.answer_timeout_s' must be in (0, 86400], got 1e+300 (seconds per answer check; the "
          "worker's alarm timer overflows far above a day)"),
@@ -751,7 +754,7 @@ def trust_classes() -> list[tuple[str, list[str], dict[str, int]]]:
                                                   "yaml-huge", "yaml-list-as-key", "yaml-mapping-as-key",
                                                   "override-alias-bomb", "override-huge-value", "override-5000-digit",
                                                   "yaml-5000-digit", "output-dir-nul", "run-name-undecodable",
-                                                  "answer-timeout-overflow", "row-huge",
+                                                  "answer-timeout-overflow", "dist-timeout-overflow", "row-huge",
                                                   "row-deeply-nested", "row-text-over-bound", "chat-text-over-bound"), {}),
         ("Launcher environment (silent hangs)", _ids("env-"), {}),
         ("Numbers as text, byte-order mark", _ids("gold-json-", "gold-5000-digits", "row-5000-digit", "row-float",
