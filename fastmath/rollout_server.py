@@ -373,7 +373,7 @@ class ServerGenerator(Generator):
         with ThreadPoolExecutor(len(self.settings.urls)) as pool:
             pending = [pool.submit(self.http.call, "POST", f"{url}/update_weights", "a weight bucket", json=info)
                        for url in self.settings.urls]
-            time.sleep(0)  # let a request that fails at once (server gone) fail before the broadcast waits
+            time.sleep(0)  # yield: a request refused at once (server gone) may have failed by the check below
             for future in pending:
                 if future.done():
                     future.result()
