@@ -529,6 +529,10 @@ class Formatter:
         if special:
             report.skipped[f"text holds the special token {special!r}"] += 1
             return None
+        if len(messages) > self.max_length:  # each renders to a token at least; and each assistant turn costs
+            # two renders of the prefix before it, so the turns bound the (quadratic) work too
+            report.skipped["more messages than max_length, not tokenised"] += 1
+            return None
         bound = CHARS_PER_TOKEN_BOUND * self.max_length
         if sum(len(m["content"]) for m in messages) > bound:
             report.skipped[f"text longer than {bound} characters (32 x max_length), not tokenised"] += 1
@@ -538,11 +542,18 @@ class Formatter:
         if self.reasoning_prefix:
             messages = [dict(m, content=without_reasoning_open(m["content"])) if m["role"] == "assistant" else m
                         for m in messages]
+        # Each assistant turn below renders its whole prefix twice (quadratic in the turns): an overlong row is found
+        # with one render first, and under truncation the turns past max_length tokens are not rendered at all.
+        if self.overlong == "drop" and len(self._template(messages, add_generation_prompt=False)) > self.max_length:
+            report.skipped["longer than max_length"] += 1
+            return None
         # `done` holds the tokens emitted so far; each assistant turn must extend it exactly.
         pieces, done = [], []
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
+            if len(done) >= self.max_length:  # what follows is cut off by the truncation anyway
+                break
             before = self._template(messages[:i], add_generation_prompt=True)
             through = self._template(messages[: i + 1], add_generation_prompt=False)
             if before[: len(done)] != done or through[: len(before)] != before:
