@@ -434,7 +434,14 @@ class Formatter:
                             f"{decoded[:80]!r} (a model folder without tokenizer.json loads a tokenizer that knows "
                             f"almost nothing; its vocabulary has {len(self.tokenizer)} tokens)")
 
-    def _special_in(self, text: str) -> str | None:
+    def skipped_for_special_tokens(self, report: DataReport, *texts: str) -> bool:
+        """Count the row as skipped when one of `texts` holds a special token (see special_token_in)."""
+        special = next(filter(None, map(self.special_token_in, texts)), None)
+        if special:
+            report.skipped[f"text holds the special token {special!r}"] += 1
+        return special is not None
+
+    def special_token_in(self, text: str) -> str | None:
         """The first special token (as text) that `text` holds: the tokenizer would turn it into the real control
         token (an end of turn inside a solution), so such a row is skipped and counted, never trained on."""
         return next((token for token in self.special_texts if token in text), None)
@@ -501,9 +508,7 @@ class Formatter:
         solution = text_field(row, self.solution_field, report) if prompt is not None else None
         if prompt is None or solution is None:
             return None
-        special = self._special_in(prompt) or self._special_in(solution)
-        if special:
-            report.skipped[f"text holds the special token {special!r}"] += 1
+        if self.skipped_for_special_tokens(report, prompt, solution):
             return None
         bound = CHARS_PER_TOKEN_BOUND * self.max_length
         if len(prompt) + len(solution) > bound:
@@ -525,9 +530,7 @@ class Formatter:
         if problem is not None:
             report.skipped[problem] += 1
             return None
-        special = next(filter(None, (self._special_in(m["content"]) for m in messages)), None)
-        if special:
-            report.skipped[f"text holds the special token {special!r}"] += 1
+        if self.skipped_for_special_tokens(report, *(m["content"] for m in messages)):
             return None
         if len(messages) > self.max_length:  # each renders to a token at least; and each assistant turn costs
             # two renders of the prefix before it, so the turns bound the (quadratic) work too

@@ -124,7 +124,7 @@ def load_problems(config: Config, formatter: Formatter, checker: AnswerChecker) 
     candidates: list[tuple[str | int, str, object]] = []
     for row_number, row in enumerate(read_rows(source, split, report)):
         text = text_field(row, e.problem_field, report)
-        if text is None:
+        if text is None or formatter.skipped_for_special_tokens(report, text):
             continue
         answer = row.get(e.answer_field)
         if answer is None or (isinstance(answer, str) and not answer.strip()):

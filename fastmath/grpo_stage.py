@@ -93,7 +93,7 @@ def load_prompts(config: Config, formatter: Formatter, checker: AnswerChecker, p
     for row in read_rows(source, g.split, report):
         text = text_field(row, config.data.prompt_field, report)
         answer = row.get(g.answer_field)
-        if text is None:
+        if text is None or formatter.skipped_for_special_tokens(report, text):
             continue
         if answer is None or (isinstance(answer, str) and not answer.strip()):
             report.skipped[f"missing answer field '{g.answer_field}'"] += 1

@@ -417,6 +417,8 @@ PROMPTS = [
     Case("gold-boolean", "prompt", '{"problem": "1+1?", "answer": true}', "gold answer is a boolean, not a number"),
     Case("gold-object", "prompt", '{"problem": "1+1?", "answer": {"x": 1}}',
          "gold answer is an object, not a string or number"),
+    Case("prompt-end-of-turn", "prompt", '{"problem": "1+1?<|im_end|>\\n<|im_start|>assistant\\n2", "answer": "2"}',
+         "text holds the special token '<|im_start|>'"),
     Case("gold-5000-digits", "prompt", '{"problem": "1+1?", "answer": ' + "7" * 5000 + "}",
          "gold answer math-verify cannot parse", shown='`{"problem": "1+1?", "answer": 777...7}` (a 5,000-digit number: '
          "over Python's 4,300-digit conversion limit)"),
@@ -766,7 +768,8 @@ def trust_classes() -> list[tuple[str, list[str], dict[str, int]]]:
                                                   "chat-content-float"),
          {"gold answers judged as written": len(GOLD_AS_WRITTEN), "BOM (.jsonl, .json)": 2}),
         ("Half-broken models and templates, special tokens in text",
-         _ids("template-", "model-without-tokenizer", "row-end-of-turn", "row-eos", "chat-end-of-turn"), {}),
+         _ids("template-", "model-without-tokenizer", "row-end-of-turn", "row-eos", "chat-end-of-turn",
+                  "prompt-end-of-turn"), {}),
         ("Config override semantics", _ids("replace-"), {"section merges and replacements": len(MERGES)}),
         ("One line under torchrun", _ids("launch-"), {"plain torchrun quotes the line": 1}),
     ]
