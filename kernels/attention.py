@@ -63,7 +63,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.dispatch import BACKENDS as _BACKENDS, TRITON_FLOAT_DTYPES, all_interpreted, check_float_dtype
+from kernels.dispatch import (BACKENDS as _BACKENDS, TRITON_FLOAT_DTYPES, all_interpreted, check_float_dtype, launching,
+                              simulated_device)
 
 _LOG2E = math.log2(math.e)
 
@@ -801,12 +802,13 @@ def _forward(q, k, v, cu_q, cu_k, max_seqlen_q, options):
     if total_q == 0 or n_docs == 0:
         return out, lse
     grid = lambda meta: (n_docs * n_heads_q, triton.cdiv(max_seqlen_q, meta["BLOCK_M"]))  # noqa: E731
-    _varlen_fwd_kernel[grid](
-        q, k, v, out, lse, cu_q, cu_k,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), lse.stride(0),
-        n_heads_q, **options,
-    )  # fmt: skip
+    if launching():  # not inside the memory planner's simulation (kernels.dispatch)
+        _varlen_fwd_kernel[grid](
+            q, k, v, out, lse, cu_q, cu_k,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1), lse.stride(0),
+            n_heads_q, **options,
+        )  # fmt: skip
     return out, lse
 
 
@@ -848,11 +850,12 @@ def _backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqle
     # 1. delta = rowsum(dO * O) - dlse, fp32 [Hq, total_q].
     delta = torch.empty_like(lse)
     if total_q:
-        _bwd_delta_kernel[(triton.cdiv(total_q, _DELTA_BLOCK), n_heads_q)](
-            out, dout, dlse if dlse is not None else lse, delta,
-            out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), lse.stride(0), total_q,
-            HEAD_DIM=head_dim, BLOCK_D=options["BLOCK_D"], HAS_DLSE=dlse is not None, BLOCK_T=_DELTA_BLOCK,
-        )  # fmt: skip
+        if launching():  # not inside the memory planner's simulation (kernels.dispatch)
+            _bwd_delta_kernel[(triton.cdiv(total_q, _DELTA_BLOCK), n_heads_q)](
+                out, dout, dlse if dlse is not None else lse, delta,
+                out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), lse.stride(0), total_q,
+                HEAD_DIM=head_dim, BLOCK_D=options["BLOCK_D"], HAS_DLSE=dlse is not None, BLOCK_T=_DELTA_BLOCK,
+            )  # fmt: skip
     common = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
     common += (dout.stride(0), dout.stride(1))
 
@@ -865,11 +868,12 @@ def _backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqle
             dk_out = torch.empty((n_split, *k.shape), dtype=torch.float32, device=k.device)
             dv_out = torch.empty((n_split, *v.shape), dtype=torch.float32, device=v.device)
         grid = lambda meta: (n_docs * n_heads_kv, triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), n_split)  # noqa: E731
-        _varlen_bwd_dkdv_kernel[grid](
-            q, k, v, dout, lse, delta, dk_out, dv_out, cu_q, cu_k,
-            *common, *dk_out.stride()[:3], *dv_out.stride()[:3], lse.stride(0),
-            n_heads_kv, heads_per_split=options["group"] // n_split, softmax_scale=scale, **options,
-        )  # fmt: skip
+        if launching():  # not inside the memory planner's simulation (kernels.dispatch)
+            _varlen_bwd_dkdv_kernel[grid](
+                q, k, v, dout, lse, delta, dk_out, dv_out, cu_q, cu_k,
+                *common, *dk_out.stride()[:3], *dv_out.stride()[:3], lse.stride(0),
+                n_heads_kv, heads_per_split=options["group"] // n_split, softmax_scale=scale, **options,
+            )  # fmt: skip
         if n_split > 1:  # the splits' partial sums, added in a fixed order and rounded once
             dk.copy_(dk_out.sum(0))
             dv.copy_(dv_out.sum(0))
@@ -877,11 +881,12 @@ def _backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqle
     # 3. dQ: one program per query block and q head.
     grid = lambda meta: (n_docs * n_heads_q, triton.cdiv(max_seqlen_q, meta["BLOCK_M"]))  # noqa: E731
     if max_seqlen_q:
-        _varlen_bwd_dq_kernel[grid](
-            q, k, v, dout, lse, delta, dq, cu_q, cu_k,
-            *common, dq.stride(0), dq.stride(1), lse.stride(0),
-            n_heads_q, softmax_scale=scale, **options,
-        )  # fmt: skip
+        if launching():  # not inside the memory planner's simulation (kernels.dispatch)
+            _varlen_bwd_dq_kernel[grid](
+                q, k, v, dout, lse, delta, dq, cu_q, cu_k,
+                *common, dq.stride(0), dq.stride(1), lse.stride(0),
+                n_heads_q, softmax_scale=scale, **options,
+            )  # fmt: skip
     return dq, dk, dv
 
 
@@ -916,6 +921,8 @@ def _select_backend(backend: str, q: torch.Tensor) -> str:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "reference":
         return backend
+    if simulated_device() == "cuda":  # the memory planner's fake CPU tensors stand for CUDA ones (kernels.dispatch)
+        return "triton"
     on_cpu = q.device.type == "cpu"
     if backend == "auto":
         wanted = q.is_cuda or (on_cpu and triton.knobs.runtime.interpret)

@@ -89,7 +89,7 @@ from kernels.chunking import (
     MAX_BLOCK_V, accumulate_chunk_grads, check_lm_head, logits_buffer, row_tile, weight_grad_accumulator,
 )
 from kernels.chunking import default_chunk_size as _default_chunk_size
-from kernels.dispatch import all_interpreted, check_float_dtype, use_triton
+from kernels.dispatch import all_interpreted, check_float_dtype, launching, use_triton, values_readable
 
 _REDUCTIONS = ("mean", "sum", "none")
 # The row kernel's largest vocabulary tile (kernels.chunking.row_tile picks the tile from V under this cap).
@@ -377,7 +377,7 @@ def _check_labels(labels, n, v, ignore_index):
     # Checked on CPU tensors only, where reading the flag waits for no device: on an accelerator it would be a
     # host sync on every SFT micro-batch. There an out-of-range label is not detected here: the reference path's
     # cross_entropy raises a device-side assert, the Triton kernel reads a logit outside the row.
-    if n > 0 and labels.device.type == "cpu":
+    if n > 0 and labels.device.type == "cpu" and values_readable():
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= v))
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
@@ -484,16 +484,17 @@ def _launch_cross_entropy(logits, labels, bias, opts, grad_scale):
     if n == 0:
         return losses, z_losses
     block_v, num_warps = row_tile(v, _MAX_BLOCK_V)
-    _cross_entropy_kernel[(n,)](
-        logits, logits if bias is None else bias, labels, losses, z_losses,
-        losses if grad_scale is None else grad_scale,
-        v, logits.stride(0), 0 if grad_scale is None or grad_scale.dim() == 0 else grad_scale.stride(0),
-        opts.ignore_index, opts.label_smoothing, opts.z_loss_scale,
-        1.0 if opts.softcap is None else opts.softcap, 1.0 / opts.temperature,
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None, HAS_SMOOTHING=opts.label_smoothing > 0,
-        WRITE_GRAD=grad_scale is not None,
-        BLOCK_V=block_v, num_warps=num_warps,
-    )
+    if launching():  # not inside the memory planner's simulation (kernels.dispatch)
+        _cross_entropy_kernel[(n,)](
+            logits, logits if bias is None else bias, labels, losses, z_losses,
+            losses if grad_scale is None else grad_scale,
+            v, logits.stride(0), 0 if grad_scale is None or grad_scale.dim() == 0 else grad_scale.stride(0),
+            opts.ignore_index, opts.label_smoothing, opts.z_loss_scale,
+            1.0 if opts.softcap is None else opts.softcap, 1.0 / opts.temperature,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.softcap is not None, HAS_SMOOTHING=opts.label_smoothing > 0,
+            WRITE_GRAD=grad_scale is not None,
+            BLOCK_V=block_v, num_warps=num_warps,
+        )
     return losses, z_losses
 
 

@@ -7,11 +7,47 @@ take the Triton path only if all of them were interpreted, i.e. TRITON_INTERPRET
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import torch
 import triton.language as tl
 
 BACKENDS = ("auto", "triton", "reference")
+
+# Set by `simulation()` (the memory planner): None, or the device type the fake tensors stand for.
+_SIMULATED: str | None = None
+
+
+@contextmanager
+def simulation(device_type: str = "cuda"):
+    """Within this block tensors are fake (shapes, no data) and stand for tensors on `device_type`: Triton launches
+    are skipped (`launching()` is False), input checks that read values are skipped (`values_readable()`), and
+    with device_type "cuda" backend="auto" takes the Triton path whatever the tensors' device.
+
+    Made for fastmath's memory planner, which runs a training step on fake CPU tensors (no GPU, no bytes): every
+    buffer a kernel writes (logits chunks, accumulators, outputs) is allocated by PyTorch code around its launch,
+    so skipping the launch leaves exactly that path's allocations for the planner to count. A module-level
+    switch: one simulation at a time per process."""
+    global _SIMULATED
+    previous, _SIMULATED = _SIMULATED, device_type
+    try:
+        yield
+    finally:
+        _SIMULATED = previous
+
+
+def simulated_device() -> str | None:
+    return _SIMULATED
+
+
+def launching() -> bool:
+    """Whether Triton kernels are launched (False inside `simulation()`: fake tensors have no memory)."""
+    return _SIMULATED is None
+
+
+def values_readable() -> bool:
+    """Whether input checks may read tensor values (not inside `simulation()`: fake tensors hold none)."""
+    return _SIMULATED is None
 
 
 def interpret_env() -> bool:
@@ -35,6 +71,8 @@ def use_triton(backend: str, device: torch.device, interpreted: bool, module: st
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if _SIMULATED == "cuda":
+        return backend != "reference"
     if backend == "reference" or (backend == "auto" and device.type != "cuda" and not interpret_env()):
         return False
     if backend == "auto" and dtype == torch.float64:

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import all_interpreted, check_float_dtype, use_triton
+from kernels.dispatch import all_interpreted, check_float_dtype, launching, use_triton
 from kernels.grpo_inputs import check_finite, compute_dtype
 
 SCALES = ("group", "batch", "none")
@@ -249,10 +249,11 @@ def _launch_group_advantages(rewards, group_size, n_groups, scale, eps, batch_su
         batch_std = std_from_sums(batch_sums).float() if given else out.mean  # never read when not given
         block_g = min(triton.next_power_of_2(group_size), _ADVANTAGE_TILE)
         block_b = max(1, min(triton.next_power_of_2(n_groups), _ADVANTAGE_TILE // block_g))
-        _group_advantages_kernel[(1,)](
-            r, batch_std, *out, r.shape[0], n_groups, group_size, float(eps),
-            SCALE=SCALES.index(scale), BATCH_STD_GIVEN=given, BLOCK_B=block_b, BLOCK_G=block_g,
-        )
+        if launching():  # not inside the memory planner's simulation (kernels.dispatch)
+            _group_advantages_kernel[(1,)](
+                r, batch_std, *out, r.shape[0], n_groups, group_size, float(eps),
+                SCALE=SCALES.index(scale), BATCH_STD_GIVEN=given, BLOCK_B=block_b, BLOCK_G=block_g,
+            )
     return out._replace(zero_variance=out.zero_variance.bool())
 
 

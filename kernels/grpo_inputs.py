@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.chunking import check_lm_head
-from kernels.dispatch import check_float_dtype
+from kernels.dispatch import check_float_dtype, values_readable
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
 # The loss types whose per-token term is TRL's clipped surrogate -min(r A, clip(r) A) (the others: cispo, sapo).
@@ -210,7 +210,7 @@ def check_values(checks) -> None:
     CPU (module docstring: on an accelerator reading the flags would stall the host every micro-batch); then a
     ValueError naming the first failing argument and its first bad entry."""
     checks = [c for c in checks if c[1].numel()]
-    if any(values.device.type != "cpu" for _, values, _, _ in checks):
+    if not values_readable() or any(values.device.type != "cpu" for _, values, _, _ in checks):
         return
     for name, values, bad, must in checks:
         flags = bad()

@@ -32,7 +32,7 @@ import triton.language as tl
 from kernels.chunking import (
     MAX_BLOCK_V, accumulate_chunk_grads, default_chunk_size, logits_buffer, row_tile, weight_grad_accumulator,
 )
-from kernels.dispatch import all_interpreted, use_triton
+from kernels.dispatch import all_interpreted, launching, use_triton
 from kernels.grpo_inputs import check_linear_inputs, check_temperature, check_values, compute_dtype
 
 # The row kernels' largest vocabulary tile (kernels.chunking.row_tile picks the tile and warps from V under it).
@@ -179,10 +179,11 @@ def row_logprobs(logits, targets, inv_t, entropy, use_triton, scratch=None):
         logp, m2, log2_s, ent = (torch.empty(c, dtype=torch.float32, device=logits.device) for _ in range(4))
         if c:
             block, warps = row_tile(v, _MAX_BLOCK_V)
-            _logprob_rows_kernel[(c,)](
-                logits, targets, logp, m2, log2_s, ent, v, logits.stride(0), _LOG2E.value * inv_t,
-                ENTROPY=entropy, BLOCK_V=block, num_warps=warps,
-            )
+            if launching():  # not inside the memory planner's simulation (kernels.dispatch)
+                _logprob_rows_kernel[(c,)](
+                    logits, targets, logp, m2, log2_s, ent, v, logits.stride(0), _LOG2E.value * inv_t,
+                    ENTROPY=entropy, BLOCK_V=block, num_warps=warps,
+                )
         return logp, m2, log2_s, ent if entropy else None, None
     z = logits.mul_(inv_t) if inv_t != 1.0 else logits
     m = z.amax(dim=1, keepdim=True)
@@ -213,10 +214,11 @@ def row_dlogits(logits, targets, row_stats, coef, inv_t, use_triton, numerators=
         if c:
             block, warps = row_tile(v, _MAX_BLOCK_V)
             ent_coef, entropy = entropy_grad if entropy_grad is not None else (coef, coef)
-            _logprob_grad_rows_kernel[(c,)](
-                logits, targets, m, log_s, coef, entropy, ent_coef, v, logits.stride(0), _LOG2E.value * inv_t, inv_t,
-                ENTROPY_GRAD=entropy_grad is not None, BLOCK_V=block, num_warps=warps,
-            )
+            if launching():  # not inside the memory planner's simulation (kernels.dispatch)
+                _logprob_grad_rows_kernel[(c,)](
+                    logits, targets, m, log_s, coef, entropy, ent_coef, v, logits.stride(0), _LOG2E.value * inv_t, inv_t,
+                    ENTROPY_GRAD=entropy_grad is not None, BLOCK_V=block, num_warps=warps,
+                )
         return logits
     if numerators is None:
         numerators = logits.mul_(inv_t).sub_(m.unsqueeze(1)).exp_()

@@ -64,7 +64,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dispatch import all_interpreted, use_triton
+from kernels.dispatch import all_interpreted, launching, use_triton
 from kernels.grpo_inputs import (
     LossInputs,
     LossOptions,
@@ -484,19 +484,20 @@ def _launch_token_terms(logp, tok, seq_lr, seq_w, opts, write_grad):
         return dlogp, terms
     seq_level = opts.level == "sequence"
     either = lambda t: tok.mask if t is None else t  # noqa: E731  (never read: its flag is off)
-    _grpo_token_kernel[(triton.cdiv(n, _TOKEN_BLOCK),)](
-        logp.contiguous(), either(tok.old), either(tok.ref), either(tok.iw), tok.mask, tok.seq,
-        tok.adv, tok.coef, either(seq_lr), either(seq_w),
-        either(dlogp), terms,
-        n, terms.stride(0),
-        opts.beta, 1.0 - opts.epsilon_low, 1.0 + opts.epsilon_high,
-        opts.epsilon_high if opts.loss_type == "cispo" else (opts.delta or 0.0),
-        opts.sapo_temperature_pos, opts.sapo_temperature_neg,
-        LOSS_KIND={"cispo": 1, "sapo": 2}.get(opts.loss_type, 0), HAS_DELTA=opts.delta is not None,
-        BIAS_CORRECTION=opts.use_bias_correction_kl,
-        HAS_OLD=tok.old is not None, HAS_REF=tok.ref is not None, KL_IN_LOSS=tok.ref is not None and opts.beta != 0,
-        HAS_IW=tok.iw is not None, SEQ_LEVEL=seq_level, WRITE_GRAD=write_grad, BLOCK=_TOKEN_BLOCK,
-    )
+    if launching():  # not inside the memory planner's simulation (kernels.dispatch)
+        _grpo_token_kernel[(triton.cdiv(n, _TOKEN_BLOCK),)](
+            logp.contiguous(), either(tok.old), either(tok.ref), either(tok.iw), tok.mask, tok.seq,
+            tok.adv, tok.coef, either(seq_lr), either(seq_w),
+            either(dlogp), terms,
+            n, terms.stride(0),
+            opts.beta, 1.0 - opts.epsilon_low, 1.0 + opts.epsilon_high,
+            opts.epsilon_high if opts.loss_type == "cispo" else (opts.delta or 0.0),
+            opts.sapo_temperature_pos, opts.sapo_temperature_neg,
+            LOSS_KIND={"cispo": 1, "sapo": 2}.get(opts.loss_type, 0), HAS_DELTA=opts.delta is not None,
+            BIAS_CORRECTION=opts.use_bias_correction_kl,
+            HAS_OLD=tok.old is not None, HAS_REF=tok.ref is not None, KL_IN_LOSS=tok.ref is not None and opts.beta != 0,
+            HAS_IW=tok.iw is not None, SEQ_LEVEL=seq_level, WRITE_GRAD=write_grad, BLOCK=_TOKEN_BLOCK,
+        )
     return dlogp, terms
 
 

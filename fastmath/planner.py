@@ -1,0 +1,507 @@
+"""The memory planner: one optimizer step of a stage, simulated at the configured world size without a GPU.
+
+    python fastmath/train.py --config configs/fast_math_r1_14b_sft.yaml --plan --gpu h100-80gb --gpus-per-node 8
+
+What runs: the stage's model is built from its architecture (a local model folder's config.json, or the
+published config shipped in fastmath/architectures/ for the hub ids the shipped configs name: no weights are
+read or downloaded), wrapped exactly as the trainer wraps it (activation checkpointing, FSDP2 `fully_shard` per
+decoder layer and on the root, mixed precision, HSDP when parallel.replicate > 1) over a fake process group of
+the configured world size, given fake storage (`FakeTensorMode`: shapes and dtypes, no bytes), and driven through
+two optimizer steps of rank 0: micro-batches of the configured token budget (forward, the fused LM-head loss,
+backward with the configured gradient sync), gradient clipping and the configured optimizer. For GRPO also the
+no-grad log-prob passes and the frozen reference model (beta > 0). On a GPU plan the kernels take their Triton
+path (`kernels.dispatch.simulation`: the launches are skipped, the PyTorch allocations around them kept).
+
+What is counted: every tensor storage alive at once on rank 0 (`fastmath.memory_tracker`), at the peak of the
+second step (the first has no optimizer state yet), split by what it is: sharded parameters, gathered (unsharded)
+parameters and their all-gather buffers, gradients, optimizer states, activations (saved for backward,
+recomputed, temporaries), LM-head buffers (the fused loss's chunk of logits and its fp32 accumulators), the
+reference model. Added from formulas: the colocated vLLM engine (its preallocated share while generating, the
+rest while asleep), and the headroom the plan requires (10% of the GPU: the CUDA context, NCCL buffers and the
+caching allocator's fragmentation, which no tensor shows).
+
+A GRPO rank holds two states in turn: generating (the engine awake beside the trainer's resident tensors:
+parameters, optimizer states, the reference) and updating (the training peak beside the sleeping engine).
+The plan's peak is the larger.
+
+Validated against real runs, not believed: bench/plan_validation.py runs a real 2-process step on the CPU,
+measures its allocations with PyTorch's profiler and compares them with this planner's prediction for the same
+config (bench/results/plan_validation-cpu.json).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fastmath.config import Config
+from fastmath.errors import ConfigError, ModelError
+from fastmath.gpu_specs import GiB, GPUSpec, gpu_spec
+
+ARCHITECTURES = Path(__file__).parent / "architectures"
+HEADROOM = 0.10  # of the GPU's memory, kept free (module docstring)
+# Assumed for the step-time estimate: the fraction of peak bf16 FLOP/s the matmuls reach.
+ASSUMED_MFU = 0.45
+# What a sleeping (level 2) vLLM engine keeps: its CUDA graphs, allocator pools and context. Assumed, not
+# measured here (no GPU): vLLM reports ~0.5-2 GiB of CUDA graph memory for 14B models.
+VLLM_ASLEEP_BYTES = 2 * GiB
+
+CATEGORIES = ("parameters", "gathered parameters", "gradients", "optimizer states", "activations",
+              "LM-head buffers", "reference model", "vLLM engine")
+
+
+# ---------------------------------------------------------------------------------------------
+# Architecture
+
+
+def architecture_config(name_or_path: str, trust_remote_code: bool = False):
+    """The HF config of a model, offline: a local folder's config.json, or the shipped architecture file."""
+    from transformers import AutoConfig
+
+    if name_or_path == "embedded":
+        from fastmath.embedded import ensure_embedded_assets
+
+        name_or_path = str(ensure_embedded_assets().model_dir)
+    folder = Path(name_or_path).expanduser()
+    if (folder / "config.json").is_file():
+        return AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    shipped = ARCHITECTURES / (name_or_path.replace("/", "--") + ".json")
+    if not shipped.is_file():
+        known = ", ".join(sorted(p.stem.replace("--", "/") for p in ARCHITECTURES.glob("*.json")))
+        raise ModelError(f"no architecture for '{name_or_path}' to plan with: give a local model folder (its "
+                         f"config.json is enough), or one of the shipped architectures: {known}")
+    facts = {k: v for k, v in json.loads(shipped.read_text()).items() if not k.startswith("_")}
+    return AutoConfig.for_model(facts.pop("model_type"), **facts)
+
+
+def planned_model_name(config: Config, stage: str) -> str:
+    """Which model a stage trains, for planning: its start point when that names an architecture (a local folder
+    or a known hub id), else model.name_or_path (an SFT export that does not exist yet has its base's shape)."""
+    if stage == "grpo" and config.grpo.init_from != "auto":
+        start = config.grpo.init_from
+        if (Path(start).expanduser() / "config.json").is_file() or \
+                (ARCHITECTURES / (start.replace("/", "--") + ".json")).is_file():
+            return start
+    return config.model.name_or_path
+
+
+# ---------------------------------------------------------------------------------------------
+# The simulated step
+
+
+@dataclass
+class StagePlan:
+    stage: str
+    model: str
+    parameters: int
+    world_size: int
+    micro_batches: int            # per rank per optimizer step
+    tokens_per_micro_batch: int
+    train_peak: dict[str, int]    # bytes alive at the training peak, by category (no engine)
+    resident: dict[str, int]      # bytes alive between steps (what a generating rank keeps beside the engine)
+    engine_awake: int = 0
+    engine_asleep: int = 0
+    kv_note: str = ""
+    step_seconds: dict[str, float] = field(default_factory=dict)
+    simulated_seconds: float = 0.0
+
+    @property
+    def peak(self) -> dict[str, int]:
+        """The larger of the two GRPO states (module docstring), by category."""
+        updating = dict(self.train_peak, **{"vLLM engine": self.engine_asleep}) if self.engine_awake else \
+            dict(self.train_peak)
+        generating = dict(self.resident, **{"vLLM engine": self.engine_awake})
+        return updating if sum(updating.values()) >= sum(generating.values()) or not self.engine_awake \
+            else generating
+
+    @property
+    def peak_bytes(self) -> int:
+        return sum(self.peak.values())
+
+
+@contextmanager
+def fake_process_group(world_size: int):
+    """A fake default process group of `world_size` ranks (this process is rank 0): collectives return at once."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise ConfigError("the memory planner needs a process without a process group (run --plan on its own)")
+    dist.init_process_group("fake", rank=0, world_size=world_size, store=FakeStore())
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _meta_model(arch, attn_implementation: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    if attn_implementation == "fastmath_varlen":
+        from kernels.hf import register
+
+        register()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(arch, dtype=dtype, attn_implementation=attn_implementation)
+    model.config.use_cache = False
+    return model
+
+
+@contextmanager
+def _lm_head_labelled(tracker):
+    """Label what the fused LM-head losses allocate (their modules call them by these names)."""
+    import fastmath.model as model_module
+    import fastmath.policy as policy_module
+
+    originals = {(model_module, "fused_linear_cross_entropy"): model_module.fused_linear_cross_entropy,
+                 (policy_module, "fused_linear_grpo_loss"): policy_module.fused_linear_grpo_loss,
+                 (policy_module, "fused_linear_logprobs"): policy_module.fused_linear_logprobs}
+
+    def labelled(function):
+        def call(*args, **kwargs):
+            with tracker.phase("LM-head buffers"):
+                return function(*args, **kwargs)
+        return call
+
+    for (module, name), function in originals.items():
+        setattr(module, name, labelled(function))
+    try:
+        yield
+    finally:
+        for (module, name), function in originals.items():
+            setattr(module, name, function)
+
+
+def _sft_batches(config: Config):
+    """The worst-case micro-batch: one packed row filled to the token budget with documents of data.max_length."""
+    from fastmath.packing import collate_packed
+
+    budget, longest = config.sft.tokens_per_micro_batch, min(config.data.max_length, config.sft.tokens_per_micro_batch)
+    lengths = [longest] * (budget // longest) + ([budget % longest] if budget % longest else [])
+    docs = [([1] * n, [True] * n) for n in lengths]
+    return collate_packed(docs)
+
+
+def _grpo_batch(config: Config):
+    """The worst-case update row: completions of max_completion_length after prompts of max_prompt_length, as
+    many as a row holds (grpo.completions_per_micro_batch, or as fit the token budget)."""
+    from fastmath.policy import Sequence, pack_sequences
+
+    g = config.grpo
+    prompt, completion = g.max_prompt_length, g.max_completion_length
+    per_row = g.completions_per_micro_batch or max(1, g.tokens_per_micro_batch // (prompt + completion))
+    seqs = [Sequence([1] * prompt, [1] * completion, [0.0] * completion, 1.0, True) for _ in range(per_row)]
+    (batch,) = pack_sequences(seqs, budget=per_row * (prompt + completion), per_row=per_row)
+    return batch, per_row
+
+
+def _grpo_rows_per_rank(config: Config, world: int, per_row: int) -> int:
+    g = config.grpo
+    completions = math.ceil(g.prompts_per_step / world) * g.num_generations
+    return math.ceil(completions / per_row)
+
+
+def simulate_stage(config: Config, stage: str, world_size: int, gpu: bool, progress=None) -> StagePlan:
+    """Rank 0's memory over two optimizer steps of `stage` (module docstring); needs a process without a group."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastmath.memory_tracker import MemoryTimeline
+    from fastmath.model import CausalLMWithLinearLoss, count_parameters, lm_head_chunk_bytes, parallelize
+    from fastmath.policy import PolicyWithGRPOLoss
+    from fastmath.stage import build_optimizer, clip_gradients, micro_batches, optim_settings
+    from kernels.dispatch import simulation
+
+    started = time.perf_counter()
+    name = planned_model_name(config, stage)
+    arch = architecture_config(name, config.model.trust_remote_code)
+    m, device = config.model, torch.device("cpu")
+    bf16 = m.precision == "bf16" or (m.precision == "auto" and gpu)
+    chunk_bytes = lm_head_chunk_bytes(m)
+    g = config.grpo
+    if stage == "sft":
+        def wrap(lm):
+            return CausalLMWithLinearLoss(lm, chunk_bytes)
+        batch, per_row = _sft_batches(config), 0
+        n_micro = config.sft.global_batch // world_size
+    else:
+        loss_options = dict(beta=g.beta, epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high,
+                            loss_type=g.loss_type, importance_sampling_level=g.importance_sampling_level,
+                            max_completion_length=g.max_completion_length)
+
+        def wrap(lm):
+            return PolicyWithGRPOLoss(lm, g.temperature, loss_options, chunk_bytes)
+        batch, per_row = _grpo_batch(config)
+        n_micro = _grpo_rows_per_rank(config, world_size, per_row)
+    tokens = batch.num_tokens if stage == "sft" else batch.packed.num_tokens
+
+    with fake_process_group(world_size):
+        causal_lm = _meta_model(arch, m.attn_implementation, torch.float32)
+        params = count_parameters(causal_lm)
+        model = parallelize(wrap(causal_lm), world_size, device, m.activation_checkpointing, False, bf16,
+                            config.parallel.replicate)
+        ref_model = None
+        if stage == "grpo" and g.beta > 0:
+            ref_lm = _meta_model(arch, m.attn_implementation, torch.bfloat16 if bf16 else torch.float32)
+            ref_lm.requires_grad_(False)
+            ref_model = parallelize(wrap(ref_lm), world_size, device, False, False, bf16, config.parallel.replicate)
+        tracker = MemoryTimeline()
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+        simulate = simulation("cuda" if gpu else "cpu")
+        with FakeTensorMode(allow_non_fake_inputs=True), simulate, tracker, _lm_head_labelled(tracker):
+            model.to_empty(device=device)
+            tracker.adopt([p for p in model.parameters()], "parameters")
+            if ref_model is not None:
+                ref_model.to_empty(device=device)
+                tracker.adopt([p for p in ref_model.parameters()], "reference model")
+            optimizer = build_optimizer(model, optim_settings(config, stage))
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            resident = {}
+            # Step 1 creates the optimizer states (one micro-batch is enough for that); step 2 is the steady
+            # state. Its micro-batches after the second repeat the second's allocations exactly (gradients
+            # accumulate in place into what the first created), so two of them stand for all n.
+            for step, simulated in enumerate((1, min(n_micro, 2))):
+                if step == 1:
+                    resident = _live_by_category(tracker, model, ref_model, optimizer)
+                    tracker.reset_peak()
+                _one_step(stage, model, ref_model, batch, simulated, world_size, config, autocast, tracker,
+                          micro_batches, n_micro)
+                with tracker.phase("optimizer states"):
+                    clip_gradients(trainable, optim_settings(config, stage))
+                    optimizer.step()
+                tracker.adopt(_optimizer_tensors(optimizer), "optimizer states")
+                if progress:
+                    progress.update(1)
+                breakdown = tracker.peak_breakdown(_classifier(model, ref_model, optimizer)) if step == 1 else None
+                optimizer.zero_grad(set_to_none=True)
+    train_peak = {c: breakdown.get(c, 0) for c in CATEGORIES if c != "vLLM engine"}
+    for extra, value in breakdown.items():  # any label outside the categories (should be none) stays visible
+        if extra not in train_peak:
+            train_peak["activations"] += value
+    plan = StagePlan(stage, name, params["total"], world_size, n_micro, tokens, train_peak, resident)
+    plan.simulated_seconds = time.perf_counter() - started
+    plan.step_seconds = estimate_step_seconds(config, stage, arch, params, world_size, n_micro, batch, per_row)
+    return plan
+
+
+def _one_step(stage, model, ref_model, batch, n_micro, world, config, autocast, tracker, micro_batches,
+              configured_micro):
+    """The stage's micro-batches on rank 0: forward, loss, backward (and GRPO's no-grad passes first); n_micro of
+    them, but the loss is normalised as for the configured count (`tokens`, `seqs`)."""
+    batches = [batch] * n_micro
+    g = config.grpo
+    if stage == "grpo":
+        need_old = g.num_iterations > 1 or g.vllm_is_correction
+        with torch.no_grad(), autocast:
+            for b in batches:
+                if need_old:
+                    with tracker.phase("activations"):
+                        b.old_logprobs = model(b, mode="logprobs")[0].float()
+                if ref_model is not None:
+                    with tracker.phase("reference model"):
+                        b.ref_logprobs = ref_model(b, mode="logprobs")[0].float()
+                        ref_model.reshard()
+        tokens = float(batch.mask.numel()) * configured_micro * world
+        seqs = float(batch.num_sequences * configured_micro * world)
+    for _, b in micro_batches(model, batches, config.parallel.gradient_sync):
+        with tracker.phase("activations"):
+            with autocast:
+                if stage == "sft":
+                    loss = model(b)
+                else:
+                    loss, _ = model(b, num_items_in_batch=tokens, num_sequences=seqs)
+            loss.backward()
+        tracker.adopt([p.grad for p in model.parameters() if p.grad is not None], "gradients")
+
+
+def _optimizer_tensors(optimizer):
+    return [t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+
+
+def _storage_set(tensors) -> set[int]:
+    from fastmath.memory_tracker import storages_of
+
+    return {id(s) for t in tensors if t is not None for s in storages_of(t)}
+
+
+def _classifier(model, ref_model, optimizer):
+    params = _storage_set(model.parameters())
+    grads = _storage_set(p.grad for p in model.parameters())
+    states = _storage_set(_optimizer_tensors(optimizer))
+    ref = _storage_set(ref_model.parameters()) if ref_model is not None else set()
+
+    def classify(storage):
+        key = id(storage)
+        return ("parameters" if key in params else "gradients" if key in grads else
+                "optimizer states" if key in states else "reference model" if key in ref else None)
+    return classify
+
+
+def _live_by_category(tracker, model, ref_model, optimizer) -> dict[str, int]:
+    """What stays allocated between steps (parameters, optimizer states, the reference), by category."""
+    classify = _classifier(model, ref_model, optimizer)
+    out = {c: 0 for c in CATEGORIES if c != "vLLM engine"}
+    for entry in tracker.live.values():
+        storage = entry.ref()
+        category = (classify(storage) if storage is not None else None) or entry.label
+        out[category if category in out else "activations"] += entry.bytes
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Time, from FLOPs and bytes (an estimate at stated rates)
+
+
+def estimate_step_seconds(config: Config, stage: str, arch, params: dict, world: int, n_micro: int, batch,
+                          per_row: int) -> dict[str, float]:
+    """Seconds per optimizer step on the planned GPU, by part, from FLOPs and bytes at the rates of `gpu_specs`
+    and ASSUMED_MFU (filled in by `plan_config`, which knows the GPU); here the counts it needs."""
+    from fastmath.metrics import attention_dims, training_flops
+
+    layers, d_attn = attention_dims(arch)
+    if stage == "sft":
+        lengths, tokens = batch.doc_lengths, batch.num_tokens
+    else:
+        lengths, tokens = batch.packed.doc_lengths, batch.packed.num_tokens
+    train = training_flops(params["matmul"], tokens, lengths, layers, d_attn) * n_micro
+    if config.model.activation_checkpointing:  # the forward again in backward: +1/3 of the training FLOPs
+        train *= 4 / 3
+    extra = 0.0
+    if stage == "grpo":
+        forward = training_flops(params["matmul"], tokens, lengths, layers, d_attn) / 3 * n_micro
+        passes = (config.grpo.beta > 0) + (config.grpo.num_iterations > 1 or config.grpo.vllm_is_correction)
+        extra = forward * passes
+        train *= config.grpo.num_iterations
+    # FSDP traffic per rank and micro-batch: all-gather bf16 parameters in forward and again in backward
+    # (2 bytes each, twice), reduce-scatter fp32 gradients (4 bytes); each moves (W - 1) / W of the bytes.
+    share = (world - 1) / world
+    fsdp_bytes = n_micro * params["total"] * (2 * 2 + 4) * share
+    return {"flops": train + extra, "fsdp_bytes": fsdp_bytes, "optimizer_bytes": params["total"] / world * 16 * 2}
+
+
+def timing(plan: StagePlan, spec: GPUSpec, config: Config) -> dict[str, float]:
+    """Estimated seconds (not measured): matmuls at ASSUMED_MFU of peak; FSDP traffic over NVLink overlapped with
+    them (the larger counts); the optimizer's pass over its states at HBM bandwidth; for GRPO, generation as
+    decode steps that each read the engine's weights once (a bandwidth floor for one sequence batch)."""
+    s = plan.step_seconds
+    compute = s["flops"] / (spec.bf16_flops * ASSUMED_MFU)
+    comm = s["fsdp_bytes"] / spec.link_bytes_per_s
+    out = {"update": max(compute, comm) + s["optimizer_bytes"] / spec.hbm_bytes_per_s}
+    if plan.stage == "grpo":
+        tp = max(1, getattr(config.grpo, "vllm_tensor_parallel_size", 1))
+        out["generate"] = config.grpo.max_completion_length * (2 * plan.parameters / tp) / spec.hbm_bytes_per_s
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine
+
+
+def engine_share(config: Config, spec: GPUSpec, arch, world: int) -> tuple[int, int, str]:
+    """(bytes while generating, bytes asleep, a note on its KV cache) of the colocated vLLM engine."""
+    g = config.grpo
+    awake = int(g.vllm_gpu_memory_utilization * spec.memory_bytes)
+    asleep = VLLM_ASLEEP_BYTES if g.vllm_sleep else awake
+    note = ""
+    try:
+        from fastmath.vllm_budget import engine_budget
+    except ImportError:
+        return awake, asleep, note
+    budget = engine_budget(arch, gpu_bytes=spec.memory_bytes, gpu_memory_utilization=g.vllm_gpu_memory_utilization,
+                           tensor_parallel_size=max(1, getattr(g, "vllm_tensor_parallel_size", 1)),
+                           max_model_len=g.max_prompt_length + g.max_completion_length,
+                           sequences=_sequences_per_engine(config, world), sequence_tokens=g.max_prompt_length +
+                           g.max_completion_length)
+    note = budget.get("note", "")
+    return awake, asleep, note
+
+
+def _sequences_per_engine(config: Config, world: int) -> int:
+    g = config.grpo
+    return g.num_generations * math.ceil(g.prompts_per_step / world)
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole plan
+
+
+@dataclass
+class Plan:
+    config_path: str
+    gpu: str
+    spec: GPUSpec
+    nodes: int
+    gpus_per_node: int
+    stages: list[StagePlan]
+
+    def fits(self, stage: StagePlan) -> bool:
+        return stage.peak_bytes <= (1 - HEADROOM) * self.spec.memory_bytes
+
+
+def plan_config(config: Config, config_path: str, gpu: str, nodes: int, gpus_per_node: int,
+                show_progress: bool = True) -> Plan:
+    """Simulate every training stage of `config` at nodes x gpus_per_node ranks on `gpu`."""
+    from tqdm import tqdm
+
+    spec = gpu_spec(gpu)
+    world = nodes * gpus_per_node
+    stages = [s for s in config.run.stages if s in ("sft", "grpo")]
+    if not stages:
+        raise ConfigError("the memory plan covers the training stages (sft, grpo); run.stages has none")
+    plans = []
+    bar = tqdm(total=2 * len(stages), desc="planning", unit="step", disable=not show_progress, leave=False)
+    for stage in stages:
+        _check_divisible(config, stage, world)
+        plan = simulate_stage(config, stage, world, gpu=True, progress=bar)
+        arch = architecture_config(plan.model, config.model.trust_remote_code)
+        if stage == "grpo" and config.grpo.generator != "hf":
+            plan.engine_awake, plan.engine_asleep, plan.kv_note = engine_share(config, spec, arch, world)
+        plan.step_seconds = timing(plan, spec, config)
+        plans.append(plan)
+    bar.close()
+    return Plan(config_path, gpu, spec, nodes, gpus_per_node, plans)
+
+
+def _check_divisible(config: Config, stage: str, world: int) -> None:
+    if stage == "sft" and config.sft.global_batch % world:
+        raise ConfigError(f"sft.global_batch ({config.sft.global_batch}) must be a multiple of the {world} "
+                          f"planned ranks")
+    if config.parallel.replicate > 1 and world % config.parallel.replicate:
+        raise ConfigError(f"parallel.replicate ({config.parallel.replicate}) must divide the {world} planned ranks")
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan as a table: one row per stage, GiB per category at the peak, the total against the GPU."""
+    short = {"parameters": "params", "gathered parameters": "gathered", "gradients": "grads",
+             "optimizer states": "optim", "activations": "activ.", "LM-head buffers": "LM head",
+             "reference model": "ref", "vLLM engine": "vLLM"}
+    usable = (1 - HEADROOM) * plan.spec.memory_bytes
+    world = plan.nodes * plan.gpus_per_node
+    lines = [f"memory plan: {plan.config_path} on {plan.nodes} node(s) x {plan.gpus_per_node} {plan.spec.name} "
+             f"({world} ranks); per-rank peak in GiB (fits = at most {usable / GiB:.1f} GiB: "
+             f"{100 * (1 - HEADROOM):.0f}% of {plan.spec.memory_bytes / GiB:.1f})",
+             "| stage | " + " | ".join(short[c] for c in CATEGORIES) + " | peak | fits | est. step (s) |",
+             "|---" * (len(CATEGORIES) + 5) + "|"]
+    for s in plan.stages:
+        cells = " | ".join(f"{s.peak.get(c, 0) / GiB:.1f}" for c in CATEGORIES)
+        times = ", ".join(f"{k} {v:.0f}" for k, v in s.step_seconds.items())
+        lines.append(f"| {s.stage} | {cells} | {s.peak_bytes / GiB:.1f} | {'yes' if plan.fits(s) else 'NO'} | "
+                     f"{times} |")
+    for s in plan.stages:
+        lines.append(f"{s.stage}: {s.model}, {s.parameters / 1e9:.2f} B parameters; {s.micro_batches} "
+                     f"micro-batch(es) of {s.tokens_per_micro_batch} tokens per rank; simulated in "
+                     f"{s.simulated_seconds:.0f} s" + (f"; vLLM: {s.kv_note}" if s.kv_note else ""))
+    lines.append(f"Step times are estimates (not measured): matmuls at {ASSUMED_MFU:.0%} of "
+                 f"{plan.spec.bf16_flops / 1e12:.0f} TFLOP/s bf16, FSDP traffic at {plan.spec.link_bytes_per_s / 1e9:.0f}"
+                 f" GB/s overlapped, generation as one weight read per decoded token at "
+                 f"{plan.spec.hbm_bytes_per_s / 1e12:.2f} TB/s (a floor).")
+    return "\n".join(lines)
+
+
+def largest_terms(plan: Plan, stage: StagePlan, n: int = 3) -> str:
+    terms = sorted(stage.peak.items(), key=lambda kv: -kv[1])[:n]
+    return ", ".join(f"{name} {value / GiB:.1f} GiB" for name, value in terms)
