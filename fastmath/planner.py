@@ -106,7 +106,7 @@ class StagePlan:
     resident: dict[str, int]      # bytes alive between steps (what a generating rank keeps beside the engine)
     engine_awake: int = 0
     engine_asleep: int = 0
-    kv_note: str = ""
+    engine: object = None         # fastmath.vllm_budget.EngineBudget of the colocated engine, when there is one
     step_seconds: dict[str, float] = field(default_factory=dict)
     simulated_seconds: float = 0.0
 
@@ -401,28 +401,21 @@ def timing(plan: StagePlan, spec: GPUSpec, config: Config) -> dict[str, float]:
 # The engine
 
 
-def engine_share(config: Config, spec: GPUSpec, arch, world: int) -> tuple[int, int, str]:
-    """(bytes while generating, bytes asleep, a note on its KV cache) of the colocated vLLM engine."""
+def engine_share(config: Config, spec: GPUSpec, arch, world: int):
+    """The colocated vLLM engine on one GPU (`fastmath.vllm_budget`, vLLM's own accounting): (bytes while
+    generating = its preallocated share, bytes asleep = what sleep level 2 keeps, the EngineBudget)."""
+    from fastmath.vllm_budget import engine_budget
+
     g = config.grpo
-    awake = int(g.vllm_gpu_memory_utilization * spec.memory_bytes)
-    asleep = VLLM_ASLEEP_BYTES if g.vllm_sleep else awake
-    note = ""
-    try:
-        from fastmath.vllm_budget import engine_budget
-    except ImportError:
-        return awake, asleep, note
+    tp = max(1, getattr(g, "vllm_tensor_parallel_size", 1))
+    # A tensor-parallel engine generates for every rank of its group: tp ranks' prompts, each G completions.
+    sequences = g.num_generations * math.ceil(g.prompts_per_step / world) * tp
+    length = g.max_prompt_length + g.max_completion_length
     budget = engine_budget(arch, gpu_bytes=spec.memory_bytes, gpu_memory_utilization=g.vllm_gpu_memory_utilization,
-                           tensor_parallel_size=max(1, getattr(g, "vllm_tensor_parallel_size", 1)),
-                           max_model_len=g.max_prompt_length + g.max_completion_length,
-                           sequences=_sequences_per_engine(config, world), sequence_tokens=g.max_prompt_length +
-                           g.max_completion_length)
-    note = budget.get("note", "")
-    return awake, asleep, note
-
-
-def _sequences_per_engine(config: Config, world: int) -> int:
-    g = config.grpo
-    return g.num_generations * math.ceil(g.prompts_per_step / world)
+                           tensor_parallel_size=tp, max_model_len=length, sequences=sequences, sequence_tokens=length,
+                           enforce_eager=g.vllm_enforce_eager)
+    asleep = budget.overhead if g.vllm_sleep else budget.budget
+    return budget.budget, asleep, budget
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,7 +432,9 @@ class Plan:
     stages: list[StagePlan]
 
     def fits(self, stage: StagePlan) -> bool:
-        return stage.peak_bytes <= (1 - HEADROOM) * self.spec.memory_bytes
+        """The peak leaves the headroom free, and a colocated engine starts (its KV cache holds one sequence)."""
+        engine_ok = stage.engine is None or stage.engine.starts
+        return engine_ok and stage.peak_bytes <= (1 - HEADROOM) * self.spec.memory_bytes
 
 
 def plan_config(config: Config, config_path: str, gpu: str, nodes: int, gpus_per_node: int,
@@ -459,7 +454,7 @@ def plan_config(config: Config, config_path: str, gpu: str, nodes: int, gpus_per
         plan = simulate_stage(config, stage, world, gpu=True, progress=bar)
         arch = architecture_config(plan.model, config.model.trust_remote_code)
         if stage == "grpo" and config.grpo.generator != "hf":
-            plan.engine_awake, plan.engine_asleep, plan.kv_note = engine_share(config, spec, arch, world)
+            plan.engine_awake, plan.engine_asleep, plan.engine = engine_share(config, spec, arch, world)
         plan.step_seconds = timing(plan, spec, config)
         plans.append(plan)
     bar.close()
@@ -494,12 +489,22 @@ def format_plan(plan: Plan) -> str:
     for s in plan.stages:
         lines.append(f"{s.stage}: {s.model}, {s.parameters / 1e9:.2f} B parameters; {s.micro_batches} "
                      f"micro-batch(es) of {s.tokens_per_micro_batch} tokens per rank; simulated in "
-                     f"{s.simulated_seconds:.0f} s" + (f"; vLLM: {s.kv_note}" if s.kv_note else ""))
+                     f"{s.simulated_seconds:.0f} s" + (f"; {engine_note(s.engine)}" if s.engine else ""))
     lines.append(f"Step times are estimates (not measured): matmuls at {ASSUMED_MFU:.0%} of "
                  f"{plan.spec.bf16_flops / 1e12:.0f} TFLOP/s bf16, FSDP traffic at {plan.spec.link_bytes_per_s / 1e9:.0f}"
                  f" GB/s overlapped, generation as one weight read per decoded token at "
                  f"{plan.spec.hbm_bytes_per_s / 1e12:.2f} TB/s (a floor).")
     return "\n".join(lines)
+
+
+def engine_note(engine) -> str:
+    """One line on the colocated engine's KV cache against what the step's sequences need."""
+    if not engine.starts:
+        return (f"vLLM cannot start: its share leaves {engine.kv_available / GiB:.1f} GiB for the KV cache, less "
+                f"than one {engine.max_model_len}-token sequence")
+    verdict = "holds every sequence" if engine.fits else "preempts (the sequences take turns)"
+    return (f"vLLM KV cache {engine.kv_tokens / 1e3:.0f}k tokens for {engine.kv_tokens_needed / 1e3:.0f}k in "
+            f"flight: {verdict}")
 
 
 def largest_terms(plan: Plan, stage: StagePlan, n: int = 3) -> str:

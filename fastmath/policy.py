@@ -45,6 +45,10 @@ class UpdateBatch:
     num_sequences: int
     old_logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
+    # [N] int64: the packed row's positions whose target is a completion token, found on the host when the row
+    # is built, so selecting their hidden states has a known size (a boolean mask would make the device report
+    # its count back to the host every micro-batch, and cannot run on the memory planner's fake tensors).
+    completion_positions: torch.Tensor | None = None
 
     def to(self, device):
         def move(t):
@@ -52,7 +56,7 @@ class UpdateBatch:
 
         return UpdateBatch(self.packed.to(device), move(self.seq_ids), move(self.advantages), move(self.mask),
                            move(self.sampler_logprobs), self.num_sequences, move(self.old_logprobs),
-                           move(self.ref_logprobs))
+                           move(self.ref_logprobs), move(self.completion_positions))
 
 
 def pack_sequences(seqs: list[Sequence], budget: int, per_row: int = 0) -> list[UpdateBatch]:
@@ -77,13 +81,15 @@ def pack_sequences(seqs: list[Sequence], budget: int, per_row: int = 0) -> list[
             sampler += s.sampler_logprobs if s.sampler_logprobs is not None else [0.0] * len(s.completion_ids)
             advantages.append(s.advantage)
         have_sampler = all(seqs[i].sampler_logprobs is not None for i in row)
+        packed = collate_packed(docs)
         batches.append(UpdateBatch(
-            packed=collate_packed(docs),
+            packed=packed,
             seq_ids=torch.tensor(seq_ids, dtype=torch.long),
             advantages=torch.tensor(advantages, dtype=torch.float32),
             mask=torch.tensor(mask, dtype=torch.bool),
             sampler_logprobs=torch.tensor(sampler, dtype=torch.float32) if have_sampler else None,
-            num_sequences=len(row)))
+            num_sequences=len(row),
+            completion_positions=(packed.targets.flatten() != IGNORE_INDEX).nonzero().squeeze(1)))
     return batches
 
 
@@ -103,25 +109,25 @@ class PolicyWithGRPOLoss(nn.Module):
         self.loss_options = loss_options
         self.chunk_bytes = chunk_bytes  # the LM-head chunks' logits budget (None: the kernels' default)
 
-    def _completion_hidden(self, packed: PackedBatch):
+    def _completion_hidden(self, packed: PackedBatch, positions: torch.Tensor | None = None):
         decoder = self.causal_lm.get_decoder()
         cu = packed.cu_seqlens
         hidden = decoder(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
                          cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=packed.max_seqlen,
                          max_length_k=packed.max_seqlen).last_hidden_state.flatten(0, 1)
         targets = packed.targets.flatten()
-        keep = targets != IGNORE_INDEX
+        keep = (targets != IGNORE_INDEX).nonzero().squeeze(1) if positions is None else positions
         weight = self.causal_lm.get_output_embeddings().weight
-        hidden = hidden[keep]
+        hidden = hidden.index_select(0, keep)
         device_type = hidden.device.type
         if torch.is_autocast_enabled(device_type):  # the head matmuls in the autocast dtype, as in SFT
             dtype = torch.get_autocast_dtype(device_type)
             hidden, weight = hidden.to(dtype), weight.to(dtype)
-        return hidden, weight, targets[keep]
+        return hidden, weight, targets.index_select(0, keep)
 
     def forward(self, batch: UpdateBatch, mode: str = "loss", num_items_in_batch=None, num_sequences=None,
                 importance_weights=None):
-        hidden, weight, targets = self._completion_hidden(batch.packed)
+        hidden, weight, targets = self._completion_hidden(batch.packed, batch.completion_positions)
         if mode == "logprobs":
             logprobs, entropy = fused_linear_logprobs(hidden, weight, targets, temperature=self.temperature,
                                                       return_entropy=True, chunk_bytes=self.chunk_bytes)
