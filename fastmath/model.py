@@ -222,7 +222,7 @@ def parallelize(wrapper: CausalLMWithLinearLoss, world_size: int, device: torch.
         for layer in decoder_layers(causal_lm):
             fully_shard(layer, mesh=mesh, mp_policy=policy)
         fully_shard(wrapper, mesh=mesh, mp_policy=policy)
-    else:
+    elif not any(p.is_meta for p in wrapper.parameters()):  # a meta model gets its storage from its builder
         wrapper.to(device)
     return wrapper
 

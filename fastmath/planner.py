@@ -30,8 +30,10 @@ config (bench/results/plan_validation-cpu.json).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -41,7 +43,7 @@ import torch
 
 from fastmath.config import Config
 from fastmath.errors import ConfigError, ModelError
-from fastmath.gpu_specs import GiB, GPUSpec, gpu_spec
+from fastmath.gpu_specs import GPUS, GiB, GPUSpec, gpu_spec
 
 ARCHITECTURES = Path(__file__).parent / "architectures"
 HEADROOM = 0.10  # of the GPU's memory, kept free (module docstring)
@@ -437,12 +439,14 @@ class Plan:
         return engine_ok and stage.peak_bytes <= (1 - HEADROOM) * self.spec.memory_bytes
 
 
-def plan_config(config: Config, config_path: str, gpu: str, nodes: int, gpus_per_node: int,
+def plan_config(config: Config, config_path: str, gpu: str | GPUSpec, nodes: int, gpus_per_node: int,
                 show_progress: bool = True) -> Plan:
-    """Simulate every training stage of `config` at nodes x gpus_per_node ranks on `gpu`."""
+    """Simulate every training stage of `config` at nodes x gpus_per_node ranks on `gpu` (a `gpu_specs` key or a
+    GPUSpec, e.g. the one a run reads off its device)."""
     from tqdm import tqdm
 
-    spec = gpu_spec(gpu)
+    spec = gpu if isinstance(gpu, GPUSpec) else gpu_spec(gpu)
+    gpu = gpu if isinstance(gpu, str) else spec.name
     world = nodes * gpus_per_node
     stages = [s for s in config.run.stages if s in ("sft", "grpo")]
     if not stages:
@@ -510,3 +514,111 @@ def engine_note(engine) -> str:
 def largest_terms(plan: Plan, stage: StagePlan, n: int = 3) -> str:
     terms = sorted(stage.peak.items(), key=lambda kv: -kv[1])[:n]
     return ", ".join(f"{name} {value / GiB:.1f} GiB" for name, value in terms)
+
+
+# ---------------------------------------------------------------------------------------------
+# The configs' GPUs, the command line, and a run's own check
+
+
+HEADER_GPUS = re.compile(r"^#\s*GPUs:\s*(\d+)\s*nodes?\s*x\s*(\d+)\s*x?\s*([a-z0-9-]+)", re.IGNORECASE | re.MULTILINE)
+
+
+def header_gpus(config_path: str) -> tuple[int, int, str] | None:
+    """(nodes, GPUs per node, gpu_specs key) from a config's `# GPUs: 1 node x 8 h100-80gb` header line."""
+    try:
+        text = Path(config_path).read_text()
+    except OSError:
+        return None
+    match = HEADER_GPUS.search(text)
+    return (int(match.group(1)), int(match.group(2)), match.group(3).lower()) if match else None
+
+
+def not_fitting_message(plan: Plan, stage: StagePlan) -> str:
+    """One line: which stage does not fit, its largest terms, and the fixes that act on them."""
+    need, have = stage.peak_bytes / GiB, (1 - HEADROOM) * plan.spec.memory_bytes / GiB
+    if stage.engine is not None and not stage.engine.starts:
+        return (f"the {stage.stage} stage's vLLM engine cannot start on {plan.spec.name}: "
+                f"{engine_note(stage.engine)}; raise grpo.vllm_gpu_memory_utilization or use tensor parallelism")
+    return (f"the {stage.stage} stage needs {need:.1f} GiB per GPU, more than the {have:.1f} GiB usable on "
+            f"{plan.spec.name} (largest: {largest_terms(plan, stage)}); fix: more GPUs, a smaller token budget per "
+            f"micro-batch, model.activation_checkpointing=true, optim.name=adamw_8bit, or a smaller "
+            f"grpo.vllm_gpu_memory_utilization (python fastmath/train.py --config X --plan shows each term)")
+
+
+def run_check(config_path: str | None, overrides: list[str], world: int, local_world: int) -> None:
+    """A CUDA run's check before it loads anything: rank 0 plans the configured step for this machine's GPU (in a
+    subprocess: the plan needs a process without a process group) and raises ConfigError when it cannot fit."""
+    import subprocess
+    import sys
+
+    props = torch.cuda.get_device_properties(0)
+    spec = next((dataclasses.replace(s, memory_bytes=props.total_memory) for s in GPUS.values()
+                 if s.name.split()[1] in props.name), GPUSpec(props.name, props.total_memory, 0.0, 1.0, 1.0))
+    command = [sys.executable, "-m", "fastmath.planner", "--json", "--gpu-bytes", str(spec.memory_bytes),
+               "--gpu-name", spec.name, "--nodes", str(max(1, world // local_world)),
+               "--gpus-per-node", str(local_world)]
+    command += (["--config", config_path] if config_path else []) + list(overrides)
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode not in (0, 1):
+        raise ConfigError(f"the memory plan failed before the run (skip it with parallel.memory_check=false): "
+                          f"{(done.stderr.strip().splitlines() or ['no output'])[-1]}")
+    verdict = json.loads(done.stdout.strip().splitlines()[-1])
+    if verdict["problems"]:
+        raise ConfigError(verdict["problems"][0] + " (parallel.memory_check=false skips this check)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m fastmath.planner`: the plan of `fastmath/train.py --plan`, or (--json) one verdict line."""
+    import argparse
+    import sys
+
+    from fastmath.config import load_config
+    from fastmath.errors import FastmathError
+
+    parser = argparse.ArgumentParser(prog="python -m fastmath.planner")
+    parser.add_argument("--config")
+    parser.add_argument("overrides", nargs="*")
+    add_plan_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON verdict line (for a run's own check)")
+    parser.add_argument("--gpu-bytes", type=int, help="plan for a GPU of this many bytes (with --gpu-name)")
+    parser.add_argument("--gpu-name", default="this GPU")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        config = load_config(args.config, args.overrides)
+        gpu = GPUSpec(args.gpu_name, args.gpu_bytes, 0.0, 1.0, 1.0) if args.gpu_bytes else None
+        return print_plan(config, args.config, args, gpu=gpu, as_json=args.json)
+    except FastmathError as err:
+        print(f"fastmath: error: {err}", file=sys.stderr, flush=True)
+        return 2
+
+
+def add_plan_arguments(parser) -> None:
+    parser.add_argument("--gpu", help=f"plan for this GPU ({', '.join(GPUS)}); default: the config's '# GPUs:' "
+                        "header line")
+    parser.add_argument("--nodes", type=int, help="nodes (default: the header's, else 1)")
+    parser.add_argument("--gpus-per-node", type=int, help="GPUs per node (default: the header's, else 8)")
+
+
+def print_plan(config: Config, config_path: str | None, args, gpu: GPUSpec | None = None,
+               as_json: bool = False) -> int:
+    """Plan, print the table (or one JSON line), return 0 when every stage fits and 1 otherwise."""
+    header = header_gpus(config_path) if config_path else None
+    nodes = args.nodes or (header[0] if header else 1)
+    per_node = args.gpus_per_node or (header[1] if header else 8)
+    chosen = gpu or args.gpu or (header[2] if header else None)
+    if chosen is None:
+        raise ConfigError("name the GPU to plan for with --gpu (one of: " + ", ".join(GPUS) + "), or give the "
+                          "config a '# GPUs: 1 node x 8 h100-80gb' header line")
+    plan = plan_config(config, config_path or "(defaults)", chosen, nodes, per_node, show_progress=not as_json)
+    problems = [not_fitting_message(plan, s) for s in plan.stages if not plan.fits(s)]
+    if as_json:
+        print(json.dumps({"problems": problems, "peaks": {s.stage: s.peak_bytes for s in plan.stages}}))
+    else:
+        print(format_plan(plan))
+        for problem in problems:
+            print(f"does not fit: {problem}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -40,6 +40,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         epilog="config fields:\n" + help_text())
     parser.add_argument("--config", help="YAML config file (configs/*.yaml); defaults apply without one")
     parser.add_argument("overrides", nargs="*", help="key.sub=value settings applied after the file")
+    parser.add_argument("--plan", action="store_true", help="simulate one step of each training stage at the "
+                        "configured scale (no GPU, nothing downloaded) and print its memory per GPU; exit 1 if a "
+                        "stage does not fit")
+    from fastmath.planner import add_plan_arguments
+
+    add_plan_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -75,13 +81,35 @@ def run_stages(config) -> None:
         shutdown()
 
 
+def check_memory_plan(config, args) -> None:
+    """On CUDA, rank 0 checks that the configured step fits this GPU before anything loads (the planner), unless
+    parallel.memory_check is off. Other ranks wait for it at the process group's start."""
+    import os
+
+    import torch
+
+    if not (config.parallel.memory_check and torch.cuda.is_available() and os.environ.get("RANK", "0") == "0"):
+        return
+    if not any(stage in ("sft", "grpo") for stage in config.run.stages):
+        return
+    from fastmath.planner import run_check
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    run_check(args.config, args.overrides, world, int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 2 a user mistake (one line on stderr), 130 interrupted."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         config = load_config(args.config, args.overrides)
+        if args.plan:
+            from fastmath.planner import print_plan
+
+            return print_plan(config, args.config, args)
         check_launch_env(os.environ)  # before anything waits for peers
         preflight(config)  # paths, before seconds to minutes of loading
+        check_memory_plan(config, args)
         run_stages(config)
     except FastmathError as err:
         return _fail(str(err))
