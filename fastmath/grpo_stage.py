@@ -40,7 +40,7 @@ from fastmath.data import DataReport, Formatter, prompt_settings, text_field, re
 from fastmath.colocate import GenerationUnit, even_share, join_unit, prompt_seed, unit_ranks
 from fastmath.distributed import DistInfo, all_reduce_max, all_reduce_sum, wait_for_ranks
 from fastmath.errors import DataError, FastmathError
-from fastmath.model import lm_head_chunk_bytes, load_parallel_model, load_tokenizer, mixed_precision
+from fastmath.model import export_dtype, lm_head_chunk_bytes, load_parallel_model, load_tokenizer, mixed_precision
 from fastmath.policy import PolicyWithGRPOLoss, Sequence, empty_update_batch, gathered_weights, pack_sequences
 from fastmath.answers import AnswerChecker
 from fastmath.rewards import compute_rewards
@@ -382,6 +382,7 @@ class Policy:
     optimizer: torch.optim.Optimizer
     optim: OptimSettings
     autocast: Callable
+    bf16: bool = False               # the run computes in bf16 (the export's dtype follows it by default)
 
 
 def build_policy(config: Config, init_path: str, dist_info: DistInfo) -> Policy:
@@ -404,7 +405,7 @@ def build_policy(config: Config, init_path: str, dist_info: DistInfo) -> Policy:
                                            trainable=False)
         ref_model.eval()
     optim = optim_settings(config, "grpo")
-    return Policy(causal_lm, model, ref_model, build_optimizer(model, optim), optim, autocast)
+    return Policy(causal_lm, model, ref_model, build_optimizer(model, optim), optim, autocast, bf16)
 
 
 class WeightSync:
@@ -504,7 +505,8 @@ def _train(stage: Stage, config: Config, dist_info: DistInfo, init_path: str, to
                                        rows, resume.step, resume.tokens_seen, unit)
     if resume.step < g.max_steps:
         stage.save(g.max_steps, tokens_seen, policy.model, policy.optimizer)
-    export_dir = ckpt.export_hf(policy.causal_lm, tokenizer, stage.out_dir / "hf", dist_info)
+    export_dir = ckpt.export_hf(policy.causal_lm, tokenizer, stage.out_dir / "hf", dist_info,
+                                export_dtype(config.model, policy.bf16))
     after = {"heldout": stage.heldout(str(export_dir))}
     return stage.finish({"stage": "grpo", "steps": g.max_steps, "tokens_seen": tokens_seen, "start": init_path,
                          "export": str(export_dir), "skipped_steps": skipped_steps, "before": before,

@@ -78,6 +78,12 @@ class MemoryTimeline(TorchDispatchMode):
                 else:
                     entry.label = label
 
+    def relabel_live(self, old: str, new: str) -> None:
+        """Relabel every live storage labelled `old` (what outlived a phase turned out to be something else)."""
+        for entry in self.live.values():
+            if entry.label == old:
+                entry.label = new
+
     def reset_peak(self) -> None:
         self._flush_peak()
         self.peak, self._peak_set, self._peak_dirty = self.total, [], True

@@ -164,6 +164,14 @@ class CausalLMWithLinearLoss(nn.Module):
                                           reduction="sum", chunk_bytes=self.chunk_bytes, softcap=self.softcap)
 
 
+def export_dtype(model_config: ModelConfig, bf16: bool) -> torch.dtype:
+    """model.export_dtype as a torch dtype ('auto': bf16 when the run computes in bf16, else fp32)."""
+    name = model_config.export_dtype
+    if name == "auto":
+        return torch.bfloat16 if bf16 else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
 def lm_head_chunk_bytes(model_config: ModelConfig) -> int | None:
     """model.lm_head_chunk_mib as the kernels' chunk_bytes (None: their default budget)."""
     return model_config.lm_head_chunk_mib * 2**20 or None

@@ -317,6 +317,10 @@ def _one_step(stage, model, ref_model, batch, n_micro, world, config, autocast, 
                 else:
                     loss, _ = model(b, num_items_in_batch=tokens, num_sequences=seqs)
             loss.backward()
+            del loss
+        # What the micro-batch allocated and still holds once its graph is gone is gradient: the sharded gradients,
+        # or with gradient_sync=step FSDP's accumulated unsharded ones (kept outside .grad until the reduction).
+        tracker.relabel_live("activations", "gradients")
         tracker.adopt([p.grad for p in model.parameters() if p.grad is not None], "gradients")
 
 
@@ -390,6 +394,8 @@ def timing(plan: StagePlan, spec: GPUSpec, config: Config) -> dict[str, float]:
     them (the larger counts); the optimizer's pass over its states at HBM bandwidth; for GRPO, generation as
     decode steps that each read the engine's weights once (a bandwidth floor for one sequence batch)."""
     s = plan.step_seconds
+    if not spec.bf16_flops:  # a GPU known only by its memory (a run's own check): no rates, no estimate
+        return {}
     compute = s["flops"] / (spec.bf16_flops * ASSUMED_MFU)
     comm = s["fsdp_bytes"] / spec.link_bytes_per_s
     out = {"update": max(compute, comm) + s["optimizer_bytes"] / spec.hbm_bytes_per_s}
@@ -487,7 +493,7 @@ def format_plan(plan: Plan) -> str:
              "|---" * (len(CATEGORIES) + 5) + "|"]
     for s in plan.stages:
         cells = " | ".join(f"{s.peak.get(c, 0) / GiB:.1f}" for c in CATEGORIES)
-        times = ", ".join(f"{k} {v:.0f}" for k, v in s.step_seconds.items())
+        times = ", ".join(f"{k} {v:.0f}" for k, v in s.step_seconds.items()) or "n/a"
         lines.append(f"| {s.stage} | {cells} | {s.peak_bytes / GiB:.1f} | {'yes' if plan.fits(s) else 'NO'} | "
                      f"{times} |")
     for s in plan.stages:

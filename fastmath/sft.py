@@ -33,8 +33,8 @@ from fastmath.data import Document, Formatter, load_documents, prompt_settings
 from fastmath.distributed import DistInfo, all_reduce_sum
 from fastmath.errors import ConfigError, FastmathError
 from fastmath.metrics import attention_dims, peak_flops, peak_memory_bytes, training_flops
-from fastmath.model import (CausalLMWithLinearLoss, count_parameters, lm_head_chunk_bytes, load_parallel_model,
-                            load_tokenizer, mixed_precision)
+from fastmath.model import (CausalLMWithLinearLoss, count_parameters, export_dtype, lm_head_chunk_bytes,
+                            load_parallel_model, load_tokenizer, mixed_precision)
 from fastmath.packing import PackedBatch, collate_packed, count_loss_tokens, empty_batch, plan_epoch
 from fastmath.stage import (OptimSettings, Stage, build_optimizer, clip_gradients, data_source, micro_batches,
                             optim_settings, reduce_and_read, schedule_length, set_lr, start_model)
@@ -129,6 +129,7 @@ class Setup:
     params: dict
     attention: tuple[int, int]  # (layers, heads * head_dim) for the FLOP count
     autocast: Callable
+    bf16: bool
 
 
 def setup(config: Config, dist_info: DistInfo) -> Setup:
@@ -162,7 +163,7 @@ def setup(config: Config, dist_info: DistInfo) -> Setup:
     model.train()
     return Setup(model_path, tokenizer, causal_lm, model, plan, val_docs,
                  [count_loss_tokens(doc.loss_mask) for doc in train_docs], count_parameters(causal_lm),
-                 attention_dims(causal_lm.config), autocast)
+                 attention_dims(causal_lm.config), autocast, bf16)
 
 
 def run_sft(config: Config, dist_info: DistInfo) -> dict:
@@ -195,7 +196,8 @@ def run_sft(config: Config, dist_info: DistInfo) -> dict:
     final_step = s.plan.total_steps
     if resume.step < final_step:
         stage.save(final_step, tokens_seen, s.model, optimizer)
-    export_dir = ckpt.export_hf(s.causal_lm, s.tokenizer, stage.out_dir / "hf", dist_info)
+    export_dir = ckpt.export_hf(s.causal_lm, s.tokenizer, stage.out_dir / "hf", dist_info,
+                                export_dtype(config.model, s.bf16))
     after_val = val_loss()
     tracker.write({"step": final_step, "val/loss": after_val})
     after = {"val_loss": after_val, "heldout": stage.heldout(str(export_dir))}

@@ -2,6 +2,7 @@
 the settings that table relies on: schedule horizons past the stop, the cosine reward in characters, fixed-count
 micro-batches, the paged 8-bit optimizer's refusal off CUDA, the benchmark split. The bnpo normaliser against
 TRL's own code is in tests/test_grpo_trl.py."""
+import copy
 import json
 import math
 from pathlib import Path
@@ -156,8 +157,8 @@ def test_fixed_count_micro_batches_take_completions_in_length_order():
 
 
 def test_paged_8bit_adamw_refuses_cpu_parameters():
-    settings = optim_settings(load_config(None, ["optim.name=adamw_8bit"]), "sft")
-    with pytest.raises(ConfigError, match="needs the model on CUDA.*parameters are on cpu.*optim.name=adamw"):
+    settings = optim_settings(load_config(None, ["optim.name=paged_adamw_8bit"]), "sft")
+    with pytest.raises(ConfigError, match="needs the model on CUDA.*parameters are on cpu.*optim.name=adamw_8bit"):
         build_optimizer(torch.nn.Linear(3, 2), settings)
     plain = build_optimizer(torch.nn.Linear(3, 2), optim_settings(load_config(None), "sft"))
     assert isinstance(plain, torch.optim.AdamW)
@@ -168,8 +169,8 @@ def test_paged_8bit_adamw_refuses_sharded_parameters(dist_info):
     from torch.distributed.fsdp import fully_shard
 
     model = fully_shard(torch.nn.Linear(3, 2))
-    settings = optim_settings(load_config(None, ["optim.name=adamw_8bit"]), "sft")
-    with pytest.raises(ConfigError, match="cannot update FSDP-sharded parameters.*optim.name=adamw"):
+    settings = optim_settings(load_config(None, ["optim.name=paged_adamw_8bit"]), "sft")
+    with pytest.raises(ConfigError, match="cannot update FSDP-sharded parameters.*optim.name=adamw_8bit"):
         build_optimizer(model, settings)
 
 
@@ -347,3 +348,29 @@ def test_top_k_reaches_both_generators(assets):
     assert isinstance(caught.value.args[0], vllm.SamplingParams) and caught.value.args[0].top_k == 50
     with pytest.raises(ConfigError, match="grpo.top_k"):
         load_config(None, ["grpo.top_k=-1"])
+
+
+def test_8bit_adamw_steps_sharded_parameters_close_to_fp32_adamw(dist_info):
+    """optim.name=adamw_8bit (torchao) updates FSDP2's DTensor parameters, and its first steps stay within the
+    8-bit moments' quantisation error of fp32 AdamW: blockwise absmax scaling of 8-bit codes gives each moment a
+    relative error of a few percent at most, so an update of size lr differs by at most ~lr * 0.1 per entry."""
+    pytest.importorskip("torchao", reason="torchao is not installed (optim.name=adamw_8bit needs it)")
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(128, 64)
+    results = {}
+    for name in ("adamw", "adamw_8bit"):
+        model = fully_shard(copy.deepcopy(base))
+        optimizer = build_optimizer(model, optim_settings(load_config(None, [f"optim.name={name}"]), "sft"))
+        for step in range(3):
+            torch.manual_seed(step)
+            model(torch.randn(16, 128)).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        results[name] = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+    lr = optim_settings(load_config(None), "sft").lr
+    for n, exact in results["adamw"].items():
+        moved = (exact - base.state_dict()[n]).abs().max().item()
+        assert moved > lr  # the steps did move the weights
+        torch.testing.assert_close(results["adamw_8bit"][n], exact, rtol=0, atol=3 * 0.1 * lr, msg=n)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from fastmath.config import load_config
 from fastmath.data import Formatter, load_documents
 from fastmath.errors import CheckpointError, ModelError
-from fastmath.model import CausalLMWithLinearLoss, load_causal_lm
+from fastmath.model import CausalLMWithLinearLoss, load_causal_lm, load_tokenizer
 from fastmath.packing import collate_packed
 from fastmath.sft import accumulate_gradients, run_sft
 from fastmath.stage import lr_at
@@ -169,14 +169,22 @@ def test_missing_model_path(tmp_path, embedded_cache, dist_info):
 def test_two_processes_match_one(tmp_path, embedded_cache):
     """torchrun with 2 CPU processes (FSDP2, gloo) follows the 1-process loss trajectory at the same global batch."""
     losses = {}
-    for nproc in (1, 2):
-        overrides = _tiny_run(tmp_path, embedded_cache, f"np{nproc}", "sft.max_steps=4", "data.validation=")
+
+    def run(nproc, name, *extra):
+        overrides = _tiny_run(tmp_path, embedded_cache, name, "sft.max_steps=4", "data.validation=", *extra)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                str(REPO / "fastmath" / "train.py"), *overrides]
         result = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
-        losses[nproc] = _losses(tmp_path / f"np{nproc}" / "metrics.jsonl")
+        return _losses(tmp_path / name / "metrics.jsonl"), result.stdout
+
+    losses[1], _ = run(1, "np1")
+    losses[2], _ = run(2, "np2", "sft.save_every=2", "checkpoint.keep=2")
     assert sorted(losses[1]) == sorted(losses[2]) == [1, 2, 3, 4]
+    # Resume at another world size: the 2-process checkpoint of step 2, continued by 1 process (DCP reshards).
+    losses["2->1"], stdout = run(1, "np2to1", f"run.resume={tmp_path / 'np2' / 'checkpoints' / 'step_00000002'}")
+    assert "resuming a checkpoint of 2 processes on 1" in stdout
+    assert sorted(losses["2->1"]) == [3, 4]
     # Step 1 runs the same weights on both: only the sharded sums' order differs (decoder_rtol over the
     # 512-token rows), and a wrong normalisation across ranks would move it by a ratio of token counts. Later
     # steps start from weights Adam may have moved apart (adam_divergence below); their losses get the step-1
@@ -185,6 +193,8 @@ def test_two_processes_match_one(tmp_path, embedded_cache):
     tol = decoder_rtol(torch.float32, decoder_width(config, 512), config.num_hidden_layers)
     for step in losses[1]:
         assert losses[2][step] == pytest.approx(losses[1][step], rel=tol * step, abs=0)
+    for step in losses["2->1"]:
+        assert losses["2->1"][step] == pytest.approx(losses[1][step], rel=tol * step, abs=0)
     # The 2-process export loads in plain transformers and gives the same weights as the 1-process one, up to
     # how far 4 AdamW steps at lr 2e-3 can drift apart from rounding alone.
     one = load_causal_lm(str(tmp_path / "np1" / "hf"), "sdpa").state_dict()
@@ -237,3 +247,22 @@ def test_bf16_autocast_step_runs_and_matches_fp32(assets, tokenizer):
     torch.testing.assert_close(bf16, fp32, rtol=2 * chain * storage_rtol(torch.bfloat16), atol=0.0)
     assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
                for p in model.parameters())
+
+
+def test_export_is_written_from_shards_in_the_named_dtype(tmp_path, embedded_cache, dist_info):
+    """model.export_dtype=bf16 writes bf16 safetensors (split into several files with an index when they exceed the
+    file size) that plain transformers loads with the trained values, rounded once."""
+    from fastmath.checkpoint import export_hf
+
+    config = load_config(None, _tiny_run(tmp_path, embedded_cache, "run", "sft.max_steps=1", "data.validation="))
+    run_sft(config, dist_info)
+    trained = load_causal_lm(str(tmp_path / "run" / "hf"), "sdpa")
+    tokenizer = load_tokenizer(str(tmp_path / "run" / "hf"))
+    out = export_hf(trained, tokenizer, tmp_path / "bf16", dist_info, torch.bfloat16, shard_bytes=2**20)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    again = load_causal_lm(str(out), "sdpa", dtype=torch.bfloat16)
+    assert again.config.tie_word_embeddings and "lm_head.weight" not in index["weight_map"]
+    for name, tensor in again.state_dict().items():
+        assert tensor.dtype == torch.bfloat16
+        torch.testing.assert_close(tensor, trained.state_dict()[name].to(torch.bfloat16), rtol=0, atol=0, msg=name)
