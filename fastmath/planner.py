@@ -517,6 +517,18 @@ def engine_note(engine) -> str:
             f"flight: {verdict}")
 
 
+def plan_summary(plan: Plan, problems: list[str]) -> dict:
+    """The plan as plain values (the `--json` line, and bench/memory_plans.py's record)."""
+    return {"config": plan.config_path, "gpu": plan.spec.name, "gpu_bytes": plan.spec.memory_bytes,
+            "nodes": plan.nodes, "gpus_per_node": plan.gpus_per_node, "problems": problems,
+            "peaks": {s.stage: s.peak_bytes for s in plan.stages},
+            "stages": [{"stage": s.stage, "model": s.model, "parameters": s.parameters, "peak_bytes": s.peak_bytes,
+                        "by_category": {c: s.peak.get(c, 0) for c in CATEGORIES}, "fits": plan.fits(s),
+                        "micro_batches": s.micro_batches, "tokens_per_micro_batch": s.tokens_per_micro_batch,
+                        "estimated_seconds": s.step_seconds, "simulated_seconds": round(s.simulated_seconds, 1),
+                        "engine": engine_note(s.engine) if s.engine else None} for s in plan.stages]}
+
+
 def largest_terms(plan: Plan, stage: StagePlan, n: int = 3) -> str:
     terms = sorted(stage.peak.items(), key=lambda kv: -kv[1])[:n]
     return ", ".join(f"{name} {value / GiB:.1f} GiB" for name, value in terms)
@@ -618,7 +630,7 @@ def print_plan(config: Config, config_path: str | None, args, gpu: GPUSpec | Non
     plan = plan_config(config, config_path or "(defaults)", chosen, nodes, per_node, show_progress=not as_json)
     problems = [not_fitting_message(plan, s) for s in plan.stages if not plan.fits(s)]
     if as_json:
-        print(json.dumps({"problems": problems, "peaks": {s.stage: s.peak_bytes for s in plan.stages}}))
+        print(json.dumps(plan_summary(plan, problems)))
     else:
         print(format_plan(plan))
         for problem in problems:

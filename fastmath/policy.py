@@ -179,6 +179,12 @@ def _gather_bucket(bucket, dtype):
             yield name, tensor.detach().to(dtype or tensor.dtype)
     if not sharded:
         return
+    if any(t.device_mesh.ndim > 1 for _, t in sharded):
+        # HSDP (parallel.replicate > 1): shards live on the mesh's inner dimension only; DTensor's own gather over
+        # that group, tensor by tensor (more collectives than one flat bucket, the same bytes).
+        for name, tensor in sharded:
+            yield name, tensor.detach().to(dtype or tensor.dtype).full_tensor()
+        return
     world = dist.get_world_size()
     pieces, layout = [], []
     for name, tensor in sharded:

@@ -95,7 +95,8 @@ def _run_update(tmp_path, nproc, name, *args):
 
 @pytest.mark.parametrize("overrides", [["grpo.loss_type=dapo", "grpo.num_iterations=2"],
                                        ["grpo.loss_type=grpo", "grpo.importance_sampling_level=sequence"],
-                                       ["grpo.loss_type=dapo", "parallel.gradient_sync=step"]])
+                                       ["grpo.loss_type=dapo", "parallel.gradient_sync=step"],
+                                       ["grpo.loss_type=dapo", "parallel.replicate=2"]])
 def test_update_on_two_processes_equals_one(tmp_path, assets, tokenizer, overrides):
     """FSDP2 over 2 gloo ranks, each with half the sequences packed its own way: same gradient (compared raw,
     since Adam hides a wrong scale), same loss, same weights; every rank gathers the same full weights."""

@@ -47,7 +47,7 @@ def main(model_dir: str, out_dir: str, overrides: list[str]) -> None:
                    importance_sampling_level=g.importance_sampling_level,
                    max_completion_length=g.max_completion_length)
     model = parallelize(PolicyWithGRPOLoss(lm, g.temperature, options), info.world_size, info.device,
-                        False, False, False)
+                        False, False, False, replicate=config.parallel.replicate)
     optimizer = build_optimizer(model, optim_settings(config, "grpo"))
     seqs = fixed_sequences(tok)[info.rank::info.world_size]
     batches, _, tokens, n_seqs, _ = build_update_batches(seqs, budget=96, pad_id=tok.pad_token_id, device=info.device)
