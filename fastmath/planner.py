@@ -463,7 +463,8 @@ def plan_config(config: Config, config_path: str, gpu: str | GPUSpec, nodes: int
         _check_divisible(config, stage, world)
         plan = simulate_stage(config, stage, world, gpu=True, progress=bar)
         arch = architecture_config(plan.model, config.model.trust_remote_code)
-        if stage == "grpo" and config.grpo.generator != "hf":
+        colocated = getattr(config.grpo, "vllm_mode", "colocate") == "colocate" and config.grpo.generator != "hf"
+        if stage == "grpo" and colocated:  # server mode: the engines live on their own GPUs
             plan.engine_awake, plan.engine_asleep, plan.engine = engine_share(config, spec, arch, world)
         plan.step_seconds = timing(plan, spec, config)
         plans.append(plan)
