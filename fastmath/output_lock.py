@@ -78,7 +78,11 @@ def acquire_output_lock(output_dir: str | Path) -> OutputLock:
     folder = Path(output_dir).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:  # O_NOFOLLOW: a link planted at the lock's name must not make us truncate the file it points to
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as err:
+        raise ConfigError(f"run.output_dir {output_dir}: its lock file {path} cannot be opened "
+                          f"({err.strerror}); it must be a plain file or absent") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -99,7 +103,7 @@ def _acquire_lock_file(output_dir: str | Path, path: Path) -> OutputLock:
     """The fallback without flock: the file is the lock (O_EXCL); a dead process's lock on this host is stale."""
     for _ in range(2):
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         except FileExistsError:
             holder = _holder_text(path)
             same_host = holder.get("host") == socket.gethostname()

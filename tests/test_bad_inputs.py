@@ -595,6 +595,12 @@ LOCKS = [
     Case("lock-held-by-this-process", "lock", "same",
          "run.output_dir run is in use by another fastmath run (PID {pid} on {host}, since ...",
          shown="a second run from the same process (another open of the lock file)"),
+    Case("lock-file-is-a-link", "lock", "link",
+         "run.output_dir run: its lock file run/.fastmath.lock cannot be opened (Too many levels of symbolic links); it "
+         "must be a plain file or absent", shown="`.fastmath.lock` a link to another file (which must not be truncated)"),
+    Case("lock-file-is-a-folder", "lock", "folder",
+         "run.output_dir run: its lock file run/.fastmath.lock cannot be opened (Is a directory); it must be a plain "
+         "file or absent", shown="`.fastmath.lock` a folder"),
     Case("lock-file-no-flock-live", "lock", "no-flock-live",
          "run.output_dir run is in use by another fastmath run (PID {pid} on {host}, since ...",
          shown="a file system without flock: a lock file naming a live process on this host"),
@@ -1345,6 +1351,13 @@ def test_a_second_run_in_a_held_folder_is_refused_naming_the_holder(case, tmp_pa
         child, pid = _hold_lock_in_child(tmp_path / "run")
     elif case.input == "same":
         held = output_lock.acquire_output_lock("run")
+    elif case.input in ("link", "folder"):
+        Path("run").mkdir()
+        Path("precious.txt").write_text("keep me\n")
+        if case.input == "link":
+            Path("run", output_lock.LOCK_NAME).symlink_to(tmp_path / "precious.txt")
+        else:
+            Path("run", output_lock.LOCK_NAME).mkdir()
     else:
         def no_flock(fd, op):
             raise OSError(errno.ENOLCK, "No locks available")
@@ -1365,6 +1378,8 @@ def test_a_second_run_in_a_held_folder_is_refused_naming_the_holder(case, tmp_pa
             held.release()
     expected = case.sees.replace("{pid}", str(pid)).replace("{host}", socket.gethostname())
     assert _matches(str(err.value), expected), str(err.value)
+    if case.input == "link":
+        assert Path("precious.txt").read_text() == "keep me\n"
 
 
 def test_a_lock_whose_holder_is_gone_is_taken(tmp_path, monkeypatch):
