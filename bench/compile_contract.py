@@ -15,10 +15,10 @@ well there, and both are known before any GPU time is spent:
 The contract (tests/test_compile_contract.py): every kept config fits shared memory on sm_90 and sm_80, and
 at head dims 64 and 128 (bf16, fp16) spills nothing. Compiling takes 1-4 s per case on one CPU core, so the
 test covers a representative subset (`ci_cases`) and `python bench/compile_contract.py` the full matrix,
-printing the README's table (`--markdown`).
+printing docs/kernels.md's table (`--markdown`).
 
     python bench/compile_contract.py              # the full matrix, one line per case
-    python bench/compile_contract.py --markdown   # the README table (kernel x head dim: shared, registers, spills)
+    python bench/compile_contract.py --markdown   # docs/kernels.md's table (kernel x head dim: shared, registers, spills)
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ class Case:
 
     module: str  # "attention" | "cross_entropy" | "grpo_logprobs"
     kernel: str  # the jit function's name in that module
-    label: str  # what the README table calls the row
+    label: str  # what docs/kernels.md's table calls the row
     head_dim: int | None
     variant: str
     dtype: str  # Triton's name: bf16, fp16, fp32
@@ -308,7 +308,7 @@ def markdown_table(cases) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--markdown", action="store_true", help="print the README table instead of every case")
+    parser.add_argument("--markdown", action="store_true", help="print docs/kernels.md's table instead of every case")
     parser.add_argument("--ci", action="store_true", help="only the subset the test compiles")
     args = parser.parse_args(argv)
     cases = ci_cases() if args.ci else full_matrix()

@@ -1,4 +1,4 @@
-"""`make demo` end to end, timed on an idle machine: the record behind the README's run-time figure.
+"""`make demo` end to end, timed on an idle machine: the record behind docs/results.md's run-time figure.
 
 Runs the demo's own command (`torchrun --standalone --nproc_per_node=1 fastmath/train.py --config
 configs/demo.yaml`, seed 0, a fresh output folder, torch's own thread count, the machine's own CPU arithmetic)

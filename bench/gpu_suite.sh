@@ -17,14 +17,14 @@
 #   5. e2e       bench_sft_e2e.py --preset gpu-quick: one SFT step of Qwen2.5-style 0.5B and 1.5B at 4k and 16k
 #                tokens, fastmath vs HF vs Liger vs TRL (each present package), with its own time budget
 #   6. grpo      bench_grpo.py --quick, when that file exists and has a --quick option
-#   then bench/plot.py, the README Performance section rendered from the new results (not written to
-#   README.md here), and a short table.
+#   then bench/plot.py, the docs/performance.md Performance section rendered from the new results (not written to
+#   docs/performance.md here), and a short table.
 # A stage that fails or runs out of time is reported and the next one runs; benchmarks keep what they
 # measured before a timeout (they save on SIGTERM).
 #
 # Output: results are appended to bench/results/ (JSON + PNG) as usual. When $OUT is set (the device tool),
 # the suite also leaves there, within the tool's 8-file limit: suite.log (everything printed),
-# results.tar.gz (bench/results/ and the stage logs), performance.md (the regenerated README section) and
+# results.tar.gz (bench/results/ and the stage logs), performance.md (the regenerated docs/performance.md section) and
 # summary.txt (the final table). Without $OUT they go to a fresh folder under ${TMPDIR:-/tmp}.
 #
 # The GPU image (torch 2.11, Triton 3.6, transformers 5.17) has no vLLM, flash-attn, Liger-Kernel, TRL or
@@ -46,7 +46,7 @@ CHECK=0
 if [ "${1:-}" = "--check" ]; then CHECK=1
 elif [ $# -gt 0 ]; then echo "usage: bash bench/gpu_suite.sh [--check]" >&2; exit 2; fi
 BUDGET="${SUITE_SECONDS:-470}"
-RESERVE=15  # seconds kept for plots, the README render and packing the results
+RESERVE=15  # seconds kept for plots, docs/performance.md render and packing the results
 
 if [ -n "${PYTHON:-}" ]; then PY="$PYTHON"
 elif [ -x .venv/bin/python ]; then PY=.venv/bin/python
@@ -169,7 +169,7 @@ else
   if (( ${#GRPO[@]} )); then run_stage grpo 45 "${GRPO[@]}"; fi
   "$PY" bench/plot.py >"$LOGS/plot.log" 2>&1 || echo "NOTE: plotting failed (see plot.log)"
   "$PY" bench/readme_performance.py >"$WORK/performance.md" 2>"$LOGS/readme.log" \
-    && echo "README Performance section rendered from these results: performance.md (README.md not touched)"
+    && echo "docs/performance.md Performance section rendered from these results: performance.md (docs/performance.md not touched)"
   tar czf "$WORK/results.tar.gz" bench/results -C "$LOGS" . 2>/dev/null || echo "NOTE: packing the results failed"
 fi
 

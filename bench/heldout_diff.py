@@ -96,7 +96,7 @@ def compare(rows: list[dict], before: tuple, after: tuple) -> dict:
 
 
 def markdown(records: list[dict]) -> str:
-    """One line per recorded comparison, as the README shows them."""
+    """One line per recorded comparison, as docs/results.md shows them."""
     lines = ["| models compared | greedy accuracy | mean tokens | problems lost | gained "
              "| lost by how the solution changed |",
              "|---|---|---|---|---|---|"]

@@ -1,13 +1,13 @@
-"""The memory plan of every shipped GPU config, as the README shows it (python -m fastmath.planner per config).
+"""The memory plan of every shipped GPU config, as docs/gpus.md shows it (python -m fastmath.planner per config).
 
     .venv/bin/python bench/memory_plans.py            # plan each config with a '# GPUs:' header, append a record
-    .venv/bin/python bench/memory_plans.py --table    # the README table from the newest record
+    .venv/bin/python bench/memory_plans.py --table    # docs/gpus.md's table from the newest record
 
 Each plan simulates one optimizer step per training stage on this CPU (fake tensors, a fake process group of the
 header's world size; fastmath/planner.py), so the record's device is the CPU that simulated, and the figures are
 per-GPU bytes of the GPU named in each config's header. Step times in the table are the planner's estimates from
 FLOPs and bytes at data-sheet rates, not measurements. tests/test_planner.py re-plans every config in CI and holds
-it to its header's GPU; a test keeps the README table equal to this record's rendering.
+it to its header's GPU; a test keeps docs/gpus.md's table equal to this record's rendering.
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ mean output tokens. Everything comes from the runs it makes; nothing is copied f
 
 Outputs: bench/results/replication-cpu.json (a bench record: per stage the eval metrics, run times, seeds and
 commands), bench/results/replication-cpu.png (accuracy vs mean tokens, the paper's figure) and the markdown
-table printed at the end (the README shows it).
+table printed at the end (docs/results.md shows it).
 
     .venv/bin/python bench/replicate_toy.py                  # the full experiment (keeps its runs in runs/replication)
     .venv/bin/python bench/replicate_toy.py --seeds 0,1,2 --capability avx2   # per seed, mean (min-max) in the table

@@ -1,7 +1,7 @@
-"""Every CPU comparison in one command: results appended to bench/results/, PNGs redrawn, README regenerated.
+"""Every CPU comparison in one command: results appended to bench/results/, PNGs redrawn, docs/performance.md regenerated.
 
     .venv/bin/python bench/run_all.py                 # about 4 minutes on 2 idle cores
-    .venv/bin/python bench/run_all.py --only sft_e2e  # one stage (then plots and README as usual)
+    .venv/bin/python bench/run_all.py --only sft_e2e  # one stage (then plots and docs/performance.md as usual)
     .venv/bin/python bench/run_all.py --threads 2     # torch threads in every benchmark (default 1, see below)
 
 Stages, in order, each a separate process with its output streamed:
@@ -12,7 +12,7 @@ Stages, in order, each a separate process with its output streamed:
                    TRL SFTTrainer: tokens/s and peak RSS
     grpo           bench/bench_grpo.py: the fused LM head + GRPO loss vs TRL's eager loss, compile, Liger
     grpo_e2e       bench/bench_grpo_e2e.py: one GRPO step end to end, fastmath (vLLM / HF rollouts) vs TRL GRPOTrainer
-then bench/plot.py (every PNG) and bench/readme_performance.py --write (the README's Performance section).
+then bench/plot.py (every PNG) and bench/readme_performance.py --write (docs/performance.md's Performance section).
 
 Threads: one per benchmark by default (OMP_NUM_THREADS=1), because on a machine whose cores are shared an
 OpenMP team that spins while another process holds a core distorts timings many times over; every record
@@ -51,7 +51,7 @@ def main():
     parser.add_argument("--only", help="comma-separated stages to run (default: all)")
     parser.add_argument("--skip", default="", help="comma-separated stages to leave out")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per benchmark (default 1)")
-    parser.add_argument("--no-readme", action="store_true", help="do not rewrite README.md's Performance section")
+    parser.add_argument("--no-readme", action="store_true", help="do not rewrite docs/performance.md's Performance section")
     args = parser.parse_args()
 
     available = stages(sys.executable)

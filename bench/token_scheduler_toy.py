@@ -124,7 +124,7 @@ def main() -> None:
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Mean and range over seeds of the figures the README quotes."""
+    """Mean and range over seeds of the figures docs/gpus.md quotes."""
     def spread(key):
         values = [r[key] for r in rows if key in r]
         if not values:

@@ -95,7 +95,7 @@ def host_name(record: dict) -> str:
 
 
 def markdown(records: list[dict]) -> str:
-    """One line per recorded setting: mean (min-max) over its seeds, as the README's GRPO trade-off table."""
+    """One line per recorded setting: mean (min-max) over its seeds, as docs/results.md's GRPO trade-off table."""
     lines = ["| setting | seeds | host | ATEN_CPU_CAPABILITY (used) | after SFT: greedy accuracy | mean tokens "
              "| after GRPO: greedy accuracy | mean tokens | token cut | accuracy change (points) | commit |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

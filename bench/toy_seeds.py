@@ -12,7 +12,7 @@ last bits; `avx2` and `default` reproduce the other machines on this one. `nativ
     .venv/bin/python bench/toy_seeds.py --seeds 0,1,2 --capability avx2 --part demo     # SFT then GRPO
     .venv/bin/python bench/toy_seeds.py --seeds 0,1,2 --capability default --part sft   # the SFT stage only
     .venv/bin/python bench/toy_seeds.py --parallel 2 ...   # two seeds at once, one thread each (see below)
-    .venv/bin/python bench/toy_seeds.py --table             # the README's markdown from the committed records
+    .venv/bin/python bench/toy_seeds.py --table             # docs/results.md's markdown from the committed records
 
 `--parallel 2` runs two seeds at a time with one intra-op thread each: on 2 cores that finishes the seeds in
 about 70% of the time of running them one after the other with 2 threads (the tiny model's matmuls scale poorly
@@ -194,7 +194,7 @@ def grpo_cells(rows: list[dict]) -> list[str]:
 
 
 def markdown(records: list[dict]) -> str:
-    """The README's table: one line per record (capability x part), mean (range) over its seeds."""
+    """docs/results.md's table: one line per record (capability x part), mean (range) over its seeds."""
     lines = ["| ATEN_CPU_CAPABILITY (used) | seeds | after SFT: greedy accuracy | val loss | mean tokens "
              "| after GRPO: greedy accuracy | mean tokens | token cut | accuracy change (points) | minutes per seed |",
              "|---|---|---|---|---|---|---|---|---|---|"]

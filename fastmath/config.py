@@ -792,7 +792,7 @@ def help_text() -> str:
 
 
 def reference_markdown() -> str:
-    """The README's config reference table (a test keeps the README in step with this)."""
+    """docs/config.md's config reference table (a test keeps docs/config.md in step with this)."""
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for name, section_type in typing.get_type_hints(Config).items():
         hints = typing.get_type_hints(section_type)

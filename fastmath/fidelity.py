@@ -1,4 +1,4 @@
-"""The seed recipe's settings beside fastmath's shipped configs, one row per setting: the README's Fidelity table.
+"""The seed recipe's settings beside fastmath's shipped configs, one row per setting: docs/fidelity.md's Fidelity table.
 
 The seed is the Fast-Math-R1 repository (analokmaus/kaggle-aimo2-fast-math-r1; arXiv:2507.08267). Each value in
 the `seed` column was read from its code: experiments/train_first_stage.py (SFT: TRL 0.15 SFTTrainer, 8 GPUs,
@@ -8,7 +8,7 @@ and experiments/train_fast_nemotron_14b.py (FastGRPOTrainer), with HF TrainingAr
 sets nothing; the eval protocol from its README (inference example and the pass@1 tables).
 
 A row whose `key` names a config field is a claim that every config of its recipe sets `value` there;
-tests/test_fidelity.py checks each claim and that the README holds `fidelity_markdown()`. The qwen3 and nemotron
+tests/test_fidelity.py checks each claim and that docs/fidelity.md holds `fidelity_markdown()`. The qwen3 and nemotron
 recipes list only what differs from the grpo recipe; every other grpo row must hold in their configs too.
 """
 from __future__ import annotations
@@ -247,7 +247,7 @@ def _escape(text: str) -> str:
 
 
 def fidelity_markdown() -> str:
-    """The README's Fidelity table."""
+    """docs/fidelity.md's Fidelity table."""
     lines = ["| recipe | setting | seed (its code) | fastmath key | fastmath value | why it differs |",
              "|---|---|---|---|---|---|"]
     for row in ROWS:

@@ -1,6 +1,6 @@
-"""The README's compatibility table (Liger-Kernel 0.8.5 and TRL 1.16 options -> computed / accepted / refused),
+"""docs/kernels.md's compatibility table (Liger-Kernel 0.8.5 and TRL 1.16 options -> computed / accepted / refused),
 generated from the option lists the compatibility layers themselves keep (kernels/liger_compat.py,
-kernels/trl_compat.py); tests/test_compat_table.py holds the README's copy equal to `compatibility_markdown()`.
+kernels/trl_compat.py); tests/test_compat_table.py holds docs/kernels.md's copy equal to `compatibility_markdown()`.
 Print it with `python -m kernels.compat_table`."""
 from __future__ import annotations
 

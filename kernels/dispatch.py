@@ -85,7 +85,7 @@ def use_triton(backend: str, device: torch.device, interpreted: bool, module: st
     return True
 
 
-# The dtype policy of every public kernel function (README "Kernels", each docstring):
+# The dtype policy of every public kernel function (docs/kernels.md, each docstring):
 # - fp16, bf16 and fp32 inputs run on both paths and are computed with fp32 accumulation; outputs come back in
 #   the input dtype (losses and statistics in fp32).
 # - float64 inputs run on the reference path only, computed in float64 end to end: that is what gradcheck and

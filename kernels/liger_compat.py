@@ -7,7 +7,7 @@
         that packs the batch and calls kernels.grpo_fused_loss.fused_linear_grpo_loss.
 
 Every Liger option is either computed as Liger computes it, or refused with one ValueError naming it
-(`LIGER_OPTIONS` lists which, and the README's compatibility table is generated from it). Where fastmath's answer
+(`LIGER_OPTIONS` lists which, and docs/kernels.md's compatibility table is generated from it). Where fastmath's answer
 differs from Liger's on purpose, the docstrings say so (an all-ignored "mean" batch gives 0, not Liger's NaN;
 gradients are accumulated in fp32 whatever `accum_dtype`).
 
@@ -39,7 +39,7 @@ from kernels.cross_entropy import fused_linear_cross_entropy
 _ACCUM_DTYPES = (None, torch.float32)
 
 # Option -> how fastmath treats it: "computed" (the same math as Liger), "accepted" (no effect on the result,
-# the reason given), or "refused" (one ValueError naming it, the reason given). The README table comes from here.
+# the reason given), or "refused" (one ValueError naming it, the reason given). The docs/kernels.md table comes from here.
 CE_OPTIONS = {
     "ce_weight": ("computed", "class weights; with label_smoothing > 0 on a chunked PyTorch path (checkpointed "
                               "chunks, the weight gradient accumulated in the weight's dtype)"),

@@ -2,7 +2,7 @@
 
 `grpo_loss_kwargs(config)` reads a TRL `GRPOConfig` (or anything with its attribute names) and returns the keyword
 arguments of `grpo_loss` / `fused_linear_grpo_loss`, plus those of `policy_term_weights`; an option fastmath does
-not compute raises one ValueError naming it. `TRL_OPTIONS` lists every loss option (the README's compatibility
+not compute raises one ValueError naming it. `TRL_OPTIONS` lists every loss option (docs/kernels.md's compatibility
 table is generated from it).
 
 Two of TRL's masks are per-token factors on the policy term only (TRL multiplies `per_token_loss` by them before
@@ -25,7 +25,7 @@ import torch
 
 from kernels.grpo_inputs import LOSS_TYPES
 
-# TRL GRPOConfig loss option -> ("computed" | "refused", how). The README table comes from here.
+# TRL GRPOConfig loss option -> ("computed" | "refused", how). The docs/kernels.md table comes from here.
 TRL_OPTIONS = {
     "loss_type": ("computed", ", ".join(LOSS_TYPES) + "; vespo refused"),
     "beta": ("computed", "k3 KL to ref_logprobs"),

@@ -6,7 +6,7 @@ and counted under. Most rows are checked in process (`train.py`'s `main` with th
 replaced by a failure, or the data loaders); the `run` rows start `fastmath/train.py` in a separate
 process and check the whole output: one line on stderr, exit status 2, no traceback.
 
-The README's "Bad inputs, and what the user sees" table is rendered from this catalogue
+docs/reliability.md's "Bad inputs, and what the user sees" table is rendered from this catalogue
 (`python -m tests.test_bad_inputs` prints it); `test_readme_table_matches_the_catalogue` keeps the two equal.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ class Case:
     input: str | bytes   # command-line arguments, a YAML file's text, or one data row (a JSON line)
     sees: str            # the error line after 'fastmath: error: ', the skip reason of a data row, the verdict of
                          # a completion, or (checkpoints) the whole first 'fastmath:' line
-    shown: str = ""      # how the README shows an input too long to print
+    shown: str = ""      # how docs/reliability.md shows an input too long to print
 
 
 KINDS = {
@@ -709,7 +709,7 @@ CATALOGUE = (ARGS + YAML + FILES + ROWS + CHATS + PROMPTS + COMPLETIONS + CHECKP
 
 
 # ---------------------------------------------------------------------------------------------
-# The README table
+# docs/reliability.md table
 
 
 def _code(text: str) -> str:
@@ -743,13 +743,13 @@ def _shown_outcome(case: Case) -> str:
 
 
 def catalogue_markdown() -> str:
-    """The README table: one line per catalogue row."""
+    """docs/reliability.md table: one line per catalogue row."""
     rows = ["| # | input | what the user sees |", "|---|---|---|"]
     rows += [f"| {i} | {_shown_input(c)} | {_shown_outcome(c)} |" for i, c in enumerate(CATALOGUE, start=1)]
     return "\n".join(rows)
 
 
-# The classes of the trust model (README), with how many inputs of each the tests try: catalogue rows by id, plus
+# The classes of the trust model (docs/reliability.md), with how many inputs of each the tests try: catalogue rows by id, plus
 # the parametrised tables and single tests outside the catalogue (named with their counts).
 def _ids(*prefixes: str) -> list[str]:
     return [c.id for c in CATALOGUE if c.id.startswith(prefixes)]
@@ -791,8 +791,8 @@ def trust_classes_markdown() -> str:
 
 def test_trust_classes_are_counted_in_the_readme():
     assert all(ids or extra for _, ids, extra in trust_classes())
-    assert trust_classes_markdown() in (REPO / "README.md").read_text(encoding="utf-8"), \
-        "README's trust-model table is stale: paste tests.test_bad_inputs.trust_classes_markdown() into it"
+    assert trust_classes_markdown() in (REPO / "docs/reliability.md").read_text(encoding="utf-8"), \
+        "docs/reliability.md's trust-model table is stale: paste tests.test_bad_inputs.trust_classes_markdown() into it"
 
 
 def test_catalogue_is_complete_and_unique():
@@ -802,8 +802,8 @@ def test_catalogue_is_complete_and_unique():
 
 
 def test_readme_table_matches_the_catalogue():
-    assert catalogue_markdown() in (REPO / "README.md").read_text(encoding="utf-8"), \
-        "README's bad-input table is stale: paste `python -m tests.test_bad_inputs` into it"
+    assert catalogue_markdown() in (REPO / "docs/reliability.md").read_text(encoding="utf-8"), \
+        "docs/reliability.md's bad-input table is stale: paste `python -m tests.test_bad_inputs` into it"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The benchmark harness's arithmetic and bookkeeping (bench/): FLOPs, MFU, the floor, timings, records, README."""
+"""The benchmark harness's arithmetic and bookkeeping (bench/): FLOPs, MFU, the floor, timings, records, docs/performance.md."""
 import json
 import os
 import shutil
@@ -118,9 +118,9 @@ def test_random_rows_fill_the_budget_exactly():
 
 
 def test_readme_performance_section_is_the_generators_output():
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs/performance.md").read_text()
     assert readme_performance.current_section(text) == readme_performance.render(), (
-        "README.md's Performance section is stale: run `python bench/readme_performance.py --write`")
+        "docs/performance.md's Performance section is stale: run `python bench/readme_performance.py --write`")
 
 
 def test_readme_says_plainly_what_no_gpu_has_measured(tmp_path):
@@ -143,7 +143,7 @@ def test_readme_says_plainly_what_no_gpu_has_measured(tmp_path):
 
 def test_cross_entropy_chunk_budgets_are_measured_and_shown(tmp_path):
     """--chunk-mib adds fastmath@<M>MiB providers to the run (each measured with its own chunk budget), and the
-    README rows show them beside the baselines."""
+    docs/performance.md rows show them beside the baselines."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench_cross_entropy.py"), "--sizes", "600x16x1000",
                            "--providers", "torch,fastmath", "--chunk-mib", "1,2", "--reps", "1", "--no-plot",

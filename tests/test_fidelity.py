@@ -1,4 +1,4 @@
-"""The seed's recipe, exactly: the shipped configs against the README's Fidelity table (fastmath/fidelity.py), and
+"""The seed's recipe, exactly: the shipped configs against docs/fidelity.md's Fidelity table (fastmath/fidelity.py), and
 the settings that table relies on: schedule horizons past the stop, the cosine reward in characters, fixed-count
 micro-batches, the paged 8-bit optimizer's refusal off CUDA, the benchmark split. The bnpo normaliser against
 TRL's own code is in tests/test_grpo_trl.py."""
@@ -41,8 +41,8 @@ def test_shipped_config_matches_the_fidelity_table(recipe):
 
 
 def test_readme_holds_the_fidelity_table():
-    assert fidelity_markdown() in (REPO / "README.md").read_text(encoding="utf-8"), \
-        "README's Fidelity table is stale: paste fastmath.fidelity.fidelity_markdown() into it"
+    assert fidelity_markdown() in (REPO / "docs/fidelity.md").read_text(encoding="utf-8"), \
+        "docs/fidelity.md's Fidelity table is stale: paste fastmath.fidelity.fidelity_markdown() into it"
 
 
 def test_every_row_names_a_recipe_and_a_real_key():

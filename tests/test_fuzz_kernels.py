@@ -1,7 +1,7 @@
 """A fixed-seed subset of the kernel fuzzer (bench/fuzz_kernels.py): the first cases of its recorded run, with
 the same case generator and the same comparison, and checks that the comparison catches a wrong kernel.
 
-The recorded run (>= 1,000 cases per function) is `bench/fuzz_kernels.py`; its counts are in the README.
+The recorded run (>= 1,000 cases per function) is `bench/fuzz_kernels.py`; its counts are in docs/reliability.md.
 """
 import json
 import os

@@ -1,4 +1,4 @@
-"""bench/replicate_toy.py's bookkeeping: per-stage mean (min-max) over seeds, and the README table it generates."""
+"""bench/replicate_toy.py's bookkeeping: per-stage mean (min-max) over seeds, and docs/results.md table it generates."""
 import json
 
 import pytest
@@ -29,9 +29,9 @@ def test_table_reports_each_stage_as_mean_and_range_over_seeds():
 
 
 def test_readme_replication_table_is_the_generators_output_of_the_committed_record():
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    readme = (REPO / "docs/results.md").read_text(encoding="utf-8")
     assert readme.count(BEGIN) == 1 and readme.count(END) == 1
     block = readme.split(BEGIN)[1].split(END)[0].strip()
     record = json.loads((REPO / "bench" / "results" / "replication-cpu.json").read_text())[-1]
-    assert len(record["seeds"]) >= 3, "the README's toy figures are over at least 3 seeds"
+    assert len(record["seeds"]) >= 3, "docs/results.md's toy figures are over at least 3 seeds"
     assert block == replicate_toy.format_table(record)
