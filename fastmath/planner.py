@@ -263,23 +263,29 @@ def simulate_stage(config: Config, stage: str, world_size: int, gpu: bool, progr
             optimizer = build_optimizer(model, optim_settings(config, stage))
             trainable = [p for p in model.parameters() if p.requires_grad]
             resident = {}
-            # Step 1 creates the optimizer states (one micro-batch is enough for that); step 2 is the steady
-            # state. Its micro-batches after the second repeat the second's allocations exactly (gradients
-            # accumulate in place into what the first created), so two of them stand for all n.
-            for step, simulated in enumerate((1, min(n_micro, 2))):
-                if step == 1:
-                    resident = _live_by_category(tracker, model, ref_model, optimizer)
-                    tracker.reset_peak()
-                _one_step(stage, model, ref_model, batch, simulated, world_size, config, autocast, tracker,
-                          micro_batches, n_micro)
-                with tracker.phase("optimizer states"):
-                    clip_gradients(trainable, optim_settings(config, stage))
-                    optimizer.step()
-                tracker.adopt(_optimizer_tensors(optimizer), "optimizer states")
-                if progress:
-                    progress.update(1)
-                breakdown = tracker.peak_breakdown(_classifier(model, ref_model, optimizer)) if step == 1 else None
-                optimizer.zero_grad(set_to_none=True)
+            # Step 1 only creates the optimizer states (zero gradients, one optimizer step: what a real first step
+            # leaves behind, without its forward and backward); step 2 is the steady state. Its micro-batches after
+            # the second repeat the second's allocations exactly (gradients accumulate in place into what the
+            # first created), so two of them stand for all n.
+            for p in trainable:
+                p.grad = torch.zeros_like(p)
+            optimizer.step()
+            tracker.adopt(_optimizer_tensors(optimizer), "optimizer states")
+            optimizer.zero_grad(set_to_none=True)
+            if progress:
+                progress.update(1)
+            resident = _live_by_category(tracker, model, ref_model, optimizer)
+            tracker.reset_peak()
+            _one_step(stage, model, ref_model, batch, min(n_micro, 2), world_size, config, autocast, tracker,
+                      micro_batches, n_micro)
+            with tracker.phase("optimizer states"):
+                clip_gradients(trainable, optim_settings(config, stage))
+                optimizer.step()
+            tracker.adopt(_optimizer_tensors(optimizer), "optimizer states")
+            if progress:
+                progress.update(1)
+            breakdown = tracker.peak_breakdown(_classifier(model, ref_model, optimizer))
+            optimizer.zero_grad(set_to_none=True)
     train_peak = {c: breakdown.get(c, 0) for c in CATEGORIES if c != "vLLM engine"}
     for extra, value in breakdown.items():  # any label outside the categories (should be none) stays visible
         if extra not in train_peak:
