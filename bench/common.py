@@ -118,13 +118,19 @@ def git_commit() -> str | None:
     """HEAD's commit read from .git directly (no git process), or None outside a checkout."""
     git = REPO / ".git"
     try:
+        common = git
+        if git.is_file():  # a linked worktree: .git names its own folder, whose commondir holds the refs
+            git = (REPO / git.read_text().split("gitdir:", 1)[1].strip()).resolve()
+            common = (git / (git / "commondir").read_text().strip()).resolve() if (git / "commondir").is_file() \
+                else git
         head = (git / "HEAD").read_text().strip()
         if not head.startswith("ref: "):
             return head
         ref = head[5:]
-        if (git / ref).exists():
-            return (git / ref).read_text().strip()
-        for line in (git / "packed-refs").read_text().splitlines():
+        for folder in (git, common):
+            if (folder / ref).exists():
+                return (folder / ref).read_text().strip()
+        for line in (common / "packed-refs").read_text().splitlines():
             if line.endswith(" " + ref):
                 return line.split()[0]
     except OSError:
