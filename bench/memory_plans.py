@@ -37,7 +37,7 @@ def gpu_configs() -> list[Path]:
 def plan(config: Path) -> dict:
     done = subprocess.run([sys.executable, "-m", "fastmath.planner", "--json", "--config",
                            str(config.relative_to(REPO))], capture_output=True, text=True, cwd=REPO, timeout=1800)
-    if done.returncode not in (0, 1):
+    if done.returncode not in (0, 1) or not done.stdout.strip():
         raise RuntimeError(f"{config.name}: {done.stderr.strip().splitlines()[-1:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 

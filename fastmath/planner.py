@@ -212,6 +212,7 @@ def simulate_stage(config: Config, stage: str, world_size: int, gpu: bool, progr
     """Rank 0's memory over two optimizer steps of `stage` (module docstring); needs a process without a group."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from fastmath.grpo_stage import release_gathered
     from fastmath.memory_tracker import MemoryTimeline
     from fastmath.model import CausalLMWithLinearLoss, count_parameters, lm_head_chunk_bytes, parallelize
     from fastmath.policy import PolicyWithGRPOLoss
@@ -277,7 +278,7 @@ def simulate_stage(config: Config, stage: str, world_size: int, gpu: bool, progr
             resident = _live_by_category(tracker, model, ref_model, optimizer)
             tracker.reset_peak()
             _one_step(stage, model, ref_model, batch, min(n_micro, 2), world_size, config, autocast, tracker,
-                      micro_batches, n_micro)
+                      micro_batches, n_micro, release_gathered)
             with tracker.phase("optimizer states"):
                 clip_gradients(trainable, optim_settings(config, stage))
                 optimizer.step()
@@ -297,7 +298,7 @@ def simulate_stage(config: Config, stage: str, world_size: int, gpu: bool, progr
 
 
 def _one_step(stage, model, ref_model, batch, n_micro, world, config, autocast, tracker, micro_batches,
-              configured_micro):
+              configured_micro, release_gathered):
     """The stage's micro-batches on rank 0: forward, loss, backward (and GRPO's no-grad passes first); n_micro of
     them, but the loss is normalised as for the configured count (`tokens`, `seqs`)."""
     batches = [batch] * n_micro
@@ -312,7 +313,7 @@ def _one_step(stage, model, ref_model, batch, n_micro, world, config, autocast, 
                 if ref_model is not None:
                     with tracker.phase("reference model"):
                         b.ref_logprobs = ref_model(b, mode="logprobs")[0].float()
-                        ref_model.reshard()
+                        release_gathered(ref_model)
         tokens = float(batch.mask.numel()) * configured_micro * world
         seqs = float(batch.num_sequences * configured_micro * world)
     for _, b in micro_batches(model, batches, config.parallel.gradient_sync):
@@ -427,7 +428,8 @@ def engine_share(config: Config, spec: GPUSpec, arch, world: int):
     length = g.max_prompt_length + g.max_completion_length
     budget = engine_budget(arch, gpu_bytes=spec.memory_bytes, gpu_memory_utilization=g.vllm_gpu_memory_utilization,
                            tensor_parallel_size=tp, max_model_len=length, sequences=sequences, sequence_tokens=length,
-                           enforce_eager=g.vllm_enforce_eager)
+                           enforce_eager=g.vllm_enforce_eager,
+                           max_num_batched_tokens=getattr(g, "vllm_max_num_batched_tokens", 4096))
     asleep = budget.overhead if g.vllm_sleep else budget.budget
     return budget.budget, asleep, budget
 

@@ -81,7 +81,7 @@ class FixedGenerator(Generator):
     def __init__(self, completions: list[Completion]):
         self.completions = completions
 
-    def generate(self, prompt_ids, sampling, n):
+    def generate(self, prompt_ids, sampling, n, seeds=None):
         assert n == len(self.completions)
         return [list(self.completions) for _ in prompt_ids]
 
