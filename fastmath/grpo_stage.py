@@ -45,7 +45,7 @@ from fastmath.policy import PolicyWithGRPOLoss, Sequence, empty_update_batch, ga
 from fastmath.answers import AnswerChecker
 from fastmath.rewards import compute_rewards
 from fastmath.rollout import Completion, EngineSettings, Sampling, make_generator
-from fastmath.rollout_server import ServerSettings
+from fastmath.rollout_server import ServerGenerator, ServerSettings
 from fastmath.stage import (OptimSettings, Stage, build_optimizer, clip_gradients, data_source, micro_batches,
                             optim_settings, reduce_and_read, schedule_length, set_lr, start_model)
 from kernels.grpo import group_advantages, reward_sums
@@ -488,9 +488,12 @@ def _train(stage: Stage, config: Config, dist_info: DistInfo, init_path: str, to
     # 3. Generator (starts from the initial weights; a resumed run pushes the checkpoint's in) ---------------
     unit = join_unit(dist_info.rank, dist_info.world_size, g.vllm_tensor_parallel_size,
                      "grpo.vllm_tensor_parallel_size")
-    generator = make_generator(grpo_engine_settings(config), init_path, tokenizer, dist_info, unit,
-                               verbose=dist_info.is_main,
-                               server=ServerSettings.from_config(g, init_path) if g.vllm_mode == "server" else None)
+    if g.vllm_mode == "server":
+        generator = ServerGenerator(ServerSettings.from_config(g, init_path), tokenizer, dist_info.rank,
+                                    dist_info.device)
+    else:
+        generator = make_generator(grpo_engine_settings(config), init_path, tokenizer, dist_info, unit,
+                                   verbose=dist_info.is_main)
     cleanup.append(generator.close)
     sync = WeightSync(generator, policy.causal_lm, g.sync_bucket_mib, dist_info.device)
     if resume.step or g.vllm_mode == "server":  # a server may hold any weights (a restart, a later step)

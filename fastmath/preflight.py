@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from fastmath.config import Config
-from fastmath.data import local_data_path
+from fastmath.data import chat_template_text, local_data_path
 from fastmath.errors import CheckpointError, ConfigError, DataError
 from fastmath.model import resolve_model_path
 
@@ -26,6 +26,7 @@ def preflight(config: Config) -> None:
     """Raise the first FastmathError that a path in `config` would cause later, naming the key."""
     stages = config.run.stages
     _check_writable_folder("run.output_dir", config.run.output_dir)
+    chat_template_text(config.data.chat_template)  # a name or file that does not exist (or is too large) stops here
     if config.run.cache_dir:
         _check_writable_folder("run.cache_dir", config.run.cache_dir)
     for key, value in _model_settings(config):

@@ -317,14 +317,11 @@ class EngineSettings:
 
 
 def make_generator(settings: EngineSettings, model_path: str, tokenizer, dist_info, unit,
-                   verbose: bool = True, server=None) -> Generator:
+                   verbose: bool = True) -> Generator:
     """This rank's generator: vLLM (one engine per generation unit `unit`, see `fastmath.colocate`), or HF
-    generate; kind "auto" takes vLLM when importable, else HF generate with a printed note. With `server`
-    (grpo.vllm_mode=server: `fastmath.rollout_server.ServerSettings`) the vLLM servers instead, whatever kind."""
-    if server is not None:
-        from fastmath.rollout_server import ServerGenerator
-
-        return ServerGenerator(server, tokenizer, dist_info.rank, dist_info.device)
+    generate; kind "auto" takes vLLM when importable, else HF generate with a printed note. (Server mode's
+    generator, `fastmath.rollout_server.ServerGenerator`, is built by the GRPO stage: that module imports this
+    one, so this one does not import it back.)"""
     kind = settings.kind
     if kind == "auto":
         kind = "vllm" if vllm_available() else "hf"

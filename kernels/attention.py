@@ -31,10 +31,10 @@ Backends (`backend=`):
                  there (tensor cores; about 1e-3 relative error per product, like torch's allow_tf32 matmuls);
                  fp16 / fp32 on CPU in Triton's interpreter (fp32 products exact), which needs TRITON_INTERPRET=1
                  set before triton and this module are imported (Triton interprets a function iff it is set
-                 when the function is decorated); its bf16 tl.dot is wrong (NOTES.md). Other inputs raise
+                 when the function is decorated); its bf16 tl.dot is wrong (docs/design.md). Other inputs raise
                  ValueError, CPU without the interpreter RuntimeError.
-    "auto":      the rule of DESIGN.md: Triton for CUDA tensors, and for CPU tensors while TRITON_INTERPRET=1
-                 is set; the reference for everything else and for the inputs the kernels do not take (fp64,
+    "auto":      the backend rule (kernels/dispatch.py): Triton for CUDA tensors, and for CPU tensors while
+                 TRITON_INTERPRET=1 is set; the reference for everything else and for the inputs the kernels do not take (fp64,
                  bf16 under the interpreter, head_dim > 256).
 
 The Triton path (FlashAttention-2). Forward: one program per (document, q head, block of BLOCK_M queries);
@@ -926,7 +926,7 @@ def _select_backend(backend: str, q: torch.Tensor) -> str:
     on_cpu = q.device.type == "cpu"
     if backend == "auto":
         wanted = q.is_cuda or (on_cpu and triton.knobs.runtime.interpret)
-        # No fp64 kernels, and no bf16 in the interpreter (its bf16 tl.dot is wrong, NOTES.md): the exact path.
+        # No fp64 kernels, and no bf16 in the interpreter (its bf16 tl.dot is wrong, docs/design.md): the exact path.
         too_wide = q.shape[-1] > MAX_HEAD_DIM
         if not wanted or q.dtype not in TRITON_FLOAT_DTYPES or (on_cpu and q.dtype == torch.bfloat16) or too_wide:
             return "reference"
@@ -967,7 +967,7 @@ def varlen_attention(
     fp32 accumulation; float64 on the reference path only, computed in float64 end to end (backend="auto" takes
     it there; backend="triton" refuses it with a ValueError).
     bf16 under Triton's interpreter also takes the reference ("auto") or is refused ("triton"): its bf16 tl.dot
-    is wrong there (NOTES.md).
+    is wrong there (docs/design.md).
 
     Args:
         q: [total_q, Hq, D]; k, v: [total_k, Hkv, D], Hq % Hkv == 0 (GQA, contiguous head groups).

@@ -68,8 +68,8 @@ Backends (`backend=`):
                  imported (Triton picks the interpreter when it decorates a function, its own included).
     "reference": the PyTorch path: chunked for `fused_linear_cross_entropy`, `cross_entropy_reference` for
                  `cross_entropy`.
-    "auto":      the rule of DESIGN.md: Triton for CUDA tensors, or for CPU tensors when TRITON_INTERPRET=1,
-                 the PyTorch path otherwise.
+    "auto":      the backend rule (kernels/dispatch.py): Triton for CUDA tensors, or for CPU tensors when
+                 TRITON_INTERPRET=1, the PyTorch path otherwise.
 
 References: Liger-Kernel (Hsu et al., 2024, arXiv:2410.10989); Cut Your Losses in Large-Vocabulary Language
 Models (Wijmans et al., 2024, arXiv:2411.09009); online softmax (Milakov & Gimelshein, 2018); z-loss (PaLM,

@@ -1,4 +1,6 @@
-"""The backend rule of DESIGN.md, shared by every kernel module.
+"""The backend rule, shared by every kernel module: CUDA tensors take the Triton path; CPU tensors take the
+PyTorch reference, except while TRITON_INTERPRET=1 is set, where they take the (interpreted) Triton path, which is
+how the tests hold the Triton code to the reference on machines without a GPU (docs/design.md).
 
 Triton decides between compiling and interpreting a function when `triton.jit` decorates it: Triton's own jit
 helpers (tl.max, tl.sum) when triton is first imported, a module's kernels when that module is. CPU tensors can

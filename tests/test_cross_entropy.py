@@ -231,7 +231,7 @@ def test_triton_vocab_tiles(v, options, monkeypatch):
 def test_low_precision_inputs(backend, reduction, dtype):
     """16-bit inputs: fp32 loss, grads in the input dtype, error vs fp64 at most ~2x PyTorch eager's in that dtype.
 
-    The kernel has no tl.dot, so bf16 is exact in the interpreter too (NOTES.md: only tl.dot on bf16 is not).
+    The kernel has no tl.dot, so bf16 is exact in the interpreter too (docs/design.md: only tl.dot on bf16 is not).
     """
     opts = dict(label_smoothing=0.1, z_loss_scale=1e-3)
     hidden, weight, b, labels = make_inputs(45, 89, 24, dtype=dtype, seed=1)

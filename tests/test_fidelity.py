@@ -1,4 +1,4 @@
-"""The seed's recipe, exactly: the shipped configs against docs/fidelity.md's Fidelity table (fastmath/fidelity.py), and
+"""The seed's recipe, exactly: the shipped configs against docs/fidelity.md's Fidelity table (bench/fidelity.py), and
 the settings that table relies on: schedule horizons past the stop, the cosine reward in characters, fixed-count
 micro-batches, the paged 8-bit optimizer's refusal off CUDA, the benchmark split. The bnpo normaliser against
 TRL's own code is in tests/test_grpo_trl.py."""
@@ -13,7 +13,7 @@ import torch
 from fastmath.config import load_config
 from fastmath.errors import ConfigError
 from fastmath.eval import benchmark_split
-from fastmath.fidelity import CONFIGS, ROWS, SEED_SFT_STEPS_PER_EPOCH, fidelity_markdown, recipe_rows
+from bench.fidelity import CONFIGS, ROWS, SEED_SFT_STEPS_PER_EPOCH, fidelity_markdown, recipe_rows
 from fastmath.policy import Sequence, pack_sequences
 from fastmath.rewards import cosine_reward
 from fastmath.stage import build_optimizer, lr_at, optim_settings, schedule_length
@@ -42,7 +42,7 @@ def test_shipped_config_matches_the_fidelity_table(recipe):
 
 def test_readme_holds_the_fidelity_table():
     assert fidelity_markdown() in (REPO / "docs/fidelity.md").read_text(encoding="utf-8"), \
-        "docs/fidelity.md's Fidelity table is stale: paste fastmath.fidelity.fidelity_markdown() into it"
+        "docs/fidelity.md's Fidelity table is stale: paste bench.fidelity.fidelity_markdown() into it"
 
 
 def test_every_row_names_a_recipe_and_a_real_key():

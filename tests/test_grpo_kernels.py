@@ -551,7 +551,7 @@ def test_fused_grpo_newer_options_match_truth(backend, loss_type, level, beta, e
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_grpo_loss_16_bit(backend, level, dtype):
     """16-bit hidden / weight. bf16 runs in the interpreter too: these kernels have no tl.dot (the one op
-    NOTES.md finds wrong there on bf16); the matmuls are torch's."""
+    docs/design.md records as wrong there on bf16); the matmuls are torch's."""
     batch = make_batch(29, 67, 16, dtype=dtype, seed=2)
     kw = loss_kwargs(batch, "grpo", level, 0.04)
     ours = run_fused(grpo.fused_linear_grpo_loss, batch, temperature=1.0, chunk_size=8, backend=backend, **kw)

@@ -17,6 +17,7 @@ import trl
 
 from fastmath.answers import AnswerChecker
 from fastmath.config import load_config
+from fastmath.preflight import preflight
 from fastmath.data import DataReport, Formatter, chat_template_text, prompt_settings, reasoning_prefix
 from fastmath.errors import ConfigError, DataError
 from fastmath.eval import evaluate, load_problems
@@ -184,12 +185,12 @@ def test_shipped_templates_are_packaged(tmp_path):
     assert (tmp_path / "fastmath" / "chat_templates" / "fast_math_r1_sft.jinja").is_file()
 
 
-def test_template_settings_and_prefill_rules():
+def test_template_settings_and_prefill_rules(tmp_path):
     assert chat_template_text("model") is None
     with pytest.raises(ConfigError, match="data.chat_template.*fast_math_r1_sft"):
         chat_template_text("no_such_template")
-    with pytest.raises(ConfigError, match="data.chat_template"):
-        load_config(None, ["data.chat_template=no_such_template"])
+    with pytest.raises(ConfigError, match="data.chat_template"):  # checked by preflight, before any loading
+        preflight(load_config(None, ["data.chat_template=no_such_template", f"run.output_dir={tmp_path}"]))
     assert reasoning_prefix("<｜Assistant｜><think>\n") == "<think>\n"
     assert reasoning_prefix("<｜Assistant｜><think>\n", "no") == ""
     assert reasoning_prefix("<|im_start|>assistant\n<think>\n\n</think>\n\n") == ""  # a closed block opens nothing
