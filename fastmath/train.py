@@ -52,12 +52,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def run_stages(config) -> None:
     """Run the stages of `run.stages` in order, in one process group."""
     from fastmath.distributed import barrier, init_distributed, shutdown
+    from fastmath.library_logs import route_library_logs
     from fastmath.output_lock import lock_output_dir
 
     dist_info = init_distributed(config.run.dist_timeout_minutes)
     lock = None
     try:
         lock = lock_output_dir(config.run.output_dir, dist_info.is_main)  # one run per output folder
+        route_library_logs(config.run.output_dir, dist_info.rank, announce=dist_info.is_main)
         for stage in config.run.stages:
             if stage == "sft":
                 from fastmath.sft import run_sft

@@ -1,0 +1,52 @@
+"""fastmath/library_logs.py: vLLM's log lines go to a file in the output folder, not to the terminal; the rotary-cache
+reload warning (not a lost weight: see the module docstring) is dropped; FASTMATH_VERBOSE=1 changes nothing."""
+
+import logging
+
+import pytest
+
+from fastmath.library_logs import LIBRARY_LOGGERS, VERBOSE_ENV, route_library_logs
+
+
+@pytest.fixture
+def library_loggers(monkeypatch):
+    """Restore the library loggers as they were, whatever the test did to them."""
+    monkeypatch.delenv(VERBOSE_ENV, raising=False)
+    monkeypatch.setenv("VLLM_CONFIGURE_LOGGING", "1")
+    saved = {name: (logging.getLogger(name), list(logging.getLogger(name).handlers), logging.getLogger(name).level,
+                    logging.getLogger(name).propagate) for name in LIBRARY_LOGGERS}
+    yield
+    for logger, handlers, level, propagate in saved.values():
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+            if handler not in handlers:
+                handler.close()
+        for handler in handlers:
+            logger.addHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+def test_vllm_lines_go_to_the_file_and_the_path_is_printed_once(library_loggers, tmp_path, capsys):
+    path = route_library_logs(str(tmp_path / "run"), rank=1, announce=True)
+    assert path == tmp_path / "run" / "logs" / "libraries-rank1.log"
+    logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    logger.warning("%s: Failed to load weights", "RotaryEmbedding")
+    logger.warning("%s: Failed to load weights", "QKVParallelLinear")
+    logging.getLogger("vllm.engine").info("engine started")
+    for handler in logging.getLogger("vllm").handlers:
+        handler.flush()
+    captured = capsys.readouterr()
+    assert captured.out.count(str(path)) == 1 and "engine started" not in captured.out + captured.err
+    text = path.read_text()
+    assert "engine started" in text and "QKVParallelLinear: Failed to load weights" in text
+    assert "RotaryEmbedding" not in text  # the cos/sin cache is not a weight: nothing was lost
+    route_library_logs(str(tmp_path / "again"), rank=0, announce=False)  # a second run replaces the handler
+    assert len(logging.getLogger("vllm").handlers) == 1
+
+
+def test_verbose_leaves_the_libraries_alone(library_loggers, tmp_path, monkeypatch):
+    monkeypatch.setenv(VERBOSE_ENV, "1")
+    before = list(logging.getLogger("vllm").handlers)
+    assert route_library_logs(str(tmp_path), rank=0, announce=True) is None
+    assert logging.getLogger("vllm").handlers == before and not (tmp_path / "logs").exists()
