@@ -225,7 +225,7 @@ def grpo_row_cases(vocab_sizes=(3000, 50257, 151936), dtypes=("bf16", "fp16", "f
                 types = {name: "*i64" if name == "targets_ptr" else f"*{dtype}" if name == "logits_ptr"
                          else "*fp32" if name.endswith("_ptr") else "i32" if name in ("n_cols", "logits_row_stride")
                          else "fp32" for name in jit.arg_names if not name.isupper()}  # fmt: skip
-                constexprs = dict(BLOCK_V=block_v, **({"ENTROPY": True} if "ENTROPY" in jit.arg_names else {}))
+                constexprs = dict(BLOCK_V=block_v, **{flag: True for flag in ("ENTROPY", "ENTROPY_GRAD") if flag in jit.arg_names})
                 cases.append(Case(
                     "grpo_logprobs", kernel, label, None, f"V={v}", dtype, tuple(types.items()),
                     tuple(constexprs.items()), num_warps, 1, capability, ("logits_row_stride",),
