@@ -44,7 +44,7 @@ def plan(config: Path) -> dict:
 
 def table(record: dict) -> str:
     rows = ["| config | GPUs | stage | " + " | ".join(SHORT.values()) + " | peak GiB | fits (90%) | est. step (s) |",
-            "|---" * (len(SHORT) + 7) + "|"]
+            "|---" * (len(SHORT) + 6) + "|"]
     for p in record["results"]:
         gpus = f"{p['nodes']} x {p['gpus_per_node']} {p['gpu']}"
         for s in p["stages"]:
