@@ -94,6 +94,7 @@ def worker(model_dir: str, overrides: list[str], out_dir: str) -> None:
         chunk = lm_head_chunk_bytes(config.model)
         _, model = load_parallel_model(model_dir, lambda lm: CausalLMWithLinearLoss(lm, chunk), config.model, info,
                                        bf16, config.parallel.replicate)
+        model.train()  # as the trainer does: from_pretrained returns eval mode, where HF skips checkpointing
         optimizer = build_optimizer(model, optim_settings(config, "sft"))
         trainable = [p for p in model.parameters() if p.requires_grad]
         for step in range(2):

@@ -257,9 +257,13 @@ def simulate_stage(config: Config, stage: str, world_size: int, gpu: bool, progr
         simulate = simulation("cuda" if gpu else "cpu")
         with FakeTensorMode(allow_non_fake_inputs=True), simulate, tracker, _lm_head_labelled(tracker):
             model.to_empty(device=device)
+            if world_size == 1:  # to_empty gives each use of a tied parameter its own tensor; FSDP keeps the tie
+                causal_lm.tie_weights()
             tracker.adopt([p for p in model.parameters()], "parameters")
             if ref_model is not None:
                 ref_model.to_empty(device=device)
+                if world_size == 1:
+                    ref_lm.tie_weights()
                 tracker.adopt([p for p in ref_model.parameters()], "reference model")
             optimizer = build_optimizer(model, optim_settings(config, stage))
             trainable = [p for p in model.parameters() if p.requires_grad]

@@ -10,7 +10,8 @@ from fastmath.config import load_config
 from fastmath.data import Formatter
 from fastmath.errors import ConfigError, DataError
 from fastmath.eval import (EvalProblem, at_budgets, build_results, evaluate, load_problems, load_results,
-                           main as eval_main, metrics_from_records, tracker_records, write_outputs)
+                           metrics_from_records, tracker_records, write_outputs)
+from fastmath.eval_cli import main as eval_main
 from fastmath.eval_metrics import budget_metrics
 from fastmath.answers import AnswerChecker
 from fastmath.rollout import Completion, Generator
