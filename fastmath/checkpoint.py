@@ -40,7 +40,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (get_state_dict,
                                                      set_state_dict)
 
-from fastmath.distributed import DistInfo, all_reduce_sum, barrier
+from fastmath.distributed import DistInfo, barrier
 from fastmath.durable import (MANIFEST, files_under, fsync_tree, manifest_problem, read_manifest,
                               replace_dir_durably, settle_replacement, sha256_file, write_file_durably,
                               write_manifest)
