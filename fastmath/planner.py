@@ -109,7 +109,8 @@ class StagePlan:
     engine_awake: int = 0
     engine_asleep: int = 0
     engine: object = None         # fastmath.vllm_budget.EngineBudget of the colocated engine, when there is one
-    step_seconds: dict[str, float] = field(default_factory=dict)
+    work: dict[str, float] = field(default_factory=dict)          # FLOPs and bytes of one step (`step_work`)
+    step_seconds: dict[str, float] = field(default_factory=dict)  # their estimated time on the planned GPU
     simulated_seconds: float = 0.0
 
     @property
@@ -229,7 +230,7 @@ def simulate_stage(config: Config, stage: str, world_size: int, gpu: bool, progr
     if stage == "sft":
         def wrap(lm):
             return CausalLMWithLinearLoss(lm, chunk_bytes)
-        batch, per_row = _sft_batches(config), 0
+        batch = _sft_batches(config)
         n_micro = config.sft.global_batch // world_size
     else:
         loss_options = dict(beta=g.beta, epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high,
@@ -297,7 +298,7 @@ def simulate_stage(config: Config, stage: str, world_size: int, gpu: bool, progr
             train_peak["activations"] += value
     plan = StagePlan(stage, name, params["total"], world_size, n_micro, tokens, train_peak, resident)
     plan.simulated_seconds = time.perf_counter() - started
-    plan.step_seconds = estimate_step_seconds(config, stage, arch, params, world_size, n_micro, batch, per_row)
+    plan.work = step_work(config, stage, arch, params, world_size, n_micro, batch)
     return plan
 
 
@@ -373,10 +374,9 @@ def _live_by_category(tracker, model, ref_model, optimizer) -> dict[str, int]:
 # Time, from FLOPs and bytes (an estimate at stated rates)
 
 
-def estimate_step_seconds(config: Config, stage: str, arch, params: dict, world: int, n_micro: int, batch,
-                          per_row: int) -> dict[str, float]:
-    """Seconds per optimizer step on the planned GPU, by part, from FLOPs and bytes at the rates of `gpu_specs`
-    and ASSUMED_MFU (filled in by `plan_config`, which knows the GPU); here the counts it needs."""
+def step_work(config: Config, stage: str, arch, params: dict, world: int, n_micro: int, batch) -> dict[str, float]:
+    """What one optimizer step of rank 0 does: matmul FLOPs, FSDP bytes moved, optimizer bytes touched (`timing`
+    turns them into seconds at a GPU's rates)."""
     from fastmath.metrics import attention_dims, training_flops
 
     layers, d_attn = attention_dims(arch)
@@ -384,12 +384,13 @@ def estimate_step_seconds(config: Config, stage: str, arch, params: dict, world:
         lengths, tokens = batch.doc_lengths, batch.num_tokens
     else:
         lengths, tokens = batch.packed.doc_lengths, batch.packed.num_tokens
-    train = training_flops(params["matmul"], tokens, lengths, layers, d_attn) * n_micro
+    forward_and_backward = training_flops(params["matmul"], tokens, lengths, layers, d_attn) * n_micro
+    train = forward_and_backward
     if config.model.activation_checkpointing:  # the forward again in backward: +1/3 of the training FLOPs
         train *= 4 / 3
     extra = 0.0
     if stage == "grpo":
-        forward = training_flops(params["matmul"], tokens, lengths, layers, d_attn) / 3 * n_micro
+        forward = forward_and_backward / 3
         passes = (config.grpo.beta > 0) + (config.grpo.num_iterations > 1 or config.grpo.vllm_is_correction)
         extra = forward * passes
         train *= config.grpo.num_iterations
@@ -404,14 +405,14 @@ def timing(plan: StagePlan, spec: GPUSpec, config: Config) -> dict[str, float]:
     """Estimated seconds (not measured): matmuls at ASSUMED_MFU of peak; FSDP traffic over NVLink overlapped with
     them (the larger counts); the optimizer's pass over its states at HBM bandwidth; for GRPO, generation as
     decode steps that each read the engine's weights once (a bandwidth floor for one sequence batch)."""
-    s = plan.step_seconds
+    s = plan.work
     if not spec.bf16_flops:  # a GPU known only by its memory (a run's own check): no rates, no estimate
         return {}
     compute = s["flops"] / (spec.bf16_flops * ASSUMED_MFU)
     comm = s["fsdp_bytes"] / spec.link_bytes_per_s
     out = {"update": max(compute, comm) + s["optimizer_bytes"] / spec.hbm_bytes_per_s}
     if plan.stage == "grpo":
-        tp = max(1, getattr(config.grpo, "vllm_tensor_parallel_size", 1))
+        tp = config.grpo.vllm_tensor_parallel_size
         out["generate"] = config.grpo.max_completion_length * (2 * plan.parameters / tp) / spec.hbm_bytes_per_s
     return out
 
@@ -426,14 +427,14 @@ def engine_share(config: Config, spec: GPUSpec, arch, world: int):
     from fastmath.vllm_budget import engine_budget
 
     g = config.grpo
-    tp = max(1, getattr(g, "vllm_tensor_parallel_size", 1))
+    tp = g.vllm_tensor_parallel_size
     # A tensor-parallel engine generates for every rank of its group: tp ranks' prompts, each G completions.
     sequences = g.num_generations * math.ceil(g.prompts_per_step / world) * tp
     length = g.max_prompt_length + g.max_completion_length
     budget = engine_budget(arch, gpu_bytes=spec.memory_bytes, gpu_memory_utilization=g.vllm_gpu_memory_utilization,
                            tensor_parallel_size=tp, max_model_len=length, sequences=sequences, sequence_tokens=length,
                            enforce_eager=g.vllm_enforce_eager,
-                           max_num_batched_tokens=getattr(g, "vllm_max_num_batched_tokens", 4096))
+                           max_num_batched_tokens=g.vllm_max_num_batched_tokens)
     asleep = budget.overhead if g.vllm_sleep else budget.budget
     return budget.budget, asleep, budget
 
@@ -475,7 +476,7 @@ def plan_config(config: Config, config_path: str, gpu: str | GPUSpec, nodes: int
         _check_divisible(config, stage, world)
         plan = simulate_stage(config, stage, world, gpu=True, progress=bar)
         arch = architecture_config(plan.model, config.model.trust_remote_code)
-        colocated = getattr(config.grpo, "vllm_mode", "colocate") == "colocate" and config.grpo.generator != "hf"
+        colocated = config.grpo.vllm_mode == "colocate" and config.grpo.generator != "hf"
         if stage == "grpo" and colocated:  # server mode: the engines live on their own GPUs
             plan.engine_awake, plan.engine_asleep, plan.engine = engine_share(config, spec, arch, world)
         plan.step_seconds = timing(plan, spec, config)

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fastmath.packing import IGNORE_INDEX, PackedBatch, best_fit_decreasing, collate_packed
+from fastmath.sharded_load import plain_name
 from kernels.grpo import fused_linear_grpo_loss, fused_linear_logprobs
 
 
@@ -143,10 +144,6 @@ class PolicyWithGRPOLoss(nn.Module):
 # Weight sync: full tensors out of FSDP shards, one all-gather per bucket
 
 
-def _plain(name: str) -> str:
-    return name.removeprefix("_orig_mod.").replace("._checkpoint_wrapped_module", "").replace("._orig_mod", "")
-
-
 def gathered_weights(causal_lm: nn.Module, bucket_bytes: int, dtype: torch.dtype | None = None
                      ) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, full tensor) for every entry of the model's state dict, gathered a bucket at a time.
@@ -163,7 +160,7 @@ def gathered_weights(causal_lm: nn.Module, bucket_bytes: int, dtype: torch.dtype
     bucket: list[tuple[str, torch.Tensor]] = []
     size = 0
     for name, tensor in state.items():
-        bucket.append((_plain(name), tensor))
+        bucket.append((plain_name(name), tensor))
         size += tensor.numel() * (tensor.element_size() if dtype is None else torch.finfo(dtype).bits // 8)
         if size >= bucket_bytes:
             yield from _gather_bucket(bucket, dtype)
