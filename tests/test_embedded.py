@@ -193,7 +193,7 @@ def test_initial_weights_ignore_and_keep_the_callers_rng(tokenizer):
 
 def test_verbose_fraction_keeps_the_problems_and_the_demo_uses_the_recorded_setting(embedded_cache):
     """data.embedded_verbose_fraction: the same train problems in the same order, that share of them verbose,
-    byte for byte the file bench/toy_levers.py --verbose-fraction writes (the records the demo relies on); other
+    byte for byte the file bench/experiments/toy_levers.py --verbose-fraction writes (the records the demo relies on); other
     splits and the default stay the built files. The demo runs the recorded 80% / 15-epoch setting."""
     from fastmath.config import load_config
     from fastmath.stage import data_source

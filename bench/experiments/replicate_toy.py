@@ -19,12 +19,12 @@ Outputs: bench/results/replication-cpu.json (a bench record: per stage the eval 
 commands), bench/results/replication-cpu.png (accuracy vs mean tokens, the paper's figure) and the markdown
 table printed at the end (docs/results.md shows it).
 
-    .venv/bin/python bench/replicate_toy.py                  # the full experiment (keeps its runs in runs/replication)
-    .venv/bin/python bench/replicate_toy.py --seeds 0,1,2 --capability avx2   # per seed, mean (min-max) in the table
-    .venv/bin/python bench/replicate_toy.py --quick          # a smoke run: tiny schedules, a few problems
-    .venv/bin/python bench/replicate_toy.py --replot         # redraw the plot and table of the newest record
-    .venv/bin/python bench/replicate_toy.py --part demo --seeds 0,1,2 --capability default
-                                                             # make demo's own stages per seed (bench/toy_seeds.py)
+    .venv/bin/python bench/experiments/replicate_toy.py                  # the full experiment (keeps its runs in runs/replication)
+    .venv/bin/python bench/experiments/replicate_toy.py --seeds 0,1,2 --capability avx2   # per seed, mean (min-max) in the table
+    .venv/bin/python bench/experiments/replicate_toy.py --quick          # a smoke run: tiny schedules, a few problems
+    .venv/bin/python bench/experiments/replicate_toy.py --replot         # redraw the plot and table of the newest record
+    .venv/bin/python bench/experiments/replicate_toy.py --part demo --seeds 0,1,2 --capability default
+                                                             # make demo's own stages per seed (bench/experiments/toy_seeds.py)
 
 `--capability avx2|default` sets ATEN_CPU_CAPABILITY in every stage (PyTorch's AVX2 or plain-C kernels: another
 machine's fp32 summation order on this one); `native` leaves it unset. `--parallel 2` (or 3) runs that many
@@ -40,10 +40,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from bench import toy_seeds  # noqa: E402
+from bench.experiments import toy_seeds  # noqa: E402
 from bench.common import append_record, new_record, results_path  # noqa: E402
 
 TRAIN = [sys.executable, str(REPO / "fastmath" / "train.py"), "--config", str(REPO / "configs" / "demo.yaml")]
@@ -100,7 +100,7 @@ def main():
     toy_seeds.add_arguments(parser)
     parser.add_argument("--part", choices=("recipe", *sorted(toy_seeds.PARTS)), default="recipe",
                         help="recipe: the experiment above; demo / sft: make demo's stages per seed "
-                             "(bench/toy_seeds.py)")
+                             "(bench/experiments/toy_seeds.py)")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "replication")
     parser.add_argument("--samples", type=int, default=4, help="samples per problem (k) in the evaluation")
     parser.add_argument("--problems", type=int, default=200, help="held-out problems evaluated")

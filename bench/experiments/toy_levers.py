@@ -1,6 +1,6 @@
 """One GRPO-trade-off setting of the demo, measured over seeds: the levers issue 16 asks to report, tried or not.
 
-Every run is the demo's own command (`bench/toy_seeds.py`: `train.py --config configs/demo.yaml run.seed=S`,
+Every run is the demo's own command (`bench/experiments/toy_seeds.py`: `train.py --config configs/demo.yaml run.seed=S`,
 SFT then GRPO, a fresh output folder) with the setting's overrides appended. One record per invocation in
 bench/results/toy_levers-cpu.json: the setting, and per seed the same row toy_seeds writes (greedy held-out
 accuracy and mean completion tokens after SFT and after GRPO, the token cut, the stage times).
@@ -13,13 +13,13 @@ Settings:
                              train rows show the re-checks changes, so GRPO has more (or less) length to remove.
                              The seed's SFT data are long R1 traces throughout, so a larger F is closer to it.
 
-    .venv/bin/python bench/toy_levers.py --verbose-fraction 0.8 --seeds 0,1,2 --parallel 3
-    .venv/bin/python bench/toy_levers.py --verbose-fraction 0.8 --set sft.epochs=15 --capability avx2
+    .venv/bin/python bench/experiments/toy_levers.py --verbose-fraction 0.8 --seeds 0,1,2 --parallel 3
+    .venv/bin/python bench/experiments/toy_levers.py --verbose-fraction 0.8 --set sft.epochs=15 --capability avx2
         # a longer SFT (a --set that changes SFT runs both stages; --sft-from is for GRPO-only settings)
-    .venv/bin/python bench/toy_levers.py --verbose-fraction 0.8 --set grpo.lr=3e-5 \
+    .venv/bin/python bench/experiments/toy_levers.py --verbose-fraction 0.8 --set grpo.lr=3e-5 \
         --sft-from runs/toy_levers/verbose0.8-native       # GRPO only, from that setting's SFT exports
-    .venv/bin/python bench/toy_levers.py --table      # every recorded setting, one line each
-    .venv/bin/python bench/toy_levers.py --verbose-fraction 0.8 --seeds 0,1,2 --collect
+    .venv/bin/python bench/experiments/toy_levers.py --table      # every recorded setting, one line each
+    .venv/bin/python bench/experiments/toy_levers.py --verbose-fraction 0.8 --seeds 0,1,2 --collect
         # the record from finished runs already in --work (when the script itself stopped after them); their
         # times then start at each run's config.json, so the ~10 s of process start before it are not counted
 """
@@ -31,10 +31,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from bench import toy_seeds  # noqa: E402
+from bench.experiments import toy_seeds  # noqa: E402
 from bench.common import append_record, load_records, new_record, results_path  # noqa: E402
 
 

@@ -1,8 +1,8 @@
 """The token scheduler at toy scale: at equal pass@1, how many output tokens do per-problem budgets save against
 the best fixed budget?
 
-    nice -n 10 .venv/bin/python bench/token_scheduler_toy.py --seeds 0,1,2      # ~6 min of CPU on 2 cores
-    .venv/bin/python bench/token_scheduler_toy.py --table                        # the recorded runs
+    nice -n 10 .venv/bin/python bench/experiments/token_scheduler_toy.py --seeds 0,1,2      # ~6 min of CPU on 2 cores
+    .venv/bin/python bench/experiments/token_scheduler_toy.py --table                        # the recorded runs
 
 What runs, in order (every step is the project's own command):
     1. a policy: the demo's SFT stage, shortened (`configs/demo.yaml run.stages=[sft] sft.epochs=E`), once;
@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from bench.common import append_record, load_records, new_record, results_path  # noqa: E402

@@ -10,9 +10,9 @@ Both models decode the demo's held-out problems greedily with the held-out check
 (`fastmath.heldout.judged_completions`, `heldout.*` of the config), and math-verify judges the answers. One
 record per invocation in bench/results/heldout_diff-cpu.json.
 
-    .venv/bin/python bench/heldout_diff.py --before runs/toy_levers/verbose0.8-native/seed1/hf \
+    .venv/bin/python bench/experiments/heldout_diff.py --before runs/toy_levers/verbose0.8-native/seed1/hf \
         --after runs/toy_levers/verbose0.8-native/seed1/grpo/hf --label "80% verbose, the demo's GRPO, seed 1"
-    .venv/bin/python bench/heldout_diff.py --table     # every recorded comparison, one line each
+    .venv/bin/python bench/experiments/heldout_diff.py --table     # every recorded comparison, one line each
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from bench.common import append_record, load_records, new_record, results_path  # noqa: E402

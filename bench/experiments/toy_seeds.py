@@ -9,10 +9,10 @@ The CPU arithmetic is chosen with `--capability`: PyTorch's kernels for AVX-512,
 (`ATEN_CPU_CAPABILITY`) sum fp32 in different orders, so the same run on another machine ends elsewhere in the
 last bits; `avx2` and `default` reproduce the other machines on this one. `native` leaves the variable unset.
 
-    .venv/bin/python bench/toy_seeds.py --seeds 0,1,2 --capability avx2 --part demo     # SFT then GRPO
-    .venv/bin/python bench/toy_seeds.py --seeds 0,1,2 --capability default --part sft   # the SFT stage only
-    .venv/bin/python bench/toy_seeds.py --parallel 2 ...   # two seeds at once, one thread each (see below)
-    .venv/bin/python bench/toy_seeds.py --table             # docs/results.md's markdown from the committed records
+    .venv/bin/python bench/experiments/toy_seeds.py --seeds 0,1,2 --capability avx2 --part demo     # SFT then GRPO
+    .venv/bin/python bench/experiments/toy_seeds.py --seeds 0,1,2 --capability default --part sft   # the SFT stage only
+    .venv/bin/python bench/experiments/toy_seeds.py --parallel 2 ...   # two seeds at once, one thread each (see below)
+    .venv/bin/python bench/experiments/toy_seeds.py --table             # docs/results.md's markdown from the committed records
 
 `--parallel 2` runs two seeds at a time with one intra-op thread each: on 2 cores that finishes the seeds in
 about 70% of the time of running them one after the other with 2 threads (the tiny model's matmuls scale poorly
@@ -33,7 +33,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from bench.common import append_record, load_records, new_record, results_path  # noqa: E402
@@ -77,7 +77,7 @@ def refuse_grpo_without_vectors(capability: str, part: str, overrides: tuple[str
 
 
 def demo_command(seed: int, out: Path, part: str, extra: tuple[str, ...] = ()) -> list[str]:
-    """The demo's own command for one seed; `extra` overrides come last (bench/toy_levers.py's settings)."""
+    """The demo's own command for one seed; `extra` overrides come last (bench/experiments/toy_levers.py's settings)."""
     torchrun = Path(sys.executable).with_name("torchrun")
     return [str(torchrun), "--standalone", "--nproc_per_node=1", str(REPO / "fastmath" / "train.py"),
             "--config", str(REPO / "configs" / "demo.yaml"), f"run.seed={seed}", f"run.output_dir={out}",
@@ -131,7 +131,7 @@ def seed_row(seed: int, out: Path, part: str, command: str, seconds: float, star
     """The record's row of one finished run, read from its output folder (summary.json files and their times).
 
     The SFT figures are the SFT stage's held-out check after training; where that check did not run (SFT on a
-    data file other than the embedded one, bench/toy_levers.py), GRPO's check before training is the same
+    data file other than the embedded one, bench/experiments/toy_levers.py), GRPO's check before training is the same
     measurement of the same exported model (fastmath/heldout.py) and stands in, named in `sft_heldout_from`.
     `sft_out`: the folder of an earlier run whose SFT export this GRPO-only run started from (its times then
     cover GRPO alone).

@@ -7,8 +7,8 @@ SFT summary -> GRPO summary), the outcome figures, and how idle the machine was:
 after, and the share of CPU time the hypervisor took (steal, from /proc/stat), since both slow a 2-core run
 without showing in its own figures.
 
-    .venv/bin/python bench/demo_time.py            # refuses to start when the 1-minute load average is >= 0.5
-    .venv/bin/python bench/demo_time.py --force    # time it anyway; the record keeps the load it saw
+    .venv/bin/python bench/experiments/demo_time.py            # refuses to start when the 1-minute load average is >= 0.5
+    .venv/bin/python bench/experiments/demo_time.py --force    # time it anyway; the record keeps the load it saw
 
 The embedded data and model are built once per seed and cached (~/.cache/fastmath); the first `make demo` on a
 machine also builds them (seconds), and `make install` builds the venv (minutes): neither is counted here.
@@ -22,11 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from bench.common import append_record, loadavg, new_record, results_path  # noqa: E402
-from bench.toy_seeds import RESULTS, effective_capability, run_seed  # noqa: E402
+from bench.experiments.toy_seeds import RESULTS, effective_capability, run_seed  # noqa: E402
 
 IDLE_LOAD = 0.5
 
