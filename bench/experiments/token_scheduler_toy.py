@@ -6,6 +6,8 @@ the best fixed budget?
 
 What runs, in order (every step is the project's own command):
     1. a policy: the demo's SFT stage, shortened (`configs/demo.yaml run.stages=[sft] sft.epochs=E`), once;
+       or `--policy DIR`, an export already trained (a finished `make demo`'s runs/demo/grpo/hf: the policy the
+       scheduler is meant for, one that solves the problems);
     2. its records: the eval stage on the embedded validation problems (k samples each at the largest budget),
        which writes token_records.jsonl;
     3. per seed s: `python -m fastmath.token_scheduler train` (the tiny ModernBERT, run.seed=s: its
@@ -78,6 +80,9 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--sft-epochs", type=int, default=3)
     parser.add_argument("--samples", type=int, default=8, help="samples per problem in both evals")
+    parser.add_argument("--policy", type=Path, default=None,
+                        help="an HF export to schedule for (e.g. a finished demo's runs/demo/grpo/hf) instead of "
+                        "training the shortened SFT policy; --sft-epochs is then unused")
     parser.add_argument("--work", default="runs/token_scheduler_toy")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every step (the machine is "
                         "shared: one thread each does not fight the others for the two cores)")
@@ -93,13 +98,19 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     common = ["run.resume=never", "heldout.num_problems=0", "eval.generator=vllm", "eval.vllm_enforce_eager=true",
               f"eval.samples={args.samples}", f"eval.budgets=[{','.join(map(str, BUDGETS))}]", "eval.answer_workers=1"]
-    record = new_record("token_scheduler", "cpu", sft_epochs=args.sft_epochs, samples=args.samples, budgets=BUDGETS,
+    given = args.policy.resolve() if args.policy else None
+    if given is not None and not (given / "config.json").is_file():
+        sys.exit(f"--policy {given}: no config.json there (pass an HF export folder, e.g. runs/demo/grpo/hf)")
+    record = new_record("token_scheduler", "cpu", sft_epochs=None if given else args.sft_epochs,
+                        policy=str(given) if given else None, samples=args.samples, budgets=BUDGETS,
                         seeds=seeds, child_threads=args.threads, command=" ".join(sys.argv))
     times = {}
-    policy = work / "policy"
-    times["sft_s"] = run(train_py(f"run.output_dir={policy}", "run.stages=[sft]", f"sft.epochs={args.sft_epochs}",
-                                  *common), work / "sft.log", args.threads)
-    times["records_s"] = run(train_py(f"run.output_dir={policy}", "run.stages=[eval]", f"eval.model={policy / 'hf'}",
+    policy = work / "policy"  # the evals' output folder; with --policy the model itself lives elsewhere
+    model = given or policy / "hf"
+    if given is None:
+        times["sft_s"] = run(train_py(f"run.output_dir={policy}", "run.stages=[sft]", f"sft.epochs={args.sft_epochs}",
+                                      *common), work / "sft.log", args.threads)
+    times["records_s"] = run(train_py(f"run.output_dir={policy}", "run.stages=[eval]", f"eval.model={model}",
                                       "eval.benchmark_split=validation", "eval.output=records", *common),
                              work / "records.log", args.threads)
     for seed in seeds:
@@ -110,7 +121,7 @@ def main() -> None:
             args.threads)
         out = f"eval-{seed}"
         times[f"eval_{seed}_s"] = run(train_py(f"run.output_dir={policy}", "run.stages=[eval]", f"run.seed={seed}",
-                                               f"eval.model={policy / 'hf'}", "eval.benchmark_split=test",
+                                               f"eval.model={model}", "eval.benchmark_split=test",
                                                f"eval.output={out}", f"eval.token_scheduler={sched}", *common),
                                       work / f"{out}.log", args.threads)
         results = json.loads((policy / out / "results.json").read_text())
