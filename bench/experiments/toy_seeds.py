@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from bench.common import append_record, load_records, new_record, results_path  # noqa: E402
+from bench.experiments.demo_setting import setting_of  # noqa: E402
 
 CAPABILITIES = ("native", "default", "avx2")  # avx512 is "native" on the machines that have it
 PARTS = {"demo": "[sft,grpo]", "sft": "[sft]"}
@@ -147,8 +148,12 @@ def seed_row(seed: int, out: Path, part: str, command: str, seconds: float, star
     if heldout is None:
         raise SystemExit(f"{out}: no held-out figures after SFT (heldout.num_problems=0, or SFT on a data file "
                          f"and no GRPO stage to measure the export)")
+    # The run's own resolved config, reduced to what changes the outcome: how later tables find the records
+    # of the demo as configured now (bench/experiments/demo_setting.py). A GRPO-only run from another run's
+    # SFT export has no single setting.
+    setting = None if sft_out else setting_of(json.loads((out / "config.json").read_text()))
     row = {"seed": seed, "seconds": seconds, "sft_stage_seconds": None if sft_out else sft_done - started,
-           "command": command,
+           "command": command, "setting": setting,
            "sft_steps": sft["steps"], "sft_val_loss": sft["after"]["val_loss"],
            "sft_accuracy": heldout["accuracy"], "sft_tokens": heldout["mean_tokens"]}
     if source != "sft after":
