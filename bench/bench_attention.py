@@ -246,16 +246,6 @@ def run_layout(total, heads_q, heads_kv, head_dim, providers, dtype, device, ben
     return rows
 
 
-def save(record, plot):
-    path = common.results_path("attention", record["device"])
-    common.append_record(record, path)
-    print(f"appended to {path.relative_to(REPO)}")
-    if plot:
-        import plot as plots
-
-        plots.plot_attention(record, path.with_suffix(".png"))
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CUDA: only 16k tokens")
@@ -285,20 +275,20 @@ def main():
     for name, reason in skipped.items():
         print(f"skipping {name}: {reason}")
     record.update(skipped=skipped, results=[])
-    common.exit_on_sigterm()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for total, heads_q, heads_kv, head_dim in shapes:
-                print(f"{total} tokens, Hq={heads_q} Hkv={heads_kv} D={head_dim}, {dtype}")
-                record["results"] += run_layout(total, heads_q, heads_kv, head_dim, providers, dtype, device, bench,
-                                                record["floor"])
-    finally:
-        layouts_done = len({(r["total_tokens"], r["heads_kv"], r["head_dim"]) for r in record["results"]})
-        if layouts_done < len(shapes):
-            record["interrupted"] = f"stopped after {layouts_done} of {len(shapes)} layouts"
-        if record["results"]:
-            save(record, args.plot)
+
+    def measure(layout):
+        total, heads_q, heads_kv, head_dim = layout
+        print(f"{total} tokens, Hq={heads_q} Hkv={heads_kv} D={head_dim}, {dtype}")
+        return run_layout(total, heads_q, heads_kv, head_dim, providers, dtype, device, bench, record["floor"])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = common.measure_and_append(record, common.results_path("attention", record["device"]), shapes, measure,
+                                         lambda r: (r["total_tokens"], r["heads_kv"], r["head_dim"]), "layouts")
+    if path and args.plot:
+        import plot as plots
+
+        plots.plot_attention(record, path.with_suffix(".png"))
 
 
 if __name__ == "__main__":

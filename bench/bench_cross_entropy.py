@@ -37,7 +37,6 @@ name, versions, git commit, date, shapes and min / median / max), and plotted to
 
 import argparse
 import functools
-import gc
 import itertools
 import statistics
 import sys
@@ -160,18 +159,8 @@ def bench_shape(n, d, v, dtype, device, providers, reps):
             "x_floor": median / floor_ms, "peak_mib": peak / 2**20, "extra_mib": (peak - grads_bytes) / 2**20,
             "extra_vs_full_logits": (peak - grads_bytes) / full_logits_bytes,
         })
-        print(format_row(rows[-1]), flush=True)
+        print(common.format_linear_row(rows[-1]), flush=True)
     return rows
-
-
-def format_row(r):
-    t = r["time_ms"]
-    return (
-        f"N={r['N']:>6} d={r['d']:>5} V={r['V']:>6} {r['provider']:>9}: {t['median']:9.2f} ms "
-        f"[{t['min']:.2f}, {t['max']:.2f}]  {r['tflops']:6.2f} TFLOP/s  {r['x_floor']:5.2f}x floor  "
-        f"peak {r['peak_mib']:9.1f} MiB  extra {r['extra_mib']:9.1f} MiB "
-        f"({100 * r['extra_vs_full_logits']:.1f}% of full logits {r['full_logits_mib']:.0f} MiB)"
-    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -230,19 +219,9 @@ def main():
     print(f"{record['device']} | {record['versions']} | commit {record['git_commit']} | {record['dtype']} | "
           f"load average {record['loadavg']['start']}")
     path = common.results_path("cross_entropy", record["device"], args.out)
-    common.exit_on_sigterm()
-    sizes = parse_sizes(args.sizes, device)
-    try:
-        for n, d, v in sizes:
-            record["results"] += bench_shape(n, d, v, dtype, device, providers, args.reps)
-            gc.collect()
-    finally:
-        shapes_done = len({(r["N"], r["d"], r["V"]) for r in record["results"]})
-        if shapes_done < len(sizes):
-            record["interrupted"] = f"stopped after {shapes_done} of {len(sizes)} shapes"
-        if record["results"]:
-            common.append_record(record, path)
-            print(f"appended to {path}")
+    common.measure_and_append(record, path, parse_sizes(args.sizes, device),
+                              lambda shape: bench_shape(*shape, dtype, device, providers, args.reps),
+                              lambda r: (r["N"], r["d"], r["V"]))
     if not args.no_plot:
         import plot
 

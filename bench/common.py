@@ -205,6 +205,26 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def measure_and_append(record: dict, path: Path, cases: list, measure, case_of, what: str = "shapes") -> Path | None:
+    """The loop of a per-shape benchmark: `measure(case)` returns result rows, added to record["results"] case by
+    case. However the loop ends (done, SIGTERM, Ctrl-C, an error), what was measured is appended to `path`; a
+    run that stopped early says after how many cases (`case_of(row)`: the case a result row belongs to).
+    Returns the path, or None when nothing was measured."""
+    exit_on_sigterm()
+    try:
+        for case in cases:
+            record["results"] += measure(case)
+            gc.collect()
+    finally:
+        done = len({case_of(row) for row in record["results"]})
+        if done < len(cases):
+            record["interrupted"] = f"stopped after {done} of {len(cases)} {what}"
+        if record["results"]:
+            append_record(record, path)
+            print(f"appended to {path}")
+    return path if record["results"] else None
+
+
 # ----------------------------------------------------------------------------------------------------
 # Timing
 # ----------------------------------------------------------------------------------------------------
@@ -371,6 +391,17 @@ def current_rss_bytes() -> int:
 # ----------------------------------------------------------------------------------------------------
 # CLI: measure the floor of this machine
 # ----------------------------------------------------------------------------------------------------
+
+
+def format_linear_row(r: dict) -> str:
+    """One result row of the fused LM-head benchmarks (cross-entropy, GRPO) for the console."""
+    t = r["time_ms"]
+    return (
+        f"N={r['N']:>6} d={r['d']:>5} V={r['V']:>6} {r['provider']:>9}: {t['median']:9.2f} ms "
+        f"[{t['min']:.2f}, {t['max']:.2f}]  {r['tflops']:6.3f} TFLOP/s  {r['x_floor']:5.2f}x floor  "
+        f"peak {r['peak_mib']:9.1f} MiB  extra {r['extra_mib']:9.1f} MiB "
+        f"({100 * r['extra_vs_full_logits']:.1f}% of full logits {r['full_logits_mib']:.0f} MiB)"
+    )
 
 
 def format_floor(floor: dict) -> str:

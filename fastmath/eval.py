@@ -64,11 +64,9 @@ from fastmath.colocate import join_unit, unit_ranks
 from fastmath.distributed import DistInfo, wait_for_ranks
 from fastmath.errors import ConfigError, DataError, first_line
 from fastmath.eval_metrics import BudgetMetrics, SampleResult, budget_metrics
-from fastmath.metrics import MetricsWriter
 from fastmath.answers import AnswerChecker, extract_boxed
 from fastmath.rollout import Completion, EngineSettings, Generator, Sampling, make_generator
-from fastmath.stage import data_source, start_model
-from fastmath.tracking import Tracker
+from fastmath.stage import data_source, metrics_tracker, start_model
 
 
 @dataclass
@@ -309,10 +307,9 @@ def run_eval(config: Config, dist_info: DistInfo) -> dict | None:
     out_dir = Path(config.run.output_dir) / e.output
     for path in e.compare if main else ():  # a wrong path should fail now, not after the sampling
         load_results(path)
-    # Opened now, so a tracker package that is missing is named before the sampling, not after. resume_step=0
-    # empties an earlier eval's metrics.jsonl here (every record's step is a budget > 0), as results.json is.
-    tracker = Tracker(MetricsWriter(out_dir / "metrics.jsonl", enabled=main, resume_step=0), out_dir,
-                      config.run.report_to, config.run.name, "eval", to_dict(config), 0, enabled=main)
+    # Opened before the sampling; resume step 0 empties an earlier eval's metrics.jsonl (every record's step is a
+    # budget > 0), as results.json is replaced.
+    tracker = metrics_tracker(config, out_dir, "eval", 0, enabled=main)
     from fastmath.model import load_tokenizer
 
     # 1. Model, problems ------------------------------------------------------------------------------------

@@ -36,8 +36,8 @@ from fastmath.metrics import attention_dims, peak_flops, peak_memory_bytes, trai
 from fastmath.model import (CausalLMWithLinearLoss, count_parameters, export_dtype, lm_head_chunk_bytes,
                             load_parallel_model, load_tokenizer, mixed_precision)
 from fastmath.packing import PackedBatch, collate_packed, count_loss_tokens, empty_batch, plan_epoch
-from fastmath.stage import (OptimSettings, Stage, build_optimizer, clip_gradients, data_source, micro_batches,
-                            optim_settings, reduce_and_read, schedule_length, set_lr, start_model)
+from fastmath.stage import (OptimSettings, Stage, accumulate_micro_batches, build_optimizer, clip_gradients,
+                            data_source, optim_settings, reduce_named, schedule_length, set_lr, start_model)
 
 # Config keys that shape the data order or the update; a resumed run must not change them.
 _RESUME_INVARIANT = ("run.seed", "model.name_or_path", "data.train", "data.max_length", "data.overlong",
@@ -85,16 +85,10 @@ def accumulate_gradients(model, batches: list[PackedBatch], global_loss_tokens: 
     """Backward over this rank's micro-batches; returns their summed (unscaled) loss as a float64 tensor.
 
     Each micro-batch's summed loss is scaled by world_size / global_loss_tokens: FSDP averages the
-    ranks' gradients, so the result is d(sum of all token losses of the step / their count). When FSDP
-    reduces the gradients is parallel.gradient_sync (`stage.micro_batches`).
+    ranks' gradients, so the result is d(sum of all token losses of the step / their count).
     """
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for _, batch in micro_batches(model, batches, gradient_sync):
-        with autocast():
-            loss = model(batch.to(device))
-        (loss * (world_size / global_loss_tokens)).backward()
-        loss_sum += loss.detach().double()
-    return loss_sum
+    return accumulate_micro_batches(model, batches, lambda _, batch: model(batch.to(device)),
+                                    world_size / global_loss_tokens, device, autocast, gradient_sync)
 
 
 @torch.no_grad()
@@ -237,18 +231,20 @@ def train(s: Setup, config: Config, dist_info: DistInfo, stage: Stage, optimizer
         optimizer.zero_grad(set_to_none=True)
 
         # Metrics: the one host sync of the step (the loss, row/token/FLOP sums over ranks, the grad norm).
-        (loss_total, tokens, rows_total, flops_total), (norm,) = reduce_and_read(
-            [loss_sum], [real_tokens, len(real), flops], [grad_norm], device)
+        step_sums = reduce_named({"loss": loss_sum, "tokens": real_tokens, "rows": len(real), "flops": flops},
+                                 {"grad_norm": grad_norm}, device)
         elapsed = time.perf_counter() - started
+        tokens = step_sums["tokens"]
         tokens_seen += int(tokens)
-        step_loss = loss_total / global_loss_tokens
-        per_device = flops_total / elapsed / world
+        step_loss = step_sums["loss"] / global_loss_tokens
+        per_device = step_sums["flops"] / elapsed / world
         record = {
-            "step": step + 1, "epoch": plan.epochs[step], "loss": step_loss, "lr": lr, "grad_norm": norm,
+            "step": step + 1, "epoch": plan.epochs[step], "loss": step_loss, "lr": lr,
+            "grad_norm": step_sums["grad_norm"],
             "tokens": int(tokens), "tokens_seen": tokens_seen, "tokens_per_s": tokens / elapsed,
             "tokens_per_s_per_device": tokens / elapsed / world, "tflops_per_device": per_device / 1e12,
             "mfu": per_device / peak if peak else None, "peak_memory_gib": peak_memory_bytes(device) / 2**30,
-            "packing_efficiency": tokens / max(1, rows_total * budget),
+            "packing_efficiency": tokens / max(1, step_sums["rows"] * budget),
         }
         if not math.isfinite(step_loss):
             raise FastmathError(f"training diverged: the loss became {step_loss} at step {step + 1}; "

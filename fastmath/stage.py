@@ -240,6 +240,44 @@ def micro_batches(model: torch.nn.Module, batches: list, gradient_sync: str):
         yield micro, batch
 
 
+def accumulate_micro_batches(model: torch.nn.Module, batches: list, forward, scale: float, device: torch.device,
+                             autocast, gradient_sync: str, loss_weight: float = 1.0) -> torch.Tensor:
+    """Forward and backward over one optimizer step's micro-batches (every stage's accumulation loop); returns the
+    sum of their losses, each times `loss_weight`, as a float64 device scalar (no host sync).
+
+    forward(micro, batch) runs under autocast and returns the micro-batch's loss (a scalar); backward takes
+    loss * scale, the factor that makes it the micro-batch's share of the step's gradient (the stage's
+    normalisation, times the world size where FSDP averages gradients over ranks). When FSDP reduces the
+    gradients is parallel.gradient_sync (`micro_batches`)."""
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for micro, batch in micro_batches(model, batches, gradient_sync):
+        with autocast():
+            loss = forward(micro, batch)
+        (loss * scale).backward()
+        loss_sum += loss.detach().double() * loss_weight
+    return loss_sum
+
+
+def reduce_named(sums: dict[str, torch.Tensor | float], values: dict[str, torch.Tensor],
+                 device: torch.device) -> dict[str, float]:
+    """A step's numbers on the host, by name, with one collective and one host sync: `sums` (device scalars or
+    host numbers) summed over ranks, then `values` (device scalars already global, e.g. the clipped gradient
+    norm) as they are. The host numbers travel to the device in one copy; every name comes back as a float."""
+    on_device = [name for name, v in sums.items() if isinstance(v, torch.Tensor)]
+    on_host = [name for name, v in sums.items() if not isinstance(v, torch.Tensor)]
+    parts = [torch.zeros(0, dtype=torch.float64, device=device)]
+    if on_device:
+        parts.append(torch.stack([sums[name].double() for name in on_device]))
+    if on_host:
+        parts.append(torch.tensor([sums[name] for name in on_host], dtype=torch.float64).to(device))
+    summed = torch.cat(parts)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(summed)
+    if values:
+        summed = torch.cat([summed, torch.stack([t.double() for t in values.values()])])
+    return dict(zip([*on_device, *on_host, *values], summed.tolist()))  # the host sync
+
+
 def reduce_and_read(device_sums: list[torch.Tensor], host_sums: list[float], device_values: list[torch.Tensor],
                     device: torch.device) -> tuple[list[float], list[float]]:
     """A step's numbers on the host with one collective and one host sync: `device_sums` and `host_sums` summed
@@ -332,9 +370,7 @@ class Stage:
         if main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.json").write_text(json.dumps(to_dict(self.config), indent=2))
-        jsonl = MetricsWriter(self.out_dir / "metrics.jsonl", enabled=main, resume_step=resume_step)
-        self.tracker = Tracker(jsonl, self.out_dir, self.config.run.report_to, self.config.run.name, self.name,
-                               to_dict(self.config), resume_step, enabled=main)
+        self.tracker = metrics_tracker(self.config, self.out_dir, self.name, resume_step, enabled=main)
         return self.tracker
 
     def save_due(self, done: int, total: int) -> bool:
@@ -381,6 +417,14 @@ class Stage:
         if self.tracker is not None:
             self.tracker.close()
         return summary
+
+
+def metrics_tracker(config: Config, out_dir: Path, stage: str, resume_step: int, enabled: bool) -> Tracker:
+    """A stage's metrics writers: out_dir/metrics.jsonl (cut back to `resume_step`; 0 empties it) and the trackers
+    of run.report_to, opened now so that a missing tracker package is named before any work; rank 0 writes."""
+    jsonl = MetricsWriter(out_dir / "metrics.jsonl", enabled=enabled, resume_step=resume_step)
+    return Tracker(jsonl, out_dir, config.run.report_to, config.run.name, stage, to_dict(config), resume_step,
+                   enabled=enabled)
 
 
 def format_summary(summary: dict) -> str:

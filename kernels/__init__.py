@@ -10,6 +10,19 @@ Public API:
     group_advantages, reward_sums, fused_linear_logprobs, grpo_loss, fused_linear_grpo_loss, GRPOStats,
     GroupAdvantages              GRPO: advantages, log-probs and the policy loss (kernels/grpo.py lists the files)
 
+Backends (`backend=` of every kernel function): "auto" takes the Triton path for CUDA tensors, and for CPU
+tensors while TRITON_INTERPRET=1 is set (set before triton and the kernel module are imported: Triton's
+interpreter), the plain-PyTorch reference otherwise; "triton" and "reference" force a path (kernels/dispatch.py).
+
+Dtypes, the same for every kernel function:
+- fp16, bf16 and fp32 inputs run on both paths and are computed with fp32 accumulation; outputs come back in the
+  input dtype (losses and statistics in fp32).
+- float64 inputs run on the reference path only, computed in float64 end to end: that is what gradcheck and exact
+  identity tests need. backend="auto" sends them there; backend="triton" refuses them with a ValueError that
+  names the argument (GPUs' fp64 support varies and the kernels' accumulators are fp32, so a float64 answer from
+  them would silently be no better than fp32).
+- anything else (integers where floats are expected, complex, fp8) is refused.
+
 The Hugging Face glue is imported explicitly (`import kernels.hf`) so that this package never imports
 transformers.
 """

@@ -63,8 +63,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.dispatch import (BACKENDS as _BACKENDS, TRITON_FLOAT_DTYPES, all_interpreted, check_float_dtype, launching,
-                              simulated_device)
+from kernels.dispatch import all_interpreted, check_float_dtype, launching, use_triton
 
 _LOG2E = math.log2(math.e)
 
@@ -915,34 +914,17 @@ class _VarlenAttentionFunction(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None)
 
 
-def _select_backend(backend: str, q: torch.Tensor) -> str:
-    """"reference" or "triton" for this call; raises when backend="triton" cannot take q."""
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    if backend == "reference":
-        return backend
-    if simulated_device() == "cuda":  # the memory planner's fake CPU tensors stand for CUDA ones (kernels.dispatch)
-        return "triton"
-    on_cpu = q.device.type == "cpu"
-    if backend == "auto":
-        wanted = q.is_cuda or (on_cpu and triton.knobs.runtime.interpret)
-        # No fp64 kernels, and no bf16 in the interpreter (its bf16 tl.dot is wrong, docs/design.md): the exact path.
-        too_wide = q.shape[-1] > MAX_HEAD_DIM
-        if not wanted or q.dtype not in TRITON_FLOAT_DTYPES or (on_cpu and q.dtype == torch.bfloat16) or too_wide:
-            return "reference"
-    check_float_dtype("varlen_attention", "q", q, triton=True)
+def _use_triton(backend: str, q: torch.Tensor) -> bool:
+    """The backend rule (`kernels.dispatch.use_triton`) with this kernel's limits: head_dim <= MAX_HEAD_DIM (the
+    tiles fit shared memory), and no bf16 under Triton's interpreter (its bf16 tl.dot is wrong, docs/design.md)."""
+    if backend == "triton":
+        check_float_dtype("varlen_attention", "q", q, triton=True)
+    beyond = ""
     if q.shape[-1] > MAX_HEAD_DIM:
-        raise ValueError(f"varlen_attention(backend='triton') takes head_dim <= {MAX_HEAD_DIM}, got {q.shape[-1]}")
-    if not (q.is_cuda or on_cpu):
-        raise ValueError(f"varlen_attention(backend='triton') runs on CUDA (or CPU, interpreted), got {q.device}")
-    if on_cpu and q.dtype == torch.bfloat16:
-        raise ValueError("varlen_attention(backend='triton'): bf16 tl.dot is wrong in Triton's interpreter")
-    if on_cpu and not _INTERPRETED:
-        raise RuntimeError(
-            "varlen_attention: the Triton path on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 "
-            "before triton and kernels are imported (or use backend='reference')"
-        )
-    return "triton"
+        beyond = f"takes head_dim <= {MAX_HEAD_DIM}, got {q.shape[-1]}"
+    elif q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        beyond = "takes no bf16 on CPU tensors: bf16 tl.dot is wrong in Triton's interpreter"
+    return use_triton(backend, q.device, _INTERPRETED, "kernels.attention", q.dtype, beyond)
 
 
 def varlen_attention(
@@ -963,11 +945,8 @@ def varlen_attention(
 ):
     """Attention over packed documents (flash-attn `flash_attn_varlen_func` layout; see the module docstring).
 
-    Dtypes (kernels/dispatch.py, the same for every kernel function): fp16 / bf16 / fp32 on both paths, with
-    fp32 accumulation; float64 on the reference path only, computed in float64 end to end (backend="auto" takes
-    it there; backend="triton" refuses it with a ValueError).
-    bf16 under Triton's interpreter also takes the reference ("auto") or is refused ("triton"): its bf16 tl.dot
-    is wrong there (docs/design.md).
+    Dtypes: the policy of every kernel function (the `kernels` package docstring); bf16 under Triton's
+    interpreter also takes the reference ("auto") or is refused ("triton"): its bf16 tl.dot is wrong there.
 
     Args:
         q: [total_q, Hq, D]; k, v: [total_k, Hkv, D], Hq % Hkv == 0 (GQA, contiguous head groups).
@@ -992,7 +971,7 @@ def varlen_attention(
     """
     bounds_q, bounds_k = _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     window = _check_options(window_size, softcap, causal)
-    if _select_backend(backend, q) == "reference":
+    if not _use_triton(backend, q):
         out, lse = _reference_attention(q, k, v, bounds_q, bounds_k, softmax_scale, window, softcap, return_lse)
         return (out, lse) if return_lse else out
     cu_q = cu_seqlens_q.to(q.device)

@@ -704,9 +704,7 @@ def fused_linear_cross_entropy(
 ):
     """Cross-entropy of `hidden @ weight.T + bias` against `labels`, without materialising the logits.
 
-    Dtypes (kernels/dispatch.py, the same for every kernel function): fp16 / bf16 / fp32 on both paths, with
-    fp32 accumulation; float64 on the reference path only, computed in float64 end to end (backend="auto" takes
-    it there; backend="triton" refuses it with a ValueError).
+    Dtypes: the policy of every kernel function (the `kernels` package docstring).
 
     Args:
         hidden: [N, d] final hidden states (fp16 / bf16 / fp32; float64 on the reference path).
@@ -769,9 +767,7 @@ def cross_entropy(
 ):
     """Cross-entropy on given logits [N, V] (the non-fused kernel), same options and result as above.
 
-    Dtypes (kernels/dispatch.py, the same for every kernel function): fp16 / bf16 / fp32 on both paths, with
-    fp32 accumulation; float64 on the reference path only, computed in float64 end to end (backend="auto" takes
-    it there; backend="triton" refuses it with a ValueError).
+    Dtypes: the policy of every kernel function (the `kernels` package docstring).
 
     On the Triton path, when the logits require grad, the forward overwrites the logits' storage with
     their gradient (no second [N, V] buffer, as in Liger): do not read the logits after this call. Their

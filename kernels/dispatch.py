@@ -63,22 +63,34 @@ def all_interpreted(*kernels) -> bool:
 
 
 def use_triton(backend: str, device: torch.device, interpreted: bool, module: str,
-               dtype: torch.dtype | None = None) -> bool:
-    """Triton for CUDA tensors, or for CPU tensors when TRITON_INTERPRET=1; the reference otherwise. "auto"
-    also sends float64 inputs (`dtype`, the call's main input) to the reference, the one path that computes in
-    float64 (the dtype policy below); an explicit "triton" refuses them there (`check_float_dtype`).
+               dtype: torch.dtype | None = None, beyond: str = "") -> bool:
+    """The backend rule, whether this call takes the Triton path:
+    - "reference": never.
+    - "auto": for CUDA tensors, and for CPU tensors while TRITON_INTERPRET=1 is set; not for other devices, not for
+      float64 (`dtype`, the call's main input: the reference is the one path that computes in float64, the
+      package's dtype policy) and not for inputs beyond the kernel's Triton path (`beyond`).
+    - "triton": always, or an error: ValueError for inputs `beyond` the kernel or tensors on a device other than
+      CUDA or CPU. (A float64 input is refused by `check_float_dtype`, which the caller runs with its names.)
+    Either way the Triton path on CPU tensors raises RuntimeError where the module's kernels are not interpreted.
 
-    `interpreted` is the calling module's `all_interpreted(...)` flag, `module` its import name (for the error).
-    Raises when the Triton path is asked for but cannot run on these tensors.
+    `beyond`: "" when the calling kernel's Triton path takes these inputs, else why not, worded to follow
+    "backend='triton' " (e.g. "takes head_dim <= 256, got 512"). `interpreted`: the calling module's
+    `all_interpreted(...)` flag; `module`: its import name (for the errors).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if _SIMULATED == "cuda":
         return backend != "reference"
-    if backend == "reference" or (backend == "auto" and device.type != "cuda" and not interpret_env()):
+    if backend == "reference":
         return False
-    if backend == "auto" and dtype == torch.float64:
-        return False
+    if backend == "auto":
+        runnable = device.type == "cuda" or (device.type == "cpu" and interpret_env())
+        if not runnable or dtype == torch.float64 or beyond:
+            return False
+    elif beyond:
+        raise ValueError(f"{module}: backend='triton' {beyond}")
+    elif device.type not in ("cuda", "cpu"):
+        raise ValueError(f"{module}: backend='triton' runs on CUDA tensors (or CPU ones, interpreted), got {device}")
     if device.type != "cuda" and not interpreted:
         raise RuntimeError(
             f"the Triton path on {device.type} tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
@@ -87,14 +99,7 @@ def use_triton(backend: str, device: torch.device, interpreted: bool, module: st
     return True
 
 
-# The dtype policy of every public kernel function (docs/kernels.md, each docstring):
-# - fp16, bf16 and fp32 inputs run on both paths and are computed with fp32 accumulation; outputs come back in
-#   the input dtype (losses and statistics in fp32).
-# - float64 inputs run on the reference path only, computed in float64 end to end: that is what gradcheck and
-#   the suite's exact-identity tests use. backend="auto" sends them there; an explicit backend="triton" refuses
-#   them (GPUs' fp64 tensor-core support varies, and the kernels' accumulators are fp32, so a float64 answer
-#   would be silently no better than fp32).
-# - anything else (integers where floats are expected, complex, fp8) is refused.
+# The dtype policy of every public kernel function (said in full in the `kernels` package docstring).
 TRITON_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 REFERENCE_FLOAT_DTYPES = TRITON_FLOAT_DTYPES + (torch.float64,)
 

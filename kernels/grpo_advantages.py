@@ -285,9 +285,8 @@ def group_advantages(rewards, group_size, *, scale="group", eps=1e-4, batch_sums
             rewards' device); None: the std of this call's rewards.
         backend: "auto" | "triton" | "reference".
 
-    Dtypes (kernels/dispatch.py's policy): rewards fp16 / bf16 / fp32 on both paths, read into fp32; float64 on
-    the reference path only, computed in float64 (the Triton path refuses it). batch_sums are statistics
-    (float32 or float64 on both paths): the std is formed from them in float64.
+    Dtypes: the policy of every kernel function (the `kernels` package docstring) for rewards, read into fp32;
+    batch_sums are statistics (float32 or float64 on both paths): the std is formed from them in float64.
 
     Returns GroupAdvantages(advantages [B*G], mean [B], std [B] (unbiased; 0 for fewer than two rewards), all
     fp32 (float64 for float64 rewards), zero_variance [B] bool (all non-NaN rewards of the group equal: no

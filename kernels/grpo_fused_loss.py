@@ -174,10 +174,9 @@ def fused_linear_grpo_loss(hidden, weight, targets, old_logprobs, advantages, se
     Gradients for hidden and weight are computed during the forward (backward only scales them). Token level:
     6NdV FLOPs, one pass; sequence level: 8NdV, two passes.
 
-    Dtypes (kernels/dispatch.py's policy): hidden / weight and every float side input fp16 / bf16 / fp32 on both
-    paths, logits in the input dtype (Triton) or fp32 (PyTorch), the loss, stats and d weight accumulated in
-    fp32; float64 on the reference path only, computed in float64 end to end when hidden is float64 (side
-    inputs are converted to the compute dtype); the Triton path refuses any float64 input with one ValueError.
+    Dtypes: the policy of every kernel function (the `kernels` package docstring), for hidden / weight and every
+    float side input; logits in the input dtype (Triton) or fp32 (PyTorch); float64 end to end when hidden is
+    float64 (side inputs are converted to the compute dtype).
 
     Returns (loss, GRPOStats, entropy_sum included): fp32 (float64 for float64 hidden). Value checks (targets,
     seq_ids, mask) run on CPU tensors only: no host sync on an accelerator (kernels/grpo_inputs.py).

@@ -374,9 +374,8 @@ def fused_linear_logprobs(hidden, weight, targets, *, temperature=1.0, return_en
         backend: "auto" | "triton" | "reference".
         chunk_bytes: that logits budget instead of the default (not with chunk_size; kernels/chunking.py).
 
-    Dtypes (kernels/dispatch.py's policy): fp16 / bf16 / fp32 on both paths, logits in the input dtype (Triton)
-    or fp32 (PyTorch), every sum in fp32; float64 on the reference path only, computed in float64 end to end (the
-    Triton path refuses it with one ValueError).
+    Dtypes: the policy of every kernel function (the `kernels` package docstring); logits in the input dtype
+    (Triton) or fp32 (PyTorch).
 
     Returns logprobs [N], or (logprobs, entropy): fp32 (float64 for float64 inputs). Gradients flow to hidden
     and weight (accumulated in fp32 or float64, rounded into their dtype); backward recomputes the logits one

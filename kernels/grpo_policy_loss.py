@@ -576,9 +576,8 @@ def grpo_loss(logprobs, old_logprobs, advantages, seq_ids, *, mask=None, ref_log
             entropies [N] the tokens' entropies (the gradient flows into them); entropies needed when entropy_coef.
         backend: "auto" | "triton" | "reference" (the autograd definition).
 
-    Dtypes (kernels/dispatch.py's policy): every float input fp16 / bf16 / fp32 on both paths, computed in fp32;
-    float64 on the reference path only, computed in float64 end to end when `logprobs` is float64 (other inputs
-    are converted to the log-probs' compute dtype); the Triton path refuses any float64 input with one ValueError.
+    Dtypes: the policy of every kernel function (the `kernels` package docstring), for every float input;
+    float64 end to end when `logprobs` is float64 (other inputs are converted to the log-probs' compute dtype).
 
     Returns (loss, GRPOStats with entropy_sum 0): fp32 (float64 for float64 log-probs). Raises ValueError naming
     the argument. Value checks (seq_ids in range, mask 0 / 1) run on CPU tensors only: no host sync on an

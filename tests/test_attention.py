@@ -289,7 +289,7 @@ def test_cpu_without_interpreter_raises(monkeypatch):
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         varlen_attention(q, k, v, cu, cu, 6, 6, backend="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # set too late: the kernels were not built for the interpreter
-    with pytest.raises(RuntimeError, match="before triton and kernels are imported"):
+    with pytest.raises(RuntimeError, match="before triton and kernels.attention are imported"):
         varlen_attention(q, k, v, cu, cu, 6, 6)
 
 

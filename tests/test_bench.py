@@ -164,6 +164,24 @@ def test_cross_entropy_chunk_budgets_are_measured_and_shown(tmp_path):
         bench_cross_entropy.parse_chunk_mib("0")
 
 
+def test_a_stopped_benchmark_appends_what_it_measured(tmp_path):
+    """The per-shape loop every kernel benchmark uses: a run stopped midway (here: an error in the third shape)
+    still appends its first two shapes' rows, and says it stopped after 2 of 3."""
+    def measure(shape):
+        if shape == 3:
+            raise KeyboardInterrupt
+        return [{"shape": shape, "provider": p} for p in ("a", "b")]
+
+    record, path = {"results": [], "loadavg": {"start": None}}, tmp_path / "x-cpu.json"
+    with pytest.raises(KeyboardInterrupt):
+        common.measure_and_append(record, path, [1, 2, 3], measure, lambda row: row["shape"])
+    (saved,) = json.loads(path.read_text())
+    assert [r["shape"] for r in saved["results"]] == [1, 1, 2, 2]
+    assert saved["interrupted"] == "stopped after 2 of 3 shapes"
+    assert common.measure_and_append({"results": []}, tmp_path / "y.json", [], measure, len) is None
+    assert not (tmp_path / "y.json").exists()  # nothing measured, nothing written
+
+
 def test_plot_writes_pngs(tmp_path):
     import plot
 
