@@ -51,11 +51,14 @@ def run_fastmath(args, generator: str, workdir: Path) -> dict:
     out = workdir / f"fastmath-{generator}"
     overrides = [f"run.output_dir={out}", "run.stages=[grpo]", f"grpo.init_from={args.model}",
                  f"grpo.max_steps={args.steps}", f"grpo.prompts_per_step={args.prompts}",
-                 f"grpo.num_generations={args.generations}", f"grpo.max_completion_length={args.max_tokens}",
-                 "grpo.max_prompt_length=128", f"grpo.tokens_per_micro_batch={max(4096, 128 + args.max_tokens)}",
-                 f"grpo.generator={generator}", "grpo.rewards=[accuracy,format]", "grpo.loss_type=dapo",
-                 "grpo.lr=1e-5", "heldout.num_problems=0", "grpo.reward_workers=1",
-                 f"grpo.vllm_is_correction={'true' if generator == 'vllm' else 'false'}"]
+                 f"grpo.rollout.num_generations={args.generations}",
+                 f"grpo.rollout.max_completion_length={args.max_tokens}",
+                 "grpo.rollout.max_prompt_length=128",
+                 f"grpo.tokens_per_micro_batch={max(4096, 128 + args.max_tokens)}",
+                 f"grpo.rollout.generator={generator}", "grpo.reward.rewards=[accuracy,format]",
+                 "grpo.loss.loss_type=dapo",
+                 "grpo.lr=1e-5", "heldout.num_problems=0", "grpo.reward.reward_workers=1",
+                 f"grpo.loss.vllm_is_correction={'true' if generator == 'vllm' else 'false'}"]
     started = time.perf_counter()
     done = subprocess.run([sys.executable, str(REPO / "fastmath" / "train.py"), *overrides], capture_output=True,
                           text=True, env=_env(), timeout=3600)

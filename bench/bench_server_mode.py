@@ -3,9 +3,9 @@
     python bench/bench_server_mode.py [--steps 6] [--cache DIR]
 
 Runs the same GRPO run twice with `fastmath/train.py` on the embedded model (one training process): once with
-vLLM colocated in the training process (`grpo.vllm_mode=colocate`, `grpo.generator=vllm`, weights copied in place)
-and once against a vLLM server started here with `python -m fastmath.serve` on 127.0.0.1 (weights pushed over
-the gloo group). From each run's metrics.jsonl it reports, per mode, the min / median / max over steps of
+vLLM colocated in the training process (`grpo.rollout.vllm_mode=colocate`, `grpo.rollout.generator=vllm`, weights
+copied in place) and once against a vLLM server started here with `python -m fastmath.serve` on 127.0.0.1
+(weights pushed over the gloo group). From each run's metrics.jsonl it reports, per mode, the min / median / max over steps of
 `time/generate_s`, `time/sync_s`, `time/update_s`, `sync_bytes` and `generate_tokens_per_s`, excluding step 1
 (warm-up). On a CPU host the trainer and the server share the cores: server mode's times include that
 contention and the HTTP and loopback-TCP costs, which a GPU layout (separate devices) does not have.
@@ -32,11 +32,11 @@ from bench.common import REPO, append_record, new_record, results_path, summariz
 
 def _overrides(cache: str, out: Path, url: str, steps: int) -> list[str]:
     return [f"run.output_dir={out}", f"run.cache_dir={cache}", "run.stages=[grpo]", f"grpo.max_steps={steps}",
-            "grpo.prompts_per_step=8", "grpo.num_generations=8", "grpo.max_prompt_length=96",
-            "grpo.max_completion_length=64", "grpo.tokens_per_micro_batch=2048", "grpo.lr=1e-3",
-            "heldout.num_problems=8", "heldout.max_new_tokens=24", "grpo.reward_workers=1",
-            "grpo.rewards=[accuracy,format,cosine,length]", "grpo.vllm_enforce_eager=true",
-            f"grpo.server_urls=[{url}]", "grpo.server_start_timeout_s=300"]
+            "grpo.prompts_per_step=8", "grpo.rollout.num_generations=8", "grpo.rollout.max_prompt_length=96",
+            "grpo.rollout.max_completion_length=64", "grpo.tokens_per_micro_batch=2048", "grpo.lr=1e-3",
+            "heldout.num_problems=8", "heldout.max_new_tokens=24", "grpo.reward.reward_workers=1",
+            "grpo.reward.rewards=[accuracy,format,cosine,length]", "grpo.rollout.vllm_enforce_eager=true",
+            f"grpo.rollout.server_urls=[{url}]", "grpo.rollout.server_start_timeout_s=300"]
 
 
 def _free_port() -> int:
@@ -82,7 +82,7 @@ def main() -> None:
                         run="embedded model, 1 training process, 8 prompts x 8 completions x <= 64 tokens per step")
 
     record["results"].append(_row("colocate", _run([*_overrides(args.cache, work / "colocate", url, args.steps),
-                                                    "grpo.generator=vllm"])))
+                                                    "grpo.rollout.generator=vllm"])))
     server = subprocess.Popen([sys.executable, "-m", "fastmath.serve",
                                *_overrides(args.cache, work / "unused", url, args.steps)],
                               stdout=open(work / "server.log", "w"), stderr=subprocess.STDOUT, env=_env(), cwd=REPO,
@@ -96,7 +96,7 @@ def main() -> None:
             except requests.RequestException:
                 time.sleep(1)
         record["results"].append(_row("server", _run([*_overrides(args.cache, work / "server", url, args.steps),
-                                                      "grpo.vllm_mode=server"])))
+                                                      "grpo.rollout.vllm_mode=server"])))
     finally:
         os.killpg(server.pid, signal.SIGKILL)
         server.wait()

@@ -54,10 +54,11 @@ SFT_SETTINGS = ["--config", "configs/demo.yaml", "run.stages=[sft]", "data.max_r
                 "sft.max_steps=12", "sft.save_every=2", "sft.log_every=1", "sft.tokens_per_micro_batch=512",
                 "heldout.num_problems=0"]
 GRPO_SETTINGS = ["run.stages=[grpo]", "grpo.max_steps=4", "grpo.save_every=1", "grpo.log_every=1",
-                 "grpo.prompts_per_step=4", "grpo.num_generations=4", "grpo.max_prompt_length=96",
-                 "grpo.max_completion_length=24", "grpo.tokens_per_micro_batch=256", "grpo.lr=1e-3",
-                 "heldout.num_problems=0", "grpo.reward_workers=1", "grpo.rewards=[accuracy,format,cosine,length]",
-                 "grpo.generator=vllm", "grpo.vllm_enforce_eager=true"]
+                 "grpo.prompts_per_step=4", "grpo.rollout.num_generations=4", "grpo.rollout.max_prompt_length=96",
+                 "grpo.rollout.max_completion_length=24", "grpo.tokens_per_micro_batch=256", "grpo.lr=1e-3",
+                 "heldout.num_problems=0", "grpo.reward.reward_workers=1",
+                 "grpo.reward.rewards=[accuracy,format,cosine,length]",
+                 "grpo.rollout.generator=vllm", "grpo.rollout.vllm_enforce_eager=true"]
 RESUMED = re.compile(r"resumed (?:\w+ )?from (\S+) at step (\d+)")
 STARTED = re.compile(r"^(model \S+: [\d.]+ M parameters|GRPO from \S+:)", re.M)
 

@@ -19,7 +19,7 @@ sometimes inside C code where no signal reaches, so every item runs in a worker 
        worker): a worker still busy then is killed and replaced, and only that item is lost.
 A timeout scores as wrong, is counted (`counts["timeout"]`), and never raises. A batch therefore waits for a
 slow item at most its own limit plus the grace, while the other workers go on with the rest.
-Mode 'seed_parse' (`grpo.answer_check`) is the seed's check instead: math-verify parses the whole completion with
+Mode 'seed_parse' (`grpo.reward.answer_check`) is the seed's check instead: math-verify parses the whole completion with
 the seed's options, so an unboxed final answer can count; same pool, same limits.
 
 Gold answers (`gold_answer_text`, `AnswerChecker.gold_answers`): a row's answer is used only when it is a

@@ -11,12 +11,13 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import difflib
+import re
 import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
@@ -82,9 +83,9 @@ class DataConfig:
     solution_field: str = _opt("solution", "Row field holding the target completion.")
     messages_field: str = _opt("", "If set, rows hold chat `messages` in this field instead of prompt/solution.")
     system_prompt: str = _opt("", "System message of every prompt in SFT and the held-out check ('' = none); "
-                              "grpo/eval.system_prompt override it.")
+                              "grpo.rollout/eval.system_prompt override it.")
     user_prefix: str = _opt("", "Text put before the problem in the user turn (SFT and the held-out check); "
-                            "grpo/eval.user_prefix override it.")
+                            "grpo.rollout/eval.user_prefix override it.")
     chat_template: str = _opt("model", "Chat template of every stage: 'model' = the tokenizer's own, a template "
                               "shipped with fastmath by name (fast_math_r1_sft: the seed's SFT template), or a "
                               ".jinja file. Saved with each export, so the next stage renders with it.")
@@ -184,18 +185,14 @@ class SFTConfig:
 
 
 @dataclass
-class GRPOConfig:
-    init_from: str = _opt("auto", "Policy to start from: 'auto' = this run's SFT export (run.output_dir/hf) when "
-                          "the sft stage is in run.stages, else model.name_or_path; or an HF id / local path.")
-    prompts: str = _opt("embedded", "Prompt data: 'embedded', a .jsonl/.json/.parquet file, or an HF dataset id.")
-    split: str = _opt("train", "Split name when `prompts` is an HF dataset id.")
-    answer_field: str = _opt("answer", "Row field holding the gold final answer (prompts come from data.prompt_field).")
-    max_rows: int = _opt(0, "Use only the first N usable prompt rows (0 = all).")
-    max_steps: int = _opt(50, "Optimizer steps of GRPO (each step samples new completions).")
-    schedule_steps: int = _opt(0, "Length of the learning-rate schedule in steps (0 = max_steps; -1 = one pass "
-                                "over the prompt rows, floor(rows / prompts_per_step), as the seed's trainer "
-                                "sizes its cosine); the seed stops long before its schedule ends.")
-    prompts_per_step: int = _opt(16, "Prompts per step across all ranks (split as evenly as the world size allows).")
+class GRPORolloutConfig:
+    """`grpo.rollout`: how completions are sampled each step, and by which engine.
+
+    Everything that decides the G completions of a prompt before any reward is seen: the prompt and completion
+    lengths, the sampling settings, the chat wording, the engine (colocated vLLM, vLLM servers, HF generate) with
+    its memory and weight-sync settings, and DAPO's dynamic sampling (it re-samples groups, so it is generation
+    work). The planner reads the vllm_* keys for the engine's memory share."""
+
     num_generations: int = _opt(8, "Completions sampled per prompt (the group size G).")
     max_prompt_length: int = _opt(512, "Prompts longer than this (tokens) are skipped at load, counted.")
     max_completion_length: int = _opt(256, "Generation limit in tokens.")
@@ -219,7 +216,8 @@ class GRPOConfig:
                                     "in seconds instead of ~40 s on CPU; slower generation on GPUs).")
     sync_bucket_mib: int = _opt(256, "Weight sync: parameters gathered and sent to the generator per bucket.")
     vllm_mode: str = _opt("colocate", "Where rollouts run: colocate = a vLLM engine inside every training process "
-                          "(grpo.generator); server = vLLM servers on their own devices (grpo.server_urls, started "
+                          "(grpo.rollout.generator); server = vLLM servers on their own devices "
+                          "(grpo.rollout.server_urls, started "
                           "with `python -m fastmath.serve --config X`), sent the new weights after every step.",
                           choices=("colocate", "server"))
     server_urls: list[str] = _opt(["http://127.0.0.1:8000"], "Server mode: the vLLM servers' base URLs; each "
@@ -233,6 +231,18 @@ class GRPOConfig:
                                  "weight-sync group ('' = this host's address on the route to the first server).")
     server_tensor_parallel_size: int = _opt(1, "Server mode: GPUs per server (vLLM tensor parallel), for "
                                             "`fastmath.serve`.")
+    dynamic_sampling: bool = _opt(False, "Drop groups whose rewards are all equal and sample more prompts (DAPO).")
+    max_resample_rounds: int = _opt(3, "Dynamic sampling: extra generation rounds per step at most.")
+
+
+@dataclass
+class GRPORewardConfig:
+    """`grpo.reward`: how a completion is scored (one number per completion).
+
+    The reward functions and their weights, each function's settings (format rule, length unit and span, cosine
+    end values, overlong buffer), and the answer checker's workers and time limit. Turning rewards into
+    advantages (scale_rewards) belongs to `grpo.loss`."""
+
     rewards: list[str] = _opt(["accuracy", "format"], "Reward functions, summed with reward_weights.",
                               choices=("accuracy", "format", "cosine", "length", "overlong"))
     reward_weights: list[float] = _opt([], "One weight per reward (empty = all 1.0).")
@@ -253,13 +263,26 @@ class GRPOConfig:
     length_unit: str = _opt("tokens", "Unit of completion length for the length rewards.", choices=("tokens", "chars"))
     cosine_max_length: int = _opt(0, "Length at which the cosine reward reaches its end values, in length_unit "
                                   "(0 = max_completion_length, times 4 for chars).")
-    cosine_correct: list[float] = _opt([1.0, 0.1], "Cosine reward of a correct answer at length 0 and at cosine_max_length.")
-    cosine_wrong: list[float] = _opt([-1.0, -0.1], "Cosine reward of a wrong answer at length 0 and at cosine_max_length.")
+    cosine_correct: list[float] = _opt([1.0, 0.1], "Cosine reward of a correct answer at length 0 and at "
+                                       "cosine_max_length.")
+    cosine_wrong: list[float] = _opt([-1.0, -0.1], "Cosine reward of a wrong answer at length 0 and at "
+                                     "cosine_max_length.")
     overlong_buffer: int = _opt(64, "DAPO soft overlong punishment: the last N tokens before the generation "
                                 "limit ramp the reward to -1.")
-    mask_truncated: bool = _opt(False, "Exclude completions cut at max_completion_length from the loss.")
     reward_workers: int = _opt(2, "Processes checking answers with math-verify.")
     reward_timeout_s: float = _opt(5.0, "Time limit per answer check; a timeout scores 0 and is counted.")
+
+
+@dataclass
+class GRPOLossConfig:
+    """`grpo.loss`: the objective the update minimises, from rewards to one scalar.
+
+    Advantage scaling (scale_rewards), the clipped surrogate (epsilon_low / epsilon_high, token or sequence
+    ratios), the KL term (beta), the loss normaliser (loss_type) with the row layout it depends on
+    (completions_per_micro_batch), optimizer passes per batch (num_iterations), which completions count
+    (mask_truncated), and the truncated importance-sampling correction between sampler and trainer."""
+
+    mask_truncated: bool = _opt(False, "Exclude completions cut at max_completion_length from the loss.")
     scale_rewards: str = _opt("group", "Advantage scaling: group std (GRPO), batch std, or none (Dr. GRPO).",
                               choices=("group", "batch", "none"))
     loss_type: str = _opt("dapo", "Loss normaliser, as TRL 1.16 names them: dapo = one token mean over the whole "
@@ -275,10 +298,30 @@ class GRPOConfig:
     epsilon_high: float = _opt(0.2, "Upper clip: ratios above 1 + epsilon_high are clipped (DAPO uses 0.28).")
     beta: float = _opt(0.0, "KL coefficient against the frozen initial policy (0 = no reference model).")
     num_iterations: int = _opt(1, "Optimizer steps per generated batch (mu); > 1 needs old log-probs.")
-    vllm_is_correction: bool = _opt(True, "Truncated importance sampling between the sampler's and the trainer's log-probs.")
+    vllm_is_correction: bool = _opt(True, "Truncated importance sampling between the sampler's and the trainer's "
+                                    "log-probs.")
     vllm_is_cap: float = _opt(3.0, "Cap of that importance weight.")
-    dynamic_sampling: bool = _opt(False, "Drop groups whose rewards are all equal and sample more prompts (DAPO).")
-    max_resample_rounds: int = _opt(3, "Dynamic sampling: extra generation rounds per step at most.")
+
+
+@dataclass
+class GRPOConfig:
+    """The `grpo` stage: where its prompts come from, how long it runs, and its optimizer and checkpoints.
+
+    Stage-level keys sit here; the step's three phases each have a section: `grpo.rollout` (sampling),
+    `grpo.reward` (scoring) and `grpo.loss` (the objective). The token budget of an update row stays here
+    because it is the stage's memory knob, shared by the planner and the packing of every phase's output."""
+
+    init_from: str = _opt("auto", "Policy to start from: 'auto' = this run's SFT export (run.output_dir/hf) when "
+                          "the sft stage is in run.stages, else model.name_or_path; or an HF id / local path.")
+    prompts: str = _opt("embedded", "Prompt data: 'embedded', a .jsonl/.json/.parquet file, or an HF dataset id.")
+    split: str = _opt("train", "Split name when `prompts` is an HF dataset id.")
+    answer_field: str = _opt("answer", "Row field holding the gold final answer (prompts come from data.prompt_field).")
+    max_rows: int = _opt(0, "Use only the first N usable prompt rows (0 = all).")
+    max_steps: int = _opt(50, "Optimizer steps of GRPO (each step samples new completions).")
+    schedule_steps: int = _opt(0, "Length of the learning-rate schedule in steps (0 = max_steps; -1 = one pass "
+                                "over the prompt rows, floor(rows / prompts_per_step), as the seed's trainer "
+                                "sizes its cosine); the seed stops long before its schedule ends.")
+    prompts_per_step: int = _opt(16, "Prompts per step across all ranks (split as evenly as the world size allows).")
     tokens_per_micro_batch: int = _opt(4096, "Token budget of one packed update row (prompt + completion tokens).")
     lr: float = _opt(1e-6, "Peak learning rate (AdamW).")
     min_lr_ratio: float = _opt(0.0, "Cosine floor as a fraction of lr.")
@@ -288,6 +331,9 @@ class GRPOConfig:
     max_bad_steps: int = _opt(3, "Abort after this many consecutive steps with a non-finite loss (each is skipped).")
     log_every: int = _opt(1, "Write a metrics line every N steps.")
     save_every: int | None = _opt(None, "GRPO checkpoint interval in steps (null = checkpoint.save_every).")
+    rollout: GRPORolloutConfig = field(default_factory=GRPORolloutConfig)
+    reward: GRPORewardConfig = field(default_factory=GRPORewardConfig)
+    loss: GRPOLossConfig = field(default_factory=GRPOLossConfig)
 
 
 @dataclass
@@ -392,6 +438,66 @@ RENAMED = {
 }
 # What else changed with a renamed key, said in the same error.
 RENAMED_NOTES = {"sft.loss_chunk_size": "rows per chunk became a logits budget in MiB, for both stages"}
+# The flat `grpo` section split into grpo.rollout / grpo.reward / grpo.loss: each moved key names its new home.
+for _part in ("rollout", "reward", "loss"):
+    for _f in dataclasses.fields(typing.get_type_hints(GRPOConfig)[_part]):
+        RENAMED[f"grpo.{_f.name}"] = f"grpo.{_part}.{_f.name}"
+del _part, _f
+
+
+def with_current_keys(text: str) -> str:
+    """`text` (an override such as `grpo.beta=0.1`, or a label naming one) with each key that has only moved since
+    (RENAMED, no note) under its new name. Records of earlier runs keep the overrides they ran with, as history;
+    code that shows or re-runs them today passes them through this."""
+    for old, new in RENAMED.items():
+        if old not in RENAMED_NOTES:
+            text = re.sub(rf"(?<![\w.]){re.escape(old)}\b", new, text)
+    return text
+
+
+def leaf_fields(config: Any, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, Any]]:
+    """(dotted key, field, value) of every setting, sections and sub-sections (grpo.loss) walked in order."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from leaf_fields(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f, value
+
+
+def leaf_defaults(cls: type = None, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, Any, Any]]:
+    """(dotted key, field, type hint, default) of every setting of a section class (Config: all of them)."""
+    cls = cls or Config
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from leaf_defaults(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            yield f"{prefix}{f.name}", f, hints[f.name], default
+
+
+def setting(config: Any, key: str) -> Any:
+    """The value of a dotted key (grpo.loss.beta) in a Config."""
+    for part in key.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def saved_setting(saved: dict, key: str) -> Any:
+    """The value of dotted `key` in a saved config (a checkpoint's config.json), read from where an older version
+    kept it when the key has moved since (grpo.num_generations before grpo.rollout.num_generations); KeyError
+    when the saved config has it in neither place."""
+    old_keys = [old for old, new in RENAMED.items() if new == key]
+    for candidate in [key, *old_keys]:
+        node: Any = saved
+        for part in candidate.split("."):
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            return node
+    raise KeyError(key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -543,7 +649,16 @@ class _Override:
         return value if isinstance(value, str) else self.text
 
 
-_SECTIONS = {f.name for f in dataclasses.fields(Config)}
+def _section_keys(cls, prefix: str = "") -> set[str]:
+    """Dotted names of every section and sub-section (run, grpo, grpo.loss, ...)."""
+    keys = set()
+    for name, hint in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(hint):
+            keys |= {prefix + name} | _section_keys(hint, f"{prefix}{name}.")
+    return keys
+
+
+_SECTIONS = _section_keys(Config)
 
 
 def _apply_override(raw: dict, key: str, override: _Override, replace: bool) -> None:
@@ -556,30 +671,39 @@ def _apply_override(raw: dict, key: str, override: _Override, replace: bool) -> 
                               f"'{key}' is not a section, set it with {key}=value")
         _set_dotted(raw, key, override)
         return
+    *parents, name = key.split(".")
+    node = _section_of(raw, parents, key)  # grpo.loss={...} works inside grpo as sft={...} inside the config
     value = override.parse()
     if not isinstance(value, dict) or replace:
-        raw[key] = value if isinstance(value, dict) else override  # not a mapping: _build names the problem
+        node[name] = value if isinstance(value, dict) else override  # not a mapping: _build names the problem
         return
-    section = raw.get(key)
+    section = node.get(name)
     if isinstance(section, _Override):
         section = section.parse()
     if not isinstance(section, dict):  # absent, or a section whose keys are all commented out
         section = {}
     section.update(value)
-    raw[key] = section
+    node[name] = section
+
+
+def _section_of(raw: dict, parts: list[str], dotted: str) -> dict:
+    """The mapping `parts` (a section path) names inside `raw`, made where absent."""
+    node = raw
+    for part in parts:
+        child = node.get(part)
+        if isinstance(child, _Override):  # `sft={lr: 1}` followed by `sft.epochs=2`
+            child = child.parse()
+        if child is None:  # absent, or a section whose keys are all commented out
+            child = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: '{part}' is not a section")
+        node[part] = node = child
+    return node
 
 
 def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = raw
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if isinstance(child, _Override):  # `sft={lr: 1}` followed by `sft.epochs=2`
-            child = node[part] = child.parse()
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {dotted}: '{part}' is not a section")
-        node = child
-    node[parts[-1]] = value
+    *parents, name = dotted.split(".")
+    _section_of(raw, parents, dotted)[name] = value
 
 
 def _build(cls, raw: Any, prefix: str):
@@ -684,9 +808,9 @@ def validate(config: Config) -> None:
     """Every numeric field against its range (fastmath/config_ranges.py), then what one field cannot express."""
     check_ranges(config)
     _check_text(config)
+    settings = {key: value for key, _, value in leaf_fields(config)}
     for key in NON_EMPTY:
-        section, name = key.split(".")
-        if not getattr(getattr(config, section), name).strip():
+        if not settings[key].strip():
             raise ConfigError(f"config key '{key}' must not be empty")
     if not config.run.stages:
         raise ConfigError("config key 'run.stages' must name at least one stage")
@@ -704,20 +828,16 @@ def validate(config: Config) -> None:
 def _check_text(config: Config) -> None:
     """Every text setting is text a file system and a terminal take: no NUL, no lone surrogate (undecodable
     command-line bytes), which would otherwise fail deep inside os or print calls."""
-    for section in dataclasses.fields(config):
-        values = getattr(config, section.name)
-        for f in dataclasses.fields(values):
-            value = getattr(values, f.name)
-            for item in value if isinstance(value, list) else [value]:
-                if not isinstance(item, str):
-                    continue
-                key = f"{section.name}.{f.name}"
-                if "\0" in item:
-                    raise ConfigError(f"config key '{key}' holds a NUL character")
-                try:
-                    item.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise ConfigError(f"config key '{key}' holds bytes that are not UTF-8 text") from None
+    for key, _, value in leaf_fields(config):
+        for item in value if isinstance(value, list) else [value]:
+            if not isinstance(item, str):
+                continue
+            if "\0" in item:
+                raise ConfigError(f"config key '{key}' holds a NUL character")
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ConfigError(f"config key '{key}' holds bytes that are not UTF-8 text") from None
 
 
 def _check_distinct(items: list, key: str) -> None:
@@ -733,30 +853,33 @@ def _check_stop_strings(stop: list[str], key: str) -> None:
 
 def _validate_grpo(config: Config) -> None:
     g = config.grpo
-    if not g.rewards:
-        raise ConfigError("config key 'grpo.rewards' must name at least one reward")
-    _check_distinct(g.rewards, "grpo.rewards")
-    if g.reward_weights and len(g.reward_weights) != len(g.rewards):
-        raise ConfigError(f"config key 'grpo.reward_weights' has {len(g.reward_weights)} entries for "
-                          f"{len(g.rewards)} rewards {g.rewards}")
+    if not g.reward.rewards:
+        raise ConfigError("config key 'grpo.reward.rewards' must name at least one reward")
+    _check_distinct(g.reward.rewards, "grpo.reward.rewards")
+    if g.reward.reward_weights and len(g.reward.reward_weights) != len(g.reward.rewards):
+        raise ConfigError(f"config key 'grpo.reward.reward_weights' has {len(g.reward.reward_weights)} entries for "
+                          f"{len(g.reward.rewards)} rewards {g.reward.rewards}")
     for key in ("cosine_correct", "cosine_wrong"):
-        if len(getattr(g, key)) != 2:
-            raise ConfigError(f"config key 'grpo.{key}' must be [value at length 0, value at the max length]")
-    if g.max_prompt_length + g.max_completion_length > g.tokens_per_micro_batch:
-        raise ConfigError(f"'grpo.max_prompt_length' + 'grpo.max_completion_length' ({g.max_prompt_length} + "
-                          f"{g.max_completion_length}) exceeds 'grpo.tokens_per_micro_batch' "
+        if len(getattr(g.reward, key)) != 2:
+            raise ConfigError(f"config key 'grpo.reward.{key}' must be [value at length 0, value at the max length]")
+    if g.rollout.max_prompt_length + g.rollout.max_completion_length > g.tokens_per_micro_batch:
+        raise ConfigError(f"'grpo.rollout.max_prompt_length' + 'grpo.rollout.max_completion_length' "
+                          f"({g.rollout.max_prompt_length} + {g.rollout.max_completion_length}) exceeds "
+                          f"'grpo.tokens_per_micro_batch' "
                           f"({g.tokens_per_micro_batch}): a sampled sequence must fit in one packed row")
-    if "overlong" in g.rewards and not 0 < g.overlong_buffer <= g.max_completion_length:
-        raise ConfigError(f"config key 'grpo.overlong_buffer' must be in (0, grpo.max_completion_length] for the "
-                          f"overlong reward, got {g.overlong_buffer}")
-    _check_stop_strings(g.stop, "grpo.stop")
+    if "overlong" in g.reward.rewards and not 0 < g.reward.overlong_buffer <= g.rollout.max_completion_length:
+        raise ConfigError(f"config key 'grpo.reward.overlong_buffer' must be in (0, "
+                          f"grpo.rollout.max_completion_length] for the overlong reward, "
+                          f"got {g.reward.overlong_buffer}")
+    _check_stop_strings(g.rollout.stop, "grpo.rollout.stop")
     if 0 < g.schedule_steps < g.max_steps:
         raise ConfigError(f"config key 'grpo.schedule_steps' ({g.schedule_steps}) is shorter than 'grpo.max_steps' "
                           f"({g.max_steps}): a schedule must cover the run")
-    row = g.completions_per_micro_batch * (g.max_prompt_length + g.max_completion_length)
+    row = g.loss.completions_per_micro_batch * (g.rollout.max_prompt_length + g.rollout.max_completion_length)
     if row > g.tokens_per_micro_batch:
-        raise ConfigError(f"'grpo.completions_per_micro_batch' x (max_prompt_length + max_completion_length) = {row} "
-                          f"exceeds 'grpo.tokens_per_micro_batch' ({g.tokens_per_micro_batch})")
+        raise ConfigError(f"'grpo.loss.completions_per_micro_batch' x (grpo.rollout.max_prompt_length + "
+                          f"max_completion_length) = {row} exceeds 'grpo.tokens_per_micro_batch' "
+                          f"({g.tokens_per_micro_batch})")
 
 
 def _validate_eval(config: Config) -> None:
@@ -775,28 +898,24 @@ def to_dict(config: Config) -> dict:
 
 def help_text() -> str:
     """Every field as `section.key (type, default): help`, for `train.py --help`."""
-    lines = []
-    for name, section_type in typing.get_type_hints(Config).items():
-        lines.append(f"{name}:")
-        hints = typing.get_type_hints(section_type)
-        for f in dataclasses.fields(section_type):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            type_name = getattr(hints[f.name], "__name__", str(hints[f.name]))
-            choices = f.metadata.get("choices")
-            extra = f" one of {list(choices)}." if choices else ""
-            lines.append(f"  {name}.{f.name} ({type_name}, default {default!r}): {f.metadata['help']}{extra}")
+    lines, section = [], None
+    for key, f, hint, default in leaf_defaults():
+        if key.rpartition(".")[0] != section:
+            section = key.rpartition(".")[0]
+            lines.append(f"{section}:")
+        type_name = getattr(hint, "__name__", str(hint))
+        choices = f.metadata.get("choices")
+        extra = f" one of {list(choices)}." if choices else ""
+        lines.append(f"  {key} ({type_name}, default {default!r}): {f.metadata['help']}{extra}")
     return "\n".join(lines)
 
 
 def reference_markdown() -> str:
     """docs/config.md's config reference table (a test keeps docs/config.md in step with this)."""
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
-    for name, section_type in typing.get_type_hints(Config).items():
-        hints = typing.get_type_hints(section_type)
-        for f in dataclasses.fields(section_type):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            type_name = getattr(hints[f.name], "__name__", str(hints[f.name]))
-            choices = f.metadata.get("choices")
-            meaning = f.metadata["help"] + (f" One of: {', '.join(map(str, choices))}." if choices else "")
-            rows.append(f"| `{name}.{f.name}` | {type_name} | `{default!r}` | {meaning.replace('|', '/')} |")
+    for key, f, hint, default in leaf_defaults():
+        type_name = getattr(hint, "__name__", str(hint))
+        choices = f.metadata.get("choices")
+        meaning = f.metadata["help"] + (f" One of: {', '.join(map(str, choices))}." if choices else "")
+        rows.append(f"| `{key}` | {type_name} | `{default!r}` | {meaning.replace('|', '/')} |")
     return "\n".join(rows)

@@ -55,34 +55,34 @@ RANGES = {
     "grpo.max_rows": ">= 0",
     "grpo.max_steps": "> 0",
     "grpo.schedule_steps": ">= -1",
-    "grpo.completions_per_micro_batch": ">= 0",
+    "grpo.loss.completions_per_micro_batch": ">= 0",
     "grpo.prompts_per_step": "> 0",
-    "grpo.vllm_tensor_parallel_size": "> 0",
-    "grpo.vllm_max_num_batched_tokens": "> 0",
-    "grpo.num_generations": ">= 2",
-    "grpo.max_prompt_length": "> 0",
-    "grpo.max_completion_length": "> 0",
-    "grpo.temperature": "> 0",
-    "grpo.top_p": "(0, 1]",
-    "grpo.min_p": "[0, 1)",
-    "grpo.top_k": ">= 0",
-    "grpo.vllm_gpu_memory_utilization": "(0, 1]",
-    "grpo.vllm_cpu_kv_cache_gib": "> 0",
-    "grpo.sync_bucket_mib": "> 0",
-    "grpo.server_start_timeout_s": "> 0",
-    "grpo.server_request_timeout_s": "> 0",
-    "grpo.server_retries": ">= 0",
-    "grpo.server_tensor_parallel_size": "> 0",
-    "grpo.cosine_max_length": ">= 0",
-    "grpo.overlong_buffer": ">= 0",
-    "grpo.reward_workers": "> 0",
-    "grpo.reward_timeout_s": "(0, 86400]",
-    "grpo.epsilon_low": "[0, 1)",
-    "grpo.epsilon_high": ">= 0",
-    "grpo.beta": ">= 0",
-    "grpo.num_iterations": "> 0",
-    "grpo.vllm_is_cap": ">= 1",
-    "grpo.max_resample_rounds": ">= 0",
+    "grpo.rollout.vllm_tensor_parallel_size": "> 0",
+    "grpo.rollout.vllm_max_num_batched_tokens": "> 0",
+    "grpo.rollout.num_generations": ">= 2",
+    "grpo.rollout.max_prompt_length": "> 0",
+    "grpo.rollout.max_completion_length": "> 0",
+    "grpo.rollout.temperature": "> 0",
+    "grpo.rollout.top_p": "(0, 1]",
+    "grpo.rollout.min_p": "[0, 1)",
+    "grpo.rollout.top_k": ">= 0",
+    "grpo.rollout.vllm_gpu_memory_utilization": "(0, 1]",
+    "grpo.rollout.vllm_cpu_kv_cache_gib": "> 0",
+    "grpo.rollout.sync_bucket_mib": "> 0",
+    "grpo.rollout.server_start_timeout_s": "> 0",
+    "grpo.rollout.server_request_timeout_s": "> 0",
+    "grpo.rollout.server_retries": ">= 0",
+    "grpo.rollout.server_tensor_parallel_size": "> 0",
+    "grpo.reward.cosine_max_length": ">= 0",
+    "grpo.reward.overlong_buffer": ">= 0",
+    "grpo.reward.reward_workers": "> 0",
+    "grpo.reward.reward_timeout_s": "(0, 86400]",
+    "grpo.loss.epsilon_low": "[0, 1)",
+    "grpo.loss.epsilon_high": ">= 0",
+    "grpo.loss.beta": ">= 0",
+    "grpo.loss.num_iterations": "> 0",
+    "grpo.loss.vllm_is_cap": ">= 1",
+    "grpo.rollout.max_resample_rounds": ">= 0",
     "grpo.tokens_per_micro_batch": "> 0",
     "grpo.lr": "(0, 1)",
     "grpo.min_lr_ratio": "[0, 1]",
@@ -124,17 +124,17 @@ RANGES = {
 REASONS = {
     "run.dist_timeout_minutes": "at most a week; Python's timedelta overflows far above that",
     "heldout.answer_timeout_s": "seconds per answer check; the worker's alarm timer overflows far above a day",
-    "grpo.reward_timeout_s": "seconds per answer check; the worker's alarm timer overflows far above a day",
+    "grpo.reward.reward_timeout_s": "seconds per answer check; the worker's alarm timer overflows far above a day",
     "eval.answer_timeout_s": "seconds per answer check; the worker's alarm timer overflows far above a day",
-    "grpo.num_generations": "a group of one completion has advantage 0, so GRPO would train on nothing",
-    "grpo.temperature": "it divides the logits; for greedy decoding use the eval stage's temperature 0",
-    "grpo.vllm_is_cap": "it caps an importance weight whose unclipped value is 1 when sampler and trainer agree",
+    "grpo.rollout.num_generations": "a group of one completion has advantage 0, so GRPO would train on nothing",
+    "grpo.rollout.temperature": "it divides the logits; for greedy decoding use the eval stage's temperature 0",
+    "grpo.loss.vllm_is_cap": "it caps an importance weight whose unclipped value is 1 when sampler and trainer agree",
     "sft.lr": "AdamW moves each weight by about lr per step: 0 trains nothing, 1 is far too large",
     "grpo.lr": "AdamW moves each weight by about lr per step: 0 trains nothing, 1 is far too large",
 }
 
 # Numeric fields whose every finite value means something (signed reward values and weights).
-ANY_FINITE = {"grpo.reward_weights", "grpo.cosine_correct", "grpo.cosine_wrong"}
+ANY_FINITE = {"grpo.reward.reward_weights", "grpo.reward.cosine_correct", "grpo.reward.cosine_wrong"}
 
 
 @dataclass(frozen=True)
@@ -167,17 +167,18 @@ class Interval:
 INTERVALS = {key: Interval.parse(text) for key, text in RANGES.items()}
 
 
-def numeric_values(config: Any) -> Iterator[tuple[str, str, Any]]:
-    """(dotted key, shown key, value) for every int/float in the config, one per item of a list of numbers."""
-    for section in dataclasses.fields(config):
-        values = getattr(config, section.name)
-        for f in dataclasses.fields(values):
-            key = f"{section.name}.{f.name}"
-            value = getattr(values, f.name)
-            items = list(enumerate(value)) if isinstance(value, list) else [(None, value)]
-            for i, item in items:
-                if isinstance(item, (int, float)) and not isinstance(item, bool):
-                    yield key, key if i is None else f"{key}[{i}]", item
+def numeric_values(config: Any, prefix: str = "") -> Iterator[tuple[str, str, Any]]:
+    """(dotted key, shown key, value) for every int/float in the config (sub-sections such as grpo.loss walked),
+    one per item of a list of numbers."""
+    for f in dataclasses.fields(config):
+        key, value = prefix + f.name, getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from numeric_values(value, key + ".")
+            continue
+        items = list(enumerate(value)) if isinstance(value, list) else [(None, value)]
+        for i, item in items:
+            if isinstance(item, (int, float)) and not isinstance(item, bool):
+                yield key, key if i is None else f"{key}[{i}]", item
 
 
 def check_ranges(config: Any) -> None:

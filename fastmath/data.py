@@ -33,7 +33,7 @@ Chat template and reasoning prefill (the same in every stage):
   * Pad-token loss (`data.mask_pad_tokens`, SFT): no loss on any token equal to the pad token, as the seed's
     collator (labels = ids, pad ids -> -100) did; with R1-Distill's pad = eos that masks every eos.
   * System prompt and user prefix: per stage (`prompt_settings`): SFT and the held-out check use
-    `data.system_prompt` / `data.user_prefix`; GRPO and eval use `grpo.*` / `eval.*`, null = data's. The user
+    `data.system_prompt` / `data.user_prefix`; GRPO and eval use `grpo.rollout.*` / `eval.*`, null = data's. The user
     prefix is put before the problem in the user turn of prompt rows (chat rows are used as written).
 
 Bad rows are skipped and counted by reason (never silently); a source with zero usable rows, or a
@@ -277,11 +277,11 @@ def without_reasoning_open(solution: str) -> str:
 
 def prompt_settings(config, stage: str) -> dict:
     """The Formatter keywords of a stage: the run's template and prefill rule with the stage's system prompt and
-    user prefix ('sft' and 'heldout': data.*; 'grpo' and 'eval': their own, where null means data's)."""
+    user prefix ('sft' and 'heldout': data.*; 'grpo' and 'eval': grpo.rollout.* and eval.*, where null means data's)."""
     d = config.data
     system, prefix = d.system_prompt, d.user_prefix
     if stage in ("grpo", "eval"):
-        own = getattr(config, stage)
+        own = config.grpo.rollout if stage == "grpo" else config.eval
         system = d.system_prompt if own.system_prompt is None else own.system_prompt
         prefix = d.user_prefix if own.user_prefix is None else own.user_prefix
     return {"system_prompt": system, "user_prefix": prefix, "chat_template": d.chat_template,

@@ -12,7 +12,7 @@ The loss of a step is normalised over the whole step (all micro-batches, all ran
 global counted-token and sequence counts, so each micro-batch's loss is its share of the global loss;
 FSDP averages gradients over ranks, so each rank's loss is multiplied by the world size before backward.
 bnpo is the exception, as in TRL: each micro-batch (packed row) is normalised by its own tokens and the rows'
-losses are averaged (`grpo.completions_per_micro_batch` fixes how many completions a row holds).
+losses are averaged (`grpo.loss.completions_per_micro_batch` fixes how many completions a row holds).
 
 Outputs in run.output_dir/grpo/: metrics.jsonl (one line per step: rewards per component, accuracy,
 completion lengths, truncation, clip fractions, KL, entropy, time and tokens/s of generation, update and
@@ -52,8 +52,8 @@ from kernels.grpo import group_advantages, reward_sums
 
 # Config keys a resumed GRPO run must not change (they shape the data order or the update).
 _RESUME_INVARIANT = ("run.seed", "grpo.init_from", "grpo.prompts", "grpo.max_steps", "grpo.prompts_per_step",
-                     "grpo.num_generations", "grpo.lr", "grpo.loss_type", "grpo.num_iterations",
-                     "grpo.schedule_steps", "grpo.completions_per_micro_batch")
+                     "grpo.rollout.num_generations", "grpo.lr", "grpo.loss.loss_type", "grpo.loss.num_iterations",
+                     "grpo.schedule_steps", "grpo.loss.completions_per_micro_batch")
 
 
 @dataclass
@@ -109,8 +109,8 @@ def load_prompts(config: Config, formatter: Formatter, checker: AnswerChecker, p
             report.skipped[problem] += 1
             continue
         ids = formatter.prompt_ids(text)
-        if len(ids) > g.max_prompt_length:
-            report.skipped[f"prompt longer than grpo.max_prompt_length ({g.max_prompt_length})"] += 1
+        if len(ids) > g.rollout.max_prompt_length:
+            report.skipped[f"prompt longer than grpo.rollout.max_prompt_length ({g.rollout.max_prompt_length})"] += 1
             continue
         rows.append(PromptRow(text, ids, answer, formatter.reasoning_prefix))
     report.used = len(rows)
@@ -140,7 +140,7 @@ def prompt_indices(n_rows: int, step: int, per_step: int, seed: int) -> list[int
 def sample_groups(generator, rows: list[PromptRow], sampling: Sampling, config: Config, tokenizer,
                   checker: AnswerChecker, seeds: list[int] | None = None) -> list[Group]:
     g = config.grpo
-    G = g.num_generations
+    G = g.rollout.num_generations
     completions = generator.generate([r.ids for r in rows], sampling, G, seeds)
     flat = [c for group in completions for c in group]
     texts = [r.prefill + c.text for r, group in zip(rows, completions) for c in group]  # judged: prefill + text
@@ -148,18 +148,18 @@ def sample_groups(generator, rows: list[PromptRow], sampling: Sampling, config: 
     verdicts = checker.check(texts, golds)
     correct = [v.correct for v in verdicts]
     tokens = [len(c.token_ids) for c in flat]
-    length = tokens if g.length_unit == "tokens" else [len(c.text) for c in flat]
+    length = tokens if g.reward.length_unit == "tokens" else [len(c.text) for c in flat]
     # Characters have no hard limit; 4 per token is the usual rule of thumb for the cosine's default scale.
-    unit_limit = g.max_completion_length * (1 if g.length_unit == "tokens" else 4)
+    unit_limit = g.rollout.max_completion_length * (1 if g.reward.length_unit == "tokens" else 4)
     columns = {"correct": [bool(c) for c in correct], "length": length, "tokens": tokens,
                "group": [i // G for i in range(len(flat))], "truncated": [c.truncated for c in flat]}
-    settings = {"max_length": g.cosine_max_length or unit_limit, "limit": g.max_completion_length,
-                "overlong_buffer": g.overlong_buffer, "cosine_correct": tuple(g.cosine_correct),
-                "cosine_wrong": tuple(g.cosine_wrong), "format_rule": g.format_rule,
-                "length_span": g.length_span}
-    weights = g.reward_weights or [1.0] * len(g.rewards)
+    settings = {"max_length": g.reward.cosine_max_length or unit_limit, "limit": g.rollout.max_completion_length,
+                "overlong_buffer": g.reward.overlong_buffer, "cosine_correct": tuple(g.reward.cosine_correct),
+                "cosine_wrong": tuple(g.reward.cosine_wrong), "format_rule": g.reward.format_rule,
+                "length_span": g.reward.length_span}
+    weights = g.reward.reward_weights or [1.0] * len(g.reward.rewards)
     prompts = [r.text for r in rows for _ in range(G)]
-    table = compute_rewards(g.rewards, weights, prompts, texts, golds, columns, settings)
+    table = compute_rewards(g.reward.rewards, weights, prompts, texts, golds, columns, settings)
     for name, error in table.failures.items():
         print(f"fastmath: warning: reward '{name}' failed and scored 0 for this batch: {error}", flush=True)
     groups = []
@@ -179,24 +179,25 @@ def rollout_step(generator, rows: list[PromptRow], step: int, config: Config, to
     the same seeds, then keeps its own even share of the groups for the update. Seeds are per prompt, from its
     position in the step, so a prompt's completions do not depend on the split."""
     g = config.grpo
-    G, seed = g.num_generations, config.run.seed
+    G, seed = g.rollout.num_generations, config.run.seed
     unit = unit or GenerationUnit(dist_info.rank, dist_info.world_size, 0, 1)
     share = even_share(g.prompts_per_step, unit.index, unit.count)
     mine = prompt_indices(len(rows), step, g.prompts_per_step, seed)[share]
-    sampling = Sampling(temperature=g.temperature, top_p=g.top_p, min_p=g.min_p, top_k=g.top_k,
-                        max_tokens=g.max_completion_length, stop=list(g.stop),
+    sampling = Sampling(temperature=g.rollout.temperature, top_p=g.rollout.top_p, min_p=g.rollout.min_p,
+                        top_k=g.rollout.top_k,
+                        max_tokens=g.rollout.max_completion_length, stop=list(g.rollout.stop),
                         seed=seed * 100_003 + step * 97 + unit.index)
     seeds = [prompt_seed(seed, step, i, G) for i in range(share.start, share.stop)]
     groups = sample_groups(generator, [rows[i] for i in mine], sampling, config, tokenizer, checker, seeds)
     target = len(mine)
-    if not g.dynamic_sampling:
+    if not g.rollout.dynamic_sampling:
         groups = groups[even_share(len(groups), unit.rank_in_unit, unit.size)]
         return groups, {"groups_sampled": len(groups), "groups_dropped": 0, "resample_rounds": 0}
     kept = [grp for grp in groups if not grp.zero_variance]
     all_sampled = list(groups)
     rng = random.Random(seed * 7_919 + step * 31 + unit.index)  # the same extra prompts on a unit's ranks
     rounds = 0
-    for round_ in range(1, g.max_resample_rounds + 1):
+    for round_ in range(1, g.rollout.max_resample_rounds + 1):
         if not _unit_wants_more(len(kept) < target, unit, dist_info.device):
             break
         extra = [rows[i] for i in rng.sample(range(len(rows)), min(len(rows), max(0, target - len(kept))))]
@@ -232,16 +233,16 @@ def advantages_for(groups: list[Group], config: Config, dist_info: DistInfo) -> 
     """Per-completion advantages, computed on the training device (the Triton kernel on GPUs); 'batch' scaling
     divides by the std of every reward of the step: each rank's reward sums, all-reduced once on the device."""
     g = config.grpo
-    G = g.num_generations
+    G = g.rollout.num_generations
     rewards = torch.tensor([r for grp in groups for r in grp.rewards], dtype=torch.float32, device=dist_info.device)
     batch_sums = None
-    if g.scale_rewards == "batch":
+    if g.loss.scale_rewards == "batch":
         batch_sums = reward_sums(rewards)  # zeros on a rank without groups, which stays in step with the others
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             torch.distributed.all_reduce(batch_sums)
     if not groups:
         return []
-    adv = group_advantages(rewards, G, scale=g.scale_rewards, batch_sums=batch_sums).advantages
+    adv = group_advantages(rewards, G, scale=g.loss.scale_rewards, batch_sums=batch_sums).advantages
     adv = adv.tolist()  # a host sync, once per step: the sequences carry their advantage as a float
     return [adv[i * G:(i + 1) * G] for i in range(len(groups))]
 
@@ -271,7 +272,7 @@ def attach_logprobs(model, ref_model, batches, g, autocast) -> list[torch.Tensor
     """Old log-probs (needed for num_iterations > 1 and for the sampler importance weights) and reference
     log-probs (beta > 0) in no-grad passes; returns each row's truncated importance weights
     min(exp(old - sampler), cap) (TRL's token_truncate), or None where not used."""
-    need_old = g.num_iterations > 1 or g.vllm_is_correction
+    need_old = g.loss.num_iterations > 1 or g.loss.vllm_is_correction
     if need_old or ref_model is not None:
         with autocast():
             for b in batches:
@@ -282,8 +283,8 @@ def attach_logprobs(model, ref_model, batches, g, autocast) -> list[torch.Tensor
                     release_gathered(ref_model)
     weights = []
     for b in batches:
-        if g.vllm_is_correction and b.sampler_logprobs is not None and b.old_logprobs is not None:
-            weights.append(torch.exp(b.old_logprobs - b.sampler_logprobs).clamp(max=g.vllm_is_cap))
+        if g.loss.vllm_is_correction and b.sampler_logprobs is not None and b.old_logprobs is not None:
+            weights.append(torch.exp(b.old_logprobs - b.sampler_logprobs).clamp(max=g.loss.vllm_is_cap))
         else:
             weights.append(None)
     return weights
@@ -323,12 +324,12 @@ def update_policy(model, optimizer, batches, weights, global_tokens: float, glob
         return UpdateResult(0.0, torch.tensor(0.0), 0.0, torch.zeros(6, dtype=torch.float64), skipped=False)
     device = batches[0].seq_ids.device
     params = [p for p in model.parameters() if p.requires_grad]
-    total_updates = (horizon or g.max_steps) * g.num_iterations
-    share = 1.0 / max(1.0, global_rows) if g.loss_type == "bnpo" else 1.0
+    total_updates = (horizon or g.max_steps) * g.loss.num_iterations
+    share = 1.0 / max(1.0, global_rows) if g.loss.loss_type == "bnpo" else 1.0
     stats_total = torch.zeros(6, dtype=torch.float64, device=device)
     loss_value, grad_norm, lr = float("nan"), nan, 0.0
-    for it in range(g.num_iterations):
-        lr = set_lr(optimizer, optim, step * g.num_iterations + it, total_updates)
+    for it in range(g.loss.num_iterations):
+        lr = set_lr(optimizer, optim, step * g.loss.num_iterations + it, total_updates)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for micro, batch in micro_batches(model, batches, gradient_sync):
             with autocast():
@@ -389,18 +390,19 @@ def build_policy(config: Config, init_path: str, dist_info: DistInfo) -> Policy:
     """Policy (FSDP), optional frozen reference, AdamW."""
     g, m = config.grpo, config.model
     bf16, autocast = mixed_precision(m.precision, dist_info.device)
-    loss_options = dict(beta=g.beta, epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high, loss_type=g.loss_type,
-                        importance_sampling_level=g.importance_sampling_level,
-                        max_completion_length=g.max_completion_length)
+    loss_options = dict(beta=g.loss.beta, epsilon_low=g.loss.epsilon_low, epsilon_high=g.loss.epsilon_high,
+                        loss_type=g.loss.loss_type,
+                        importance_sampling_level=g.loss.importance_sampling_level,
+                        max_completion_length=g.rollout.max_completion_length)
     chunk_bytes = lm_head_chunk_bytes(m)
 
     def wrap(lm):
-        return PolicyWithGRPOLoss(lm, g.temperature, loss_options, chunk_bytes)
+        return PolicyWithGRPOLoss(lm, g.rollout.temperature, loss_options, chunk_bytes)
 
     causal_lm, model = load_parallel_model(init_path, wrap, m, dist_info, bf16, config.parallel.replicate)
     model.train()
     ref_model = None
-    if g.beta > 0:  # frozen, in the compute dtype, sharded like the policy and resharded after each forward
+    if g.loss.beta > 0:  # frozen, in the compute dtype, sharded like the policy and resharded after each forward
         _, ref_model = load_parallel_model(init_path, wrap, m, dist_info, bf16, config.parallel.replicate,
                                            trainable=False)
         ref_model.eval()
@@ -445,7 +447,8 @@ def _sequences(groups: list[Group], advantages: list[list[float]], mask_truncate
 
 def run_grpo(config: Config, dist_info: DistInfo) -> dict:
     g = config.grpo
-    unit_ranks(dist_info.world_size, g.vllm_tensor_parallel_size, "grpo.vllm_tensor_parallel_size")  # refuse now
+    unit_ranks(dist_info.world_size, g.rollout.vllm_tensor_parallel_size,
+               "grpo.rollout.vllm_tensor_parallel_size")  # refuse now
     stage = Stage("grpo", config, dist_info, Path(config.run.output_dir) / "grpo", _RESUME_INVARIANT,
                   heldout=g.prompts == "embedded")
     ckpt.seed_all(config.run.seed)
@@ -454,7 +457,7 @@ def run_grpo(config: Config, dist_info: DistInfo) -> dict:
     init_path = start_model(config, "grpo")
     tokenizer = load_tokenizer(init_path, config.model.trust_remote_code)
     formatter = Formatter(tokenizer, config.data.prompt_field, **prompt_settings(config, "grpo"))
-    checker = AnswerChecker(g.reward_workers, g.reward_timeout_s, g.answer_check)
+    checker = AnswerChecker(g.reward.reward_workers, g.reward.reward_timeout_s, g.reward.answer_check)
     cleanup = [checker.close]  # also on errors: the worker pool and the generator must not outlive the stage
     try:
         rows, report = load_prompts(config, formatter, checker, progress=dist_info.is_main)
@@ -468,11 +471,13 @@ def run_grpo(config: Config, dist_info: DistInfo) -> dict:
 
 def grpo_engine_settings(config: Config) -> EngineSettings:
     g = config.grpo
-    return EngineSettings(kind=g.generator, max_model_len=g.max_prompt_length + g.max_completion_length,
-                          seed=config.run.seed, gpu_memory_utilization=g.vllm_gpu_memory_utilization,
-                          cpu_kv_cache_gib=g.vllm_cpu_kv_cache_gib, tensor_parallel_size=g.vllm_tensor_parallel_size,
-                          sleep_mode=g.vllm_sleep, enforce_eager=g.vllm_enforce_eager,
-                          max_num_batched_tokens=g.vllm_max_num_batched_tokens,
+    return EngineSettings(kind=g.rollout.generator,
+                          max_model_len=g.rollout.max_prompt_length + g.rollout.max_completion_length,
+                          seed=config.run.seed, gpu_memory_utilization=g.rollout.vllm_gpu_memory_utilization,
+                          cpu_kv_cache_gib=g.rollout.vllm_cpu_kv_cache_gib,
+                          tensor_parallel_size=g.rollout.vllm_tensor_parallel_size,
+                          sleep_mode=g.rollout.vllm_sleep, enforce_eager=g.rollout.vllm_enforce_eager,
+                          max_num_batched_tokens=g.rollout.vllm_max_num_batched_tokens,
                           trust_remote_code=config.model.trust_remote_code)
 
 
@@ -486,20 +491,21 @@ def _train(stage: Stage, config: Config, dist_info: DistInfo, init_path: str, to
     before = stage.before(resume, lambda: {"heldout": stage.heldout(init_path)})
 
     # 3. Generator (starts from the initial weights; a resumed run pushes the checkpoint's in) ---------------
-    unit = join_unit(dist_info.rank, dist_info.world_size, g.vllm_tensor_parallel_size,
-                     "grpo.vllm_tensor_parallel_size")
-    if g.vllm_mode == "server":
+    unit = join_unit(dist_info.rank, dist_info.world_size, g.rollout.vllm_tensor_parallel_size,
+                     "grpo.rollout.vllm_tensor_parallel_size")
+    if g.rollout.vllm_mode == "server":
         generator = ServerGenerator(ServerSettings.from_config(g, init_path), tokenizer, dist_info.rank,
                                     dist_info.device)
     else:
         generator = make_generator(grpo_engine_settings(config), init_path, tokenizer, dist_info, unit,
                                    verbose=dist_info.is_main)
     cleanup.append(generator.close)
-    sync = WeightSync(generator, policy.causal_lm, g.sync_bucket_mib, dist_info.device)
-    if resume.step or g.vllm_mode == "server":  # a server may hold any weights (a restart, a later step)
+    sync = WeightSync(generator, policy.causal_lm, g.rollout.sync_bucket_mib, dist_info.device)
+    if resume.step or g.rollout.vllm_mode == "server":  # a server may hold any weights (a restart, a later step)
         sync()
     if dist_info.is_main:
-        print(f"GRPO from {init_path}: {g.max_steps} steps x {g.prompts_per_step} prompts x {g.num_generations} "
+        print(f"GRPO from {init_path}: {g.max_steps} steps x {g.prompts_per_step} prompts x "
+              f"{g.rollout.num_generations} "
               f"completions on {dist_info.world_size} process(es); generator: {type(generator).__name__}",
               flush=True)
 
@@ -538,9 +544,9 @@ def train(stage: Stage, config: Config, dist_info: DistInfo, policy: Policy, gen
         # Advantages, sequences, packed rows; every rank runs as many micro-batches as the busiest one.
         t1 = time.perf_counter()
         advantages = advantages_for(groups, config, dist_info)
-        seqs = _sequences(groups, advantages, g.mask_truncated)
+        seqs = _sequences(groups, advantages, g.loss.mask_truncated)
         batches, n_real, global_tokens, global_seqs, global_rows = build_update_batches(
-            seqs, g.tokens_per_micro_batch, tokenizer.pad_token_id, device, g.completions_per_micro_batch)
+            seqs, g.tokens_per_micro_batch, tokenizer.pad_token_id, device, g.loss.completions_per_micro_batch)
         weights = attach_logprobs(policy.model, policy.ref_model, batches, g, policy.autocast)
         result = update_policy(policy.model, policy.optimizer, batches, weights, global_tokens, global_seqs, g,
                                policy.optim, step, world, policy.autocast, global_rows, horizon,
@@ -563,7 +569,7 @@ def train(stage: Stage, config: Config, dist_info: DistInfo, policy: Policy, gen
                        "time/sync_s": t_sync, "generate_tokens_per_s": record["completion_tokens"] / max(t_gen, 1e-9),
                        "sync_bytes": sync.bytes, "sync_gb_per_s": sync.bytes / 1e9 / max(t_sync, 1e-9),
                        "answer_timeouts": checker.counts["timeout"], "checker_restarts": checker.restarts})
-        record["update_tokens_per_s"] = record["tokens"] * g.num_iterations / max(t_update, 1e-9)
+        record["update_tokens_per_s"] = record["tokens"] * g.loss.num_iterations / max(t_update, 1e-9)
 
         # Metrics line, then the checkpoint that makes this step done.
         done = step + 1
@@ -583,7 +589,7 @@ def _step_metrics(sampled: list[Group], counts: dict, result: UpdateResult, upda
                   dist_info: DistInfo) -> dict:
     """Everything a person watching an RL run needs, summed over ranks once; `update_tokens` (this rank's packed
     update tokens) comes back summed as "update_tokens" and as "tokens"."""
-    names = config.grpo.rewards
+    names = config.grpo.reward.rewards
     flat = [(grp, i) for grp in sampled for i in range(len(grp.completions))]
     lengths = [len(grp.completions[i].token_ids) for grp, i in flat]
     rewards = [grp.rewards[i] for grp, i in flat]

@@ -192,12 +192,12 @@ def _sft_batches(config: Config):
 
 def _grpo_batch(config: Config):
     """The worst-case update row: completions of max_completion_length after prompts of max_prompt_length, as
-    many as a row holds (grpo.completions_per_micro_batch, or as fit the token budget)."""
+    many as a row holds (grpo.loss.completions_per_micro_batch, or as fit the token budget)."""
     from fastmath.policy import Sequence, pack_sequences
 
     g = config.grpo
-    prompt, completion = g.max_prompt_length, g.max_completion_length
-    per_row = g.completions_per_micro_batch or max(1, g.tokens_per_micro_batch // (prompt + completion))
+    prompt, completion = g.rollout.max_prompt_length, g.rollout.max_completion_length
+    per_row = g.loss.completions_per_micro_batch or max(1, g.tokens_per_micro_batch // (prompt + completion))
     seqs = [Sequence([1] * prompt, [1] * completion, [0.0] * completion, 1.0, True) for _ in range(per_row)]
     (batch,) = pack_sequences(seqs, budget=per_row * (prompt + completion), per_row=per_row)
     return batch, per_row
@@ -205,7 +205,7 @@ def _grpo_batch(config: Config):
 
 def _grpo_rows_per_rank(config: Config, world: int, per_row: int) -> int:
     g = config.grpo
-    completions = math.ceil(g.prompts_per_step / world) * g.num_generations
+    completions = math.ceil(g.prompts_per_step / world) * g.rollout.num_generations
     return math.ceil(completions / per_row)
 
 
@@ -233,12 +233,12 @@ def simulate_stage(config: Config, stage: str, world_size: int, gpu: bool, progr
         batch = _sft_batches(config)
         n_micro = config.sft.global_batch // world_size
     else:
-        loss_options = dict(beta=g.beta, epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high,
-                            loss_type=g.loss_type, importance_sampling_level=g.importance_sampling_level,
-                            max_completion_length=g.max_completion_length)
+        loss_options = dict(beta=g.loss.beta, epsilon_low=g.loss.epsilon_low, epsilon_high=g.loss.epsilon_high,
+                            loss_type=g.loss.loss_type, importance_sampling_level=g.loss.importance_sampling_level,
+                            max_completion_length=g.rollout.max_completion_length)
 
         def wrap(lm):
-            return PolicyWithGRPOLoss(lm, g.temperature, loss_options, chunk_bytes)
+            return PolicyWithGRPOLoss(lm, g.rollout.temperature, loss_options, chunk_bytes)
         batch, per_row = _grpo_batch(config)
         n_micro = _grpo_rows_per_rank(config, world_size, per_row)
     tokens = batch.num_tokens if stage == "sft" else batch.packed.num_tokens
@@ -249,7 +249,7 @@ def simulate_stage(config: Config, stage: str, world_size: int, gpu: bool, progr
         model = parallelize(wrap(causal_lm), world_size, device, m.activation_checkpointing, False, bf16,
                             config.parallel.replicate)
         ref_model = None
-        if stage == "grpo" and g.beta > 0:
+        if stage == "grpo" and g.loss.beta > 0:
             ref_lm = _meta_model(arch, m.attn_implementation, torch.bfloat16 if bf16 else torch.float32)
             ref_lm.requires_grad_(False)
             ref_model = parallelize(wrap(ref_lm), world_size, device, False, False, bf16, config.parallel.replicate)
@@ -309,7 +309,7 @@ def _one_step(stage, model, ref_model, batch, n_micro, world, config, autocast, 
     batches = [batch] * n_micro
     g = config.grpo
     if stage == "grpo":
-        need_old = g.num_iterations > 1 or g.vllm_is_correction
+        need_old = g.loss.num_iterations > 1 or g.loss.vllm_is_correction
         with torch.no_grad(), autocast:
             for b in batches:
                 if need_old:
@@ -391,9 +391,10 @@ def step_work(config: Config, stage: str, arch, params: dict, world: int, n_micr
     extra = 0.0
     if stage == "grpo":
         forward = forward_and_backward / 3
-        passes = (config.grpo.beta > 0) + (config.grpo.num_iterations > 1 or config.grpo.vllm_is_correction)
+        loss = config.grpo.loss
+        passes = (loss.beta > 0) + (loss.num_iterations > 1 or loss.vllm_is_correction)
         extra = forward * passes
-        train *= config.grpo.num_iterations
+        train *= config.grpo.loss.num_iterations
     # FSDP traffic per rank and micro-batch: all-gather bf16 parameters in forward and again in backward
     # (2 bytes each, twice), reduce-scatter fp32 gradients (4 bytes); each moves (W - 1) / W of the bytes.
     share = (world - 1) / world
@@ -412,8 +413,8 @@ def timing(plan: StagePlan, spec: GPUSpec, config: Config) -> dict[str, float]:
     comm = s["fsdp_bytes"] / spec.link_bytes_per_s
     out = {"update": max(compute, comm) + s["optimizer_bytes"] / spec.hbm_bytes_per_s}
     if plan.stage == "grpo":
-        tp = config.grpo.vllm_tensor_parallel_size
-        out["generate"] = config.grpo.max_completion_length * (2 * plan.parameters / tp) / spec.hbm_bytes_per_s
+        tp = config.grpo.rollout.vllm_tensor_parallel_size
+        out["generate"] = config.grpo.rollout.max_completion_length * (2 * plan.parameters / tp) / spec.hbm_bytes_per_s
     return out
 
 
@@ -427,15 +428,16 @@ def engine_share(config: Config, spec: GPUSpec, arch, world: int):
     from fastmath.vllm_budget import engine_budget
 
     g = config.grpo
-    tp = g.vllm_tensor_parallel_size
+    tp = g.rollout.vllm_tensor_parallel_size
     # A tensor-parallel engine generates for every rank of its group: tp ranks' prompts, each G completions.
-    sequences = g.num_generations * math.ceil(g.prompts_per_step / world) * tp
-    length = g.max_prompt_length + g.max_completion_length
-    budget = engine_budget(arch, gpu_bytes=spec.memory_bytes, gpu_memory_utilization=g.vllm_gpu_memory_utilization,
+    sequences = g.rollout.num_generations * math.ceil(g.prompts_per_step / world) * tp
+    length = g.rollout.max_prompt_length + g.rollout.max_completion_length
+    budget = engine_budget(arch, gpu_bytes=spec.memory_bytes,
+                           gpu_memory_utilization=g.rollout.vllm_gpu_memory_utilization,
                            tensor_parallel_size=tp, max_model_len=length, sequences=sequences, sequence_tokens=length,
-                           enforce_eager=g.vllm_enforce_eager,
-                           max_num_batched_tokens=g.vllm_max_num_batched_tokens)
-    asleep = budget.overhead if g.vllm_sleep else budget.budget
+                           enforce_eager=g.rollout.vllm_enforce_eager,
+                           max_num_batched_tokens=g.rollout.vllm_max_num_batched_tokens)
+    asleep = budget.overhead if g.rollout.vllm_sleep else budget.budget
     return budget.budget, asleep, budget
 
 
@@ -476,7 +478,7 @@ def plan_config(config: Config, config_path: str, gpu: str | GPUSpec, nodes: int
         _check_divisible(config, stage, world)
         plan = simulate_stage(config, stage, world, gpu=True, progress=bar)
         arch = architecture_config(plan.model, config.model.trust_remote_code)
-        colocated = config.grpo.vllm_mode == "colocate" and config.grpo.generator != "hf"
+        colocated = config.grpo.rollout.vllm_mode == "colocate" and config.grpo.rollout.generator != "hf"
         if stage == "grpo" and colocated:  # server mode: the engines live on their own GPUs
             plan.engine_awake, plan.engine_asleep, plan.engine = engine_share(config, spec, arch, world)
         plan.step_seconds = timing(plan, spec, config)
@@ -570,11 +572,12 @@ def not_fitting_message(plan: Plan, stage: StagePlan) -> str:
     need, have = stage.peak_bytes / GiB, (1 - HEADROOM) * plan.spec.memory_bytes / GiB
     if stage.engine is not None and not stage.engine.starts:
         return (f"the {stage.stage} stage's vLLM engine cannot start on {plan.spec.name}: "
-                f"{engine_note(stage.engine)}; raise grpo.vllm_gpu_memory_utilization or use tensor parallelism")
+                f"{engine_note(stage.engine)}; raise grpo.rollout.vllm_gpu_memory_utilization or use tensor "
+                f"parallelism")
     return (f"the {stage.stage} stage needs {need:.1f} GiB per GPU, more than the {have:.1f} GiB usable on "
             f"{plan.spec.name} (largest: {largest_terms(plan, stage)}); fix: more GPUs, a smaller token budget per "
             f"micro-batch, model.activation_checkpointing=true, optim.name=adamw_8bit, or a smaller "
-            f"grpo.vllm_gpu_memory_utilization (python fastmath/train.py --config X --plan shows each term)")
+            f"grpo.rollout.vllm_gpu_memory_utilization (python fastmath/train.py --config X --plan shows each term)")
 
 
 def run_check(config_path: str | None, overrides: list[str], world: int, local_world: int) -> None:

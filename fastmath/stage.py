@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from fastmath import checkpoint as ckpt
-from fastmath.config import Config, to_dict
+from fastmath.config import Config, saved_setting, to_dict
 from fastmath.distributed import DistInfo
 from fastmath.errors import CheckpointError, ConfigError
 from fastmath.metrics import MetricsWriter
@@ -299,9 +299,11 @@ def check_resume_compatible(saved: dict, config: Config, path: Path, invariant: 
     checkpoint's config lacks (it predates the key) counts as the key's default, which is how that run behaved."""
     current, defaults = to_dict(config), to_dict(Config())
     for key in invariant:
-        section, name = key.split(".")
-        saved_section = saved.get(section) if isinstance(saved.get(section), dict) else {}
-        old, new = saved_section.get(name, defaults[section][name]), current[section][name]
+        try:
+            old = saved_setting(saved, key)
+        except KeyError:
+            old = saved_setting(defaults, key)
+        new = saved_setting(current, key)
         if old != new:
             raise CheckpointError(f"checkpoint {path} was made with {key}={old!r}, this run has {new!r}; "
                                   f"resume with the same value or use a fresh run.output_dir")

@@ -119,8 +119,8 @@ ARGS = [
     Case("bool-given-a-number", "args", "model.compile=1", "config key 'model.compile' expects bool, got 1"),
     Case("bool-given-a-word", "args", "model.compile=maybe", "config key 'model.compile' expects bool, got 'maybe'"),
     Case("int-list-given-a-word", "args", "eval.budgets=[64,a]", "config key 'eval.budgets[1]' expects int, got 'a'"),
-    Case("str-list-given-a-mapping", "args", "'grpo.rewards={a: 1}'",
-         "config key 'grpo.rewards[0]' expects str, got {'a': 1}"),
+    Case("str-list-given-a-mapping", "args", "'grpo.reward.rewards={a: 1}'",
+         "config key 'grpo.reward.rewards[0]' expects str, got {'a': 1}"),
     # choices
     Case("choice-misspelt", "args", "data.overlong=cut",
          "config key 'data.overlong': 'cut' is not one of ['drop', 'truncate']"),
@@ -129,10 +129,10 @@ ARGS = [
     Case("stages-comma-list", "args", "run.stages=sft,grpo",
          "config key 'run.stages': 'sft,grpo' is not one of ['sft', 'grpo', 'eval'] (a list is written [a, b])"),
     Case("stage-unknown", "args", "run.stages=[sft,rl]", "config key 'run.stages': 'rl' is not one of ['sft', 'grpo', 'eval']"),
-    Case("loss-type-unknown", "args", "grpo.loss_type=ppo",
-         "config key 'grpo.loss_type': 'ppo' is not one of ['grpo', 'bnpo', 'dr_grpo', 'dapo']"),
-    Case("reward-unknown", "args", "grpo.rewards=[accuracy,speed]", "config key 'grpo.rewards': 'speed' is not one of..."),
-    Case("generator-unknown", "args", "grpo.generator=tgi", "config key 'grpo.generator': 'tgi' is not one of ['auto', 'vllm', 'hf']"),
+    Case("loss-type-unknown", "args", "grpo.loss.loss_type=ppo",
+         "config key 'grpo.loss.loss_type': 'ppo' is not one of ['grpo', 'bnpo', 'dr_grpo', 'dapo']"),
+    Case("reward-unknown", "args", "grpo.reward.rewards=[accuracy,speed]", "config key 'grpo.reward.rewards': 'speed' is not one of..."),
+    Case("generator-unknown", "args", "grpo.rollout.generator=tgi", "config key 'grpo.rollout.generator': 'tgi' is not one of ['auto', 'vllm', 'hf']"),
     Case("attention-unknown", "args", "model.attn_implementation=eager",
          "config key 'model.attn_implementation': 'eager' is not one of ['fastmath_varlen', 'flash_attention_2']"),
     Case("report-to-unknown", "args", "run.report_to=[mlflow]", "config key 'run.report_to': 'mlflow' is not one of..."),
@@ -156,18 +156,18 @@ ARGS = [
     Case("keep-zero-checkpoints", "args", "checkpoint.keep=0", "config key 'checkpoint.keep' must be > 0, got 0"),
     Case("save-every-negative", "args", "checkpoint.save_every=-5", "config key 'checkpoint.save_every' must be >= 0, got -5"),
     Case("heldout-tokens-zero", "args", "heldout.max_new_tokens=0", "config key 'heldout.max_new_tokens' must be > 0, got 0"),
-    Case("group-of-one", "args", "grpo.num_generations=1",
-         "config key 'grpo.num_generations' must be >= 2, got 1 (a group of one completion has advantage 0, so GRPO "
+    Case("group-of-one", "args", "grpo.rollout.num_generations=1",
+         "config key 'grpo.rollout.num_generations' must be >= 2, got 1 (a group of one completion has advantage 0, so GRPO "
          "would train on nothing)"),
-    Case("group-of-zero", "args", "grpo.num_generations=0", "config key 'grpo.num_generations' must be >= 2, got 0..."),
-    Case("grpo-temperature-zero", "args", "grpo.temperature=0",
-         "config key 'grpo.temperature' must be > 0, got 0.0 (it divides the logits; for greedy decoding use the "
+    Case("group-of-zero", "args", "grpo.rollout.num_generations=0", "config key 'grpo.rollout.num_generations' must be >= 2, got 0..."),
+    Case("grpo-temperature-zero", "args", "grpo.rollout.temperature=0",
+         "config key 'grpo.rollout.temperature' must be > 0, got 0.0 (it divides the logits; for greedy decoding use the "
          "eval stage's temperature 0)"),
-    Case("top-p-zero", "args", "grpo.top_p=0", "config key 'grpo.top_p' must be in (0, 1], got 0.0"),
+    Case("top-p-zero", "args", "grpo.rollout.top_p=0", "config key 'grpo.rollout.top_p' must be in (0, 1], got 0.0"),
     Case("top-p-above-1", "args", "eval.top_p=1.5", "config key 'eval.top_p' must be in (0, 1], got 1.5"),
     Case("min-p-one", "args", "eval.min_p=1", "config key 'eval.min_p' must be in [0, 1), got 1.0"),
-    Case("reward-timeout-zero", "args", "grpo.reward_timeout_s=0",
-         "config key 'grpo.reward_timeout_s' must be in (0, 86400], got 0.0..."),
+    Case("reward-timeout-zero", "args", "grpo.reward.reward_timeout_s=0",
+         "config key 'grpo.reward.reward_timeout_s' must be in (0, 86400], got 0.0..."),
     Case("answer-timeout-negative", "args", "eval.answer_timeout_s=-5",
          "config key 'eval.answer_timeout_s' must be in (0, 86400], got -5.0..."),
     Case("dist-timeout-overflow", "args", "run.dist_timeout_minutes=1e300",
@@ -176,45 +176,45 @@ ARGS = [
     Case("answer-timeout-overflow", "args", "heldout.answer_timeout_s=1e300",
          "config key 'heldout.answer_timeout_s' must be in (0, 86400], got 1e+300 (seconds per answer check; the "
          "worker's alarm timer overflows far above a day)"),
-    Case("reward-workers-zero", "args", "grpo.reward_workers=0", "config key 'grpo.reward_workers' must be > 0, got 0"),
-    Case("clip-epsilon-one", "args", "grpo.epsilon_low=1", "config key 'grpo.epsilon_low' must be in [0, 1), got 1.0"),
-    Case("kl-beta-negative", "args", "grpo.beta=-0.1", "config key 'grpo.beta' must be >= 0, got -0.1"),
-    Case("is-cap-below-1", "args", "grpo.vllm_is_cap=0.5",
-         "config key 'grpo.vllm_is_cap' must be >= 1, got 0.5 (it caps an importance weight whose unclipped value "
+    Case("reward-workers-zero", "args", "grpo.reward.reward_workers=0", "config key 'grpo.reward.reward_workers' must be > 0, got 0"),
+    Case("clip-epsilon-one", "args", "grpo.loss.epsilon_low=1", "config key 'grpo.loss.epsilon_low' must be in [0, 1), got 1.0"),
+    Case("kl-beta-negative", "args", "grpo.loss.beta=-0.1", "config key 'grpo.loss.beta' must be >= 0, got -0.1"),
+    Case("is-cap-below-1", "args", "grpo.loss.vllm_is_cap=0.5",
+         "config key 'grpo.loss.vllm_is_cap' must be >= 1, got 0.5 (it caps an importance weight whose unclipped value "
          "is 1 when sampler and trainer agree)"),
-    Case("gpu-memory-as-percent", "args", "grpo.vllm_gpu_memory_utilization=30",
-         "config key 'grpo.vllm_gpu_memory_utilization' must be in (0, 1], got 30.0"),
+    Case("gpu-memory-as-percent", "args", "grpo.rollout.vllm_gpu_memory_utilization=30",
+         "config key 'grpo.rollout.vllm_gpu_memory_utilization' must be in (0, 1], got 30.0"),
     Case("eval-temperature-negative", "args", "eval.temperature=-1", "config key 'eval.temperature' must be >= 0, got -1.0"),
     Case("eval-samples-zero", "args", "eval.samples=0", "config key 'eval.samples' must be > 0, got 0"),
     Case("seed-negative", "args", "run.seed=-1", "config key 'run.seed' must be in [0, 4294967296), got -1"),
     Case("seed-too-large", "args", "run.seed=99999999999", "config key 'run.seed' must be in [0, 4294967296), got 99999999999"),
     Case("lr-nan", "args", "sft.lr=nan", "config key 'sft.lr' must be a finite number, got nan"),
     Case("grad-clip-infinite", "args", "optim.grad_clip=.inf", "config key 'optim.grad_clip' must be a finite number, got inf"),
-    Case("reward-weight-nan", "args", "grpo.reward_weights=[1,.nan]",
-         "config key 'grpo.reward_weights[1]' must be a finite number, got nan"),
+    Case("reward-weight-nan", "args", "grpo.reward.reward_weights=[1,.nan]",
+         "config key 'grpo.reward.reward_weights[1]' must be a finite number, got nan"),
     Case("budget-zero", "args", "eval.budgets=[64,0]", "config key 'eval.budgets[1]' must be > 0, got 0"),
     # lists and combinations
     Case("no-stages", "args", "run.stages=[]", "config key 'run.stages' must name at least one stage"),
     Case("stage-twice", "args", "run.stages=[sft,sft]", "config key 'run.stages' names 'sft' more than once"),
-    Case("no-rewards", "args", "grpo.rewards=[]", "config key 'grpo.rewards' must name at least one reward"),
-    Case("reward-twice", "args", "grpo.rewards=[accuracy,accuracy]",
-         "config key 'grpo.rewards' names 'accuracy' more than once"),
-    Case("reward-weights-count", "args", "grpo.reward_weights=[1.0]",
-         "config key 'grpo.reward_weights' has 1 entries for 2 rewards ['accuracy', 'format']"),
-    Case("cosine-values-count", "args", "grpo.cosine_correct=[1.0]",
-         "config key 'grpo.cosine_correct' must be [value at length 0, value at the max length]"),
+    Case("no-rewards", "args", "grpo.reward.rewards=[]", "config key 'grpo.reward.rewards' must name at least one reward"),
+    Case("reward-twice", "args", "grpo.reward.rewards=[accuracy,accuracy]",
+         "config key 'grpo.reward.rewards' names 'accuracy' more than once"),
+    Case("reward-weights-count", "args", "grpo.reward.reward_weights=[1.0]",
+         "config key 'grpo.reward.reward_weights' has 1 entries for 2 rewards ['accuracy', 'format']"),
+    Case("cosine-values-count", "args", "grpo.reward.cosine_correct=[1.0]",
+         "config key 'grpo.reward.cosine_correct' must be [value at length 0, value at the max length]"),
     Case("no-budgets", "args", "eval.budgets=[]", "config key 'eval.budgets' must name at least one token budget"),
     Case("budget-twice", "args", "eval.budgets=[64,64]", "config key 'eval.budgets' names 64 more than once"),
     Case("example-longer-than-row", "args", "data.max_length=8192",
          "config key 'data.max_length' (8192) exceeds 'sft.tokens_per_micro_batch' (4096): a kept example must fit "
          "in one packed row"),
-    Case("sequence-longer-than-row", "args", "grpo.max_completion_length=4000",
-         "'grpo.max_prompt_length' + 'grpo.max_completion_length' (512 + 4000) exceeds 'grpo.tokens_per_micro_batch' "
+    Case("sequence-longer-than-row", "args", "grpo.rollout.max_completion_length=4000",
+         "'grpo.rollout.max_prompt_length' + 'grpo.rollout.max_completion_length' (512 + 4000) exceeds 'grpo.tokens_per_micro_batch' "
          "(4096): a sampled sequence must fit in one packed row"),
-    Case("overlong-without-buffer", "args", "grpo.rewards=[accuracy,overlong] grpo.overlong_buffer=0",
-         "config key 'grpo.overlong_buffer' must be in (0, grpo.max_completion_length] for the overlong reward, got 0"),
-    Case("empty-stop-string", "args", "\"grpo.stop=['']\"",
-         "config key 'grpo.stop' holds an empty stop string (it would stop every generation at once)"),
+    Case("overlong-without-buffer", "args", "grpo.reward.rewards=[accuracy,overlong] grpo.reward.overlong_buffer=0",
+         "config key 'grpo.reward.overlong_buffer' must be in (0, grpo.rollout.max_completion_length] for the overlong reward, got 0"),
+    Case("empty-stop-string", "args", "\"grpo.rollout.stop=['']\"",
+         "config key 'grpo.rollout.stop' holds an empty stop string (it would stop every generation at once)"),
     Case("eval-output-absolute", "args", "eval.output=/abs",
          "config key 'eval.output' must be a folder name inside run.output_dir, got '/abs'"),
     Case("eval-output-outside", "args", "eval.output=../up",
@@ -449,8 +449,8 @@ LAUNCHES = [
 RUNS = [
     Case("run-unbalanced-list", "run", "run.stages=[sft", "override 'run.stages=[sft': the value is not valid YAML..."),
     Case("run-config-not-a-mapping", "run", "--config list.yaml", "config file list.yaml must hold a mapping of sections, got list"),
-    Case("run-group-of-one", "run", "run.stages=[grpo] grpo.num_generations=1",
-         "config key 'grpo.num_generations' must be >= 2, got 1..."),
+    Case("run-group-of-one", "run", "run.stages=[grpo] grpo.rollout.num_generations=1",
+         "config key 'grpo.rollout.num_generations' must be >= 2, got 1..."),
     Case("run-output-dir-is-file", "run", "run.output_dir=file.txt", "run.output_dir file.txt is a file, not a folder"),
     Case("run-model-folder-empty", "run", "model.name_or_path=./empty_folder",
          "model.name_or_path ./empty_folder is an empty folder, not an HF model folder..."),
@@ -1226,7 +1226,7 @@ MERGES = [
 
 @pytest.mark.parametrize("text, overrides, expected", MERGES, ids=lambda x: str(x)[:30])
 def test_section_overrides_merge_into_the_file(text, overrides, expected, tmp_path):
-    from fastmath.config import load_config
+    from fastmath.config import load_config, setting
 
     path = None
     if text is not None:
@@ -1234,8 +1234,7 @@ def test_section_overrides_merge_into_the_file(text, overrides, expected, tmp_pa
         path.write_text(text)
     config = load_config(path, overrides)
     for dotted, value in expected.items():
-        section, name = dotted.split(".")
-        assert getattr(getattr(config, section), name) == value, dotted
+        assert setting(config, dotted) == value, dotted
 
 
 def _own_inputs_run(base: Path, cache: Path) -> list[str]:
@@ -1525,9 +1524,9 @@ def test_grpo_with_vllm_cpu_under_the_plain_c_arithmetic_is_refused_before_loadi
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(rollout, "vllm_available", lambda: True)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
-    with pytest.raises(ConfigError, match="ATEN_CPU_CAPABILITY=default.*grpo.generator=hf"):
+    with pytest.raises(ConfigError, match="ATEN_CPU_CAPABILITY=default.*grpo.rollout.generator=hf"):
         preflight(load_config(None, ["run.stages=[sft,grpo]"]))
-    preflight(load_config(None, ["run.stages=[sft,grpo]", "grpo.generator=hf"]))
+    preflight(load_config(None, ["run.stages=[sft,grpo]", "grpo.rollout.generator=hf"]))
     preflight(load_config(None, ["run.stages=[sft]"]))
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     preflight(load_config(None, ["run.stages=[sft,grpo]"]))

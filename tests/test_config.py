@@ -92,7 +92,10 @@ def test_readme_config_reference_matches_the_code():
 @pytest.mark.parametrize("old, new", [("sft.keep_checkpoints", "checkpoint.keep"), ("sft.adam_beta2", "optim.adam_beta2"),
                                       ("grpo.eval_num_problems", "heldout.num_problems"),
                                       ("eval.max_new_tokens", "heldout.max_new_tokens"),
-                                      ("sft.loss_chunk_size", "model.lm_head_chunk_mib")])
+                                      ("sft.loss_chunk_size", "model.lm_head_chunk_mib"),
+                                      ("grpo.beta", "grpo.loss.beta"),
+                                      ("grpo.num_generations", "grpo.rollout.num_generations"),
+                                      ("grpo.reward_weights", "grpo.reward.reward_weights")])
 def test_old_key_names_its_new_key(tmp_path, old, new):
     section, name = old.split(".")
     path = tmp_path / "c.yaml"
@@ -100,6 +103,53 @@ def test_old_key_names_its_new_key(tmp_path, old, new):
     for source, overrides in ((path, []), (None, [f"{old}=1"])):
         with pytest.raises(ConfigError, match=f"config key '{old}' was renamed to '{new}'"):
             load_config(source, overrides)
+
+
+def test_every_key_of_the_flat_grpo_section_names_its_sub_section():
+    """The keys that moved when grpo split into rollout / reward / loss each give one error naming the new key,
+    and every key of a sub-section has such a note (none was dropped on the way)."""
+    import dataclasses
+
+    from fastmath.config import RENAMED, GRPOConfig
+
+    moved = {f"grpo.{part}.{f.name}" for part in ("rollout", "reward", "loss")
+             for f in dataclasses.fields(getattr(GRPOConfig(), part))}
+    assert moved == {new for old, new in RENAMED.items() if old.startswith("grpo.") and new.count(".") == 2}
+    with pytest.raises(ConfigError, match=r"^config key 'grpo.beta' was renamed to 'grpo.loss.beta'$"):
+        load_config(None, ["grpo.loss.epsilon_high=0.28", "grpo.beta=0.1"])
+    with pytest.raises(ConfigError, match=r"^config key 'grpo.temperature' was renamed to 'grpo.rollout.temperature'"):
+        load_config(None, ["grpo={temperature: 0.7}"])
+
+
+@pytest.mark.parametrize("text, overrides, expected", [
+    ("grpo:\n  lr: 2.0e-6\n  loss:\n    beta: 0.1\n", ["grpo.loss={epsilon_high: 0.28}"],
+     {"grpo.lr": 2e-6, "grpo.loss.beta": 0.1, "grpo.loss.epsilon_high": 0.28}),
+    ("grpo:\n  loss:\n    beta: 0.1\n    epsilon_high: 0.28\n", ["grpo.loss:={beta: 0.2}"],
+     {"grpo.loss.beta": 0.2, "grpo.loss.epsilon_high": 0.2}),
+    ("grpo:\n  rollout:\n", ["grpo.rollout.top_k=5"], {"grpo.rollout.top_k": 5}),
+    (None, ["grpo={lr: 3.0e-6, loss: {beta: 0.3}}", "grpo.loss.num_iterations=2"],
+     {"grpo.lr": 3e-6, "grpo.loss.beta": 0.3, "grpo.loss.num_iterations": 2}),
+])
+def test_sub_section_overrides_merge_like_sections(tmp_path, text, overrides, expected):
+    from fastmath.config import setting
+
+    path = None
+    if text is not None:
+        path = tmp_path / "c.yaml"
+        path.write_text(text)
+    config = load_config(path, overrides)
+    for key, value in expected.items():
+        assert setting(config, key) == value, key
+
+
+def test_a_resumed_run_reads_a_checkpoint_config_saved_before_the_grpo_split():
+    from fastmath.config import saved_setting
+
+    flat = {"grpo": {"num_generations": 4, "lr": 1e-6}}
+    assert saved_setting(flat, "grpo.rollout.num_generations") == 4
+    assert saved_setting({"grpo": {"rollout": {"num_generations": 6}}}, "grpo.rollout.num_generations") == 6
+    with pytest.raises(KeyError):
+        saved_setting(flat, "grpo.loss.beta")
 
 
 def test_a_renamed_key_whose_unit_changed_says_so():
@@ -115,16 +165,11 @@ def test_stage_overrides_of_shared_settings_are_optional():
 
 def _numeric_keys() -> set[str]:
     """Every config field whose type is int or float, alone, optional, or as the items of a list."""
-    import dataclasses
     import typing
 
-    keys = set()
-    for section, section_type in typing.get_type_hints(Config).items():
-        for name, hint in typing.get_type_hints(section_type).items():
-            inner = {hint} | set(typing.get_args(hint))
-            if inner & {int, float}:
-                keys.add(f"{section}.{name}")
-    return keys
+    from fastmath.config import leaf_defaults
+
+    return {key for key, _, hint, _ in leaf_defaults() if ({hint} | set(typing.get_args(hint))) & {int, float}}
 
 
 def test_every_numeric_field_has_a_range():
@@ -166,9 +211,11 @@ def test_every_range_is_enforced_at_its_bounds():
 
     from fastmath.config_ranges import INTERVALS
 
+    from fastmath.config import leaf_defaults
+
+    hints = {key: hint for key, _, hint, _ in leaf_defaults()}
     for key, interval in INTERVALS.items():
-        section, name = key.split(".")
-        hint = typing.get_type_hints(type(getattr(Config(), section)))[name]
+        hint = hints[key]
         is_int = int in ({hint} | set(typing.get_args(hint)))
         for value in _outside(interval, is_int):
             text = f"[{value}]" if typing.get_origin(hint) is list else str(value)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastmath.config import load_config
+from fastmath.config import load_config, setting
 from fastmath.errors import ConfigError
 from fastmath.eval import benchmark_split
 from bench.fidelity import CONFIGS, ROWS, SEED_SFT_STEPS_PER_EPOCH, fidelity_markdown, recipe_rows
@@ -22,18 +22,13 @@ from tests.conftest import REPO
 EXACT = 4 * torch.finfo(torch.float64).eps  # one cosine and a few float64 operations
 
 
-def _value(config, dotted: str):
-    section, name = dotted.split(".")
-    return getattr(getattr(config, section), name)
-
-
 @pytest.mark.parametrize("recipe", sorted(CONFIGS))
 def test_shipped_config_matches_the_fidelity_table(recipe):
     config = load_config(REPO / CONFIGS[recipe])
     for row in recipe_rows(recipe):
         if row.key is None:
             continue
-        ours = _value(config, row.key)
+        ours = setting(config, row.key)
         numeric = isinstance(row.value, float) or (isinstance(row.value, list) and row.value
                                                    and all(isinstance(v, float) for v in row.value))
         expected = pytest.approx(row.value, rel=EXACT) if numeric else row.value
@@ -50,7 +45,7 @@ def test_every_row_names_a_recipe_and_a_real_key():
     for row in ROWS:
         assert row.recipe in CONFIGS
         if row.key is not None:
-            _value(config, row.key)  # AttributeError for a key that does not exist
+            setting(config, row.key)  # AttributeError for a key that does not exist
         else:
             assert row.why, f"{row.setting}: a setting fastmath does differently says why"
 
@@ -135,7 +130,7 @@ def _seed_cosine(chars: int, correct: bool) -> float:
 
 
 def test_cosine_reward_in_characters_is_the_seeds():
-    config = load_config(REPO / CONFIGS["grpo"]).grpo
+    config = load_config(REPO / CONFIGS["grpo"]).grpo.reward
     lengths = [0, 1, 9000, 27000, 29999, 30000, 45000]
     for correct in (True, False):
         ours = cosine_reward([], [], [], correct=[correct] * len(lengths), length=lengths,
@@ -152,8 +147,8 @@ def test_fixed_count_micro_batches_take_completions_in_length_order():
     completion_lengths = [sorted(torch.bincount(b.seq_ids).tolist()) for b in rows]
     assert completion_lengths == [[1, 2], [4, 6], [9]]  # totals 3, 3 | 8, 11 | 12
     with pytest.raises(ConfigError, match="completions_per_micro_batch"):
-        load_config(None, ["grpo.completions_per_micro_batch=2", "grpo.max_prompt_length=512",
-                           "grpo.max_completion_length=2048", "grpo.tokens_per_micro_batch=4096"])
+        load_config(None, ["grpo.loss.completions_per_micro_batch=2", "grpo.rollout.max_prompt_length=512",
+                           "grpo.rollout.max_completion_length=2048", "grpo.tokens_per_micro_batch=4096"])
 
 
 def test_paged_8bit_adamw_refuses_cpu_parameters():
@@ -194,12 +189,14 @@ def test_grpo_run_with_the_seeds_update_settings(tmp_path, embedded_cache, dist_
 
     out = tmp_path / "seed_grpo"
     config = load_config(None, [
-        f"run.output_dir={out}", f"run.cache_dir={embedded_cache}", "run.stages=[grpo]", "grpo.generator=hf",
-        "grpo.max_steps=2", "grpo.prompts_per_step=4", "grpo.num_generations=4", "grpo.max_rows=40",
-        "grpo.max_prompt_length=96", "grpo.max_completion_length=24", "grpo.tokens_per_micro_batch=256",
-        "grpo.loss_type=bnpo", "grpo.completions_per_micro_batch=2", "grpo.schedule_steps=-1", "grpo.lr=1e-3",
-        "grpo.rewards=[format,cosine,length]", "grpo.format_rule=box_before_think_end", "grpo.length_unit=chars",
-        "grpo.cosine_max_length=120", "grpo.beta=0.04", "grpo.vllm_is_correction=false", "grpo.reward_workers=1",
+        f"run.output_dir={out}", f"run.cache_dir={embedded_cache}", "run.stages=[grpo]", "grpo.rollout.generator=hf",
+        "grpo.max_steps=2", "grpo.prompts_per_step=4", "grpo.rollout.num_generations=4", "grpo.max_rows=40",
+        "grpo.rollout.max_prompt_length=96", "grpo.rollout.max_completion_length=24", "grpo.tokens_per_micro_batch=256",
+        "grpo.loss.loss_type=bnpo", "grpo.loss.completions_per_micro_batch=2", "grpo.schedule_steps=-1", "grpo.lr=1e-3",
+        "grpo.reward.rewards=[format,cosine,length]", "grpo.reward.format_rule=box_before_think_end",
+        "grpo.reward.length_unit=chars",
+        "grpo.reward.cosine_max_length=120", "grpo.loss.beta=0.04", "grpo.loss.vllm_is_correction=false",
+        "grpo.reward.reward_workers=1",
         "heldout.num_problems=0"])
     run_grpo(config, dist_info)
     lines = [json.loads(line) for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
@@ -250,7 +247,7 @@ def test_length_span_rank_batch_is_the_seeds_len_reward():
     assert per_group[:8] == pytest.approx(_seed_len_reward(lengths[:8], correct[:8]), rel=EXACT, abs=EXACT)
     assert per_group != pytest.approx(ours)
     with pytest.raises(ConfigError, match="length_span"):
-        load_config(None, ["grpo.length_span=rank"])
+        load_config(None, ["grpo.reward.length_span=rank"])
 
 
 def test_seed_answer_check_reads_the_whole_completion():
@@ -325,7 +322,7 @@ def test_top_k_reaches_both_generators(assets):
     from fastmath.model import load_tokenizer
     from fastmath.rollout import HFGenerator, Sampling, VLLMGenerator
 
-    assert load_config(REPO / CONFIGS["qwen3"]).grpo.top_k == 50
+    assert load_config(REPO / CONFIGS["qwen3"]).grpo.rollout.top_k == 50
     tok = load_tokenizer(str(assets.model_dir))
     prompt = Formatter(tok).prompt_ids("12 + 34 = ?")
     hf = HFGenerator(str(assets.model_dir), tok, torch.device("cpu"), False, 8)
@@ -346,8 +343,8 @@ def test_top_k_reaches_both_generators(assets):
     with pytest.raises(Captured) as caught:
         engine.generate([prompt], Sampling(top_k=50), 2)
     assert isinstance(caught.value.args[0], vllm.SamplingParams) and caught.value.args[0].top_k == 50
-    with pytest.raises(ConfigError, match="grpo.top_k"):
-        load_config(None, ["grpo.top_k=-1"])
+    with pytest.raises(ConfigError, match="grpo.rollout.top_k"):
+        load_config(None, ["grpo.rollout.top_k=-1"])
 
 
 def test_8bit_adamw_steps_sharded_parameters_close_to_fp32_adamw(dist_info):

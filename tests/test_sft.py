@@ -144,7 +144,7 @@ def test_lm_head_chunk_budget_reaches_both_stages_kernels(tmp_path, embedded_cac
                                              "data.validation=", f"model.lm_head_chunk_mib={mib}"))
         run_sft(config, dist_info)
         assert seen and set(seen) == {expected}
-        config = load_config(None, [*_tiny_run(tmp_path, embedded_cache, f"grpo{mib}"), "grpo.beta=0.1",
+        config = load_config(None, [*_tiny_run(tmp_path, embedded_cache, f"grpo{mib}"), "grpo.loss.beta=0.1",
                                     f"model.lm_head_chunk_mib={mib}"])
         policy = build_policy(config, str(tmp_path / f"mib{mib}" / "hf"), dist_info)
         assert policy.model.chunk_bytes == policy.ref_model.chunk_bytes == expected

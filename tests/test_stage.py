@@ -20,10 +20,11 @@ from tests.tolerances import storage_rtol
 def _grpo(tmp_path, embedded_cache, *extra):
     return load_config(None, [
         f"run.output_dir={tmp_path / 'run'}", f"run.cache_dir={embedded_cache}", "run.stages=[grpo]",
-        "grpo.generator=hf", "grpo.max_steps=3", "grpo.prompts_per_step=2", "grpo.num_generations=2",
-        "grpo.max_prompt_length=96", "grpo.max_completion_length=16", "grpo.tokens_per_micro_batch=256",
-        "grpo.lr=1e-3", "grpo.reward_workers=1", "grpo.rewards=[format,length]", "grpo.length_unit=chars",
-        "grpo.vllm_is_correction=false", "heldout.num_problems=0", "checkpoint.save_every=1", *extra])
+        "grpo.rollout.generator=hf", "grpo.max_steps=3", "grpo.prompts_per_step=2", "grpo.rollout.num_generations=2",
+        "grpo.rollout.max_prompt_length=96", "grpo.rollout.max_completion_length=16", "grpo.tokens_per_micro_batch=256",
+        "grpo.lr=1e-3", "grpo.reward.reward_workers=1", "grpo.reward.rewards=[format,length]",
+        "grpo.reward.length_unit=chars",
+        "grpo.loss.vllm_is_correction=false", "heldout.num_problems=0", "checkpoint.save_every=1", *extra])
 
 
 def _steps(root):
@@ -85,10 +86,10 @@ def test_sft_after_equals_grpo_before(tmp_path, embedded_cache, dist_info):
         f"run.output_dir={tmp_path / 'demo'}", f"run.cache_dir={embedded_cache}", "run.stages=[sft,grpo]",
         "data.max_rows=64", "data.max_length=256", "data.validation=", "sft.tokens_per_micro_batch=512",
         "sft.global_batch=2", "sft.max_steps=3", "sft.lr=2e-3", "heldout.num_problems=12",
-        "heldout.max_new_tokens=24", "heldout.batch_size=5", "grpo.generator=hf", "grpo.max_steps=1",
-        "grpo.prompts_per_step=2", "grpo.num_generations=2", "grpo.max_prompt_length=96",
-        "grpo.max_completion_length=16", "grpo.tokens_per_micro_batch=256", "grpo.reward_workers=1",
-        "grpo.rewards=[format,length]", "grpo.length_unit=chars"])
+        "heldout.max_new_tokens=24", "heldout.batch_size=5", "grpo.rollout.generator=hf", "grpo.max_steps=1",
+        "grpo.prompts_per_step=2", "grpo.rollout.num_generations=2", "grpo.rollout.max_prompt_length=96",
+        "grpo.rollout.max_completion_length=16", "grpo.tokens_per_micro_batch=256", "grpo.reward.reward_workers=1",
+        "grpo.reward.rewards=[format,length]", "grpo.reward.length_unit=chars"])
     sft = run_sft(config, dist_info)
     grpo = run_grpo(config, dist_info)
     assert sft["after"]["heldout"]["n"] == 12

@@ -137,8 +137,8 @@ def test_well_formed_completion_earns_the_format_reward_through_grpo(templated, 
                                 completion_of(tokenizer, "<think>\nno answer here\n</think>\nDone.")])
     sampling = Sampling(temperature=1.0, top_p=1.0, min_p=0.0, max_tokens=64, stop=[], seed=0)
     for rule in FORMAT_RULES:
-        config = load_config(None, ["grpo.num_generations=2", "grpo.rewards=[accuracy,format]",
-                                    f"grpo.format_rule={rule}"])
+        config = load_config(None, ["grpo.rollout.num_generations=2", "grpo.reward.rewards=[accuracy,format]",
+                                    f"grpo.reward.format_rule={rule}"])
         (group,) = sample_groups(generator, [row], sampling, config, tokenizer, checker)
         assert group.components["format"] == [1.0, 0.0], (name, rule)
         assert group.correct == [True, False], name
@@ -199,7 +199,8 @@ def test_template_settings_and_prefill_rules(tmp_path):
 
 
 def test_stage_prompt_settings_fall_back_to_data():
-    config = load_config(None, ["data.system_prompt=sft system", "data.user_prefix=sft: ", "grpo.system_prompt=",
+    config = load_config(None, ["data.system_prompt=sft system", "data.user_prefix=sft: ",
+                                "grpo.rollout.system_prompt=",
                                 "eval.user_prefix=Solve: it"])
     assert prompt_settings(config, "sft")["system_prompt"] == prompt_settings(config, "heldout")["system_prompt"]
     grpo, ev = prompt_settings(config, "grpo"), prompt_settings(config, "eval")
@@ -269,10 +270,13 @@ def test_sft_grpo_eval_with_the_deepseek_template(tmp_path, embedded_cache, deep
     common = [f"run.output_dir={run}", f"run.cache_dir={embedded_cache}", "run.stages=[sft,grpo,eval]",
               f"model.name_or_path={deepseek_model}", "data.max_rows=16", "data.max_length=256", "data.validation=",
               "sft.tokens_per_micro_batch=512", "sft.max_steps=2", "sft.lr=2e-3", "heldout.num_problems=0",
-              "grpo.generator=hf", "grpo.max_steps=1", "grpo.prompts_per_step=2", "grpo.num_generations=2",
-              "grpo.max_prompt_length=96", "grpo.max_completion_length=16", "grpo.tokens_per_micro_batch=256",
-              "grpo.reward_workers=1", "grpo.rewards=[accuracy,format]", "grpo.format_rule=box_before_think_end",
-              "grpo.vllm_is_correction=false", "eval.generator=hf", "eval.samples=2", "eval.budgets=[16]",
+              "grpo.rollout.generator=hf", "grpo.max_steps=1", "grpo.prompts_per_step=2",
+              "grpo.rollout.num_generations=2",
+              "grpo.rollout.max_prompt_length=96", "grpo.rollout.max_completion_length=16",
+              "grpo.tokens_per_micro_batch=256",
+              "grpo.reward.reward_workers=1", "grpo.reward.rewards=[accuracy,format]",
+              "grpo.reward.format_rule=box_before_think_end",
+              "grpo.loss.vllm_is_correction=false", "eval.generator=hf", "eval.samples=2", "eval.budgets=[16]",
               "eval.max_problems=2", "eval.answer_workers=1"]
     # SFT sets the template; GRPO and eval keep the tokenizer's own, i.e. what the SFT export saved.
     run_sft(load_config(None, common + [f"data.chat_template={template}"]), dist_info)
@@ -296,7 +300,7 @@ def test_sft_grpo_eval_with_the_deepseek_template(tmp_path, embedded_cache, deep
     bad = completion_of(exported, "no box\n</think>\nDone.")
     sampling = Sampling(temperature=1.0, top_p=1.0, min_p=0.0, max_tokens=64, stop=[], seed=0)
     for rule in FORMAT_RULES:
-        config = load_config(None, common + [f"grpo.format_rule={rule}"])
+        config = load_config(None, common + [f"grpo.reward.format_rule={rule}"])
         (group,) = sample_groups(FixedGenerator([good, bad]), rows[:1], sampling, config, exported, checker)
         assert group.components["format"] == [1.0, 0.0] and group.correct == [True, False], rule
 

@@ -30,9 +30,9 @@ def test_settings_are_parsed_and_named():
 
 def test_a_grpo_only_run_refuses_sft_settings():
     toy_levers.refuse_sft_settings_in_grpo_only(["sft.epochs=15"], None)
-    toy_levers.refuse_sft_settings_in_grpo_only(["grpo.beta=0.1"], "runs/x")
+    toy_levers.refuse_sft_settings_in_grpo_only(["grpo.loss.beta=0.1"], "runs/x")
     with pytest.raises(SystemExit, match="sft.epochs would have no effect"):
-        toy_levers.refuse_sft_settings_in_grpo_only(["grpo.beta=0.1", " sft.epochs=15"], "runs/x")
+        toy_levers.refuse_sft_settings_in_grpo_only(["grpo.loss.beta=0.1", " sft.epochs=15"], "runs/x")
 
 
 def test_table_line_is_mean_and_range_over_the_settings_seeds():

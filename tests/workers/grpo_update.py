@@ -43,10 +43,11 @@ def main(model_dir: str, out_dir: str, overrides: list[str]) -> None:
     torch.manual_seed(0)
     tok = load_tokenizer(model_dir)
     lm = load_causal_lm(model_dir, "fastmath_varlen")
-    options = dict(beta=g.beta, epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high, loss_type=g.loss_type,
-                   importance_sampling_level=g.importance_sampling_level,
-                   max_completion_length=g.max_completion_length)
-    model = parallelize(PolicyWithGRPOLoss(lm, g.temperature, options), info.world_size, info.device,
+    options = dict(beta=g.loss.beta, epsilon_low=g.loss.epsilon_low, epsilon_high=g.loss.epsilon_high,
+                   loss_type=g.loss.loss_type,
+                   importance_sampling_level=g.loss.importance_sampling_level,
+                   max_completion_length=g.rollout.max_completion_length)
+    model = parallelize(PolicyWithGRPOLoss(lm, g.rollout.temperature, options), info.world_size, info.device,
                         False, False, False, replicate=config.parallel.replicate)
     optimizer = build_optimizer(model, optim_settings(config, "grpo"))
     seqs = fixed_sequences(tok)[info.rank::info.world_size]
