@@ -4,7 +4,9 @@ vLLM logs about 150 INFO / WARNING lines per demo run (engine start, every weigh
 logger "vllm"; in the terminal they break the progress bars and read like failures. `route_library_logs` gives
 that logger (and torchao's, which names each CUDA-only extension it cannot load on a CPU) one handler, a file
 `<output_dir>/logs/libraries-rank<R>.log`, and says so once on rank 0.
-`FASTMATH_VERBOSE=1` leaves every library's logging as the library set it up (everything in the terminal).
+`run.verbose: true` leaves every library's logging as the library set it up (everything in the terminal). The
+environment variable FASTMATH_VERBOSE overrides the config when set: 1 (or any value but 0) = verbose, 0 = quiet,
+so one run can be made verbose without editing its config.
 
 One line is dropped even from the file, with its reason: after each in-place weight reload vLLM warns
 "RotaryEmbedding: Failed to load weights". The rotary layer's only tensor is its cos/sin cache, a non-persistent buffer vLLM
@@ -33,13 +35,16 @@ class _DropRotaryReloadWarning(logging.Filter):
         return not (record.getMessage() == "RotaryEmbedding: Failed to load weights")
 
 
-def verbose() -> bool:
-    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+def verbose(configured: bool) -> bool:
+    """run.verbose (`configured`), unless FASTMATH_VERBOSE is set: then it decides ('0' = quiet, else verbose)."""
+    override = os.environ.get(VERBOSE_ENV, "").strip()
+    return configured if not override else override != "0"
 
 
-def route_library_logs(output_dir: str, rank: int, announce: bool) -> Path | None:
-    """Send the libraries' loggers to `<output_dir>/logs/libraries-rank<rank>.log` (None when verbose)."""
-    if verbose():
+def route_library_logs(output_dir: str, rank: int, announce: bool, configured_verbose: bool = False) -> Path | None:
+    """Send the libraries' loggers to `<output_dir>/logs/libraries-rank<rank>.log` (None when verbose: run.verbose
+    or FASTMATH_VERBOSE)."""
+    if verbose(configured_verbose):
         return None
     path = Path(output_dir).expanduser() / "logs" / f"libraries-rank{rank}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,5 +64,5 @@ def route_library_logs(output_dir: str, rank: int, announce: bool) -> Path | Non
         logger.setLevel(logging.INFO)
         logger.propagate = False
     if announce:
-        print(f"library logs (vLLM, torchao): {path} ({VERBOSE_ENV}=1 prints them here instead)", flush=True)
+        print(f"library logs (vLLM, torchao): {path} (run.verbose=true prints them here instead)", flush=True)
     return path

@@ -59,7 +59,8 @@ def run_stages(config) -> None:
     lock = None
     try:
         lock = lock_output_dir(config.run.output_dir, dist_info.is_main)  # one run per output folder
-        route_library_logs(config.run.output_dir, dist_info.rank, announce=dist_info.is_main)
+        route_library_logs(config.run.output_dir, dist_info.rank, announce=dist_info.is_main,
+                           configured_verbose=config.run.verbose)
         for stage in config.run.stages:
             if stage == "sft":
                 from fastmath.sft import run_sft

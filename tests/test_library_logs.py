@@ -1,5 +1,6 @@
 """fastmath/library_logs.py: vLLM's log lines go to a file in the output folder, not to the terminal; the rotary-cache
-reload warning (not a lost weight: see the module docstring) is dropped; FASTMATH_VERBOSE=1 changes nothing."""
+reload warning (not a lost weight: see the module docstring) is dropped; run.verbose or FASTMATH_VERBOSE=1 changes
+nothing, and the variable overrides the config both ways."""
 
 import logging
 
@@ -45,8 +46,24 @@ def test_vllm_lines_go_to_the_file_and_the_path_is_printed_once(library_loggers,
     assert len(logging.getLogger("vllm").handlers) == 1
 
 
-def test_verbose_leaves_the_libraries_alone(library_loggers, tmp_path, monkeypatch):
-    monkeypatch.setenv(VERBOSE_ENV, "1")
+@pytest.mark.parametrize("configured, env", [(False, "1"), (True, None), (True, "")])
+def test_verbose_leaves_the_libraries_alone(library_loggers, tmp_path, monkeypatch, configured, env):
+    if env is not None:
+        monkeypatch.setenv(VERBOSE_ENV, env)
     before = list(logging.getLogger("vllm").handlers)
-    assert route_library_logs(str(tmp_path), rank=0, announce=True) is None
+    assert route_library_logs(str(tmp_path), rank=0, announce=True, configured_verbose=configured) is None
     assert logging.getLogger("vllm").handlers == before and not (tmp_path / "logs").exists()
+
+
+def test_the_variable_at_0_keeps_a_verbose_config_quiet(library_loggers, tmp_path, monkeypatch):
+    monkeypatch.setenv(VERBOSE_ENV, "0")
+    path = route_library_logs(str(tmp_path), rank=0, announce=False, configured_verbose=True)
+    assert path == tmp_path / "logs" / "libraries-rank0.log"
+    assert [h.name for h in logging.getLogger("vllm").handlers] == ["fastmath-library-log"]
+
+
+def test_run_verbose_is_a_config_key():
+    from fastmath.config import load_config
+
+    assert load_config(None).run.verbose is False
+    assert load_config(None, ["run.verbose=true"]).run.verbose is True
