@@ -39,7 +39,8 @@ demo: install
 # kernels on AVX-512 machines, the plain `default` kernels on AVX2 ones), whose fp32 sums round differently,
 # so a tolerance that holds on one kind of CPU only fails here, on any machine. (Compiling for sm_90 does not
 # depend on the CPU's kernels: those tests run once.)
-NUMERICS_TESTS := tests/test_cross_entropy.py tests/test_attention.py tests/test_grpo_kernels.py \
+NUMERICS_TESTS := tests/test_cross_entropy.py tests/test_attention.py tests/test_grpo_advantages.py \
+	tests/test_grpo_logprobs.py tests/test_grpo_policy_loss.py tests/test_grpo_fused_loss.py tests/test_grpo_inputs.py \
 	tests/test_grpo_trl.py tests/test_hf_packed.py tests/test_packing.py tests/test_fuzz_kernels.py
 
 test: install

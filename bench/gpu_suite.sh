@@ -11,7 +11,7 @@
 #   1. device    nvidia-smi, torch / triton / transformers versions, which optional packages are importable
 #   2. floor     bench/common.py: bf16 8192^3 matmul TFLOP/s and 2 GiB copy GB/s  -> bench/results/floor-<gpu>.json
 #   3. tests     the CUDA correctness tests of every kernel, bf16 included (pytest: test_cross_entropy,
-#                test_attention, test_hf_packed, and test_grpo_kernels when that file exists)
+#                test_attention, test_hf_packed, and the GRPO kernels' test_grpo_*.py files)
 #   4. kernels   bench_cross_entropy.py --sizes gpu-quick --chunk-mib 2048,4096 (the default 512 MiB chunk
 #                against larger ones); bench_attention.py --quick --plot
 #   5. e2e       bench_sft_e2e.py --preset gpu-quick: one SFT step of Qwen2.5-style 0.5B and 1.5B at 4k and 16k
@@ -60,7 +60,8 @@ CROSS_ENTROPY=(bench/bench_cross_entropy.py --sizes gpu-quick --chunk-mib 2048,4
 ATTENTION=(bench/bench_attention.py --quick --plot)
 SFT_E2E=(bench/bench_sft_e2e.py --preset gpu-quick)  # the run adds --time-budget, cut to what is left
 TESTS=(tests/test_cross_entropy.py tests/test_attention.py tests/test_hf_packed.py)
-[ -f tests/test_grpo_kernels.py ] && TESTS+=(tests/test_grpo_kernels.py)
+TESTS+=(tests/test_grpo_advantages.py tests/test_grpo_logprobs.py tests/test_grpo_policy_loss.py
+       tests/test_grpo_fused_loss.py tests/test_grpo_inputs.py)
 
 if (( CHECK )); then
   echo "=== gpu_suite --check (python $PY): scripts import, command lines parse, presets exist, tests collect"

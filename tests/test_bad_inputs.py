@@ -1,10 +1,11 @@
 """The bad-input catalogue: malformed inputs a new user meets, each with what the user sees.
 
-One row per input: a short id, the kind of input, the input itself, and what the user sees: the line after
-`fastmath: error: ` (a trailing `...` means "starts with"), or, for a data row, the reason it is skipped
-and counted under. Most rows are checked in process (`train.py`'s `main` with the training itself
-replaced by a failure, or the data loaders); the `run` rows start `fastmath/train.py` in a separate
-process and check the whole output: one line on stderr, exit status 2, no traceback.
+One table per kind of input (`cases(kind, rows)`), one row per input: a short id, the input itself, and what the
+user sees: the line after `fastmath: error: ` (a trailing `...` means "starts with"), or, for a data row, the
+reason it is skipped and counted under; each table feeds one parametrised test. Most rows are checked in process
+(`train.py`'s `main` with the training itself replaced by a failure, or the data loaders); the `run` rows start
+`fastmath/train.py` in a separate process and check the whole output: one line on stderr, exit status 2, no
+traceback.
 
 docs/reliability.md's "Bad inputs, and what the user sees" table is rendered from this catalogue
 (`python -m tests.test_bad_inputs` prints it); `test_readme_table_matches_the_catalogue` keeps the two equal.
@@ -35,6 +36,12 @@ class Case:
     shown: str = ""      # how docs/reliability.md shows an input too long to print
 
 
+def cases(kind: str, rows: list[tuple]) -> list[Case]:
+    """One table of the catalogue: rows of (id, input, what the user sees[, how the docs show the input]), all of
+    one kind."""
+    return [Case(row[0], kind, *row[1:]) for row in rows]
+
+
 KINDS = {
     "args": "`train.py {}`",
     "yaml": "`train.py --config c.yaml`, c.yaml holding {}",
@@ -61,370 +68,370 @@ GOOD_CHAT = {"messages": [{"role": "user", "content": "What is 2 + 3?"},
                           {"role": "assistant", "content": "<think> 2+3=5 </think> \\boxed{5}"}]}
 GOOD_PROMPT = {"problem": "What is 2 + 3?", "answer": "5"}
 
-ARGS = [
+ARGS = cases("args", [
     # overrides: syntax
-    Case("override-unbalanced-list", "args", "run.stages=[sft",
-         "override 'run.stages=[sft': the value is not valid YAML: expected ',' or ']', but got '<stream end>' "
-         "(line 1, column 5) (a list is written [a, b])"),
-    Case("override-unbalanced-mapping", "args", "'sft={lr: 1'", "override 'sft={lr: 1': the value is not valid YAML..."),
-    Case("override-no-equals", "args", "sft.lr", "override 'sft.lr' must look like key.sub=value"),
-    Case("override-empty-key", "args", "=3", "override '=3' must look like key.sub=value"),
-    Case("config-file-as-override", "args", "configs/demo.yaml",
-         "override 'configs/demo.yaml' must look like key.sub=value; pass a config file with --config"),
-    Case("override-double-dot", "args", "sft..lr=1", "override 'sft..lr=1': 'sft..lr' is not a dotted key such as sft.lr"),
-    Case("override-trailing-dot", "args", "sft.=1", "override 'sft.=1': 'sft.' is not a dotted key such as sft.lr"),
-    Case("key-below-a-value", "args", "sft.lr.x=1", "config key 'sft.lr' expects float, got {'x': '1'}"),
-    Case("section-below-a-value", "args", "run.name=y run.name.x=1", "override run.name.x: 'name' is not a section"),
-    Case("section-set-to-a-number", "args", "sft=3", "'sft' must be a mapping, got int"),
-    Case("replace-syntax-on-a-key", "args", "sft.lr:=1e-5",
-         "override 'sft.lr:=1e-5': ':=' replaces a whole section (such as sft:={lr: 1e-5}); 'sft.lr' is not a section, "
-         "set it with sft.lr=value"),
-    Case("replace-section-with-a-number", "args", "sft:=3", "'sft' must be a mapping, got int"),
-    Case("override-alias-bomb", "args",
-         "'sft={a: &a [1,1,1,1,1,1,1,1,1,1], b: &b [" + ",".join(["*a"] * 60) + "], c: [" + ",".join(["*b"] * 60) + "]}'",
-         "override 'sft={a: &a [1,1,1,1,1,1,1,1,1,1], b: ...,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b]}': the value is not "
-         "valid YAML: more than 100 aliases (*name)...",
-         shown="'sft={a: &a [...], b: &b [*a x 60], c: [*b x 60]}' (an alias bomb in an override)"),
-    Case("override-huge-value", "args", "run.seed=" + "x" * 20000,
-         "config key 'run.seed' expects int, got '" + "x" * 37 + "..." + "x" * 38 + "'",
-         shown="run.seed=xxx... (20,000 characters; the error shows 80)"),
-    Case("override-5000-digit-int", "args", "sft.max_steps=" + "9" * 5000,
-         "override 'sft.max_steps=" + "9" * 23 + "..." + "9" * 38 + "': the value is not valid YAML: a number PyYAML "
-         "cannot convert (Exceeds the limit (4300 digits) for integer string conversion: value has 5000 di...",
-         shown="sft.max_steps=999...9 (5,000 digits)"),
-    Case("template-file-too-large", "args", "data.chat_template=big.jinja",
-         "config key 'data.chat_template': big.jinja is larger than 1 MiB, which no chat template is",
-         shown="data.chat_template=big.jinja (a 1 MiB file)"),
-    Case("output-dir-nul", "args", "run.output_dir=run\x00x", "config key 'run.output_dir' holds a NUL character",
-         shown="run.output_dir=run␀x (a NUL byte)"),
-    Case("run-name-undecodable", "args", "run.name=caf\udce9", "config key 'run.name' holds bytes that are not UTF-8 text",
-         shown="run.name=caf\\xe9 (a Latin-1 byte the shell passed through)"),
+    ("override-unbalanced-list", "run.stages=[sft",
+     "override 'run.stages=[sft': the value is not valid YAML: expected ',' or ']', but got '<stream end>' "
+     "(line 1, column 5) (a list is written [a, b])"),
+    ("override-unbalanced-mapping", "'sft={lr: 1'", "override 'sft={lr: 1': the value is not valid YAML..."),
+    ("override-no-equals", "sft.lr", "override 'sft.lr' must look like key.sub=value"),
+    ("override-empty-key", "=3", "override '=3' must look like key.sub=value"),
+    ("config-file-as-override", "configs/demo.yaml",
+     "override 'configs/demo.yaml' must look like key.sub=value; pass a config file with --config"),
+    ("override-double-dot", "sft..lr=1", "override 'sft..lr=1': 'sft..lr' is not a dotted key such as sft.lr"),
+    ("override-trailing-dot", "sft.=1", "override 'sft.=1': 'sft.' is not a dotted key such as sft.lr"),
+    ("key-below-a-value", "sft.lr.x=1", "config key 'sft.lr' expects float, got {'x': '1'}"),
+    ("section-below-a-value", "run.name=y run.name.x=1", "override run.name.x: 'name' is not a section"),
+    ("section-set-to-a-number", "sft=3", "'sft' must be a mapping, got int"),
+    ("replace-syntax-on-a-key", "sft.lr:=1e-5",
+     "override 'sft.lr:=1e-5': ':=' replaces a whole section (such as sft:={lr: 1e-5}); 'sft.lr' is not a section, "
+     "set it with sft.lr=value"),
+    ("replace-section-with-a-number", "sft:=3", "'sft' must be a mapping, got int"),
+    ("override-alias-bomb",
+     "'sft={a: &a [1,1,1,1,1,1,1,1,1,1], b: &b [" + ",".join(["*a"] * 60) + "], c: [" + ",".join(["*b"] * 60) + "]}'",
+     "override 'sft={a: &a [1,1,1,1,1,1,1,1,1,1], b: ...,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b,*b]}': the value is not "
+     "valid YAML: more than 100 aliases (*name)...",
+     "'sft={a: &a [...], b: &b [*a x 60], c: [*b x 60]}' (an alias bomb in an override)"),
+    ("override-huge-value", "run.seed=" + "x" * 20000,
+     "config key 'run.seed' expects int, got '" + "x" * 37 + "..." + "x" * 38 + "'",
+     "run.seed=xxx... (20,000 characters; the error shows 80)"),
+    ("override-5000-digit-int", "sft.max_steps=" + "9" * 5000,
+     "override 'sft.max_steps=" + "9" * 23 + "..." + "9" * 38 + "': the value is not valid YAML: a number PyYAML "
+     "cannot convert (Exceeds the limit (4300 digits) for integer string conversion: value has 5000 di...",
+     "sft.max_steps=999...9 (5,000 digits)"),
+    ("template-file-too-large", "data.chat_template=big.jinja",
+     "config key 'data.chat_template': big.jinja is larger than 1 MiB, which no chat template is",
+     "data.chat_template=big.jinja (a 1 MiB file)"),
+    ("output-dir-nul", "run.output_dir=run\x00x", "config key 'run.output_dir' holds a NUL character",
+     "run.output_dir=run␀x (a NUL byte)"),
+    ("run-name-undecodable", "run.name=caf\udce9", "config key 'run.name' holds bytes that are not UTF-8 text",
+     "run.name=caf\\xe9 (a Latin-1 byte the shell passed through)"),
     # keys
-    Case("unknown-section", "args", "sftt.lr=1", "unknown config key 'sftt'; did you mean 'sft'? (known in this section: ..."),
-    Case("unknown-key-typo", "args", "sft.epoch=3",
-         "unknown config key 'sft.epoch'; did you mean 'sft.epochs'? (known in this section: ..."),
-    Case("unknown-key", "args", "sft.banana=1", "unknown config key 'sft.banana' (known in this section: ..."),
-    Case("renamed-adam-beta", "args", "sft.adam_beta1=0.9", "config key 'sft.adam_beta1' was renamed to 'optim.adam_beta1'"),
-    Case("renamed-keep-checkpoints", "args", "sft.keep_checkpoints=3",
-         "config key 'sft.keep_checkpoints' was renamed to 'checkpoint.keep'"),
-    Case("renamed-heldout-problems", "args", "eval.num_problems=5",
-         "config key 'eval.num_problems' was renamed to 'heldout.num_problems'"),
-    Case("renamed-grpo-heldout", "args", "grpo.eval_num_problems=5",
-         "config key 'grpo.eval_num_problems' was renamed to 'heldout.num_problems'"),
+    ("unknown-section", "sftt.lr=1", "unknown config key 'sftt'; did you mean 'sft'? (known in this section: ..."),
+    ("unknown-key-typo", "sft.epoch=3",
+     "unknown config key 'sft.epoch'; did you mean 'sft.epochs'? (known in this section: ..."),
+    ("unknown-key", "sft.banana=1", "unknown config key 'sft.banana' (known in this section: ..."),
+    ("renamed-adam-beta", "sft.adam_beta1=0.9", "config key 'sft.adam_beta1' was renamed to 'optim.adam_beta1'"),
+    ("renamed-keep-checkpoints", "sft.keep_checkpoints=3",
+     "config key 'sft.keep_checkpoints' was renamed to 'checkpoint.keep'"),
+    ("renamed-heldout-problems", "eval.num_problems=5",
+     "config key 'eval.num_problems' was renamed to 'heldout.num_problems'"),
+    ("renamed-grpo-heldout", "grpo.eval_num_problems=5",
+     "config key 'grpo.eval_num_problems' was renamed to 'heldout.num_problems'"),
     # types
-    Case("int-given-a-word", "args", "sft.epochs=three", "config key 'sft.epochs' expects int, got 'three'"),
-    Case("int-given-a-fraction", "args", "sft.epochs=2.5", "config key 'sft.epochs' expects int, got 2.5"),
-    Case("int-given-exponent", "args", "sft.max_steps=1e3", "config key 'sft.max_steps' expects int, got '1e3'"),
-    Case("float-given-a-word", "args", "sft.lr=fast", "config key 'sft.lr' expects float, got 'fast'"),
-    Case("bool-given-a-number", "args", "model.compile=1", "config key 'model.compile' expects bool, got 1"),
-    Case("bool-given-a-word", "args", "model.compile=maybe", "config key 'model.compile' expects bool, got 'maybe'"),
-    Case("int-list-given-a-word", "args", "eval.budgets=[64,a]", "config key 'eval.budgets[1]' expects int, got 'a'"),
-    Case("str-list-given-a-mapping", "args", "'grpo.reward.rewards={a: 1}'",
-         "config key 'grpo.reward.rewards[0]' expects str, got {'a': 1}"),
+    ("int-given-a-word", "sft.epochs=three", "config key 'sft.epochs' expects int, got 'three'"),
+    ("int-given-a-fraction", "sft.epochs=2.5", "config key 'sft.epochs' expects int, got 2.5"),
+    ("int-given-exponent", "sft.max_steps=1e3", "config key 'sft.max_steps' expects int, got '1e3'"),
+    ("float-given-a-word", "sft.lr=fast", "config key 'sft.lr' expects float, got 'fast'"),
+    ("bool-given-a-number", "model.compile=1", "config key 'model.compile' expects bool, got 1"),
+    ("bool-given-a-word", "model.compile=maybe", "config key 'model.compile' expects bool, got 'maybe'"),
+    ("int-list-given-a-word", "eval.budgets=[64,a]", "config key 'eval.budgets[1]' expects int, got 'a'"),
+    ("str-list-given-a-mapping", "'grpo.reward.rewards={a: 1}'",
+     "config key 'grpo.reward.rewards[0]' expects str, got {'a': 1}"),
     # choices
-    Case("choice-misspelt", "args", "data.overlong=cut",
-         "config key 'data.overlong': 'cut' is not one of ['drop', 'truncate']"),
-    Case("precision-fp16", "args", "model.precision=fp16",
-         "config key 'model.precision': 'fp16' is not one of ['auto', 'fp32', 'bf16']"),
-    Case("stages-comma-list", "args", "run.stages=sft,grpo",
-         "config key 'run.stages': 'sft,grpo' is not one of ['sft', 'grpo', 'eval'] (a list is written [a, b])"),
-    Case("stage-unknown", "args", "run.stages=[sft,rl]", "config key 'run.stages': 'rl' is not one of ['sft', 'grpo', 'eval']"),
-    Case("loss-type-unknown", "args", "grpo.loss.loss_type=ppo",
-         "config key 'grpo.loss.loss_type': 'ppo' is not one of ['grpo', 'bnpo', 'dr_grpo', 'dapo']"),
-    Case("reward-unknown", "args", "grpo.reward.rewards=[accuracy,speed]", "config key 'grpo.reward.rewards': 'speed' is not one of..."),
-    Case("generator-unknown", "args", "grpo.rollout.generator=tgi", "config key 'grpo.rollout.generator': 'tgi' is not one of ['auto', 'vllm', 'hf']"),
-    Case("attention-unknown", "args", "model.attn_implementation=eager",
-         "config key 'model.attn_implementation': 'eager' is not one of ['fastmath_varlen', 'flash_attention_2']"),
-    Case("report-to-unknown", "args", "run.report_to=[mlflow]", "config key 'run.report_to': 'mlflow' is not one of..."),
+    ("choice-misspelt", "data.overlong=cut",
+     "config key 'data.overlong': 'cut' is not one of ['drop', 'truncate']"),
+    ("precision-fp16", "model.precision=fp16",
+     "config key 'model.precision': 'fp16' is not one of ['auto', 'fp32', 'bf16']"),
+    ("stages-comma-list", "run.stages=sft,grpo",
+     "config key 'run.stages': 'sft,grpo' is not one of ['sft', 'grpo', 'eval'] (a list is written [a, b])"),
+    ("stage-unknown", "run.stages=[sft,rl]", "config key 'run.stages': 'rl' is not one of ['sft', 'grpo', 'eval']"),
+    ("loss-type-unknown", "grpo.loss.loss_type=ppo",
+     "config key 'grpo.loss.loss_type': 'ppo' is not one of ['grpo', 'bnpo', 'dr_grpo', 'dapo']"),
+    ("reward-unknown", "grpo.reward.rewards=[accuracy,speed]", "config key 'grpo.reward.rewards': 'speed' is not one of..."),
+    ("generator-unknown", "grpo.rollout.generator=tgi", "config key 'grpo.rollout.generator': 'tgi' is not one of ['auto', 'vllm', 'hf']"),
+    ("attention-unknown", "model.attn_implementation=eager",
+     "config key 'model.attn_implementation': 'eager' is not one of ['fastmath_varlen', 'flash_attention_2']"),
+    ("report-to-unknown", "run.report_to=[mlflow]", "config key 'run.report_to': 'mlflow' is not one of..."),
     # ranges
-    Case("adam-beta1-above-1", "args", "optim.adam_beta1=1.5", "config key 'optim.adam_beta1' must be in [0, 1), got 1.5"),
-    Case("adam-beta2-equal-1", "args", "optim.adam_beta2=1", "config key 'optim.adam_beta2' must be in [0, 1), got 1.0"),
-    Case("adam-eps-zero", "args", "optim.adam_eps=0", "config key 'optim.adam_eps' must be > 0, got 0.0"),
-    Case("weight-decay-negative", "args", "optim.weight_decay=-0.1", "config key 'optim.weight_decay' must be >= 0, got -0.1"),
-    Case("grad-clip-negative", "args", "sft.grad_clip=-1", "config key 'sft.grad_clip' must be >= 0, got -1.0"),
-    Case("lr-zero", "args", "sft.lr=0", "config key 'sft.lr' must be in (0, 1), got 0.0 (AdamW moves each weight by about lr per step: 0 "
-         "trains nothing, 1 is far too large)"),
-    Case("lr-above-1", "args", "grpo.lr=2", "config key 'grpo.lr' must be in (0, 1), got 2.0..."),
-    Case("warmup-ratio-1", "args", "sft.warmup_ratio=1", "config key 'sft.warmup_ratio' must be in [0, 1), got 1.0"),
-    Case("min-lr-ratio-above-1", "args", "grpo.min_lr_ratio=1.5", "config key 'grpo.min_lr_ratio' must be in [0, 1], got 1.5"),
-    Case("epochs-zero", "args", "sft.epochs=0", "config key 'sft.epochs' must be > 0, got 0"),
-    Case("global-batch-zero", "args", "sft.global_batch=0", "config key 'sft.global_batch' must be > 0, got 0"),
-    Case("micro-batch-negative", "args", "sft.tokens_per_micro_batch=-1",
-         "config key 'sft.tokens_per_micro_batch' must be > 0, got -1"),
-    Case("max-length-zero", "args", "data.max_length=0", "config key 'data.max_length' must be > 0, got 0"),
-    Case("max-rows-negative", "args", "data.max_rows=-1", "config key 'data.max_rows' must be >= 0, got -1"),
-    Case("keep-zero-checkpoints", "args", "checkpoint.keep=0", "config key 'checkpoint.keep' must be > 0, got 0"),
-    Case("save-every-negative", "args", "checkpoint.save_every=-5", "config key 'checkpoint.save_every' must be >= 0, got -5"),
-    Case("heldout-tokens-zero", "args", "heldout.max_new_tokens=0", "config key 'heldout.max_new_tokens' must be > 0, got 0"),
-    Case("group-of-one", "args", "grpo.rollout.num_generations=1",
-         "config key 'grpo.rollout.num_generations' must be >= 2, got 1 (a group of one completion has advantage 0, so GRPO "
-         "would train on nothing)"),
-    Case("group-of-zero", "args", "grpo.rollout.num_generations=0", "config key 'grpo.rollout.num_generations' must be >= 2, got 0..."),
-    Case("grpo-temperature-zero", "args", "grpo.rollout.temperature=0",
-         "config key 'grpo.rollout.temperature' must be > 0, got 0.0 (it divides the logits; for greedy decoding use the "
-         "eval stage's temperature 0)"),
-    Case("top-p-zero", "args", "grpo.rollout.top_p=0", "config key 'grpo.rollout.top_p' must be in (0, 1], got 0.0"),
-    Case("top-p-above-1", "args", "eval.top_p=1.5", "config key 'eval.top_p' must be in (0, 1], got 1.5"),
-    Case("min-p-one", "args", "eval.min_p=1", "config key 'eval.min_p' must be in [0, 1), got 1.0"),
-    Case("reward-timeout-zero", "args", "grpo.reward.reward_timeout_s=0",
-         "config key 'grpo.reward.reward_timeout_s' must be in (0, 86400], got 0.0..."),
-    Case("answer-timeout-negative", "args", "eval.answer_timeout_s=-5",
-         "config key 'eval.answer_timeout_s' must be in (0, 86400], got -5.0..."),
-    Case("dist-timeout-overflow", "args", "run.dist_timeout_minutes=1e300",
-         "config key 'run.dist_timeout_minutes' must be in (0, 10080], got 1e+300 (at most a week; Python's timedelta "
-         "overflows far above that)"),
-    Case("answer-timeout-overflow", "args", "heldout.answer_timeout_s=1e300",
-         "config key 'heldout.answer_timeout_s' must be in (0, 86400], got 1e+300 (seconds per answer check; the "
-         "worker's alarm timer overflows far above a day)"),
-    Case("reward-workers-zero", "args", "grpo.reward.reward_workers=0", "config key 'grpo.reward.reward_workers' must be > 0, got 0"),
-    Case("clip-epsilon-one", "args", "grpo.loss.epsilon_low=1", "config key 'grpo.loss.epsilon_low' must be in [0, 1), got 1.0"),
-    Case("kl-beta-negative", "args", "grpo.loss.beta=-0.1", "config key 'grpo.loss.beta' must be >= 0, got -0.1"),
-    Case("is-cap-below-1", "args", "grpo.loss.vllm_is_cap=0.5",
-         "config key 'grpo.loss.vllm_is_cap' must be >= 1, got 0.5 (it caps an importance weight whose unclipped value "
-         "is 1 when sampler and trainer agree)"),
-    Case("gpu-memory-as-percent", "args", "grpo.rollout.vllm_gpu_memory_utilization=30",
-         "config key 'grpo.rollout.vllm_gpu_memory_utilization' must be in (0, 1], got 30.0"),
-    Case("eval-temperature-negative", "args", "eval.temperature=-1", "config key 'eval.temperature' must be >= 0, got -1.0"),
-    Case("eval-samples-zero", "args", "eval.samples=0", "config key 'eval.samples' must be > 0, got 0"),
-    Case("seed-negative", "args", "run.seed=-1", "config key 'run.seed' must be in [0, 4294967296), got -1"),
-    Case("seed-too-large", "args", "run.seed=99999999999", "config key 'run.seed' must be in [0, 4294967296), got 99999999999"),
-    Case("lr-nan", "args", "sft.lr=nan", "config key 'sft.lr' must be a finite number, got nan"),
-    Case("grad-clip-infinite", "args", "optim.grad_clip=.inf", "config key 'optim.grad_clip' must be a finite number, got inf"),
-    Case("reward-weight-nan", "args", "grpo.reward.reward_weights=[1,.nan]",
-         "config key 'grpo.reward.reward_weights[1]' must be a finite number, got nan"),
-    Case("budget-zero", "args", "eval.budgets=[64,0]", "config key 'eval.budgets[1]' must be > 0, got 0"),
+    ("adam-beta1-above-1", "optim.adam_beta1=1.5", "config key 'optim.adam_beta1' must be in [0, 1), got 1.5"),
+    ("adam-beta2-equal-1", "optim.adam_beta2=1", "config key 'optim.adam_beta2' must be in [0, 1), got 1.0"),
+    ("adam-eps-zero", "optim.adam_eps=0", "config key 'optim.adam_eps' must be > 0, got 0.0"),
+    ("weight-decay-negative", "optim.weight_decay=-0.1", "config key 'optim.weight_decay' must be >= 0, got -0.1"),
+    ("grad-clip-negative", "sft.grad_clip=-1", "config key 'sft.grad_clip' must be >= 0, got -1.0"),
+    ("lr-zero", "sft.lr=0", "config key 'sft.lr' must be in (0, 1), got 0.0 (AdamW moves each weight by about lr per step: 0 "
+     "trains nothing, 1 is far too large)"),
+    ("lr-above-1", "grpo.lr=2", "config key 'grpo.lr' must be in (0, 1), got 2.0..."),
+    ("warmup-ratio-1", "sft.warmup_ratio=1", "config key 'sft.warmup_ratio' must be in [0, 1), got 1.0"),
+    ("min-lr-ratio-above-1", "grpo.min_lr_ratio=1.5", "config key 'grpo.min_lr_ratio' must be in [0, 1], got 1.5"),
+    ("epochs-zero", "sft.epochs=0", "config key 'sft.epochs' must be > 0, got 0"),
+    ("global-batch-zero", "sft.global_batch=0", "config key 'sft.global_batch' must be > 0, got 0"),
+    ("micro-batch-negative", "sft.tokens_per_micro_batch=-1",
+     "config key 'sft.tokens_per_micro_batch' must be > 0, got -1"),
+    ("max-length-zero", "data.max_length=0", "config key 'data.max_length' must be > 0, got 0"),
+    ("max-rows-negative", "data.max_rows=-1", "config key 'data.max_rows' must be >= 0, got -1"),
+    ("keep-zero-checkpoints", "checkpoint.keep=0", "config key 'checkpoint.keep' must be > 0, got 0"),
+    ("save-every-negative", "checkpoint.save_every=-5", "config key 'checkpoint.save_every' must be >= 0, got -5"),
+    ("heldout-tokens-zero", "heldout.max_new_tokens=0", "config key 'heldout.max_new_tokens' must be > 0, got 0"),
+    ("group-of-one", "grpo.rollout.num_generations=1",
+     "config key 'grpo.rollout.num_generations' must be >= 2, got 1 (a group of one completion has advantage 0, so GRPO "
+     "would train on nothing)"),
+    ("group-of-zero", "grpo.rollout.num_generations=0", "config key 'grpo.rollout.num_generations' must be >= 2, got 0..."),
+    ("grpo-temperature-zero", "grpo.rollout.temperature=0",
+     "config key 'grpo.rollout.temperature' must be > 0, got 0.0 (it divides the logits; for greedy decoding use the "
+     "eval stage's temperature 0)"),
+    ("top-p-zero", "grpo.rollout.top_p=0", "config key 'grpo.rollout.top_p' must be in (0, 1], got 0.0"),
+    ("top-p-above-1", "eval.top_p=1.5", "config key 'eval.top_p' must be in (0, 1], got 1.5"),
+    ("min-p-one", "eval.min_p=1", "config key 'eval.min_p' must be in [0, 1), got 1.0"),
+    ("reward-timeout-zero", "grpo.reward.reward_timeout_s=0",
+     "config key 'grpo.reward.reward_timeout_s' must be in (0, 86400], got 0.0..."),
+    ("answer-timeout-negative", "eval.answer_timeout_s=-5",
+     "config key 'eval.answer_timeout_s' must be in (0, 86400], got -5.0..."),
+    ("dist-timeout-overflow", "run.dist_timeout_minutes=1e300",
+     "config key 'run.dist_timeout_minutes' must be in (0, 10080], got 1e+300 (at most a week; Python's timedelta "
+     "overflows far above that)"),
+    ("answer-timeout-overflow", "heldout.answer_timeout_s=1e300",
+     "config key 'heldout.answer_timeout_s' must be in (0, 86400], got 1e+300 (seconds per answer check; the "
+     "worker's alarm timer overflows far above a day)"),
+    ("reward-workers-zero", "grpo.reward.reward_workers=0", "config key 'grpo.reward.reward_workers' must be > 0, got 0"),
+    ("clip-epsilon-one", "grpo.loss.epsilon_low=1", "config key 'grpo.loss.epsilon_low' must be in [0, 1), got 1.0"),
+    ("kl-beta-negative", "grpo.loss.beta=-0.1", "config key 'grpo.loss.beta' must be >= 0, got -0.1"),
+    ("is-cap-below-1", "grpo.loss.vllm_is_cap=0.5",
+     "config key 'grpo.loss.vllm_is_cap' must be >= 1, got 0.5 (it caps an importance weight whose unclipped value "
+     "is 1 when sampler and trainer agree)"),
+    ("gpu-memory-as-percent", "grpo.rollout.vllm_gpu_memory_utilization=30",
+     "config key 'grpo.rollout.vllm_gpu_memory_utilization' must be in (0, 1], got 30.0"),
+    ("eval-temperature-negative", "eval.temperature=-1", "config key 'eval.temperature' must be >= 0, got -1.0"),
+    ("eval-samples-zero", "eval.samples=0", "config key 'eval.samples' must be > 0, got 0"),
+    ("seed-negative", "run.seed=-1", "config key 'run.seed' must be in [0, 4294967296), got -1"),
+    ("seed-too-large", "run.seed=99999999999", "config key 'run.seed' must be in [0, 4294967296), got 99999999999"),
+    ("lr-nan", "sft.lr=nan", "config key 'sft.lr' must be a finite number, got nan"),
+    ("grad-clip-infinite", "optim.grad_clip=.inf", "config key 'optim.grad_clip' must be a finite number, got inf"),
+    ("reward-weight-nan", "grpo.reward.reward_weights=[1,.nan]",
+     "config key 'grpo.reward.reward_weights[1]' must be a finite number, got nan"),
+    ("budget-zero", "eval.budgets=[64,0]", "config key 'eval.budgets[1]' must be > 0, got 0"),
     # lists and combinations
-    Case("no-stages", "args", "run.stages=[]", "config key 'run.stages' must name at least one stage"),
-    Case("stage-twice", "args", "run.stages=[sft,sft]", "config key 'run.stages' names 'sft' more than once"),
-    Case("no-rewards", "args", "grpo.reward.rewards=[]", "config key 'grpo.reward.rewards' must name at least one reward"),
-    Case("reward-twice", "args", "grpo.reward.rewards=[accuracy,accuracy]",
-         "config key 'grpo.reward.rewards' names 'accuracy' more than once"),
-    Case("reward-weights-count", "args", "grpo.reward.reward_weights=[1.0]",
-         "config key 'grpo.reward.reward_weights' has 1 entries for 2 rewards ['accuracy', 'format']"),
-    Case("cosine-values-count", "args", "grpo.reward.cosine_correct=[1.0]",
-         "config key 'grpo.reward.cosine_correct' must be [value at length 0, value at the max length]"),
-    Case("no-budgets", "args", "eval.budgets=[]", "config key 'eval.budgets' must name at least one token budget"),
-    Case("budget-twice", "args", "eval.budgets=[64,64]", "config key 'eval.budgets' names 64 more than once"),
-    Case("example-longer-than-row", "args", "data.max_length=8192",
-         "config key 'data.max_length' (8192) exceeds 'sft.tokens_per_micro_batch' (4096): a kept example must fit "
-         "in one packed row"),
-    Case("sequence-longer-than-row", "args", "grpo.rollout.max_completion_length=4000",
-         "'grpo.rollout.max_prompt_length' + 'grpo.rollout.max_completion_length' (512 + 4000) exceeds 'grpo.tokens_per_micro_batch' "
-         "(4096): a sampled sequence must fit in one packed row"),
-    Case("overlong-without-buffer", "args", "grpo.reward.rewards=[accuracy,overlong] grpo.reward.overlong_buffer=0",
-         "config key 'grpo.reward.overlong_buffer' must be in (0, grpo.rollout.max_completion_length] for the overlong reward, got 0"),
-    Case("empty-stop-string", "args", "\"grpo.rollout.stop=['']\"",
-         "config key 'grpo.rollout.stop' holds an empty stop string (it would stop every generation at once)"),
-    Case("eval-output-absolute", "args", "eval.output=/abs",
-         "config key 'eval.output' must be a folder name inside run.output_dir, got '/abs'"),
-    Case("eval-output-outside", "args", "eval.output=../up",
-         "config key 'eval.output' must be a folder name inside run.output_dir, got '../up'"),
+    ("no-stages", "run.stages=[]", "config key 'run.stages' must name at least one stage"),
+    ("stage-twice", "run.stages=[sft,sft]", "config key 'run.stages' names 'sft' more than once"),
+    ("no-rewards", "grpo.reward.rewards=[]", "config key 'grpo.reward.rewards' must name at least one reward"),
+    ("reward-twice", "grpo.reward.rewards=[accuracy,accuracy]",
+     "config key 'grpo.reward.rewards' names 'accuracy' more than once"),
+    ("reward-weights-count", "grpo.reward.reward_weights=[1.0]",
+     "config key 'grpo.reward.reward_weights' has 1 entries for 2 rewards ['accuracy', 'format']"),
+    ("cosine-values-count", "grpo.reward.cosine_correct=[1.0]",
+     "config key 'grpo.reward.cosine_correct' must be [value at length 0, value at the max length]"),
+    ("no-budgets", "eval.budgets=[]", "config key 'eval.budgets' must name at least one token budget"),
+    ("budget-twice", "eval.budgets=[64,64]", "config key 'eval.budgets' names 64 more than once"),
+    ("example-longer-than-row", "data.max_length=8192",
+     "config key 'data.max_length' (8192) exceeds 'sft.tokens_per_micro_batch' (4096): a kept example must fit "
+     "in one packed row"),
+    ("sequence-longer-than-row", "grpo.rollout.max_completion_length=4000",
+     "'grpo.rollout.max_prompt_length' + 'grpo.rollout.max_completion_length' (512 + 4000) exceeds 'grpo.tokens_per_micro_batch' "
+     "(4096): a sampled sequence must fit in one packed row"),
+    ("overlong-without-buffer", "grpo.reward.rewards=[accuracy,overlong] grpo.reward.overlong_buffer=0",
+     "config key 'grpo.reward.overlong_buffer' must be in (0, grpo.rollout.max_completion_length] for the overlong reward, got 0"),
+    ("empty-stop-string", "\"grpo.rollout.stop=['']\"",
+     "config key 'grpo.rollout.stop' holds an empty stop string (it would stop every generation at once)"),
+    ("eval-output-absolute", "eval.output=/abs",
+     "config key 'eval.output' must be a folder name inside run.output_dir, got '/abs'"),
+    ("eval-output-outside", "eval.output=../up",
+     "config key 'eval.output' must be a folder name inside run.output_dir, got '../up'"),
     # empty text
-    Case("output-dir-empty", "args", "run.output_dir=", "config key 'run.output_dir' must not be empty"),
-    Case("model-empty", "args", "model.name_or_path=", "config key 'model.name_or_path' must not be empty"),
-    Case("train-data-empty", "args", "data.train=", "config key 'data.train' must not be empty"),
-    Case("resume-empty", "args", "run.resume=", "config key 'run.resume' must not be empty"),
-    Case("prompt-field-empty", "args", "data.prompt_field=", "config key 'data.prompt_field' must not be empty"),
+    ("output-dir-empty", "run.output_dir=", "config key 'run.output_dir' must not be empty"),
+    ("model-empty", "model.name_or_path=", "config key 'model.name_or_path' must not be empty"),
+    ("train-data-empty", "data.train=", "config key 'data.train' must not be empty"),
+    ("resume-empty", "run.resume=", "config key 'run.resume' must not be empty"),
+    ("prompt-field-empty", "data.prompt_field=", "config key 'data.prompt_field' must not be empty"),
     # the command line and the config file
-    Case("config-without-value", "args", "--config", "argument --config: expected one argument (see --help)"),
-    Case("unknown-option", "args", "--cfg c.yaml", "unrecognized arguments: --cfg (see --help)"),
-    Case("config-file-missing", "args", "--config missing.yaml", "config file not found: missing.yaml"),
-    Case("config-file-is-folder", "args", "--config empty_folder",
-         "config file empty_folder is a folder; pass a YAML file such as configs/demo.yaml"),
+    ("config-without-value", "--config", "argument --config: expected one argument (see --help)"),
+    ("unknown-option", "--cfg c.yaml", "unrecognized arguments: --cfg (see --help)"),
+    ("config-file-missing", "--config missing.yaml", "config file not found: missing.yaml"),
+    ("config-file-is-folder", "--config empty_folder",
+     "config file empty_folder is a folder; pass a YAML file such as configs/demo.yaml"),
     # paths
-    Case("output-dir-is-file", "args", "run.output_dir=file.txt", "run.output_dir file.txt is a file, not a folder"),
-    Case("output-dir-under-file", "args", "run.output_dir=file.txt/run",
-         "run.output_dir file.txt/run cannot be created: file.txt is a file"),
-    Case("cache-dir-is-file", "args", "run.cache_dir=file.txt", "run.cache_dir file.txt is a file, not a folder"),
-    Case("model-is-file", "args", "model.name_or_path=./file.txt",
-         "model.name_or_path ./file.txt is a file, not a model folder (an HF model folder holds config.json, the "
-         "weights and the tokenizer files)"),
-    Case("model-missing", "args", "model.name_or_path=./no_model", "model.name_or_path not found: ./no_model"),
-    Case("model-folder-empty", "args", "model.name_or_path=./empty_folder",
-         "model.name_or_path ./empty_folder is an empty folder, not an HF model folder (which holds config.json, "
-         "tokenizer files such as tokenizer.json, and the weights, *.safetensors or *.bin)"),
-    Case("model-folder-config-only", "args", "model.name_or_path=./config_only_model",
-         "model.name_or_path ./config_only_model is not an HF model folder: it has no tokenizer files "
-         "(tokenizer.json / tokenizer_config.json), no weights (*.safetensors / *.bin)"),
-    Case("grpo-start-is-file", "args", "run.stages=[grpo] grpo.init_from=./file.txt",
-         "grpo.init_from ./file.txt is a file, not a model folder..."),
-    Case("eval-model-empty-folder", "args", "run.stages=[eval] eval.model=./empty_folder",
-         "eval.model ./empty_folder is an empty folder, not an HF model folder..."),
-    Case("train-data-is-folder", "args", "data.train=empty_folder",
-         "data.train empty_folder is a folder, not a data file (.jsonl, .json or .parquet)"),
-    Case("train-data-csv", "args", "data.train=file.txt",
-         "data.train file.txt: a data file must be .jsonl, .json or .parquet (its name says which)"),
-    Case("train-data-missing", "args", "data.train=missing.jsonl", "data.train not found: missing.jsonl"),
-    Case("train-data-empty-file", "args", "data.train=empty.jsonl", "data.train empty.jsonl is an empty file"),
-    Case("validation-data-missing", "args", "data.validation=./val.jsonl", "data.validation not found: ./val.jsonl"),
-    Case("grpo-prompts-folder", "args", "run.stages=[grpo] grpo.prompts=./empty_folder",
-         "grpo.prompts ./empty_folder is a folder, not a data file (.jsonl, .json or .parquet)"),
-    Case("benchmark-missing", "args", "run.stages=[eval] eval.benchmark=missing.parquet",
-         "eval.benchmark not found: missing.parquet"),
-    Case("resume-missing", "args", "run.resume=./no_checkpoint", "run.resume checkpoint not found: ./no_checkpoint"),
-    Case("resume-is-file", "args", "run.resume=file.txt",
-         "run.resume file.txt is a file, not a checkpoint folder (checkpoints/step_N)"),
-    Case("compare-missing", "args", "run.stages=[eval] eval.compare=[old/results.json]",
-         "eval.compare[0] not found: old/results.json"),
-    Case("eval-output-is-file", "args", "run.stages=[eval] run.output_dir=. eval.output=file.txt",
-         "eval.output file.txt is a file, not a folder"),
-]
+    ("output-dir-is-file", "run.output_dir=file.txt", "run.output_dir file.txt is a file, not a folder"),
+    ("output-dir-under-file", "run.output_dir=file.txt/run",
+     "run.output_dir file.txt/run cannot be created: file.txt is a file"),
+    ("cache-dir-is-file", "run.cache_dir=file.txt", "run.cache_dir file.txt is a file, not a folder"),
+    ("model-is-file", "model.name_or_path=./file.txt",
+     "model.name_or_path ./file.txt is a file, not a model folder (an HF model folder holds config.json, the "
+     "weights and the tokenizer files)"),
+    ("model-missing", "model.name_or_path=./no_model", "model.name_or_path not found: ./no_model"),
+    ("model-folder-empty", "model.name_or_path=./empty_folder",
+     "model.name_or_path ./empty_folder is an empty folder, not an HF model folder (which holds config.json, "
+     "tokenizer files such as tokenizer.json, and the weights, *.safetensors or *.bin)"),
+    ("model-folder-config-only", "model.name_or_path=./config_only_model",
+     "model.name_or_path ./config_only_model is not an HF model folder: it has no tokenizer files "
+     "(tokenizer.json / tokenizer_config.json), no weights (*.safetensors / *.bin)"),
+    ("grpo-start-is-file", "run.stages=[grpo] grpo.init_from=./file.txt",
+     "grpo.init_from ./file.txt is a file, not a model folder..."),
+    ("eval-model-empty-folder", "run.stages=[eval] eval.model=./empty_folder",
+     "eval.model ./empty_folder is an empty folder, not an HF model folder..."),
+    ("train-data-is-folder", "data.train=empty_folder",
+     "data.train empty_folder is a folder, not a data file (.jsonl, .json or .parquet)"),
+    ("train-data-csv", "data.train=file.txt",
+     "data.train file.txt: a data file must be .jsonl, .json or .parquet (its name says which)"),
+    ("train-data-missing", "data.train=missing.jsonl", "data.train not found: missing.jsonl"),
+    ("train-data-empty-file", "data.train=empty.jsonl", "data.train empty.jsonl is an empty file"),
+    ("validation-data-missing", "data.validation=./val.jsonl", "data.validation not found: ./val.jsonl"),
+    ("grpo-prompts-folder", "run.stages=[grpo] grpo.prompts=./empty_folder",
+     "grpo.prompts ./empty_folder is a folder, not a data file (.jsonl, .json or .parquet)"),
+    ("benchmark-missing", "run.stages=[eval] eval.benchmark=missing.parquet",
+     "eval.benchmark not found: missing.parquet"),
+    ("resume-missing", "run.resume=./no_checkpoint", "run.resume checkpoint not found: ./no_checkpoint"),
+    ("resume-is-file", "run.resume=file.txt",
+     "run.resume file.txt is a file, not a checkpoint folder (checkpoints/step_N)"),
+    ("compare-missing", "run.stages=[eval] eval.compare=[old/results.json]",
+     "eval.compare[0] not found: old/results.json"),
+    ("eval-output-is-file", "run.stages=[eval] run.output_dir=. eval.output=file.txt",
+     "eval.output file.txt is a file, not a folder"),
+])
 
-YAML = [
-    Case("yaml-unbalanced", "yaml", "sft: {lr: [\n",
-         "config file c.yaml is not valid YAML: expected the node content, but found '<stream end>' (line 2, column 1)"),
-    Case("yaml-tab-indent", "yaml", "sft:\n\tlr: 1\n",
-         "config file c.yaml is not valid YAML: found character '\\t' that cannot start any token (line 2, column 1)"),
-    Case("yaml-bad-indent", "yaml", "run:\n  name: x\n name: y\n",
-         "config file c.yaml is not valid YAML: expected <block end>, but found '<block mapping start>' (line 3, "
-         "column 2)"),
-    Case("yaml-section-twice", "yaml", "sft:\n  lr: 1.0e-5\ndata:\n  max_rows: 8\nsft:\n  epochs: 3\n",
-         "config file c.yaml is not valid YAML: key 'sft' appears twice (line 5, column 1)"),
-    Case("yaml-key-twice", "yaml", "sft:\n  lr: 1.0e-5\n  lr: 2.0e-5\n",
-         "config file c.yaml is not valid YAML: key 'lr' appears twice (line 3, column 3)"),
-    Case("yaml-is-a-list", "yaml", "- sft\n- grpo\n", "config file c.yaml must hold a mapping of sections, got list"),
-    Case("yaml-is-a-word", "yaml", "sft\n", "config file c.yaml must hold a mapping of sections, got str"),
-    Case("yaml-section-is-a-number", "yaml", "sft: 3\n", "'sft' must be a mapping, got int"),
-    Case("yaml-unknown-key", "yaml", "sft:\n  lrr: 1.0e-5\n",
-         "unknown config key 'sft.lrr'; did you mean 'sft.lr'? (known in this section: ..."),
-    Case("yaml-renamed-key", "yaml", "sft:\n  adam_beta1: 0.9\n",
-         "config key 'sft.adam_beta1' was renamed to 'optim.adam_beta1'"),
-    Case("yaml-number-as-key", "yaml", "1: x\n", "unknown config key '1' (known in this section: ..."),
-    Case("yaml-not-utf8", "yaml", b"run:\n  name: caf\xe9\n", "config file c.yaml is not UTF-8 text"),
-    Case("yaml-value-is-a-mapping", "yaml", "run:\n  name: {a: 1}\n", "config key 'run.name' expects str, got {'a': 1}"),
-    Case("yaml-stages-null", "yaml", "run:\n  stages:\n", "config key 'run.stages[0]' expects str, got None"),
+YAML = cases("yaml", [
+    ("yaml-unbalanced", "sft: {lr: [\n",
+     "config file c.yaml is not valid YAML: expected the node content, but found '<stream end>' (line 2, column 1)"),
+    ("yaml-tab-indent", "sft:\n\tlr: 1\n",
+     "config file c.yaml is not valid YAML: found character '\\t' that cannot start any token (line 2, column 1)"),
+    ("yaml-bad-indent", "run:\n  name: x\n name: y\n",
+     "config file c.yaml is not valid YAML: expected <block end>, but found '<block mapping start>' (line 3, "
+     "column 2)"),
+    ("yaml-section-twice", "sft:\n  lr: 1.0e-5\ndata:\n  max_rows: 8\nsft:\n  epochs: 3\n",
+     "config file c.yaml is not valid YAML: key 'sft' appears twice (line 5, column 1)"),
+    ("yaml-key-twice", "sft:\n  lr: 1.0e-5\n  lr: 2.0e-5\n",
+     "config file c.yaml is not valid YAML: key 'lr' appears twice (line 3, column 3)"),
+    ("yaml-is-a-list", "- sft\n- grpo\n", "config file c.yaml must hold a mapping of sections, got list"),
+    ("yaml-is-a-word", "sft\n", "config file c.yaml must hold a mapping of sections, got str"),
+    ("yaml-section-is-a-number", "sft: 3\n", "'sft' must be a mapping, got int"),
+    ("yaml-unknown-key", "sft:\n  lrr: 1.0e-5\n",
+     "unknown config key 'sft.lrr'; did you mean 'sft.lr'? (known in this section: ..."),
+    ("yaml-renamed-key", "sft:\n  adam_beta1: 0.9\n",
+     "config key 'sft.adam_beta1' was renamed to 'optim.adam_beta1'"),
+    ("yaml-number-as-key", "1: x\n", "unknown config key '1' (known in this section: ..."),
+    ("yaml-not-utf8", b"run:\n  name: caf\xe9\n", "config file c.yaml is not UTF-8 text"),
+    ("yaml-value-is-a-mapping", "run:\n  name: {a: 1}\n", "config key 'run.name' expects str, got {'a': 1}"),
+    ("yaml-stages-null", "run:\n  stages:\n", "config key 'run.stages[0]' expects str, got None"),
     # bounded: aliases, nesting, size, keys
-    Case("yaml-alias-bomb", "yaml", "run:\n  seed: [&a [x,x,x,x,x,x,x,x,x], &b [*a,*a,*a,*a,*a,*a,*a,*a,*a], &c [*b,*b,*b,*b,*b,*b,*b,*b,*b], &d [*c,*c,*c,*c,*c,*c,*c,*c,*c], &e [*d,*d,*d,*d,*d,*d,*d,*d,*d], &f [*e,*e,*e,*e,*e,*e,*e,*e,*e], &g [*f,*f,*f,*f,*f,*f,*f,*f,*f], &h [*g,*g,*g,*g,*g,*g,*g,*g,*g], &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]]\n",
-         "config key 'run.seed' expects int, got [['x', 'x', 'x', 'x', 'x', 'x', ...], [[...], [...], [...], [...], "
-         "[...], [...], ...], [[...], [...], [...], [...], [...], [...], ...], [[...], [...], [...], [...], [...], "
-         "[...], ...], [[...], [...], [...], [...], [...], [...], ...], [[...], [...], [...], [...], [...], [...], "
-         "...], ...]", shown="a 9-level alias bomb in `run.seed` (72 aliases, 9^9 leaves once expanded)"),
-    Case("yaml-alias-bomb-in-a-section", "yaml",
-         "run:\n  name: &a [x,x,x,x,x,x,x,x,x,x]\nsft:\n  lr: &b [" + ",".join(["*a"] * 60) + "]\n  epochs: [" +
-         ",".join(["*b"] * 60) + "]\n", "config file c.yaml is not valid YAML: more than 100 aliases (*name)...",
-         shown="a section whose values are 120 aliases of aliases"),
-    Case("yaml-deep-nesting", "yaml", "sft: " + "[" * 200 + "]" * 200 + "\n",
-         "config file c.yaml is not valid YAML: nested more than 50 levels deep...", shown="`sft: [[[...]]]`, 200 deep"),
-    Case("yaml-very-deep-nesting", "yaml", "sft: " + "[" * 100000 + "\n",
-         "config file c.yaml is not valid YAML: nested more than 50 levels deep...",
-         shown="`sft: [[[...` 100,000 deep, never closed"),
-    Case("yaml-list-as-key", "yaml", "? [sft, grpo]\n: 1\n",
-         "config file c.yaml is not valid YAML: a key must be a plain name, not a list or a mapping (line 1, column 3)"),
-    Case("yaml-mapping-as-key", "yaml", "run:\n  ? {a: 1}\n  : x\n",
-         "config file c.yaml is not valid YAML: a key must be a plain name, not a list or a mapping (line 2, column 5)"),
-    Case("yaml-5000-digit-int", "yaml", "run:\n  seed: " + "9" * 5000 + "\n",
-         "config file c.yaml is not valid YAML: a number PyYAML cannot convert (Exceeds the limit (4300 digits) for "
-         "integer string conversion: value has 5000...", shown="`run.seed:` a 5,000-digit number"),
-    Case("yaml-too-large", "yaml", "run:\n  name: x\n" + "# padding\n" * 110000,
-         "config file c.yaml is larger than 1 MiB; a config is a few KiB", shown="a 1.1 MB config file"),
-    Case("yaml-huge-value-in-error", "yaml", "run:\n  seed: [" + ",".join(["123456789"] * 20000) + "]\n",
-         "config key 'run.seed' expects int, got [123456789, 123456789, 123456789, 123456789, 123456789, 123456789, "
-         "...]", shown="`run.seed` given a list of 20,000 numbers (the error shows 6)"),
-]
+    ("yaml-alias-bomb", "run:\n  seed: [&a [x,x,x,x,x,x,x,x,x], &b [*a,*a,*a,*a,*a,*a,*a,*a,*a], &c [*b,*b,*b,*b,*b,*b,*b,*b,*b], &d [*c,*c,*c,*c,*c,*c,*c,*c,*c], &e [*d,*d,*d,*d,*d,*d,*d,*d,*d], &f [*e,*e,*e,*e,*e,*e,*e,*e,*e], &g [*f,*f,*f,*f,*f,*f,*f,*f,*f], &h [*g,*g,*g,*g,*g,*g,*g,*g,*g], &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]]\n",
+     "config key 'run.seed' expects int, got [['x', 'x', 'x', 'x', 'x', 'x', ...], [[...], [...], [...], [...], "
+     "[...], [...], ...], [[...], [...], [...], [...], [...], [...], ...], [[...], [...], [...], [...], [...], "
+     "[...], ...], [[...], [...], [...], [...], [...], [...], ...], [[...], [...], [...], [...], [...], [...], "
+     "...], ...]", "a 9-level alias bomb in `run.seed` (72 aliases, 9^9 leaves once expanded)"),
+    ("yaml-alias-bomb-in-a-section",
+     "run:\n  name: &a [x,x,x,x,x,x,x,x,x,x]\nsft:\n  lr: &b [" + ",".join(["*a"] * 60) + "]\n  epochs: [" +
+     ",".join(["*b"] * 60) + "]\n", "config file c.yaml is not valid YAML: more than 100 aliases (*name)...",
+     "a section whose values are 120 aliases of aliases"),
+    ("yaml-deep-nesting", "sft: " + "[" * 200 + "]" * 200 + "\n",
+     "config file c.yaml is not valid YAML: nested more than 50 levels deep...", "`sft: [[[...]]]`, 200 deep"),
+    ("yaml-very-deep-nesting", "sft: " + "[" * 100000 + "\n",
+     "config file c.yaml is not valid YAML: nested more than 50 levels deep...",
+     "`sft: [[[...` 100,000 deep, never closed"),
+    ("yaml-list-as-key", "? [sft, grpo]\n: 1\n",
+     "config file c.yaml is not valid YAML: a key must be a plain name, not a list or a mapping (line 1, column 3)"),
+    ("yaml-mapping-as-key", "run:\n  ? {a: 1}\n  : x\n",
+     "config file c.yaml is not valid YAML: a key must be a plain name, not a list or a mapping (line 2, column 5)"),
+    ("yaml-5000-digit-int", "run:\n  seed: " + "9" * 5000 + "\n",
+     "config file c.yaml is not valid YAML: a number PyYAML cannot convert (Exceeds the limit (4300 digits) for "
+     "integer string conversion: value has 5000...", "`run.seed:` a 5,000-digit number"),
+    ("yaml-too-large", "run:\n  name: x\n" + "# padding\n" * 110000,
+     "config file c.yaml is larger than 1 MiB; a config is a few KiB", "a 1.1 MB config file"),
+    ("yaml-huge-value-in-error", "run:\n  seed: [" + ",".join(["123456789"] * 20000) + "]\n",
+     "config key 'run.seed' expects int, got [123456789, 123456789, 123456789, 123456789, 123456789, 123456789, "
+     "...]", "`run.seed` given a list of 20,000 numbers (the error shows 6)"),
+])
 
-FILES = [
-    Case("data-only-blank-lines", "file", ("blank.jsonl", b"\n\n  \n"), "no usable rows in blank.jsonl"),
-    Case("data-no-usable-rows", "file", ("wrong_fields.jsonl", b'{"question": "1+1?", "answer": "2"}\n' * 3),
-         "no usable rows in wrong_fields.jsonl (data wrong_fields.jsonl: 0 of 3 rows used; skipped: 3 missing field "
-         "'problem')"),
-    Case("data-broken-json-array", "file", ("rows.json", b'[{"problem": "1+1?", '),
-         "data file rows.json is not a readable JSON array..."),
-    Case("data-broken-parquet", "file", ("rows.parquet", b"not a parquet file"),
-         "data file rows.parquet is not a readable parquet file..."),
-    Case("data-all-not-utf8", "file", ("latin1.jsonl", b'{"problem": "caf\xe9", "solution": "x"}\n'),
-         "no usable rows in latin1.jsonl (data latin1.jsonl: 0 of 1 rows used; skipped: 1 not UTF-8)"),
-]
+FILES = cases("file", [
+    ("data-only-blank-lines", ("blank.jsonl", b"\n\n  \n"), "no usable rows in blank.jsonl"),
+    ("data-no-usable-rows", ("wrong_fields.jsonl", b'{"question": "1+1?", "answer": "2"}\n' * 3),
+     "no usable rows in wrong_fields.jsonl (data wrong_fields.jsonl: 0 of 3 rows used; skipped: 3 missing field "
+     "'problem')"),
+    ("data-broken-json-array", ("rows.json", b'[{"problem": "1+1?", '),
+     "data file rows.json is not a readable JSON array..."),
+    ("data-broken-parquet", ("rows.parquet", b"not a parquet file"),
+     "data file rows.parquet is not a readable parquet file..."),
+    ("data-all-not-utf8", ("latin1.jsonl", b'{"problem": "caf\xe9", "solution": "x"}\n'),
+     "no usable rows in latin1.jsonl (data latin1.jsonl: 0 of 1 rows used; skipped: 1 not UTF-8)"),
+])
 
-ROWS = [
-    Case("row-missing-solution", "row", '{"problem": "What is 1 + 1?"}', "missing field 'solution'"),
-    Case("row-missing-problem", "row", '{"solution": "\\\\boxed{2}"}', "missing field 'problem'"),
-    Case("row-solution-null", "row", '{"problem": "1+1?", "solution": null}', "missing field 'solution'"),
-    Case("row-solution-number", "row", '{"problem": "1+1?", "solution": 2}', "field 'solution' is not a string"),
-    Case("row-problem-list", "row", '{"problem": ["1+1?"], "solution": "2"}', "field 'problem' is not a string"),
-    Case("row-solution-empty", "row", '{"problem": "1+1?", "solution": ""}', "empty field 'solution'"),
-    Case("row-solution-blank", "row", '{"problem": "1+1?", "solution": "  \\n "}', "empty field 'solution'"),
-    Case("row-not-utf8", "row", b'{"problem": "caf\xe9?", "solution": "x"}', "not UTF-8"),
-    Case("row-not-json", "row", "{problem: 1+1}", "not valid JSON"),
-    Case("row-truncated-json", "row", '{"problem": "1+1?", "solu', "not valid JSON"),
-    Case("row-json-array", "row", '["1+1?", "2"]', "not a JSON object"),
-    Case("row-json-string", "row", '"What is 1 + 1?"', "not a JSON object"),
+ROWS = cases("row", [
+    ("row-missing-solution", '{"problem": "What is 1 + 1?"}', "missing field 'solution'"),
+    ("row-missing-problem", '{"solution": "\\\\boxed{2}"}', "missing field 'problem'"),
+    ("row-solution-null", '{"problem": "1+1?", "solution": null}', "missing field 'solution'"),
+    ("row-solution-number", '{"problem": "1+1?", "solution": 2}', "field 'solution' is not a string"),
+    ("row-problem-list", '{"problem": ["1+1?"], "solution": "2"}', "field 'problem' is not a string"),
+    ("row-solution-empty", '{"problem": "1+1?", "solution": ""}', "empty field 'solution'"),
+    ("row-solution-blank", '{"problem": "1+1?", "solution": "  \\n "}', "empty field 'solution'"),
+    ("row-not-utf8", b'{"problem": "caf\xe9?", "solution": "x"}', "not UTF-8"),
+    ("row-not-json", "{problem: 1+1}", "not valid JSON"),
+    ("row-truncated-json", '{"problem": "1+1?", "solu', "not valid JSON"),
+    ("row-json-array", '["1+1?", "2"]', "not a JSON object"),
+    ("row-json-string", '"What is 1 + 1?"', "not a JSON object"),
     # bounded, numbers as text, special tokens
-    Case("row-5000-digit-solution", "row", '{"problem": "1+1?", "solution": ' + "7" * 5000 + "}",
-         "field 'solution' is not a string", shown='`{"problem": "1+1?", "solution": 777...7}` (a 5,000-digit number)'),
-    Case("row-float-solution", "row", '{"problem": "1+1?", "solution": 1e23}', "field 'solution' is not a string"),
-    Case("row-deeply-nested", "row", '{"problem": ' + "[" * 100000 + "]" * 100000 + "}", "nested too deeply",
-         shown='`{"problem": [[[...]]]}`, 100,000 deep'),
-    Case("row-huge", "row", '{"problem": "1+1?", "solution": "' + "9" * (17 << 20) + '"}', "row larger than 16 MiB",
-         shown="one row of 17 MiB (read 16 MiB at a time, never whole)"),
-    Case("row-text-over-bound", "row", '{"problem": "1+1?", "solution": "' + "1+1=2 " * 6000 + '"}',
-         "text longer than 32768 characters (32 x max_length), not tokenised",
-         shown="a 36,000-character solution (data.max_length 1024: over 32 characters per token)"),
-    Case("row-end-of-turn-in-solution", "row", '{"problem": "1+1?", "solution": "2<|im_end|>\\n<|im_start|>user\\nmore"}',
-         "text holds the special token '<|im_start|>'"),
-    Case("row-end-of-turn-in-problem", "row", '{"problem": "1+1?<|im_end|>", "solution": "2"}',
-         "text holds the special token '<|im_end|>'"),
-    Case("row-eos-in-solution", "row", '{"problem": "1+1?", "solution": "2 <|endoftext|> ignored"}',
-         "text holds the special token '<|endoftext|>'"),
-]
+    ("row-5000-digit-solution", '{"problem": "1+1?", "solution": ' + "7" * 5000 + "}",
+     "field 'solution' is not a string", '`{"problem": "1+1?", "solution": 777...7}` (a 5,000-digit number)'),
+    ("row-float-solution", '{"problem": "1+1?", "solution": 1e23}', "field 'solution' is not a string"),
+    ("row-deeply-nested", '{"problem": ' + "[" * 100000 + "]" * 100000 + "}", "nested too deeply",
+     '`{"problem": [[[...]]]}`, 100,000 deep'),
+    ("row-huge", '{"problem": "1+1?", "solution": "' + "9" * (17 << 20) + '"}', "row larger than 16 MiB",
+     "one row of 17 MiB (read 16 MiB at a time, never whole)"),
+    ("row-text-over-bound", '{"problem": "1+1?", "solution": "' + "1+1=2 " * 6000 + '"}',
+     "text longer than 32768 characters (32 x max_length), not tokenised",
+     "a 36,000-character solution (data.max_length 1024: over 32 characters per token)"),
+    ("row-end-of-turn-in-solution", '{"problem": "1+1?", "solution": "2<|im_end|>\\n<|im_start|>user\\nmore"}',
+     "text holds the special token '<|im_start|>'"),
+    ("row-end-of-turn-in-problem", '{"problem": "1+1?<|im_end|>", "solution": "2"}',
+     "text holds the special token '<|im_end|>'"),
+    ("row-eos-in-solution", '{"problem": "1+1?", "solution": "2 <|endoftext|> ignored"}',
+     "text holds the special token '<|endoftext|>'"),
+])
 
-CHATS = [
-    Case("chat-assistant-first", "chat", '{"messages": [{"role": "assistant", "content": "2"}]}',
-         "no user message before the first assistant message"),
-    Case("chat-unknown-role", "chat",
-         '{"messages": [{"role": "human", "content": "1+1?"}, {"role": "assistant", "content": "2"}]}',
-         "unknown role 'human' in 'messages' (expected system, user, assistant)"),
-    Case("chat-no-assistant", "chat", '{"messages": [{"role": "user", "content": "1+1?"}]}', "no assistant message"),
-    Case("chat-empty-list", "chat", '{"messages": []}', "field 'messages' is not a non-empty list of messages"),
-    Case("chat-content-number", "chat",
-         '{"messages": [{"role": "user", "content": 11}, {"role": "assistant", "content": "2"}]}',
-         "a message in 'messages' is not an object with string 'role' and 'content'"),
-    Case("chat-empty-assistant", "chat",
-         '{"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": " "}]}',
-         "an empty assistant message"),
-    Case("chat-ends-with-user", "chat",
-         '{"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}, '
-         '{"role": "user", "content": "thanks"}]}', "the last message is not the assistant's"),
-    Case("chat-late-system", "chat",
-         '{"messages": [{"role": "user", "content": "1+1?"}, {"role": "system", "content": "be brief"}, '
-         '{"role": "assistant", "content": "2"}]}', "a system message after the first turn"),
-    Case("chat-missing-field", "chat", '{"conversation": []}', "missing field 'messages'"),
-    Case("chat-end-of-turn-in-content", "chat",
-         '{"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2<|im_end|>"}]}',
-         "text holds the special token '<|im_end|>'"),
-    Case("chat-content-float", "chat",
-         '{"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": 2.0}]}',
-         "a message in 'messages' is not an object with string 'role' and 'content'"),
-    Case("chat-many-turns", "chat",
-         json.dumps({"messages": [{"role": "user", "content": "1"}, {"role": "assistant", "content": "2"}] * 2500}),
-         "more messages than max_length, not tokenised",
-         shown="a chat of 5,000 one-character turns (each assistant turn renders its whole prefix twice)"),
-    Case("chat-text-over-bound", "chat",
-         '{"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "' + "2 " * 17000 + '"}]}',
-         "text longer than 32768 characters (32 x max_length), not tokenised",
-         shown="a chat whose assistant turn is 34,000 characters"),
-]
+CHATS = cases("chat", [
+    ("chat-assistant-first", '{"messages": [{"role": "assistant", "content": "2"}]}',
+     "no user message before the first assistant message"),
+    ("chat-unknown-role",
+     '{"messages": [{"role": "human", "content": "1+1?"}, {"role": "assistant", "content": "2"}]}',
+     "unknown role 'human' in 'messages' (expected system, user, assistant)"),
+    ("chat-no-assistant", '{"messages": [{"role": "user", "content": "1+1?"}]}', "no assistant message"),
+    ("chat-empty-list", '{"messages": []}', "field 'messages' is not a non-empty list of messages"),
+    ("chat-content-number",
+     '{"messages": [{"role": "user", "content": 11}, {"role": "assistant", "content": "2"}]}',
+     "a message in 'messages' is not an object with string 'role' and 'content'"),
+    ("chat-empty-assistant",
+     '{"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": " "}]}',
+     "an empty assistant message"),
+    ("chat-ends-with-user",
+     '{"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}, '
+     '{"role": "user", "content": "thanks"}]}', "the last message is not the assistant's"),
+    ("chat-late-system",
+     '{"messages": [{"role": "user", "content": "1+1?"}, {"role": "system", "content": "be brief"}, '
+     '{"role": "assistant", "content": "2"}]}', "a system message after the first turn"),
+    ("chat-missing-field", '{"conversation": []}', "missing field 'messages'"),
+    ("chat-end-of-turn-in-content",
+     '{"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2<|im_end|>"}]}',
+     "text holds the special token '<|im_end|>'"),
+    ("chat-content-float",
+     '{"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": 2.0}]}',
+     "a message in 'messages' is not an object with string 'role' and 'content'"),
+    ("chat-many-turns",
+     json.dumps({"messages": [{"role": "user", "content": "1"}, {"role": "assistant", "content": "2"}] * 2500}),
+     "more messages than max_length, not tokenised",
+     "a chat of 5,000 one-character turns (each assistant turn renders its whole prefix twice)"),
+    ("chat-text-over-bound",
+     '{"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "' + "2 " * 17000 + '"}]}',
+     "text longer than 32768 characters (32 x max_length), not tokenised",
+     "a chat whose assistant turn is 34,000 characters"),
+])
 
-PROMPTS = [
-    Case("gold-unparseable", "prompt", '{"problem": "1+1?", "answer": "\\\\frac{"}', "gold answer math-verify cannot parse"),
-    Case("gold-missing", "prompt", '{"problem": "1+1?"}', "missing answer field 'answer'"),
-    Case("gold-empty", "prompt", '{"problem": "1+1?", "answer": "  "}', "missing answer field 'answer'"),
-    Case("gold-prose", "prompt", '{"problem": "1+1?", "answer": "banana split"}',
-         "gold answer is prose, not a mathematical value"),
-    Case("gold-sentence", "prompt", '{"problem": "1+1?", "answer": "The answer is 5"}',
-         "gold answer is prose, not a mathematical value"),
-    Case("gold-placeholder", "prompt", '{"problem": "1+1?", "answer": "N/A"}', "gold answer is a placeholder (like N/A)"),
-    Case("gold-list", "prompt", '{"problem": "1+1?", "answer": ["1", "2"]}', "gold answer is a list, not a string or number"),
-    Case("gold-boolean", "prompt", '{"problem": "1+1?", "answer": true}', "gold answer is a boolean, not a number"),
-    Case("gold-object", "prompt", '{"problem": "1+1?", "answer": {"x": 1}}',
-         "gold answer is an object, not a string or number"),
-    Case("prompt-end-of-turn", "prompt", '{"problem": "1+1?<|im_end|>\\n<|im_start|>assistant\\n2", "answer": "2"}',
-         "text holds the special token '<|im_start|>'"),
-    Case("gold-5000-digits", "prompt", '{"problem": "1+1?", "answer": ' + "7" * 5000 + "}",
-         "gold answer math-verify cannot parse", shown='`{"problem": "1+1?", "answer": 777...7}` (a 5,000-digit number: '
-         "over Python's 4,300-digit conversion limit)"),
-    Case("gold-json-nan", "prompt", '{"problem": "1+1?", "answer": NaN}', "gold answer is not a finite number"),
-    Case("gold-json-infinity", "prompt", '{"problem": "1+1?", "answer": -Infinity}', "gold answer is not a finite number"),
-]
+PROMPTS = cases("prompt", [
+    ("gold-unparseable", '{"problem": "1+1?", "answer": "\\\\frac{"}', "gold answer math-verify cannot parse"),
+    ("gold-missing", '{"problem": "1+1?"}', "missing answer field 'answer'"),
+    ("gold-empty", '{"problem": "1+1?", "answer": "  "}', "missing answer field 'answer'"),
+    ("gold-prose", '{"problem": "1+1?", "answer": "banana split"}',
+     "gold answer is prose, not a mathematical value"),
+    ("gold-sentence", '{"problem": "1+1?", "answer": "The answer is 5"}',
+     "gold answer is prose, not a mathematical value"),
+    ("gold-placeholder", '{"problem": "1+1?", "answer": "N/A"}', "gold answer is a placeholder (like N/A)"),
+    ("gold-list", '{"problem": "1+1?", "answer": ["1", "2"]}', "gold answer is a list, not a string or number"),
+    ("gold-boolean", '{"problem": "1+1?", "answer": true}', "gold answer is a boolean, not a number"),
+    ("gold-object", '{"problem": "1+1?", "answer": {"x": 1}}',
+     "gold answer is an object, not a string or number"),
+    ("prompt-end-of-turn", '{"problem": "1+1?<|im_end|>\\n<|im_start|>assistant\\n2", "answer": "2"}',
+     "text holds the special token '<|im_start|>'"),
+    ("gold-5000-digits", '{"problem": "1+1?", "answer": ' + "7" * 5000 + "}",
+     "gold answer math-verify cannot parse", '`{"problem": "1+1?", "answer": 777...7}` (a 5,000-digit number: '
+     "over Python's 4,300-digit conversion limit)"),
+    ("gold-json-nan", '{"problem": "1+1?", "answer": NaN}', "gold answer is not a finite number"),
+    ("gold-json-infinity", '{"problem": "1+1?", "answer": -Infinity}', "gold answer is not a finite number"),
+])
 
 # Gold answers as the file writes them: (gold as a JSON value, completion, verdict). A float detour would turn
 # 1e23 into 99999999999999991611392 and 0.1 + tiny errors into wrong verdicts.
@@ -441,268 +448,268 @@ GOLD_AS_WRITTEN = [
 ]
 
 # Under torchrun (`python -m fastmath.launch` takes torchrun's arguments): the fastmath line ends the output.
-LAUNCHES = [
-    Case("launch-two-ranks-one-mistake", "launch", "--standalone --nproc_per_node=2 fastmath/train.py run.stages=[sft",
-         "override 'run.stages=[sft': the value is not valid YAML..."),
-]
+LAUNCHES = cases("launch", [
+    ("launch-two-ranks-one-mistake", "--standalone --nproc_per_node=2 fastmath/train.py run.stages=[sft",
+     "override 'run.stages=[sft': the value is not valid YAML..."),
+])
 
-RUNS = [
-    Case("run-unbalanced-list", "run", "run.stages=[sft", "override 'run.stages=[sft': the value is not valid YAML..."),
-    Case("run-config-not-a-mapping", "run", "--config list.yaml", "config file list.yaml must hold a mapping of sections, got list"),
-    Case("run-group-of-one", "run", "run.stages=[grpo] grpo.rollout.num_generations=1",
-         "config key 'grpo.rollout.num_generations' must be >= 2, got 1..."),
-    Case("run-output-dir-is-file", "run", "run.output_dir=file.txt", "run.output_dir file.txt is a file, not a folder"),
-    Case("run-model-folder-empty", "run", "model.name_or_path=./empty_folder",
-         "model.name_or_path ./empty_folder is an empty folder, not an HF model folder..."),
-    Case("run-no-usable-rows", "run", "data.train=wrong_fields.jsonl data.validation= heldout.num_problems=0",
-         "no usable rows in wrong_fields.jsonl (data wrong_fields.jsonl: 0 of 3 rows used; skipped: 3 missing "
-         "field 'problem')"),
-]
+RUNS = cases("run", [
+    ("run-unbalanced-list", "run.stages=[sft", "override 'run.stages=[sft': the value is not valid YAML..."),
+    ("run-config-not-a-mapping", "--config list.yaml", "config file list.yaml must hold a mapping of sections, got list"),
+    ("run-group-of-one", "run.stages=[grpo] grpo.rollout.num_generations=1",
+     "config key 'grpo.rollout.num_generations' must be >= 2, got 1..."),
+    ("run-output-dir-is-file", "run.output_dir=file.txt", "run.output_dir file.txt is a file, not a folder"),
+    ("run-model-folder-empty", "model.name_or_path=./empty_folder",
+     "model.name_or_path ./empty_folder is an empty folder, not an HF model folder..."),
+    ("run-no-usable-rows", "data.train=wrong_fields.jsonl data.validation= heldout.num_problems=0",
+     "no usable rows in wrong_fields.jsonl (data wrong_fields.jsonl: 0 of 3 rows used; skipped: 3 missing "
+     "field 'problem')"),
+])
 
-COMPLETIONS = [  # scored against the gold answer 5; a verdict other than correct/wrong is counted in the metrics
-    Case("completion-box-never-closed", "completion", "\\boxed{" * 14285, "no_answer",
-         shown="`\\boxed{` 14,285 times (100k characters), never closed"),
-    Case("completion-power-tower", "completion", "\\boxed{10^{10^{10^{10}}}}", "timeout"),
-    Case("completion-braces-then-answer", "completion", "{" * 50000 + " \\boxed{5}", "correct",
-         shown="50,000 `{` then `\\boxed{5}`"),
-    Case("completion-no-box", "completion", "The answer is 5.", "no_answer"),
-    Case("completion-empty-box", "completion", "\\boxed{}", "no_answer"),
-    Case("completion-box-cut-off", "completion", "\\boxed{5", "no_answer"),
-]
+COMPLETIONS = cases("completion", [  # scored against the gold answer 5; a verdict other than correct/wrong is counted in the metrics
+    ("completion-box-never-closed", "\\boxed{" * 14285, "no_answer",
+     "`\\boxed{` 14,285 times (100k characters), never closed"),
+    ("completion-power-tower", "\\boxed{10^{10^{10^{10}}}}", "timeout"),
+    ("completion-braces-then-answer", "{" * 50000 + " \\boxed{5}", "correct",
+     "50,000 `{` then `\\boxed{5}`"),
+    ("completion-no-box", "The answer is 5.", "no_answer"),
+    ("completion-empty-box", "\\boxed{}", "no_answer"),
+    ("completion-box-cut-off", "\\boxed{5", "no_answer"),
+])
 
 # Damage done to a copy of a finished 4-step SFT run (checkpoints at steps 2 and 4, in run/), then the resume.
 STEP2, STEP4 = "run/checkpoints/step_00000002", "run/checkpoints/step_00000004"
-CHECKPOINTS = [
-    Case("ckpt-shard-corrupt-named", "checkpoint", f"corrupt {STEP4}/model_and_optim/__0_0.distcp|{STEP4}",
-         f"fastmath: error: checkpoint {STEP4} is corrupt: model_and_optim/__0_0.distcp does not match its checksum in "
-         f"MANIFEST.sha256", shown="4 KiB overwritten in the middle of step 4's `__0_0.distcp`, then `run.resume=<step 4>`"),
-    Case("ckpt-shard-corrupt-auto", "checkpoint", f"corrupt {STEP4}/model_and_optim/__0_0.distcp|auto",
-         f"fastmath: warning: checkpoint {STEP4} is corrupt: model_and_optim/__0_0.distcp does not match its "
-         f"checksum in MANIFEST.sha256; falling back to the previous complete checkpoint",
-         shown="the same, then `run.resume=auto` (resumes from step 2)"),
-    Case("ckpt-every-shard-corrupt", "checkpoint",
-         f"corrupt {STEP2}/model_and_optim/__0_0.distcp,corrupt {STEP4}/model_and_optim/__0_0.distcp|auto",
-         f"fastmath: error: checkpoint {STEP4} is corrupt and no older checkpoint in run/checkpoints passes its "
-         f"check either...", shown="both checkpoints' shards corrupted, then `run.resume=auto`"),
-    Case("ckpt-shard-truncated", "checkpoint", f"truncate {STEP4}/model_and_optim/__0_0.distcp|{STEP4}",
-         f"fastmath: error: checkpoint {STEP4} is corrupt: model_and_optim/__0_0.distcp does not match its checksum in "
-         f"MANIFEST.sha256",
-         shown="step 4's `__0_0.distcp` cut to half its size, then `run.resume=<step 4>`"),
-    Case("ckpt-metadata-deleted", "checkpoint", f"delete {STEP4}/model_and_optim/.metadata|{STEP4}",
-         f"fastmath: error: checkpoint {STEP4} is corrupt: model_and_optim/.metadata is missing",
-         shown="step 4's DCP `.metadata` deleted, then `run.resume=<step 4>`"),
-    Case("ckpt-manifest-deleted", "checkpoint", f"delete {STEP4}/MANIFEST.sha256|{STEP4}",
-         f"fastmath: error: checkpoint {STEP4} is corrupt: MANIFEST.sha256 is missing or unreadable (written by an "
-         f"older fastmath, or damaged)", shown="step 4's `MANIFEST.sha256` deleted, then `run.resume=<step 4>`"),
-    Case("ckpt-every-marker-deleted", "checkpoint", f"delete {STEP2}/COMPLETE,delete {STEP4}/COMPLETE|auto",
-         "fastmath: error: run/checkpoints holds checkpoint folders without a COMPLETE marker (step_00000002, "
-         "step_00000004) and no complete checkpoint; a fresh start would overwrite them...",
-         shown="every `COMPLETE` marker deleted, then `run.resume=auto`"),
-    Case("ckpt-newest-marker-deleted", "checkpoint", f"delete {STEP4}/COMPLETE|auto",
-         "fastmath: warning: step_00000004 has no COMPLETE marker and is ignored",
-         shown="step 4's `COMPLETE` marker deleted, then `run.resume=auto` (resumes from step 2)"),
-    Case("ckpt-marker-deleted-named", "checkpoint", f"delete {STEP4}/COMPLETE|{STEP4}",
-         f"fastmath: error: checkpoint {STEP4} is corrupt: it is incomplete or not a checkpoint (no COMPLETE marker)",
-         shown="step 4's `COMPLETE` marker deleted, then `run.resume=<step 4>`"),
-    Case("ckpt-resume-never-over-checkpoints", "checkpoint", "|never",
-         "fastmath: error: run.resume=never but run already holds checkpoints; use run.resume=auto or another "
-         "run.output_dir", shown="a finished run's folder, then `run.resume=never`"),
-]
+CHECKPOINTS = cases("checkpoint", [
+    ("ckpt-shard-corrupt-named", f"corrupt {STEP4}/model_and_optim/__0_0.distcp|{STEP4}",
+     f"fastmath: error: checkpoint {STEP4} is corrupt: model_and_optim/__0_0.distcp does not match its checksum in "
+     f"MANIFEST.sha256", "4 KiB overwritten in the middle of step 4's `__0_0.distcp`, then `run.resume=<step 4>`"),
+    ("ckpt-shard-corrupt-auto", f"corrupt {STEP4}/model_and_optim/__0_0.distcp|auto",
+     f"fastmath: warning: checkpoint {STEP4} is corrupt: model_and_optim/__0_0.distcp does not match its "
+     f"checksum in MANIFEST.sha256; falling back to the previous complete checkpoint",
+     "the same, then `run.resume=auto` (resumes from step 2)"),
+    ("ckpt-every-shard-corrupt",
+     f"corrupt {STEP2}/model_and_optim/__0_0.distcp,corrupt {STEP4}/model_and_optim/__0_0.distcp|auto",
+     f"fastmath: error: checkpoint {STEP4} is corrupt and no older checkpoint in run/checkpoints passes its "
+     f"check either...", "both checkpoints' shards corrupted, then `run.resume=auto`"),
+    ("ckpt-shard-truncated", f"truncate {STEP4}/model_and_optim/__0_0.distcp|{STEP4}",
+     f"fastmath: error: checkpoint {STEP4} is corrupt: model_and_optim/__0_0.distcp does not match its checksum in "
+     f"MANIFEST.sha256",
+     "step 4's `__0_0.distcp` cut to half its size, then `run.resume=<step 4>`"),
+    ("ckpt-metadata-deleted", f"delete {STEP4}/model_and_optim/.metadata|{STEP4}",
+     f"fastmath: error: checkpoint {STEP4} is corrupt: model_and_optim/.metadata is missing",
+     "step 4's DCP `.metadata` deleted, then `run.resume=<step 4>`"),
+    ("ckpt-manifest-deleted", f"delete {STEP4}/MANIFEST.sha256|{STEP4}",
+     f"fastmath: error: checkpoint {STEP4} is corrupt: MANIFEST.sha256 is missing or unreadable (written by an "
+     f"older fastmath, or damaged)", "step 4's `MANIFEST.sha256` deleted, then `run.resume=<step 4>`"),
+    ("ckpt-every-marker-deleted", f"delete {STEP2}/COMPLETE,delete {STEP4}/COMPLETE|auto",
+     "fastmath: error: run/checkpoints holds checkpoint folders without a COMPLETE marker (step_00000002, "
+     "step_00000004) and no complete checkpoint; a fresh start would overwrite them...",
+     "every `COMPLETE` marker deleted, then `run.resume=auto`"),
+    ("ckpt-newest-marker-deleted", f"delete {STEP4}/COMPLETE|auto",
+     "fastmath: warning: step_00000004 has no COMPLETE marker and is ignored",
+     "step 4's `COMPLETE` marker deleted, then `run.resume=auto` (resumes from step 2)"),
+    ("ckpt-marker-deleted-named", f"delete {STEP4}/COMPLETE|{STEP4}",
+     f"fastmath: error: checkpoint {STEP4} is corrupt: it is incomplete or not a checkpoint (no COMPLETE marker)",
+     "step 4's `COMPLETE` marker deleted, then `run.resume=<step 4>`"),
+    ("ckpt-resume-never-over-checkpoints", "|never",
+     "fastmath: error: run.resume=never but run already holds checkpoints; use run.resume=auto or another "
+     "run.output_dir", "a finished run's folder, then `run.resume=never`"),
+])
 
 # A checkpoint folder rewritten by whoever can write it, MANIFEST.sha256 recomputed to match (a checksum is no
 # security boundary). Payloads would create a marker file if anything unpickled them; the test checks it never
 # appears. Loaded into the model of the finished run above.
-UNSAFE = [
-    Case("unsafe-rng-pickle-exec", "unsafe", "rng-pickle-exec",
-         f"checkpoint {STEP4} is refused: rng_rank0.pt is not tensors and plain values as fastmath writes them, and "
-         f"is refused unread (nothing in a checkpoint folder is run)",
-         shown="`rng_rank0.pt` replaced by a pickle that calls `exec`"),
-    Case("unsafe-rng-torch-save-payload", "unsafe", "rng-torch-save",
-         f"checkpoint {STEP4} is refused: rng_rank0.pt is not tensors and plain values...",
-         shown="`rng_rank0.pt` replaced by `torch.save` of a dict holding an object whose `__reduce__` calls `exec`"),
-    Case("unsafe-rng-old-numpy-state", "unsafe", "rng-numpy-array",
-         f"checkpoint {STEP4} is refused: rng_rank0.pt is not tensors and plain values...",
-         shown="`rng_rank0.pt` holding a numpy array (how fastmath wrote RNG states before)"),
-    Case("unsafe-metadata-pickle-exec", "unsafe", "metadata-exec",
-         f"checkpoint {STEP4} is refused: model_and_optim/.metadata is refused unread: it refers to builtins.exec, "
-         f"which a DCP metadata file never holds (nothing in a checkpoint folder is run)",
-         shown="DCP's `.metadata` replaced by a pickle that calls `exec`"),
-    Case("unsafe-metadata-os-system", "unsafe", "metadata-system",
-         f"checkpoint {STEP4} is refused: model_and_optim/.metadata is refused unread: it refers to posix.system...",
-         shown="DCP's `.metadata` replaced by a pickle that calls `os.system`"),
-    Case("unsafe-metadata-shard-outside", "unsafe", "metadata-shard-path",
-         f"checkpoint {STEP4} is refused: model_and_optim/.metadata is refused unread: it names the shard file "
-         f"'../../../../etc/hostname', which is not a file in its folder...",
-         shown="DCP's `.metadata` rewritten so a shard is read from `../../../../etc/hostname`"),
-    Case("unsafe-metadata-not-metadata", "unsafe", "metadata-dict",
-         f"checkpoint {STEP4} is refused: model_and_optim/.metadata is refused unread: it holds a dict, not DCP "
-         f"metadata...", shown="DCP's `.metadata` replaced by a pickled dict"),
-    Case("unsafe-manifest-parent-path", "unsafe", "manifest-parent",
-         f"checkpoint {STEP4} is corrupt: MANIFEST.sha256 names '../../../../etc/hostname', a path outside the "
-         f"checkpoint folder", shown="a `MANIFEST.sha256` line naming `../../../../etc/hostname`"),
-    Case("unsafe-manifest-absolute-path", "unsafe", "manifest-absolute",
-         f"checkpoint {STEP4} is corrupt: MANIFEST.sha256 names '/dev/zero', a path outside the checkpoint folder",
-         shown="a `MANIFEST.sha256` line naming `/dev/zero` (reading it never ends)"),
-    Case("unsafe-manifest-symlink", "unsafe", "manifest-symlink",
-         f"checkpoint {STEP4} is corrupt: big is not a regular file in the checkpoint folder (a link, a device or a "
-         f"pipe)", shown="a link `big -> /dev/zero` in the folder, listed in the manifest"),
-    Case("unsafe-state-not-an-object", "unsafe", "state-list",
-         f"checkpoint {STEP4} has a trainer_state.json not in the form fastmath writes (the whole file)",
-         shown="`trainer_state.json` holding a JSON list"),
-    Case("unsafe-state-step-text", "unsafe", "state-step-text",
-         f"checkpoint {STEP4} has a trainer_state.json not in the form fastmath writes (step)",
-         shown='`trainer_state.json` with `"step": "4"`'),
-    Case("unsafe-state-deep", "unsafe", "state-deep",
-         f"checkpoint {STEP4} has an unreadable trainer_state.json: maximum recursion depth exceeded...",
-         shown="`trainer_state.json` nested 100,000 deep"),
-    Case("unsafe-manifest-huge", "unsafe", "manifest-huge",
-         f"checkpoint {STEP4} is corrupt: MANIFEST.sha256 is missing or unreadable...",
-         shown="a 17 MiB `MANIFEST.sha256` (its lines are never read)"),
-    Case("unsafe-rng-wrong-form", "unsafe", "rng-wrong-form",
-         f"checkpoint {STEP4} is refused: its RNG state is not in the form fastmath writes (state vector is the wrong "
-         f"size)", shown="`rng_rank0.pt` of plain tensors, but a 5-word Mersenne Twister state"),
-    Case("unsafe-state-inputs-garbage", "unsafe", "state-inputs",
-         f"checkpoint {STEP4} was made from other inputs: data.train: the checkpoint's fingerprint of it is not in "
-         f"the form fastmath writes...", shown='`trainer_state.json` with `"inputs": {"data.train": 5}`'),
-    Case("unsafe-other-model-size", "unsafe", "other-model",
-         f"checkpoint {STEP4} does not fit this model: model.causal_lm.lm_head.weight is [387, 192] there and "
-         f"[7, 192] in this model (a checkpoint of another model size)",
-         shown="a checkpoint resumed into a model with another vocabulary size"),
-]
+UNSAFE = cases("unsafe", [
+    ("unsafe-rng-pickle-exec", "rng-pickle-exec",
+     f"checkpoint {STEP4} is refused: rng_rank0.pt is not tensors and plain values as fastmath writes them, and "
+     f"is refused unread (nothing in a checkpoint folder is run)",
+     "`rng_rank0.pt` replaced by a pickle that calls `exec`"),
+    ("unsafe-rng-torch-save-payload", "rng-torch-save",
+     f"checkpoint {STEP4} is refused: rng_rank0.pt is not tensors and plain values...",
+     "`rng_rank0.pt` replaced by `torch.save` of a dict holding an object whose `__reduce__` calls `exec`"),
+    ("unsafe-rng-old-numpy-state", "rng-numpy-array",
+     f"checkpoint {STEP4} is refused: rng_rank0.pt is not tensors and plain values...",
+     "`rng_rank0.pt` holding a numpy array (how fastmath wrote RNG states before)"),
+    ("unsafe-metadata-pickle-exec", "metadata-exec",
+     f"checkpoint {STEP4} is refused: model_and_optim/.metadata is refused unread: it refers to builtins.exec, "
+     f"which a DCP metadata file never holds (nothing in a checkpoint folder is run)",
+     "DCP's `.metadata` replaced by a pickle that calls `exec`"),
+    ("unsafe-metadata-os-system", "metadata-system",
+     f"checkpoint {STEP4} is refused: model_and_optim/.metadata is refused unread: it refers to posix.system...",
+     "DCP's `.metadata` replaced by a pickle that calls `os.system`"),
+    ("unsafe-metadata-shard-outside", "metadata-shard-path",
+     f"checkpoint {STEP4} is refused: model_and_optim/.metadata is refused unread: it names the shard file "
+     f"'../../../../etc/hostname', which is not a file in its folder...",
+     "DCP's `.metadata` rewritten so a shard is read from `../../../../etc/hostname`"),
+    ("unsafe-metadata-not-metadata", "metadata-dict",
+     f"checkpoint {STEP4} is refused: model_and_optim/.metadata is refused unread: it holds a dict, not DCP "
+     f"metadata...", "DCP's `.metadata` replaced by a pickled dict"),
+    ("unsafe-manifest-parent-path", "manifest-parent",
+     f"checkpoint {STEP4} is corrupt: MANIFEST.sha256 names '../../../../etc/hostname', a path outside the "
+     f"checkpoint folder", "a `MANIFEST.sha256` line naming `../../../../etc/hostname`"),
+    ("unsafe-manifest-absolute-path", "manifest-absolute",
+     f"checkpoint {STEP4} is corrupt: MANIFEST.sha256 names '/dev/zero', a path outside the checkpoint folder",
+     "a `MANIFEST.sha256` line naming `/dev/zero` (reading it never ends)"),
+    ("unsafe-manifest-symlink", "manifest-symlink",
+     f"checkpoint {STEP4} is corrupt: big is not a regular file in the checkpoint folder (a link, a device or a "
+     f"pipe)", "a link `big -> /dev/zero` in the folder, listed in the manifest"),
+    ("unsafe-state-not-an-object", "state-list",
+     f"checkpoint {STEP4} has a trainer_state.json not in the form fastmath writes (the whole file)",
+     "`trainer_state.json` holding a JSON list"),
+    ("unsafe-state-step-text", "state-step-text",
+     f"checkpoint {STEP4} has a trainer_state.json not in the form fastmath writes (step)",
+     '`trainer_state.json` with `"step": "4"`'),
+    ("unsafe-state-deep", "state-deep",
+     f"checkpoint {STEP4} has an unreadable trainer_state.json: maximum recursion depth exceeded...",
+     "`trainer_state.json` nested 100,000 deep"),
+    ("unsafe-manifest-huge", "manifest-huge",
+     f"checkpoint {STEP4} is corrupt: MANIFEST.sha256 is missing or unreadable...",
+     "a 17 MiB `MANIFEST.sha256` (its lines are never read)"),
+    ("unsafe-rng-wrong-form", "rng-wrong-form",
+     f"checkpoint {STEP4} is refused: its RNG state is not in the form fastmath writes (state vector is the wrong "
+     f"size)", "`rng_rank0.pt` of plain tensors, but a 5-word Mersenne Twister state"),
+    ("unsafe-state-inputs-garbage", "state-inputs",
+     f"checkpoint {STEP4} was made from other inputs: data.train: the checkpoint's fingerprint of it is not in "
+     f"the form fastmath writes...", '`trainer_state.json` with `"inputs": {"data.train": 5}`'),
+    ("unsafe-other-model-size", "other-model",
+     f"checkpoint {STEP4} does not fit this model: model.causal_lm.lm_head.weight is [387, 192] there and "
+     f"[7, 192] in this model (a checkpoint of another model size)",
+     "a checkpoint resumed into a model with another vocabulary size"),
+])
 
 # A fresh start in a folder that holds an earlier run's files (no checkpoint left): `<files>|<run.resume>`.
-OVERWRITES = [
-    Case("overwrite-never-export-and-metrics", "overwrite", "hf/config.json,summary.json,metrics.jsonl|never",
-         "run.resume=never starts fresh, but run/hf, run/summary.json, run/metrics.jsonl from an earlier run would "
-         "be replaced; move them away, or use another run.output_dir",
-         shown="a finished run whose `checkpoints/` was deleted, then `run.resume=never`"),
-    Case("overwrite-never-metrics-only", "overwrite", "metrics.jsonl|never",
-         "run.resume=never starts fresh, but run/metrics.jsonl from an earlier run would be replaced; move it away, "
-         "or use another run.output_dir", shown="a folder holding only `metrics.jsonl`, then `run.resume=never`"),
-    Case("overwrite-never-summary-only", "overwrite", "summary.json|never",
-         "run.resume=never starts fresh, but run/summary.json from an earlier run would be replaced...",
-         shown="a folder holding only `summary.json`, then `run.resume=never`"),
-    Case("overwrite-auto-export", "overwrite", "hf/config.json,metrics.jsonl|auto",
-         "run.resume=auto starts fresh, but run/hf from an earlier run would be replaced; move it away, or use "
-         "another run.output_dir", shown="a finished run whose `checkpoints/` was deleted, then `run.resume=auto`"),
-]
+OVERWRITES = cases("overwrite", [
+    ("overwrite-never-export-and-metrics", "hf/config.json,summary.json,metrics.jsonl|never",
+     "run.resume=never starts fresh, but run/hf, run/summary.json, run/metrics.jsonl from an earlier run would "
+     "be replaced; move them away, or use another run.output_dir",
+     "a finished run whose `checkpoints/` was deleted, then `run.resume=never`"),
+    ("overwrite-never-metrics-only", "metrics.jsonl|never",
+     "run.resume=never starts fresh, but run/metrics.jsonl from an earlier run would be replaced; move it away, "
+     "or use another run.output_dir", "a folder holding only `metrics.jsonl`, then `run.resume=never`"),
+    ("overwrite-never-summary-only", "summary.json|never",
+     "run.resume=never starts fresh, but run/summary.json from an earlier run would be replaced...",
+     "a folder holding only `summary.json`, then `run.resume=never`"),
+    ("overwrite-auto-export", "hf/config.json,metrics.jsonl|auto",
+     "run.resume=auto starts fresh, but run/hf from an earlier run would be replaced; move it away, or use "
+     "another run.output_dir", "a finished run whose `checkpoints/` was deleted, then `run.resume=auto`"),
+])
 
 # A second run in an output folder another run holds (the lock `<output_dir>/.fastmath.lock`).
-LOCKS = [
-    Case("lock-held-by-another-process", "lock", "process",
-         "run.output_dir run is in use by another fastmath run (PID {pid} on {host}, since ...",
-         shown="a second run while another process holds the folder's lock"),
-    Case("lock-held-by-this-process", "lock", "same",
-         "run.output_dir run is in use by another fastmath run (PID {pid} on {host}, since ...",
-         shown="a second run from the same process (another open of the lock file)"),
-    Case("lock-file-is-a-link", "lock", "link",
-         "run.output_dir run: its lock file run/.fastmath.lock cannot be opened (Too many levels of symbolic links); it "
-         "must be a plain file or absent", shown="`.fastmath.lock` a link to another file (which must not be truncated)"),
-    Case("lock-file-is-a-folder", "lock", "folder",
-         "run.output_dir run: its lock file run/.fastmath.lock cannot be opened (Is a directory); it must be a plain "
-         "file or absent", shown="`.fastmath.lock` a folder"),
-    Case("lock-file-no-flock-live", "lock", "no-flock-live",
-         "run.output_dir run is in use by another fastmath run (PID {pid} on {host}, since ...",
-         shown="a file system without flock: a lock file naming a live process on this host"),
-    Case("lock-file-no-flock-other-host", "lock", "no-flock-other-host",
-         "run.output_dir run is in use by another fastmath run (PID 12345 on node-7, since ...",
-         shown="a file system without flock: a lock file naming a process on another host"),
-]
+LOCKS = cases("lock", [
+    ("lock-held-by-another-process", "process",
+     "run.output_dir run is in use by another fastmath run (PID {pid} on {host}, since ...",
+     "a second run while another process holds the folder's lock"),
+    ("lock-held-by-this-process", "same",
+     "run.output_dir run is in use by another fastmath run (PID {pid} on {host}, since ...",
+     "a second run from the same process (another open of the lock file)"),
+    ("lock-file-is-a-link", "link",
+     "run.output_dir run: its lock file run/.fastmath.lock cannot be opened (Too many levels of symbolic links); it "
+     "must be a plain file or absent", "`.fastmath.lock` a link to another file (which must not be truncated)"),
+    ("lock-file-is-a-folder", "folder",
+     "run.output_dir run: its lock file run/.fastmath.lock cannot be opened (Is a directory); it must be a plain "
+     "file or absent", "`.fastmath.lock` a folder"),
+    ("lock-file-no-flock-live", "no-flock-live",
+     "run.output_dir run is in use by another fastmath run (PID {pid} on {host}, since ...",
+     "a file system without flock: a lock file naming a live process on this host"),
+    ("lock-file-no-flock-other-host", "no-flock-other-host",
+     "run.output_dir run is in use by another fastmath run (PID 12345 on node-7, since ...",
+     "a file system without flock: a lock file naming a process on another host"),
+])
 
 # A finished 2-step SFT run of its own data file, model folder and template file; one input changed in place (same
 # path), then resumed: `<input>|<change>`.
-CHANGED = [
-    Case("changed-data-same-size", "changed", "train.jsonl|flip",
-         "checkpoint run/checkpoints/step_00000002 was made from other inputs: data.train inputs/train.jsonl has other "
-         "content than when the checkpoint was made (same size, other bytes); resume with the same content, or start "
-         "over in a fresh run.output_dir", shown="the training file regenerated in place, same size"),
-    Case("changed-data-row-added", "changed", "train.jsonl|append",
-         "checkpoint run/checkpoints/step_00000002 was made from other inputs: data.train inputs/train.jsonl has other "
-         "content than when the checkpoint was made (...", shown="a row appended to the training file"),
-    Case("changed-model-weights", "changed", "model/model.safetensors|flip",
-         "checkpoint run/checkpoints/step_00000002 was made from other inputs: model inputs/model: model.safetensors "
-         "has other content than when the checkpoint was made (same size, other bytes)...",
-         shown="the start model's weights overwritten in place"),
-    Case("changed-tokenizer", "changed", "model/tokenizer.json|append",
-         "checkpoint run/checkpoints/step_00000002 was made from other inputs: model inputs/model: tokenizer.json has "
-         "other content...", shown="the start model's tokenizer.json edited"),
-    Case("changed-model-file-added", "changed", "model/added_tokens.json|create",
-         "checkpoint run/checkpoints/step_00000002 was made from other inputs: model inputs/model holds "
-         "added_tokens.json, which it did not when the checkpoint was made...",
-         shown="a file added to the start model's folder"),
-    Case("changed-model-file-removed", "changed", "model/generation_config.json|delete",
-         "checkpoint run/checkpoints/step_00000002 was made from other inputs: model inputs/model has lost "
-         "generation_config.json since the checkpoint was made...", shown="a file removed from the start model's folder"),
-    Case("changed-template", "changed", "template.jinja|append",
-         "checkpoint run/checkpoints/step_00000002 was made from other inputs: data.chat_template inputs/template.jinja "
-         "has other content...", shown="the chat template file edited"),
-]
+CHANGED = cases("changed", [
+    ("changed-data-same-size", "train.jsonl|flip",
+     "checkpoint run/checkpoints/step_00000002 was made from other inputs: data.train inputs/train.jsonl has other "
+     "content than when the checkpoint was made (same size, other bytes); resume with the same content, or start "
+     "over in a fresh run.output_dir", "the training file regenerated in place, same size"),
+    ("changed-data-row-added", "train.jsonl|append",
+     "checkpoint run/checkpoints/step_00000002 was made from other inputs: data.train inputs/train.jsonl has other "
+     "content than when the checkpoint was made (...", "a row appended to the training file"),
+    ("changed-model-weights", "model/model.safetensors|flip",
+     "checkpoint run/checkpoints/step_00000002 was made from other inputs: model inputs/model: model.safetensors "
+     "has other content than when the checkpoint was made (same size, other bytes)...",
+     "the start model's weights overwritten in place"),
+    ("changed-tokenizer", "model/tokenizer.json|append",
+     "checkpoint run/checkpoints/step_00000002 was made from other inputs: model inputs/model: tokenizer.json has "
+     "other content...", "the start model's tokenizer.json edited"),
+    ("changed-model-file-added", "model/added_tokens.json|create",
+     "checkpoint run/checkpoints/step_00000002 was made from other inputs: model inputs/model holds "
+     "added_tokens.json, which it did not when the checkpoint was made...",
+     "a file added to the start model's folder"),
+    ("changed-model-file-removed", "model/generation_config.json|delete",
+     "checkpoint run/checkpoints/step_00000002 was made from other inputs: model inputs/model has lost "
+     "generation_config.json since the checkpoint was made...", "a file removed from the start model's folder"),
+    ("changed-template", "template.jinja|append",
+     "checkpoint run/checkpoints/step_00000002 was made from other inputs: data.chat_template inputs/template.jinja "
+     "has other content...", "the chat template file edited"),
+])
 
 # The launcher's environment (RANK, WORLD_SIZE, ...), checked before a process group is formed: each of these
 # used to wait silently for peers that never come (30 minutes, the default process-group timeout).
-ENVS = [
-    Case("env-rank-at-world-size", "env", "RANK=1 WORLD_SIZE=1",
-         "environment variables RANK=1 and WORLD_SIZE=1: a rank must be below the world size (ranks 0..0); launch "
-         "with torchrun, or unset them for a one-process run"),
-    Case("env-two-without-torchrun", "env", "RANK=0 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=29511",
-         "environment variables WORLD_SIZE=2 and RANK=0 are set, but torchrun did not start this process: it would "
-         "wait for 1 other process(es) that nothing starts; launch with torchrun --nproc_per_node=2, unset RANK and "
-         "WORLD_SIZE, or set FASTMATH_LAUNCHER=external if another launcher starts them"),
-    Case("env-rank-without-world-size", "env", "RANK=0",
-         "environment variable RANK is set but WORLD_SIZE is not; launch with torchrun, or unset RANK for a "
-         "one-process run"),
-    Case("env-world-size-without-rank", "env", "WORLD_SIZE=4",
-         "environment variable WORLD_SIZE is set but RANK is not; launch with torchrun, or unset WORLD_SIZE for a "
-         "one-process run"),
-    Case("env-rank-not-a-number", "env", "RANK=zero WORLD_SIZE=1",
-         "environment variable RANK='zero' is not a non-negative integer (torchrun sets it; unset it for a "
-         "one-process run)"),
-    Case("env-rank-negative", "env", "RANK=-1 WORLD_SIZE=1", "environment variable RANK='-1' is not a non-negative..."),
-    Case("env-world-size-zero", "env", "RANK=0 WORLD_SIZE=0",
-         "environment variable WORLD_SIZE=0: a job has at least one process"),
-    Case("env-local-rank-above-rank", "env", "RANK=0 WORLD_SIZE=1 LOCAL_RANK=1",
-         "environment variables LOCAL_RANK=1 and RANK=0: a local rank is never above the rank"),
-    Case("env-local-rank-alone", "env", "LOCAL_RANK=3",
-         "environment variable LOCAL_RANK is set without RANK and WORLD_SIZE; launch with torchrun, or unset it"),
-    Case("env-port-out-of-range", "env", "RANK=0 WORLD_SIZE=1 MASTER_PORT=70000",
-         "environment variable MASTER_PORT=70000 is not a port (1-65535)"),
-    Case("env-master-addr-unresolvable", "env", "RANK=0 WORLD_SIZE=1 MASTER_ADDR=nonexistent.invalid MASTER_PORT=29555",
-         "environment variable MASTER_ADDR='nonexistent.invalid' does not resolve to an address (the process group "
-         "would retry it until its timeout); fix it, or unset it for a one-process run"),
-    Case("env-two-without-master", "env", "RANK=1 WORLD_SIZE=2 FASTMATH_LAUNCHER=external",
-         "environment variable WORLD_SIZE=2 is set but MASTER_ADDR is not; the processes cannot meet"),
-]
+ENVS = cases("env", [
+    ("env-rank-at-world-size", "RANK=1 WORLD_SIZE=1",
+     "environment variables RANK=1 and WORLD_SIZE=1: a rank must be below the world size (ranks 0..0); launch "
+     "with torchrun, or unset them for a one-process run"),
+    ("env-two-without-torchrun", "RANK=0 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=29511",
+     "environment variables WORLD_SIZE=2 and RANK=0 are set, but torchrun did not start this process: it would "
+     "wait for 1 other process(es) that nothing starts; launch with torchrun --nproc_per_node=2, unset RANK and "
+     "WORLD_SIZE, or set FASTMATH_LAUNCHER=external if another launcher starts them"),
+    ("env-rank-without-world-size", "RANK=0",
+     "environment variable RANK is set but WORLD_SIZE is not; launch with torchrun, or unset RANK for a "
+     "one-process run"),
+    ("env-world-size-without-rank", "WORLD_SIZE=4",
+     "environment variable WORLD_SIZE is set but RANK is not; launch with torchrun, or unset WORLD_SIZE for a "
+     "one-process run"),
+    ("env-rank-not-a-number", "RANK=zero WORLD_SIZE=1",
+     "environment variable RANK='zero' is not a non-negative integer (torchrun sets it; unset it for a "
+     "one-process run)"),
+    ("env-rank-negative", "RANK=-1 WORLD_SIZE=1", "environment variable RANK='-1' is not a non-negative..."),
+    ("env-world-size-zero", "RANK=0 WORLD_SIZE=0",
+     "environment variable WORLD_SIZE=0: a job has at least one process"),
+    ("env-local-rank-above-rank", "RANK=0 WORLD_SIZE=1 LOCAL_RANK=1",
+     "environment variables LOCAL_RANK=1 and RANK=0: a local rank is never above the rank"),
+    ("env-local-rank-alone", "LOCAL_RANK=3",
+     "environment variable LOCAL_RANK is set without RANK and WORLD_SIZE; launch with torchrun, or unset it"),
+    ("env-port-out-of-range", "RANK=0 WORLD_SIZE=1 MASTER_PORT=70000",
+     "environment variable MASTER_PORT=70000 is not a port (1-65535)"),
+    ("env-master-addr-unresolvable", "RANK=0 WORLD_SIZE=1 MASTER_ADDR=nonexistent.invalid MASTER_PORT=29555",
+     "environment variable MASTER_ADDR='nonexistent.invalid' does not resolve to an address (the process group "
+     "would retry it until its timeout); fix it, or unset it for a one-process run"),
+    ("env-two-without-master", "RANK=1 WORLD_SIZE=2 FASTMATH_LAUNCHER=external",
+     "environment variable WORLD_SIZE=2 is set but MASTER_ADDR is not; the processes cannot meet"),
+])
 
 # Models and templates that load but would train on something else than the rows: built into a Formatter (as every
 # stage does before it reads a row). `<model change>|<chat template file text>|<system prompt>`.
-TEMPLATES = [
-    Case("template-ignores-messages", "template",
-         "§{{ 'Solve the problem.' }}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}§",
-         "the chat template does not show the problem: the probe problem 'What is 12 + 34?' renders as 'Solve the "
-         "problem.<|im_start|>assistant\\n'; a template must render the messages it is given (data.chat_template)",
-         shown="a template that never renders the messages"),
-    Case("template-plain-text-file", "template", "§You are a helpful math assistant.\n§",
-         "the chat template does not show the problem: the probe problem 'What is 12 + 34?' renders as 'You are a "
-         "helpful math assistant.'...", shown="a plain text file given as data.chat_template"),
-    Case("template-drops-system", "template",
-         "§{% for m in messages %}{% if m.role != 'system' %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
-         "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}§Be brief.",
-         "the chat template does not show the system prompt: with 'Be brief.' the probe renders as "
-         "'<|im_start|>user\\nWhat is 12 + 34?<|im_end|>\\n<|im_start|>assistant\\n' (data.chat_template)",
-         shown="a template that drops system messages, with data.system_prompt set"),
-    Case("template-first-message-only", "template",
-         "§<|im_start|>{{ messages[0].role }}\n{{ messages[0].content }}<|im_end|>\n<|im_start|>assistant\n§Be brief.",
-         "the chat template does not show the problem: the probe problem 'What is 12 + 34?' renders as "
-         "'<|im_start|>system\\nBe brief.<|im_end|>\\n<|im_start|>assistant'...",
-         shown="a template that renders only the first message, with data.system_prompt set"),
-    Case("template-renders-megabytes", "template", "§{{ 'x' * 10**7 }}{{ messages[-1].content }}§",
-         "the chat template renders a one-line probe prompt as 10000016 characters (more than 100000); it would add "
-         "that much to every row (data.chat_template)", shown="a template that renders 10 MB around each prompt"),
-    Case("model-without-tokenizer-json", "template", "delete tokenizer.json§§",
-         "the tokenizer loses text: the probe prompt becomes 3 tokens that decode to "
-         "'<|im_start|><|im_end|><|im_start|>' (a model folder without tokenizer.json loads a tokenizer that knows "
-         "almost nothing; its vocabulary has 3 tokens)", shown="a model folder without tokenizer.json"),
-]
+TEMPLATES = cases("template", [
+    ("template-ignores-messages",
+     "§{{ 'Solve the problem.' }}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}§",
+     "the chat template does not show the problem: the probe problem 'What is 12 + 34?' renders as 'Solve the "
+     "problem.<|im_start|>assistant\\n'; a template must render the messages it is given (data.chat_template)",
+     "a template that never renders the messages"),
+    ("template-plain-text-file", "§You are a helpful math assistant.\n§",
+     "the chat template does not show the problem: the probe problem 'What is 12 + 34?' renders as 'You are a "
+     "helpful math assistant.'...", "a plain text file given as data.chat_template"),
+    ("template-drops-system",
+     "§{% for m in messages %}{% if m.role != 'system' %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}§Be brief.",
+     "the chat template does not show the system prompt: with 'Be brief.' the probe renders as "
+     "'<|im_start|>user\\nWhat is 12 + 34?<|im_end|>\\n<|im_start|>assistant\\n' (data.chat_template)",
+     "a template that drops system messages, with data.system_prompt set"),
+    ("template-first-message-only",
+     "§<|im_start|>{{ messages[0].role }}\n{{ messages[0].content }}<|im_end|>\n<|im_start|>assistant\n§Be brief.",
+     "the chat template does not show the problem: the probe problem 'What is 12 + 34?' renders as "
+     "'<|im_start|>system\\nBe brief.<|im_end|>\\n<|im_start|>assistant'...",
+     "a template that renders only the first message, with data.system_prompt set"),
+    ("template-renders-megabytes", "§{{ 'x' * 10**7 }}{{ messages[-1].content }}§",
+     "the chat template renders a one-line probe prompt as 10000016 characters (more than 100000); it would add "
+     "that much to every row (data.chat_template)", "a template that renders 10 MB around each prompt"),
+    ("model-without-tokenizer-json", "delete tokenizer.json§§",
+     "the tokenizer loses text: the probe prompt becomes 3 tokens that decode to "
+     "'<|im_start|><|im_end|><|im_start|>' (a model folder without tokenizer.json loads a tokenizer that knows "
+     "almost nothing; its vocabulary has 3 tokens)", "a model folder without tokenizer.json"),
+])
 
 CATALOGUE = (ARGS + YAML + FILES + ROWS + CHATS + PROMPTS + COMPLETIONS + CHECKPOINTS + UNSAFE + OVERWRITES + LOCKS
              + CHANGED + ENVS + TEMPLATES + RUNS + LAUNCHES)

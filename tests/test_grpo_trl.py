@@ -354,7 +354,7 @@ def test_grpo_config_maps_or_is_refused_by_name():
 @pytest.mark.parametrize("loss_type,level", [("dapo", "token"), ("grpo", "sequence")])
 def test_entropy_bonus_equals_trl(loss_type, level, backend):
     """TRL's entropy bonus (entropy_coef): loss - coef * masked token mean of H, the gradient into the entropies;
-    the fused loss differentiates H itself (tests/test_grpo_kernels.py, against the fp64 definition)."""
+    the fused loss differentiates H itself (tests/test_grpo_fused_loss.py, against the fp64 definition)."""
     batch = padded_batch(seed=4)
     batch["entropies"] = batch["entropies"].clone().requires_grad_()
     trl_value, trl_grad, _ = trl_loss(batch, loss_type, level, 0.04, True, entropy_coef=0.05)
