@@ -301,7 +301,7 @@ class HFGenerator(Generator):
 
 @dataclass
 class EngineSettings:
-    """What a stage asks of its generator (GRPO's grpo.vllm_* keys, eval's eval.* keys)."""
+    """What a stage asks of its generator (GRPO's grpo.rollout.vllm_* keys, eval's eval.* keys)."""
 
     kind: str                  # "vllm", "hf" or "auto"
     max_model_len: int
