@@ -47,7 +47,7 @@ from fastmath.rewards import compute_rewards
 from fastmath.rollout import Completion, EngineSettings, Sampling, make_generator
 from fastmath.rollout_server import ServerGenerator, ServerSettings
 from fastmath.stage import (OptimSettings, Stage, build_optimizer, clip_gradients, data_source, micro_batches,
-                            optim_settings, reduce_and_read, schedule_length, set_lr, start_model)
+                            optim_settings, reduce_and_read, schedule_length, set_lr, start_model, stepped_parameters)
 from kernels.grpo import group_advantages, reward_sums
 
 # Config keys a resumed GRPO run must not change (they shape the data order or the update).
@@ -323,7 +323,7 @@ def update_policy(model, optimizer, batches, weights, global_tokens: float, glob
     if not batches:  # dynamic sampling dropped every group of the step on every rank: nothing to learn from
         return UpdateResult(0.0, torch.tensor(0.0), 0.0, torch.zeros(6, dtype=torch.float64), skipped=False)
     device = batches[0].seq_ids.device
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = stepped_parameters(optimizer)  # not model.parameters(): attach_logprobs left FSDP's root gathered
     total_updates = (horizon or g.max_steps) * g.loss.num_iterations
     share = 1.0 / max(1.0, global_rows) if g.loss.loss_type == "bnpo" else 1.0
     stats_total = torch.zeros(6, dtype=torch.float64, device=device)

@@ -37,7 +37,8 @@ from fastmath.model import (CausalLMWithLinearLoss, count_parameters, export_dty
                             load_parallel_model, load_tokenizer, mixed_precision)
 from fastmath.packing import PackedBatch, collate_packed, count_loss_tokens, empty_batch, plan_epoch
 from fastmath.stage import (OptimSettings, Stage, accumulate_micro_batches, build_optimizer, clip_gradients,
-                            data_source, optim_settings, reduce_named, schedule_length, set_lr, start_model)
+                            data_source, optim_settings, reduce_named, schedule_length, set_lr, start_model,
+                            stepped_parameters)
 
 # Config keys that shape the data order or the update; a resumed run must not change them.
 _RESUME_INVARIANT = ("run.seed", "model.name_or_path", "data.train", "data.max_length", "data.overlong",
@@ -205,7 +206,7 @@ def train(s: Setup, config: Config, dist_info: DistInfo, stage: Stage, optimizer
     device, world, main = dist_info.device, dist_info.world_size, dist_info.is_main
     plan, per_rank = s.plan, config.sft.global_batch // world
     budget = config.sft.tokens_per_micro_batch
-    trainable = [p for p in s.model.parameters() if p.requires_grad]
+    trainable = stepped_parameters(optimizer)  # not s.model.parameters(): the validation pass left FSDP's root gathered
     peak = peak_flops(device)
     bar = tqdm(total=plan.total_steps, initial=start_step, desc="sft", disable=not main, dynamic_ncols=True)
     horizon = schedule_length(config.sft, plan.total_steps, plan.steps_per_epoch)  # may run past the stop

@@ -216,6 +216,18 @@ def set_lr(optimizer: torch.optim.Optimizer, settings: OptimSettings, step: int,
     return lr
 
 
+def stepped_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The parameters the optimizer updates: what the gradient clip must see, every step.
+
+    Not `model.parameters()` read at some moment: under FSDP2 a module's registered parameters are the sharded
+    ones only while it is resharded. The root module (embeddings, final norm, LM head) is not resharded after its
+    forward, expecting the backward; after a forward with no backward (a no-grad log-prob pass, a validation loss)
+    it stays gathered, with unsharded tensors registered in place of the sharded parameters until the next
+    backward ends. A list taken then holds tensors that never get a gradient: the clip would leave those
+    parameters out of the norm and unscaled (seen: a 2-process GRPO step reported 1.25 for a norm of 1.43)."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
 def clip_gradients(params: list[torch.Tensor], settings: OptimSettings) -> torch.Tensor:
     """Clip the global gradient norm (no-op bound when grad_clip is 0); returns the norm as a device tensor
     (no host sync here: the caller reads it with the step's other numbers)."""

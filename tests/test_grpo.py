@@ -16,7 +16,7 @@ from fastmath.answers import AnswerChecker
 from fastmath.stage import optim_settings
 from kernels.grpo import group_advantages
 from tests.conftest import REPO, subprocess_env
-from tests.tolerances import adam_divergence, decoder_rtol, decoder_width, reduction_rtol
+from tests.tolerances import adam_divergence, decoder_rtol, decoder_width, reduction_rtol, tiny_atol
 
 
 def test_prompt_indices_cover_each_epoch_once_and_agree_across_calls():
@@ -119,6 +119,9 @@ def test_update_on_two_processes_equals_one(tmp_path, assets, tokenizer, overrid
     r1 = json.loads((results["update", 1] / "result.json").read_text())
     r2 = json.loads((results["update", 2] / "result.json").read_text())
     assert r2["loss"] == pytest.approx(r1["loss"], rel=tol, abs=0)
+    single = "grpo.loss.num_iterations=2" not in overrides  # else the reported norm is of the second update
+    _check_clipping(results["update", 1], g1, r1["grad_norm"] if single else None)
+    _check_clipping(results["update", 2], g2, r2["grad_norm"] if single else None)
     from tests.workers.grpo_update import fixed_sequences
 
     counted = sum(len(q.completion_ids) for q in fixed_sequences(tokenizer) if q.counted)
@@ -134,6 +137,28 @@ def test_update_on_two_processes_equals_one(tmp_path, assets, tokenizer, overrid
         # As far as AdamW steps at lr 1e-3 can drift apart from rounding alone (num_iterations of them).
         steps = 2 if "grpo.loss.num_iterations=2" in overrides else 1
         torch.testing.assert_close(w2[0][name], w1[name], rtol=0.0, atol=adam_divergence(1e-3, steps), msg=name)
+
+
+def _check_clipping(out, grads, reported_norm, clip=0.05):
+    """The first update's gradient norm (reported_norm; None: not reported) is the norm of the whole gradient, and
+    its optimizer step used every parameter's gradient scaled by the same clip coefficient (the worker clips at
+    0.05, below the norm). A parameter left out of the clip (a 2-process run once lost the embeddings and the final
+    norm this way: 0.180 reported for 0.205) moves the norm by its whole share and keeps its unscaled gradient.
+
+    clip_grad_norm_ sums squares per tensor, then over tensors: a chain of 2 reductions of positive terms, the
+    longest as long as the largest tensor; the float64 norm here is the truth. The coefficient clip / (norm + 1e-6)
+    carries that error; scaling a gradient by it adds one rounding."""
+    truth = math.sqrt(sum(v.double().pow(2).sum().item() for v in grads.values()))
+    norm_rtol = reduction_rtol(torch.float32, max(v.numel() for v in grads.values()), chain=2)
+    if reported_norm is not None:
+        assert reported_norm == pytest.approx(truth, rel=norm_rtol, abs=0)
+    coefficient = clip / (truth + 1e-6)
+    assert coefficient < 1.0  # clipping acted
+    stepped = torch.load(out / "stepped_rank0.pt")
+    assert set(stepped) == set(grads)
+    for name, raw in grads.items():
+        torch.testing.assert_close(stepped[name], raw * coefficient, rtol=norm_rtol + reduction_rtol(torch.float32, 1),
+                                   atol=tiny_atol(torch.float32), msg=lambda text, name=name: f"{name}: {text}")
 
 
 def test_a_nan_loss_skips_the_step_and_aborts_after_k(assets):

@@ -14,7 +14,7 @@ from fastmath.metrics import MetricsWriter
 from fastmath.sft import run_sft
 from fastmath.stage import Stage
 from fastmath.tracking import Tracker
-from tests.tolerances import storage_rtol
+from tests.tolerances import reduction_rtol, storage_rtol, tiny_atol
 
 
 def _grpo(tmp_path, embedded_cache, *extra):
@@ -171,3 +171,39 @@ def test_wandb_runs_offline_without_a_network(tmp_path, monkeypatch):
     (run,) = (tmp_path / "wandb").glob("offline-run-*")
     (events,) = run.glob("run-*.wandb")
     assert events.stat().st_size > 0
+
+
+def test_the_clip_sees_every_parameter_after_a_forward_without_backward(dist_info):
+    """Under FSDP2 the root stays gathered after a forward that no backward follows (GRPO's no-grad log-prob pass,
+    SFT's validation loss), with other tensors registered as its parameters until the next backward ends: a
+    parameter list read from the module then misses the root's parameters (embeddings, final norm), and the clip
+    left them out of the norm and unscaled. The optimizer's list is the one that gets the gradients."""
+    from torch.distributed.fsdp import fully_shard
+
+    from fastmath.model import fsdp_mesh
+    from fastmath.stage import OptimSettings, clip_gradients, stepped_parameters
+
+    torch.manual_seed(0)
+    mesh = fsdp_mesh(dist_info.world_size, 1, dist_info.device)
+    model = torch.nn.Sequential(torch.nn.Embedding(11, 8), torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    fully_shard(model[1], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ids = torch.tensor([1, 2, 3, 5])
+    with torch.no_grad():
+        model(ids)
+    read_now = list(model.parameters())
+    stepped = stepped_parameters(optimizer)
+    assert any(all(p is not q for q in stepped) for p in read_now)  # the swap this test is about took place
+    model(ids).square().sum().backward()
+    assert all(p.grad is not None for p in stepped)
+    grads = [(p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone() for p in stepped]
+    truth = sum(g.double().pow(2).sum().item() for g in grads) ** 0.5
+    settings = OptimSettings("adamw", 0.1, 0.0, 0.0, 0.0, truth / 2, (0.9, 0.95), 1e-8)
+    # Two chained sums of squares (per tensor, then over tensors) of positive terms, the longest 11 * 8 long.
+    norm = clip_gradients(stepped, settings).item()
+    assert norm == pytest.approx(truth, rel=reduction_rtol(torch.float32, 11 * 8, chain=2), abs=0)
+    clipped = [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for p in stepped]
+    for before, after in zip(grads, clipped):  # every gradient scaled by the same coefficient, about 1/2
+        torch.testing.assert_close(after, before * (truth / 2) / (norm + 1e-6),
+                                   rtol=reduction_rtol(torch.float32, 11 * 8, chain=3), atol=tiny_atol(torch.float32))

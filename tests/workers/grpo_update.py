@@ -3,8 +3,10 @@
 Every rank builds the same 12 sequences and takes its share (rank r: sequences r, r + W, ...), so the
 packed rows differ between world sizes while the step's loss (normalised over the global step) must not.
 Writes <out>/grads_rank<r>.pt (the full gradient of the step's loss, before any optimizer step),
-<out>/result.json (loss, stats) and <out>/weights_rank<r>.pt (the weights gathered with `gathered_weights`, as
-each rank sees them after the update).
+<out>/stepped_rank<r>.pt (the full gradient the first optimizer step of `update_policy` used: clipped, at
+grpo.grad_clip=0.05 below the step's gradient norm so that clipping acts), <out>/result.json (loss, grad norm,
+stats) and <out>/weights_rank<r>.pt (the weights gathered with `gathered_weights`, as each rank sees them after
+the update).
 
     torchrun --nproc_per_node=N tests/workers/grpo_update.py <model_dir> <out_dir> [grpo.key=value ...]
 """
@@ -38,7 +40,7 @@ def fixed_sequences(tokenizer) -> list[Sequence]:
 
 def main(model_dir: str, out_dir: str, overrides: list[str]) -> None:
     info = init_distributed()
-    config = load_config(None, ["grpo.max_steps=1", "grpo.lr=1e-3", *overrides])
+    config = load_config(None, ["grpo.max_steps=1", "grpo.lr=1e-3", "grpo.grad_clip=0.05", *overrides])
     g = config.grpo
     torch.manual_seed(0)
     tok = load_tokenizer(model_dir)
@@ -61,12 +63,26 @@ def main(model_dir: str, out_dir: str, overrides: list[str]) -> None:
              for name, p in model.named_parameters()}
     torch.save(grads, Path(out_dir) / f"grads_rank{info.rank}.pt")
     optimizer.zero_grad(set_to_none=True)
+    names = {id(p): name for name, p in model.named_parameters()}  # the sharded parameters, as the optimizer holds
+    # As in the stage, the no-grad pass runs right before the update: under FSDP2 it leaves the root's parameters
+    # (embeddings, final norm) gathered, which swaps other tensors in as the module's registered parameters.
+    weights = attach_logprobs(model, None, batches, g, lambda: torch.autocast("cpu", enabled=False))
+    stepped = {}
+
+    def keep_stepped_gradient(opt, args, kwargs):
+        if not stepped:  # the first optimizer step only (num_iterations may take more)
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    stepped[names[id(p)]] = (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+
+    optimizer.register_step_pre_hook(keep_stepped_gradient)
     result = update_policy(model, optimizer, batches, weights, tokens, n_seqs, g, optim_settings(config, "grpo"),
                            0, info.world_size,
                            lambda: torch.autocast("cpu", enabled=False),
                            gradient_sync=config.parallel.gradient_sync)
     full = {name: t.clone() for name, t in gathered_weights(lm, bucket_bytes=32 * 1024)}
     out = Path(out_dir)
+    torch.save(stepped, out / f"stepped_rank{info.rank}.pt")
     torch.save(full, out / f"weights_rank{info.rank}.pt")
     summed = all_reduce_sum(result.stats.tolist(), info.device)
     if info.is_main:
