@@ -59,3 +59,17 @@ def test_the_newest_batch_of_the_demos_setting_per_arithmetic_is_kept(tmp_path):
 def test_the_verdict_is_the_issues_pair_seed_averaged(cut, change, sft, expected):
     rows = [{"token_cut": cut, "accuracy_change": change, "sft_accuracy": sft}] * 3
     assert demo_summary.verdict(rows) == expected
+
+
+def test_a_setting_is_rebuilt_at_a_commit_with_that_commits_own_loader():
+    import subprocess
+
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    rebuilt = demo_setting.setting_at_commit(
+        head, "fastmath/train.py --config configs/demo.yaml run.seed=4 run.output_dir=x sft.epochs=3")
+    committed = subprocess.run(["git", "-C", str(REPO), "show", f"{head}:configs/demo.yaml"], capture_output=True,
+                               text=True, check=True).stdout
+    assert rebuilt["sft.epochs"] == 3
+    assert "run.seed" not in rebuilt and rebuilt["model.name_or_path"] == "embedded"
+    assert f"\n  max_steps: {rebuilt['grpo.max_steps']}" in committed

@@ -63,3 +63,54 @@ def differences(setting: dict, reference: dict) -> dict[str, tuple[Any, Any]]:
 def is_demo(setting: dict | None, reference: dict | None = None) -> bool:
     """Whether a record's setting is the demo's (a record written before settings were kept is not)."""
     return bool(setting) and not differences(setting, reference if reference is not None else demo_setting())
+
+
+def setting_at_commit(commit: str, command: str) -> dict[str, Any]:
+    """The setting a recorded run had, rebuilt from git: `commit`'s own config loader on its own configs with the
+    run's recorded arguments (`fastmath/train.py --config X key=value ...`). For records written before runs
+    kept their setting; the loader of that commit, not today's, resolves the defaults it ran with."""
+    import shlex
+    import subprocess
+    import sys
+    import tempfile
+
+    words = shlex.split(command)
+    config = words[words.index("--config") + 1]
+    overrides = [w for w in words[words.index("--config") + 2:] if "=" in w and not w.startswith("run.")]
+    with tempfile.TemporaryDirectory(prefix="setting-") as old:
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", commit, "fastmath", "configs"],
+                                 capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", old], input=archive, check=True)
+        script = ("import json, sys; sys.path.insert(0, sys.argv[1]); from fastmath.config import load_config, "
+                  "to_dict; print(json.dumps(to_dict(load_config(sys.argv[2], sys.argv[3:]))))")
+        done = subprocess.run([sys.executable, "-c", script, old, f"{old}/{config}", *overrides], cwd=old,
+                              capture_output=True, text=True, check=True)
+    return setting_of(__import__("json").loads(done.stdout.strip().splitlines()[-1]))
+
+
+def backfill(path: Path) -> int:
+    """Give every row of the record file at `path` that lacks a setting the one rebuilt at its record's commit."""
+    import json
+
+    records, cache, filled = json.loads(path.read_text()), {}, 0
+    for record in records:
+        for row in record.get("results") or []:
+            if row.get("setting") is not None or not record.get("git_commit") or "--config" not in row.get(
+                    "command", ""):
+                continue
+            key = (record["git_commit"], " ".join(w for w in row["command"].split() if not w.startswith("run.")))
+            if key not in cache:
+                cache[key] = setting_at_commit(record["git_commit"], row["command"])
+            row["setting"], row["setting_from"] = cache[key], f"rebuilt at {record['git_commit'][:7]}"
+            filled += 1
+    path.write_text(json.dumps(records, indent=1) + "\n")
+    return filled
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Rebuild the setting of recorded runs that lack one.")
+    parser.add_argument("--backfill", type=Path, nargs="+", required=True, help="record files (bench/results)")
+    for name in parser.parse_args().backfill:
+        print(f"{name}: {backfill(name)} rows given their setting")

@@ -79,7 +79,10 @@ def markdown() -> str:
                  mean_range([r["grpo_accuracy"] for r in rows], 100, unit="%"),
                  mean_range([r["token_cut"] for r in rows], 100, unit="%"),
                  mean_range([r["accuracy_change"] for r in rows], 100)]
-        lines.append(f"| {record['capability_used']} | {','.join(str(r['seed']) for r in rows)} | "
+        # The rollout engine is not part of the setting; say where it was not the demo's vLLM.
+        engine = " (HF generate rollouts)" if any(o.split("=")[0].endswith("generator") and o.endswith("=hf")
+                                                  for o in record.get("overrides") or []) else ""
+        lines.append(f"| {record['capability_used']}{engine} | {','.join(str(r['seed']) for r in rows)} | "
                      + " | ".join(cells) + f" | {verdict(rows)} | {record['source']}, {record['date'][:10]} |")
     if not batches:
         lines.append("| (no record of this setting yet) | | | | | | | |")
