@@ -41,14 +41,16 @@ from fastmath.colocate import GenerationUnit, even_share, join_unit, prompt_seed
 from fastmath.distributed import DistInfo, all_reduce_max, all_reduce_sum, wait_for_ranks
 from fastmath.errors import DataError, FastmathError
 from fastmath.model import export_dtype, lm_head_chunk_bytes, load_parallel_model, load_tokenizer, mixed_precision
-from fastmath.policy import PolicyWithGRPOLoss, Sequence, empty_update_batch, gathered_weights, pack_sequences
+from fastmath.policy import (PolicyWithGRPOLoss, Sequence, empty_update_batch, gathered_weights, grpo_loss_options,
+                             pack_sequences)
 from fastmath.answers import AnswerChecker
 from fastmath.rewards import compute_rewards
 from fastmath.rollout import Completion, EngineSettings, Sampling, make_generator
 from fastmath.rollout_server import ServerGenerator, ServerSettings
-from fastmath.stage import (OptimSettings, Stage, build_optimizer, clip_gradients, data_source, micro_batches,
-                            optim_settings, reduce_and_read, schedule_length, set_lr, start_model, stepped_parameters)
-from kernels.grpo import group_advantages, reward_sums
+from fastmath.stage import (OptimSettings, Stage, accumulate_micro_batches, build_optimizer, clip_gradients,
+                            data_source, optim_settings, reduce_named, schedule_length, set_lr, start_model,
+                            stepped_parameters)
+from kernels.grpo import GRPOStats, group_advantages, reward_sums
 
 # Config keys a resumed GRPO run must not change (they shape the data order or the update).
 _RESUME_INVARIANT = ("run.seed", "grpo.init_from", "grpo.prompts", "grpo.max_steps", "grpo.prompts_per_step",
@@ -137,8 +139,8 @@ def prompt_indices(n_rows: int, step: int, per_step: int, seed: int) -> list[int
 # Rollouts and rewards
 
 
-def sample_groups(generator, rows: list[PromptRow], sampling: Sampling, config: Config, tokenizer,
-                  checker: AnswerChecker, seeds: list[int] | None = None) -> list[Group]:
+def sample_groups(generator, rows: list[PromptRow], sampling: Sampling, config: Config, checker: AnswerChecker,
+                  seeds: list[int] | None = None) -> list[Group]:
     g = config.grpo
     G = g.rollout.num_generations
     completions = generator.generate([r.ids for r in rows], sampling, G, seeds)
@@ -170,7 +172,7 @@ def sample_groups(generator, rows: list[PromptRow], sampling: Sampling, config: 
     return groups
 
 
-def rollout_step(generator, rows: list[PromptRow], step: int, config: Config, tokenizer, checker: AnswerChecker,
+def rollout_step(generator, rows: list[PromptRow], step: int, config: Config, checker: AnswerChecker,
                  dist_info: DistInfo, unit: GenerationUnit | None = None) -> tuple[list[Group], dict]:
     """This rank's groups for one step, with dynamic sampling when enabled; returns (groups, counts).
 
@@ -188,7 +190,7 @@ def rollout_step(generator, rows: list[PromptRow], step: int, config: Config, to
                         max_tokens=g.rollout.max_completion_length, stop=list(g.rollout.stop),
                         seed=seed * 100_003 + step * 97 + unit.index)
     seeds = [prompt_seed(seed, step, i, G) for i in range(share.start, share.stop)]
-    groups = sample_groups(generator, [rows[i] for i in mine], sampling, config, tokenizer, checker, seeds)
+    groups = sample_groups(generator, [rows[i] for i in mine], sampling, config, checker, seeds)
     target = len(mine)
     if not g.rollout.dynamic_sampling:
         groups = groups[even_share(len(groups), unit.rank_in_unit, unit.size)]
@@ -204,7 +206,7 @@ def rollout_step(generator, rows: list[PromptRow], step: int, config: Config, to
         sampling.seed += 1
         # Positions past the step's prompts, disjoint across units and rounds (a unit asks for <= its share).
         first = g.prompts_per_step * round_ + share.start
-        more = sample_groups(generator, extra, sampling, config, tokenizer, checker,
+        more = sample_groups(generator, extra, sampling, config, checker,
                              [prompt_seed(seed, step, first + j, G) for j in range(len(extra))])
         all_sampled += more
         kept += [grp for grp in more if not grp.zero_variance]
@@ -254,7 +256,7 @@ def advantages_for(groups: list[Group], config: Config, dist_info: DistInfo) -> 
 def build_update_batches(seqs: list[Sequence], budget: int, pad_id: int, device: torch.device, per_row: int = 0):
     """Packed rows of this rank's sequences (per_row > 0: that many sequences per row), padded with empty rows to
     the busiest rank's count (FSDP runs collectives per forward, so every rank must run as many); returns
-    (batches on device, real rows, global counted tokens, global sequences, global real rows)."""
+    (batches on device, this rank's real rows, the step's global counts)."""
     batches = pack_sequences(seqs, budget, per_row) if seqs else []
     n_real = len(batches)
     # Two small collectives (each a host sync), once per step: the rank's row count and the step's global
@@ -263,8 +265,8 @@ def build_update_batches(seqs: list[Sequence], budget: int, pad_id: int, device:
     batches += [empty_update_batch(pad_id) for _ in range(n_micro - n_real)]
     local_tokens = sum(int(b.mask.sum()) for b in batches[:n_real])  # host tensors, still on the CPU: no sync
     local_seqs = sum(b.num_sequences for b in batches[:n_real])
-    global_tokens, global_seqs, global_rows = all_reduce_sum([local_tokens, local_seqs, n_real], device)
-    return [b.to(device) for b in batches], n_real, global_tokens, global_seqs, global_rows
+    tokens, sequences, rows = all_reduce_sum([local_tokens, local_seqs, n_real], device)
+    return [b.to(device) for b in batches], n_real, StepCounts(tokens, sequences, rows)
 
 
 @torch.no_grad()
@@ -298,56 +300,91 @@ def release_gathered(model) -> None:
         model.reshard()
 
 
+@dataclass(frozen=True)
+class StepCounts:
+    """A step's update, counted over every rank (`build_update_batches`): what normalises each micro-batch's loss."""
+
+    tokens: float     # counted completion tokens
+    sequences: float  # completions
+    rows: float       # real (non-padding) packed rows: bnpo's divisor
+
+
+@dataclass(frozen=True)
+class UpdateSettings:
+    """How the policy update runs, the same every step (`update_settings` builds it from the config)."""
+
+    optim: OptimSettings
+    num_iterations: int   # optimizer steps per batch of rollouts (grpo.loss.num_iterations)
+    loss_type: str        # grpo.loss.loss_type: bnpo weights each row 1 / rows, the others are normalised globally
+    schedule_steps: int   # the learning-rate schedule's length in GRPO steps (stage.schedule_length)
+    world_size: int       # FSDP averages gradients over ranks: each share is multiplied by it before backward
+    gradient_sync: str    # parallel.gradient_sync: when FSDP reduces gradients (stage.micro_batches)
+    autocast: Callable
+
+
+def update_settings(config: Config, optim: OptimSettings, schedule_steps: int, world_size: int,
+                    autocast: Callable) -> UpdateSettings:
+    loss = config.grpo.loss
+    return UpdateSettings(optim, loss.num_iterations, loss.loss_type, schedule_steps, world_size,
+                          config.parallel.gradient_sync, autocast)
+
+
 @dataclass
 class UpdateResult:
     loss: float          # the step's global loss (of the last of the num_iterations updates)
     grad_norm: torch.Tensor  # a device scalar, read with the step's metrics
     lr: float
-    stats: torch.Tensor  # GRPOStats sums of the first update, stacked [6], this rank only
+    stats: GRPOStats     # float64 sums over this rank's rows, of the first of the num_iterations updates
     skipped: bool        # the loss was non-finite: no optimizer step was taken
 
 
-def update_policy(model, optimizer, batches, weights, global_tokens: float, global_seqs: float, g,
-                  optim: OptimSettings, step: int, world: int, autocast, global_rows: float = 0.0,
-                  horizon: int = 0, gradient_sync: str = "micro_batch") -> UpdateResult:
+def update_policy(model, optimizer, batches, weights, counts: StepCounts, settings: UpdateSettings,
+                  step: int) -> UpdateResult:
     """num_iterations optimizer steps on this rank's packed rows (every rank calls this with as many rows).
 
     Each micro-batch's loss is its share of the global loss (global token / sequence counts); for bnpo it is the
-    row's own token mean, weighted 1 / global_rows (the step's real rows), so the step's loss is the mean of
+    row's own token mean, weighted 1 / counts.rows (the step's real rows), so the step's loss is the mean of
     the rows' token means, TRL's bnpo averaged over accumulation steps and ranks. FSDP averages gradients over
-    ranks, so each share is multiplied by `world` before backward. The learning rate follows a schedule of
-    `horizon` steps (0 = grpo.max_steps). A non-finite global loss skips the optimizer step (gradients dropped)
-    and reports it; the caller counts and aborts.
+    ranks, so each share is multiplied by the world size before backward. The learning rate follows a schedule
+    of settings.schedule_steps steps. A non-finite global loss skips the optimizer step (gradients dropped) and
+    reports it; the caller counts and aborts.
     """
     nan = torch.tensor(float("nan"))
     if not batches:  # dynamic sampling dropped every group of the step on every rank: nothing to learn from
-        return UpdateResult(0.0, torch.tensor(0.0), 0.0, torch.zeros(6, dtype=torch.float64), skipped=False)
+        zeros = torch.zeros(len(GRPOStats._fields), dtype=torch.float64)
+        return UpdateResult(0.0, torch.tensor(0.0), 0.0, GRPOStats.from_stacked(zeros), skipped=False)
     device = batches[0].seq_ids.device
     params = stepped_parameters(optimizer)  # not model.parameters(): attach_logprobs left FSDP's root gathered
-    total_updates = (horizon or g.max_steps) * g.loss.num_iterations
-    share = 1.0 / max(1.0, global_rows) if g.loss.loss_type == "bnpo" else 1.0
-    stats_total = torch.zeros(6, dtype=torch.float64, device=device)
+    iterations = settings.num_iterations
+    total_updates = settings.schedule_steps * iterations
+    share = 1.0 / max(1.0, counts.rows) if settings.loss_type == "bnpo" else 1.0
+    stats_total = torch.zeros(len(GRPOStats._fields), dtype=torch.float64, device=device)
     loss_value, grad_norm, lr = float("nan"), nan, 0.0
-    for it in range(g.loss.num_iterations):
-        lr = set_lr(optimizer, optim, step * g.loss.num_iterations + it, total_updates)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for micro, batch in micro_batches(model, batches, gradient_sync):
-            with autocast():
-                loss, stats = model(batch, num_items_in_batch=max(1.0, global_tokens),
-                                    num_sequences=max(1.0, global_seqs), importance_weights=weights[micro])
-            (loss * (share * world)).backward()
-            loss_sum += loss.detach().double() * share
-            if it == 0:
+    pass_stats: list[GRPOStats] = []  # of the current pass over the rows
+
+    def forward(micro, batch):
+        loss, stats = model(batch, num_items_in_batch=max(1.0, counts.tokens),
+                            num_sequences=max(1.0, counts.sequences), importance_weights=weights[micro])
+        pass_stats.append(stats)
+        return loss
+
+    for it in range(iterations):
+        lr = set_lr(optimizer, settings.optim, step * iterations + it, total_updates)
+        pass_stats.clear()
+        loss_sum = accumulate_micro_batches(model, batches, forward, share * settings.world_size, device,
+                                            settings.autocast, settings.gradient_sync, loss_weight=share)
+        if it == 0:
+            for stats in pass_stats:
                 stats_total += stats.stacked().double()
         # Host sync + collective, once per update: whether to step depends on the global loss being finite.
         (loss_value,) = all_reduce_sum([loss_sum.item()], device)
         if not math.isfinite(loss_value):
             optimizer.zero_grad(set_to_none=True)
-            return UpdateResult(loss_value, nan, lr, stats_total, skipped=True)
-        grad_norm = clip_gradients(params, optim)
+            return UpdateResult(loss_value, nan, lr, GRPOStats.from_stacked(stats_total), skipped=True)
+        grad_norm = clip_gradients(params, settings.optim)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return UpdateResult(loss_value, grad_norm, lr, stats_total, skipped=False)
+    return UpdateResult(loss_value, grad_norm, lr, GRPOStats.from_stacked(stats_total), skipped=False)
 
 
 class NonFiniteGuard:
@@ -390,10 +427,7 @@ def build_policy(config: Config, init_path: str, dist_info: DistInfo) -> Policy:
     """Policy (FSDP), optional frozen reference, AdamW."""
     g, m = config.grpo, config.model
     bf16, autocast = mixed_precision(m.precision, dist_info.device)
-    loss_options = dict(beta=g.loss.beta, epsilon_low=g.loss.epsilon_low, epsilon_high=g.loss.epsilon_high,
-                        loss_type=g.loss.loss_type,
-                        importance_sampling_level=g.loss.importance_sampling_level,
-                        max_completion_length=g.rollout.max_completion_length)
+    loss_options = grpo_loss_options(g)
     chunk_bytes = lm_head_chunk_bytes(m)
 
     def wrap(lm):
@@ -532,9 +566,10 @@ def train(stage: Stage, config: Config, dist_info: DistInfo, policy: Policy, gen
     bar = tqdm(total=g.max_steps, initial=start_step, desc="grpo", disable=not main, dynamic_ncols=True)
     guard, skipped_steps = NonFiniteGuard(g.max_bad_steps, main), 0
     horizon = schedule_length(g, g.max_steps, prompt_rows=len(rows))  # the seed's runs past the stop
+    settings = update_settings(config, policy.optim, horizon, world, policy.autocast)
     for step in range(start_step, g.max_steps):
         t0 = time.perf_counter()
-        groups, counts = rollout_step(generator, rows, step, config, tokenizer, checker, dist_info, unit)
+        groups, counts = rollout_step(generator, rows, step, config, checker, dist_info, unit)
         t_gen = time.perf_counter() - t0
         sampled = counts.pop("all_sampled", groups)
         generator.sleep()
@@ -545,12 +580,10 @@ def train(stage: Stage, config: Config, dist_info: DistInfo, policy: Policy, gen
         t1 = time.perf_counter()
         advantages = advantages_for(groups, config, dist_info)
         seqs = _sequences(groups, advantages, g.loss.mask_truncated)
-        batches, n_real, global_tokens, global_seqs, global_rows = build_update_batches(
+        batches, n_real, step_counts = build_update_batches(
             seqs, g.tokens_per_micro_batch, tokenizer.pad_token_id, device, g.loss.completions_per_micro_batch)
         weights = attach_logprobs(policy.model, policy.ref_model, batches, g, policy.autocast)
-        result = update_policy(policy.model, policy.optimizer, batches, weights, global_tokens, global_seqs, g,
-                               policy.optim, step, world, policy.autocast, global_rows, horizon,
-                               config.parallel.gradient_sync)
+        result = update_policy(policy.model, policy.optimizer, batches, weights, step_counts, settings, step)
         if result.skipped:
             skipped_steps += 1
             guard.failed(step + 1)
@@ -590,44 +623,45 @@ def _step_metrics(sampled: list[Group], counts: dict, result: UpdateResult, upda
     """Everything a person watching an RL run needs, summed over ranks once; `update_tokens` (this rank's packed
     update tokens) comes back summed as "update_tokens" and as "tokens"."""
     names = config.grpo.reward.rewards
+    device = dist_info.device
     flat = [(grp, i) for grp in sampled for i in range(len(grp.completions))]
     lengths = [len(grp.completions[i].token_ids) for grp, i in flat]
     rewards = [grp.rewards[i] for grp, i in flat]
-    sums = [len(flat), sum(rewards), sum(r * r for r in rewards),
-            sum(1 for grp, i in flat if grp.correct[i]), sum(lengths),
-            sum(1 for grp, i in flat if grp.completions[i].truncated),
-            sum(1 for grp, i in flat if not grp.completions[i].token_ids or not grp.completions[i].text.strip()),
-            counts["groups_sampled"], counts["groups_dropped"], counts["resample_rounds"],
-            sum(1 for grp in sampled if grp.zero_variance)]
+    sums = {f"loss/{field}": value.to(device) for field, value in result.stats._asdict().items()}
+    sums.update({
+        "completions": len(flat), "reward": sum(rewards), "reward^2": sum(r * r for r in rewards),
+        "correct": sum(1 for grp, i in flat if grp.correct[i]), "completion_tokens": sum(lengths),
+        "truncated": sum(1 for grp, i in flat if grp.completions[i].truncated),
+        "empty": sum(1 for grp, i in flat if not grp.completions[i].token_ids or not grp.completions[i].text.strip()),
+        "groups_sampled": counts["groups_sampled"], "groups_dropped": counts["groups_dropped"],
+        "resample_rounds": counts["resample_rounds"], "zero_variance_groups": sum(1 for grp in sampled
+                                                                                  if grp.zero_variance),
+        "update_tokens": update_tokens})
     for name in names:
         values = [grp.components[name][i] for grp, i in flat]
-        sums += [sum(values), sum(v * v for v in values)]
-    sums.append(update_tokens)
+        sums[f"reward/{name}"], sums[f"reward/{name}^2"] = sum(values), sum(v * v for v in values)
     # The step's host sync: these sums and the GRPO statistics in one collective, read with the grad norm.
-    summed, (grad_norm,) = reduce_and_read(list(result.stats.to(dist_info.device).unbind()), sums,
-                                           [result.grad_norm.to(dist_info.device)], dist_info.device)
-    stats, reduced = summed[:6], summed[6:]
-    max_len = all_reduce_max(max(lengths, default=0), dist_info.device)  # a second small collective and sync
-    n = max(1.0, reduced[0])
+    total = reduce_named(sums, {"grad_norm": result.grad_norm.to(device)}, device)
+    max_len = all_reduce_max(max(lengths, default=0), device)  # a second small collective and sync
+    n = max(1.0, total["completions"])
 
-    def std(total, squares):
-        return math.sqrt(max(0.0, squares / n - (total / n) ** 2))
+    def std(key):  # of the values summed as `key` (their squares as key^2)
+        return math.sqrt(max(0.0, total[f"{key}^2"] / n - (total[key] / n) ** 2))
 
-    out = {"reward/mean": reduced[1] / n, "reward/std": std(reduced[1], reduced[2]),
-           "accuracy": reduced[3] / n, "completion_tokens_mean": reduced[4] / n, "completion_tokens_max": max_len,
-           "completion_tokens": reduced[4], "truncated_rate": reduced[5] / n, "empty_completions": int(reduced[6]),
-           "groups_sampled": int(reduced[7]), "groups_dropped": int(reduced[8]),
-           "resample_rounds_max": int(reduced[9]), "zero_variance_groups": int(reduced[10])}
-    at = 11
+    out = {"reward/mean": total["reward"] / n, "reward/std": std("reward"), "accuracy": total["correct"] / n,
+           "completion_tokens_mean": total["completion_tokens"] / n, "completion_tokens_max": max_len,
+           "completion_tokens": total["completion_tokens"], "truncated_rate": total["truncated"] / n,
+           "empty_completions": int(total["empty"]), "groups_sampled": int(total["groups_sampled"]),
+           "groups_dropped": int(total["groups_dropped"]), "resample_rounds_max": int(total["resample_rounds"]),
+           "zero_variance_groups": int(total["zero_variance_groups"])}
     for name in names:
-        out[f"reward/{name}/mean"] = reduced[at] / n
-        out[f"reward/{name}/std"] = std(reduced[at], reduced[at + 1])
-        at += 2
-    out["update_tokens"] = out["tokens"] = int(reduced[at])
-    out["grad_norm"] = grad_norm
-    tokens, low, high, kl, ratio, entropy = stats
-    tokens = max(1.0, tokens)
+        out[f"reward/{name}/mean"] = total[f"reward/{name}"] / n
+        out[f"reward/{name}/std"] = std(f"reward/{name}")
+    out["update_tokens"] = out["tokens"] = int(total["update_tokens"])
+    out["grad_norm"] = total["grad_norm"]
+    tokens = max(1.0, total["loss/tokens"])
+    low, high = total["loss/low_clipped"], total["loss/high_clipped"]
     out.update({"clip_low_fraction": low / tokens, "clip_high_fraction": high / tokens,
-                "clip_region_fraction": (low + high) / tokens, "kl": kl / tokens, "ratio_mean": ratio / tokens,
-                "entropy": entropy / tokens})
+                "clip_region_fraction": (low + high) / tokens, "kl": total["loss/kl_sum"] / tokens,
+                "ratio_mean": total["loss/ratio_sum"] / tokens, "entropy": total["loss/entropy_sum"] / tokens})
     return out

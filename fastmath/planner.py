@@ -216,7 +216,7 @@ def simulate_stage(config: Config, stage: str, world_size: int, gpu: bool, progr
     from fastmath.grpo_stage import release_gathered
     from fastmath.memory_tracker import MemoryTimeline
     from fastmath.model import CausalLMWithLinearLoss, count_parameters, lm_head_chunk_bytes, parallelize
-    from fastmath.policy import PolicyWithGRPOLoss
+    from fastmath.policy import PolicyWithGRPOLoss, grpo_loss_options
     from fastmath.stage import build_optimizer, clip_gradients, micro_batches, optim_settings
     from kernels.dispatch import simulation
 
@@ -233,9 +233,7 @@ def simulate_stage(config: Config, stage: str, world_size: int, gpu: bool, progr
         batch = _sft_batches(config)
         n_micro = config.sft.global_batch // world_size
     else:
-        loss_options = dict(beta=g.loss.beta, epsilon_low=g.loss.epsilon_low, epsilon_high=g.loss.epsilon_high,
-                            loss_type=g.loss.loss_type, importance_sampling_level=g.loss.importance_sampling_level,
-                            max_completion_length=g.rollout.max_completion_length)
+        loss_options = grpo_loss_options(g)
 
         def wrap(lm):
             return PolicyWithGRPOLoss(lm, g.rollout.temperature, loss_options, chunk_bytes)

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fastmath.config import GRPOConfig
 from fastmath.packing import IGNORE_INDEX, PackedBatch, best_fit_decreasing, collate_packed
 from fastmath.sharded_load import plain_name
 from kernels.grpo import fused_linear_grpo_loss, fused_linear_logprobs
@@ -98,6 +99,15 @@ def empty_update_batch(pad_id: int) -> UpdateBatch:
     """A row with one fully masked one-token completion: keeps ranks in lockstep (FSDP collectives)."""
     (batch,) = pack_sequences([Sequence([pad_id], [pad_id], [0.0], 0.0, False)], budget=2)
     return batch
+
+
+def grpo_loss_options(grpo: GRPOConfig) -> dict:
+    """The GRPO loss's options (keyword arguments of `kernels.grpo.fused_linear_grpo_loss`) from the config's grpo
+    section: grpo.loss, and the completion length dr_grpo normalises by."""
+    loss = grpo.loss
+    return dict(beta=loss.beta, epsilon_low=loss.epsilon_low, epsilon_high=loss.epsilon_high, loss_type=loss.loss_type,
+                importance_sampling_level=loss.importance_sampling_level,
+                max_completion_length=grpo.rollout.max_completion_length)
 
 
 class PolicyWithGRPOLoss(nn.Module):

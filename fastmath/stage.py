@@ -290,18 +290,6 @@ def reduce_named(sums: dict[str, torch.Tensor | float], values: dict[str, torch.
     return dict(zip([*on_device, *on_host, *values], summed.tolist()))  # the host sync
 
 
-def reduce_and_read(device_sums: list[torch.Tensor], host_sums: list[float], device_values: list[torch.Tensor],
-                    device: torch.device) -> tuple[list[float], list[float]]:
-    """A step's numbers on the host with one collective and one host sync: `device_sums` and `host_sums` summed
-    over ranks (in that order), then `device_values` (already global, e.g. the clipped gradient norm) as they are."""
-    summed = torch.cat([torch.stack([t.double() for t in device_sums]),
-                        torch.tensor(host_sums, dtype=torch.float64).to(device)])
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(summed)
-    values = torch.cat([summed, torch.stack([t.double() for t in device_values])]).tolist()  # the host sync
-    return values[:len(summed)], values[len(summed):]
-
-
 # ---------------------------------------------------------------------------------------------
 # The stage
 

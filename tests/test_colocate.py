@@ -153,13 +153,13 @@ def test_prompts_split_over_units_for_any_world_size(world, tp):
         unit = GenerationUnit(rank // tp, world // tp, rank % tp, tp)
         gen = RecordingGenerator()
         info = SimpleNamespace(rank=rank, world_size=world, device=torch.device("cpu"))
-        groups, counts = rollout_step(gen, rows, 0, config, None, checker, info, unit)
+        groups, counts = rollout_step(gen, rows, 0, config, checker, info, unit)
         ((prompts, seeds),) = gen.calls
         if unit.reports:
             generated += list(zip(prompts, seeds))
         updated += [grp.row.ids[0] for grp in groups]
     one = RecordingGenerator()
-    rollout_step(one, rows, 0, config, None, checker, SimpleNamespace(rank=0, world_size=1, device="cpu"))
+    rollout_step(one, rows, 0, config, checker, SimpleNamespace(rank=0, world_size=1, device="cpu"))
     ((all_prompts, all_seeds),) = one.calls
     assert generated == list(zip(all_prompts, all_seeds))  # same prompts, same seeds, however split
     assert updated == [p[0] for p in all_prompts]

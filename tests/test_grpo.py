@@ -9,7 +9,8 @@ import torch
 
 from fastmath.config import load_config
 from fastmath.errors import DataError, FastmathError
-from fastmath.grpo_stage import NonFiniteGuard, load_prompts, prompt_indices, update_policy
+from fastmath.grpo_stage import (NonFiniteGuard, StepCounts, load_prompts, prompt_indices, update_policy,
+                                 update_settings)
 from fastmath.model import load_causal_lm
 from fastmath.policy import PolicyWithGRPOLoss, Sequence, pack_sequences
 from fastmath.answers import AnswerChecker
@@ -169,15 +170,14 @@ def test_a_nan_loss_skips_the_step_and_aborts_after_k(assets):
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
     (batch,) = pack_sequences([Sequence([5, 6, 7], [8, 9], None, float("nan"), True)], 64)
     optim = optim_settings(config, "grpo")
-    result = update_policy(policy, optimizer, [batch], [None], 2.0, 1.0, config.grpo, optim, 0, 1,
-                           lambda: torch.autocast("cpu", enabled=False))
+    settings = update_settings(config, optim, config.grpo.max_steps, 1, lambda: torch.autocast("cpu", enabled=False))
+    result = update_policy(policy, optimizer, [batch], [None], StepCounts(2.0, 1.0, 1.0), settings, 0)
     assert result.skipped and not math.isfinite(result.loss)
     for k, v in policy.state_dict().items():
         assert torch.equal(v, before[k]), k  # no update happened
     # A step with no rows at all (every group dropped by dynamic sampling) is a no-op, not a crash.
-    empty = update_policy(policy, optimizer, [], [], 0.0, 0.0, config.grpo, optim, 0, 1,
-                          lambda: torch.autocast("cpu", enabled=False))
-    assert not empty.skipped and empty.stats.tolist() == [0.0] * 6
+    empty = update_policy(policy, optimizer, [], [], StepCounts(0.0, 0.0, 0.0), settings, 0)
+    assert not empty.skipped and empty.stats.stacked().tolist() == [0.0] * 6
     guard = NonFiniteGuard(limit=2, verbose=False)
     guard.failed(1)
     guard.ok()

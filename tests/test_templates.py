@@ -139,7 +139,7 @@ def test_well_formed_completion_earns_the_format_reward_through_grpo(templated, 
     for rule in FORMAT_RULES:
         config = load_config(None, ["grpo.rollout.num_generations=2", "grpo.reward.rewards=[accuracy,format]",
                                     f"grpo.reward.format_rule={rule}"])
-        (group,) = sample_groups(generator, [row], sampling, config, tokenizer, checker)
+        (group,) = sample_groups(generator, [row], sampling, config, checker)
         assert group.components["format"] == [1.0, 0.0], (name, rule)
         assert group.correct == [True, False], name
 
@@ -301,7 +301,7 @@ def test_sft_grpo_eval_with_the_deepseek_template(tmp_path, embedded_cache, deep
     sampling = Sampling(temperature=1.0, top_p=1.0, min_p=0.0, max_tokens=64, stop=[], seed=0)
     for rule in FORMAT_RULES:
         config = load_config(None, common + [f"grpo.reward.format_rule={rule}"])
-        (group,) = sample_groups(FixedGenerator([good, bad]), rows[:1], sampling, config, exported, checker)
+        (group,) = sample_groups(FixedGenerator([good, bad]), rows[:1], sampling, config, checker)
         assert group.components["format"] == [1.0, 0.0] and group.correct == [True, False], rule
 
     # The held-out check judges the pre-filled opening with the completion too.

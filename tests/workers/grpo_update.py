@@ -20,9 +20,9 @@ import torch  # noqa: E402
 
 from fastmath.config import load_config  # noqa: E402
 from fastmath.distributed import all_reduce_sum, barrier, init_distributed, shutdown  # noqa: E402
-from fastmath.grpo_stage import attach_logprobs, build_update_batches, update_policy  # noqa: E402
+from fastmath.grpo_stage import attach_logprobs, build_update_batches, update_policy, update_settings  # noqa: E402
 from fastmath.model import load_causal_lm, load_tokenizer, parallelize  # noqa: E402
-from fastmath.policy import PolicyWithGRPOLoss, Sequence, gathered_weights  # noqa: E402
+from fastmath.policy import PolicyWithGRPOLoss, Sequence, gathered_weights, grpo_loss_options  # noqa: E402
 from fastmath.stage import build_optimizer, micro_batches, optim_settings  # noqa: E402
 
 
@@ -45,15 +45,12 @@ def main(model_dir: str, out_dir: str, overrides: list[str]) -> None:
     torch.manual_seed(0)
     tok = load_tokenizer(model_dir)
     lm = load_causal_lm(model_dir, "fastmath_varlen")
-    options = dict(beta=g.loss.beta, epsilon_low=g.loss.epsilon_low, epsilon_high=g.loss.epsilon_high,
-                   loss_type=g.loss.loss_type,
-                   importance_sampling_level=g.loss.importance_sampling_level,
-                   max_completion_length=g.rollout.max_completion_length)
-    model = parallelize(PolicyWithGRPOLoss(lm, g.rollout.temperature, options), info.world_size, info.device,
-                        False, False, False, replicate=config.parallel.replicate)
+    model = parallelize(PolicyWithGRPOLoss(lm, g.rollout.temperature, grpo_loss_options(g)), info.world_size,
+                        info.device, False, False, False, replicate=config.parallel.replicate)
     optimizer = build_optimizer(model, optim_settings(config, "grpo"))
     seqs = fixed_sequences(tok)[info.rank::info.world_size]
-    batches, _, tokens, n_seqs, _ = build_update_batches(seqs, budget=96, pad_id=tok.pad_token_id, device=info.device)
+    batches, _, counts = build_update_batches(seqs, budget=96, pad_id=tok.pad_token_id, device=info.device)
+    tokens, n_seqs = counts.tokens, counts.sequences
     weights = attach_logprobs(model, None, batches, g, lambda: torch.autocast("cpu", enabled=False))
     # The raw gradient of the step first (Adam would hide a wrong gradient scale), then the real update.
     for micro, b in micro_batches(model, batches, config.parallel.gradient_sync):
@@ -76,15 +73,14 @@ def main(model_dir: str, out_dir: str, overrides: list[str]) -> None:
                     stepped[names[id(p)]] = (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
 
     optimizer.register_step_pre_hook(keep_stepped_gradient)
-    result = update_policy(model, optimizer, batches, weights, tokens, n_seqs, g, optim_settings(config, "grpo"),
-                           0, info.world_size,
-                           lambda: torch.autocast("cpu", enabled=False),
-                           gradient_sync=config.parallel.gradient_sync)
+    settings = update_settings(config, optim_settings(config, "grpo"), g.max_steps, info.world_size,
+                               lambda: torch.autocast("cpu", enabled=False))
+    result = update_policy(model, optimizer, batches, weights, counts, settings, 0)
     full = {name: t.clone() for name, t in gathered_weights(lm, bucket_bytes=32 * 1024)}
     out = Path(out_dir)
     torch.save(stepped, out / f"stepped_rank{info.rank}.pt")
     torch.save(full, out / f"weights_rank{info.rank}.pt")
-    summed = all_reduce_sum(result.stats.tolist(), info.device)
+    summed = all_reduce_sum(result.stats.stacked().tolist(), info.device)
     if info.is_main:
         (out / "result.json").write_text(json.dumps({"loss": result.loss, "grad_norm": float(result.grad_norm),
                                                      "skipped": result.skipped, "stats": summed,
