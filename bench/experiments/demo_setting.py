@@ -14,7 +14,13 @@ behaviour, does not orphan the records before it.
 """
 from __future__ import annotations
 
+import argparse
+import json
 import re
+import shlex
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -69,11 +75,6 @@ def setting_at_commit(commit: str, command: str) -> dict[str, Any]:
     """The setting a recorded run had, rebuilt from git: `commit`'s own config loader on its own configs with the
     run's recorded arguments (`fastmath/train.py --config X key=value ...`). For records written before runs
     kept their setting; the loader of that commit, not today's, resolves the defaults it ran with."""
-    import shlex
-    import subprocess
-    import sys
-    import tempfile
-
     words = shlex.split(command)
     config = words[words.index("--config") + 1]
     overrides = [w for w in words[words.index("--config") + 2:] if "=" in w and not w.startswith("run.")]
@@ -85,13 +86,11 @@ def setting_at_commit(commit: str, command: str) -> dict[str, Any]:
                   "to_dict; print(json.dumps(to_dict(load_config(sys.argv[2], sys.argv[3:]))))")
         done = subprocess.run([sys.executable, "-c", script, old, f"{old}/{config}", *overrides], cwd=old,
                               capture_output=True, text=True, check=True)
-    return setting_of(__import__("json").loads(done.stdout.strip().splitlines()[-1]))
+    return setting_of(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
 def backfill(path: Path) -> int:
     """Give every row of the record file at `path` that lacks a setting the one rebuilt at its record's commit."""
-    import json
-
     records, cache, filled = json.loads(path.read_text()), {}, 0
     for record in records:
         for row in record.get("results") or []:
@@ -108,8 +107,6 @@ def backfill(path: Path) -> int:
 
 
 if __name__ == "__main__":
-    import argparse
-
     parser = argparse.ArgumentParser(description="Rebuild the setting of recorded runs that lack one.")
     parser.add_argument("--backfill", type=Path, nargs="+", required=True, help="record files (bench/results)")
     for name in parser.parse_args().backfill:
