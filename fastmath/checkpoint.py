@@ -25,11 +25,13 @@ ones that failed their check) are left alone, apart from a `step_N` this run wri
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -97,8 +99,9 @@ def save_checkpoint(output_dir: str | Path, step: int, tokens_seen: int, model: 
         tmp.mkdir(parents=True)
     barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / "model_and_optim"),
-             no_dist=_alone(dist_info))
+    with _single_process_quietly():
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / "model_and_optim"),
+                 no_dist=_alone(dist_info))
     torch.save(_rng_state(), tmp / f"rng_rank{dist_info.rank}.pt")
     if dist_info.is_main:
         state = {"step": step, "tokens_seen": tokens_seen, "world_size": dist_info.world_size, "config": config,
@@ -128,6 +131,15 @@ def _alone(dist_info: DistInfo) -> bool:
     Multi-process runs keep the collectives; torchrun gives each of their processes one OpenMP thread, where
     no worker team can form."""
     return dist_info.world_size == 1
+
+
+@contextlib.contextmanager
+def _single_process_quietly():
+    """DCP warns on every no_dist call that it is "assuming the intent is to save / load in a single process":
+    the intent is exactly that (`_alone`), so that one warning is dropped; any other warning passes."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _prune(output_dir: str | Path, owned: set[Path], keep: int) -> None:
@@ -316,8 +328,9 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
         except CheckpointError as err:
             raise CheckpointError(f"checkpoint {path} is refused: {err}") from None
     try:
-        dcp.load(target, storage_reader=SafeFileSystemReader(path / "model_and_optim"), planner=SafeLoadPlanner(),
-                 no_dist=_alone(dist_info))
+        with _single_process_quietly():
+            dcp.load(target, storage_reader=SafeFileSystemReader(path / "model_and_optim"),
+                     planner=SafeLoadPlanner(), no_dist=_alone(dist_info))
     except (Exception, CheckpointException) as err:  # CheckpointException derives from BaseException
         raise CheckpointError(f"checkpoint {path} is corrupt: {_cause(err)}") from None
     set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"])

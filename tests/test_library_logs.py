@@ -3,10 +3,29 @@ reload warning (not a lost weight: see the module docstring) is dropped; run.ver
 nothing, and the variable overrides the config both ways."""
 
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 
 from fastmath.library_logs import LIBRARY_LOGGERS, VERBOSE_ENV, route_library_logs
+from tests.conftest import subprocess_env
+
+# A process that routes the library logs, prints its last line, and then writes to file descriptor 2 from a
+# finaliser that runs while the interpreter shuts down (after every exit handler), as nanobind's leak report does.
+_TEARDOWN_CHILD = """
+import os, sys
+from fastmath.library_logs import route_library_logs
+
+class WritesAtTeardown:
+    def __del__(self):
+        os.write(2, b"written during shutdown\\n")
+
+keep = WritesAtTeardown()
+route_library_logs(sys.argv[1], 0, announce=False)
+print("last line of the run", file=sys.stderr, flush=True)
+"""
 
 
 @pytest.fixture
@@ -67,3 +86,21 @@ def test_run_verbose_is_a_config_key():
 
     assert load_config(None).run.verbose is False
     assert load_config(None, ["run.verbose=true"]).run.verbose is True
+
+
+@pytest.mark.parametrize("verbose_env, to_terminal", [("", False), ("1", True)])
+def test_what_libraries_write_at_shutdown_goes_to_the_log_unless_verbose(tmp_path, verbose_env, to_terminal):
+    """The shutdown line (nanobind's leak report after a vLLM run, in the demo) reaches the log file, not the
+    terminal; the run's own last line stays in the terminal; FASTMATH_VERBOSE=1 leaves standard error alone."""
+    env = subprocess_env()
+    env[VERBOSE_ENV] = verbose_env
+    result = subprocess.run([sys.executable, "-c", _TEARDOWN_CHILD, str(tmp_path)], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "last line of the run" in result.stderr
+    assert ("written during shutdown" in result.stderr) == to_terminal, result.stderr
+    log = tmp_path / "logs" / "libraries-rank0.log"
+    if to_terminal:
+        assert not log.exists() or "written during shutdown" not in log.read_text()
+    else:
+        assert "written during shutdown" in log.read_text()
