@@ -49,7 +49,8 @@ class RunConfig:
                                 "event files (<stage folder>/tensorboard) and/or wandb (offline unless WANDB_MODE "
                                 "says otherwise); both optional packages.", choices=("jsonl", "tensorboard", "wandb"))
     verbose: bool = _opt(False, "Library logs (vLLM, torchao) in the terminal, as the libraries set them up; false = "
-                         "into <output_dir>/logs/libraries-rank<R>.log (the path printed once). The environment "
+                         "into <output_dir>/logs/libraries-rank<R>.log (the path printed once), with what libraries "
+                         "write to stderr while the process exits. The environment "
                          "variable FASTMATH_VERBOSE, when set, overrides it: 1 = verbose, 0 = quiet.")
     dist_timeout_minutes: float = _opt(60.0, "How long a rank waits in a collective (process-group timeout) and for "
                                        "the other ranks after each rollout before the run stops with an error naming "

@@ -28,6 +28,10 @@ where fastmath cannot release it. The report is library output at teardown, so i
 goes: the last exit handler points the process's standard error (file descriptor 2) at the log, after
 fastmath's last line and before the interpreter unloads its extensions. A traceback of the run itself is
 printed before that handler runs; verbose mode leaves standard error alone.
+
+Python warnings raised from inside vLLM's own files (e.g. two FutureWarnings each run, when its kernel-override
+scan touches torch's deprecated `torch.distributed.reduce_op`) are logged to the same file through the "vllm"
+logger; every other warning is shown as Python shows it.
 """
 from __future__ import annotations
 
@@ -35,11 +39,14 @@ import atexit
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 VERBOSE_ENV = "FASTMATH_VERBOSE"
 LIBRARY_LOGGERS = ("vllm", "torchao")  # torchao: a "Failed to load" line per CUDA-only extension on CPU
 _HANDLER_NAME = "fastmath-library-log"
+_VLLM_FILES = f"{os.sep}vllm{os.sep}"
+_SHOWN_BY_PYTHON: list = []  # warnings.showwarning as it was before the quiet routing replaced it
 _SHUTDOWN_LOG: list[Path] = []  # the file standard error goes to at exit (the newest route; empty = leave it)
 
 
@@ -61,6 +68,8 @@ def route_library_logs(output_dir: str, rank: int, announce: bool, configured_ve
     or FASTMATH_VERBOSE)."""
     if verbose(configured_verbose):
         _SHUTDOWN_LOG.clear()
+        if warnings.showwarning is _show_warning:
+            warnings.showwarning = _SHOWN_BY_PYTHON[0]
         return None
     path = Path(output_dir).expanduser() / "logs" / f"libraries-rank{rank}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -79,12 +88,23 @@ def route_library_logs(output_dir: str, rank: int, announce: bool, configured_ve
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
+    if warnings.showwarning is not _show_warning:
+        _SHOWN_BY_PYTHON[:] = [warnings.showwarning]
+        warnings.showwarning = _show_warning
     if not _SHUTDOWN_LOG:
         atexit.register(_stderr_to_log_at_shutdown)  # registered before vLLM's own handlers, so it runs after them
     _SHUTDOWN_LOG[:] = [path]
     if announce:
         print(f"library logs (vLLM, torchao): {path} (run.verbose=true prints them here instead)", flush=True)
     return path
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """warnings.showwarning while quiet: a warning raised from a vLLM file goes to the "vllm" logger (the file)."""
+    if _VLLM_FILES in str(filename):
+        logging.getLogger("vllm").warning("%s:%s: %s: %s", filename, lineno, category.__name__, message)
+    else:
+        _SHOWN_BY_PYTHON[0](message, category, filename, lineno, file, line)
 
 
 def _stderr_to_log_at_shutdown() -> None:

@@ -104,3 +104,28 @@ def test_what_libraries_write_at_shutdown_goes_to_the_log_unless_verbose(tmp_pat
         assert not log.exists() or "written during shutdown" not in log.read_text()
     else:
         assert "written during shutdown" in log.read_text()
+
+
+def test_warnings_raised_in_vllm_files_go_to_the_log_and_others_to_the_terminal(library_loggers, tmp_path):
+    """vLLM's FutureWarnings (its kernel-override scan touching a deprecated torch attribute) land in the file; a
+    warning from anywhere else goes to the display Python had; verbose puts that display back."""
+    import warnings
+
+    shown_before, displayed = warnings.showwarning, []
+    warnings.showwarning = lambda message, category, *rest: displayed.append(f"{category.__name__}: {message}")
+    python_display = warnings.showwarning
+    try:
+        path = route_library_logs(str(tmp_path), 0, announce=False)
+        warnings.showwarning(FutureWarning("reduce_op is deprecated"), FutureWarning,
+                             os.path.join("site-packages", "vllm", "triton_utils", "dispatcher.py"), 138)
+        warnings.showwarning(UserWarning("ours"), UserWarning, os.path.join("fastmath", "sft.py"), 1)
+        for handler in logging.getLogger("vllm").handlers:
+            handler.flush()
+        assert "dispatcher.py:138: FutureWarning: reduce_op is deprecated" in path.read_text()
+        assert displayed == ["UserWarning: ours"]
+        os.environ[VERBOSE_ENV] = "1"
+        route_library_logs(str(tmp_path), 0, announce=False)
+        assert warnings.showwarning is python_display
+    finally:
+        os.environ.pop(VERBOSE_ENV, None)
+        warnings.showwarning = shown_before
