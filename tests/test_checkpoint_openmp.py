@@ -14,8 +14,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO, subprocess_env
-
-MULTIPLIES = 1000  # tests/workers/checkpoint_openmp.py's count
+from tests.workers.checkpoint_openmp import MULTIPLIES
 
 
 def test_checkpoint_save_and_load_do_not_throttle_the_training_threads(assets, tmp_path):
