@@ -194,7 +194,7 @@ def test_initial_weights_ignore_and_keep_the_callers_rng(tokenizer):
 def test_verbose_fraction_keeps_the_problems_and_the_demo_uses_the_recorded_setting(embedded_cache):
     """data.embedded_verbose_fraction: the same train problems in the same order, that share of them verbose,
     byte for byte the file bench/experiments/toy_levers.py --verbose-fraction writes (the records the demo relies on); other
-    splits and the default stay the built files. The demo runs the recorded 80% / 15-epoch setting."""
+    splits and the default stay the built files. The demo runs the recorded 80% / 12-epoch setting."""
     from fastmath.config import load_config
     from fastmath.stage import data_source
     from fastmath.synthetic import make_splits
@@ -214,4 +214,4 @@ def test_verbose_fraction_keeps_the_problems_and_the_demo_uses_the_recorded_sett
     default = load_config(None, [f"run.cache_dir={embedded_cache}"])
     assert data_source(default, "embedded", "train") == str(assets.data_dir / "train.jsonl")
     demo = load_config(REPO / "configs" / "demo.yaml")
-    assert (demo.data.embedded_verbose_fraction, demo.sft.epochs) == (0.8, 15)
+    assert (demo.data.embedded_verbose_fraction, demo.sft.epochs) == (0.8, 12)
