@@ -25,7 +25,7 @@ none when it stops before the vLLM engine is built, and all of them when it stop
 closed). No Python object refers to those attributes at exit (a scan of every object the garbage collector
 tracks, and of the untracked containers they hold, finds none), so whatever holds them sits outside Python,
 where fastmath cannot release it. The report is library output at teardown, so it goes where library output
-goes: an exit handler, registered before vLLM is imported (so it runs after vLLM's own handlers), points the
+goes: an exit handler, registered when this module is imported (before vLLM is: so it runs after vLLM's own), points the
 process's standard error (file descriptor 2) at the log, after fastmath's last line and before the interpreter
 unloads its extensions. A traceback of the run itself is
 printed before that handler runs; verbose mode leaves standard error alone.
@@ -49,7 +49,6 @@ _HANDLER_NAME = "fastmath-library-log"
 _VLLM_FILES = f"{os.sep}vllm{os.sep}"
 _SHOWN_BY_PYTHON: list = []  # warnings.showwarning as it was before the quiet routing replaced it
 _SHUTDOWN_LOG: list[Path] = []  # the file standard error goes to at exit (the newest route; empty = leave it)
-_EXIT_HANDLER_REGISTERED: list[bool] = []  # once per process, however often the logs are routed
 
 
 class _DropRotaryReloadWarning(logging.Filter):
@@ -93,9 +92,6 @@ def route_library_logs(output_dir: str, rank: int, announce: bool, configured_ve
     if warnings.showwarning is not _show_warning:
         _SHOWN_BY_PYTHON[:] = [warnings.showwarning]
         warnings.showwarning = _show_warning
-    if not _EXIT_HANDLER_REGISTERED:
-        atexit.register(_stderr_to_log_at_shutdown)  # registered before vLLM's own handlers, so it runs after them
-        _EXIT_HANDLER_REGISTERED.append(True)
     _SHUTDOWN_LOG[:] = [path]
     if announce:
         print(f"library logs (vLLM, torchao): {path} (run.verbose=true prints them here instead)", flush=True)
@@ -123,3 +119,9 @@ def _stderr_to_log_at_shutdown() -> None:
     os.write(fd, b"--- standard error of the process from its exit handlers on ---\n")
     os.dup2(fd, 2)
     os.close(fd)
+
+
+# Once per process, when this module is imported: train.py imports it to route the logs, before anything imports
+# vLLM. Exit handlers run last-registered first, so this one runs after vLLM's own; it does nothing until a quiet
+# route names a file, and nothing again after a verbose route clears it.
+atexit.register(_stderr_to_log_at_shutdown)
